@@ -1,0 +1,1 @@
+"""MiniMax Sparse Attention kernels (index cache, selection, sparse prefill, sparse decode)."""

@@ -1,0 +1,1 @@
+//! `hash`: see lib.rs.

@@ -1,0 +1,1 @@
+//! `template`: see lib.rs.

@@ -1,0 +1,1 @@
+//! `tokenize`: see lib.rs.

@@ -1,0 +1,1 @@
+//! smg-gateway library: router, forwarding, limits.
