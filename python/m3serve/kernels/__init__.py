@@ -1,4 +1,4 @@
 """MSA kernels: framework-free functions on torch tensors, each with a torch reference beside it.
 
-Installed as ``m3serve.kernels`` (python/m3serve/kernels is a link to this folder).
+Lives in python/m3serve/kernels so that wheels ship it; the repo-root kernels/ is a link here.
 """
