@@ -1,0 +1,285 @@
+"""MSA paged sparse decode (Q = 1..16 queries per request): plan once per step, run per layer.
+
+Mapping onto FlashInfer's paged decode (BatchDecodeWithPagedKVCacheWrapper, tensor-core path,
+page_size = block): one row per (query t, KV head g), row = t·H_kv + g, whose heads are the GQA
+group's query heads (q.view(T·H_kv, group, D) is free) and whose KV is a one-head view of the HND
+cache, [P, H_kv, block, D] → [P·H_kv, 1, block, D] (page p, head g → p·H_kv + g). Each query has
+its own selection, so MTP queries get their own rows; the row's causal limit is its last page's
+fill, since the local block sits last in the selection (sparse_decode_indices explains the plan).
+
+plan(): host work from seq_lens only (row lengths, last-page lengths, FlashInfer's schedule) into
+fixed device buffers. run(): per layer, one small Triton kernel rewrites kv_indices from the top-k
+output, then FlashInfer runs; or, at small batch where FlashInfer has too few rows to fill the GPU,
+our split-KV Triton kernel (sparse_decode_split) reads the pages straight from topk_ids. Neither
+path syncs with the host, and both capture in a CUDA graph (buffers are allocated once, for the
+largest step seen; pass ``max_rows`` to size them before the first capture).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any
+
+import torch
+
+from .reference import ref_sparse_attention
+from .sparse_decode_indices import decode_row_layout, rewrite_kv_indices
+from .sparse_decode_split import num_splits_for, sparse_decode_split
+
+BACKENDS = ("auto", "flashinfer", "triton")
+
+
+class SparseDecodeWrapper:
+    """Plan/run wrapper for MSA sparse decode on a paged HND cache (see module docstring).
+
+    backend: "flashinfer" (FlashInfer paged decode over rewritten kv_indices), "triton" (our
+    split-KV kernel) or "auto" (triton while T·H_kv rows are fewer than ``auto_min_rows``).
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str = "cuda",
+        backend: str = "auto",
+        max_rows: int = 0,
+        max_topk: int = 16,
+        workspace_bytes: int = 128 * 1024 * 1024,
+        auto_min_rows: int | None = None,
+    ) -> None:
+        assert backend in BACKENDS, f"backend must be one of {BACKENDS}, got {backend!r}"
+        self.device = torch.device(device)
+        self.backend = backend
+        self._workspace_bytes = workspace_bytes
+        self._fi_wrappers: dict[int, Any] = {}
+        self._fi_workspace: torch.Tensor | None = None
+        self._cap_rows = 0
+        self._max_topk = max_topk
+        self._num_sms = 0
+        if self.device.type == "cuda":
+            self._num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        self.auto_min_rows = (
+            auto_min_rows if auto_min_rows is not None else 2 * max(self._num_sms, 1)
+        )
+        self._planned: dict[str, Any] | None = None
+        self._o_part: torch.Tensor | None = None
+        self._lse_part: torch.Tensor | None = None
+        if max_rows:
+            self._ensure_capacity(max_rows, max_topk)
+
+    # -- fixed device buffers (grow only outside CUDA-graph capture) --
+    def _ensure_capacity(self, rows: int, topk: int) -> None:
+        if rows <= self._cap_rows and topk <= self._max_topk:
+            return
+        assert not torch.cuda.is_current_stream_capturing(), (
+            "buffers must be sized before capture (max_rows)"
+        )
+        self._cap_rows = max(rows, self._cap_rows)
+        self._max_topk = max(topk, self._max_topk)
+        r, k, dev = self._cap_rows, self._max_topk, self.device
+        self.kv_indptr = torch.zeros(r + 1, dtype=torch.int32, device=dev)
+        self.kv_last_page_len = torch.ones(r, dtype=torch.int32, device=dev)
+        self.kv_indices = torch.zeros(r * k, dtype=torch.int32, device=dev)
+        self.seq_lens = torch.ones(r, dtype=torch.int32, device=dev)  # ≥ batch size
+        self._fi_wrappers.clear()  # they hold views of the old buffers
+
+    def _scratch(self, numel_o: int, numel_lse: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if (
+            self._o_part is None
+            or self._lse_part is None
+            or self._o_part.numel() < numel_o
+            or self._lse_part.numel() < numel_lse
+        ):
+            assert not torch.cuda.is_current_stream_capturing(), (
+                "split scratch must exist before capture"
+            )
+            self._o_part = torch.empty(numel_o, dtype=torch.float32, device=self.device)
+            self._lse_part = torch.empty(numel_lse, dtype=torch.float32, device=self.device)
+        return self._o_part, self._lse_part
+
+    def _flashinfer_wrapper(self, rows: int) -> Any:
+        wrapper = self._fi_wrappers.get(rows)
+        if wrapper is not None:
+            return wrapper
+        import flashinfer  # lazy: needs CUDA
+
+        if self._fi_workspace is None:
+            self._fi_workspace = torch.zeros(
+                self._workspace_bytes, dtype=torch.uint8, device=self.device
+            )
+        kwargs: dict[str, Any] = {}
+        if (
+            "backend"
+            in inspect.signature(flashinfer.BatchDecodeWithPagedKVCacheWrapper.__init__).parameters
+        ):
+            kwargs["backend"] = "fa2"  # bf16 tensor-core decode; 0.7's "auto" may pick cuDNN
+        # use_cuda_graph: FlashInfer keeps our fixed buffers (views) instead of copies, so the
+        # kv_indices we rewrite per layer are what it reads, eager or replayed.
+        wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self._fi_workspace,
+            "HND",
+            use_cuda_graph=True,
+            use_tensor_cores=True,  # its CUDA-core path rejects a group of 16
+            paged_kv_indptr_buffer=self.kv_indptr[: rows + 1],
+            paged_kv_indices_buffer=self.kv_indices,
+            paged_kv_last_page_len_buffer=self.kv_last_page_len[:rows],
+            **kwargs,
+        )
+        self._fi_wrappers[rows] = wrapper
+        return wrapper
+
+    def plan(
+        self,
+        seq_lens: torch.Tensor | list[int],
+        q_per_req: int,
+        num_q_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        block: int,
+        topk: int,
+        q_dtype: torch.dtype = torch.bfloat16,
+        kv_dtype: torch.dtype | None = None,
+    ) -> None:
+        """Once per step. seq_lens [B] (host tensor/list preferred; a device tensor costs one sync)."""
+        assert num_q_heads % num_kv_heads == 0, (
+            f"H_q={num_q_heads} not a multiple of H_kv={num_kv_heads}"
+        )
+        assert 1 <= q_per_req <= 16, f"q_per_req must be in 1..16, got {q_per_req}"
+        lens_host = torch.as_tensor(seq_lens).to("cpu", torch.int32).flatten()
+        batch = lens_host.numel()
+        indptr, last, _ = decode_row_layout(lens_host, q_per_req, num_kv_heads, block, topk)
+        rows = batch * q_per_req * num_kv_heads
+        self._ensure_capacity(max(rows, batch), topk)
+        backend = self.backend
+        if backend == "auto":
+            backend = "triton" if rows < self.auto_min_rows else "flashinfer"
+        group = num_q_heads // num_kv_heads
+        self.seq_lens[:batch].copy_(lens_host, non_blocking=True)
+        if backend == "flashinfer":
+            wrapper = self._flashinfer_wrapper(rows)
+            # FlashInfer copies indptr / last_page_len into our buffers; kv_indices (empty here)
+            # are written per layer by rewrite_kv_indices.
+            wrapper.plan(
+                indptr,
+                self.kv_indices[:0],
+                last,
+                group,
+                1,
+                head_dim,
+                block,
+                pos_encoding_mode="NONE",
+                q_data_type=q_dtype,
+                kv_data_type=kv_dtype or q_dtype,
+                sm_scale=1.0 / math.sqrt(head_dim),
+            )
+            num_splits = 0
+        else:
+            self.kv_indptr[: rows + 1].copy_(indptr, non_blocking=True)
+            self.kv_last_page_len[:rows].copy_(last, non_blocking=True)
+            num_splits = num_splits_for(rows, topk, max(self._num_sms, 1))
+            self._scratch(num_splits * rows * group * head_dim, num_splits * rows * group)
+        self._planned = dict(
+            backend=backend,
+            batch=batch,
+            q_per_req=q_per_req,
+            num_q_heads=num_q_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            block=block,
+            topk=topk,
+            rows=rows,
+            num_splits=num_splits,
+        )
+
+    @property
+    def planned_backend(self) -> str:
+        assert self._planned is not None, "plan() first"
+        return self._planned["backend"]
+
+    def run(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        page_table: torch.Tensor,
+        topk_ids: torch.Tensor,
+        sm_scale: float,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Per layer. q [T, H_q, D] (T = B·Q), HND caches [P, H_kv, block, D], page_table [B, *]
+        int32, topk_ids [H_kv, T, k] int32 → out [T, H_q, D] in q's dtype."""
+        p = self._planned
+        assert p is not None, "plan() before run()"
+        total_q = p["batch"] * p["q_per_req"]
+        hkv, group, d = p["num_kv_heads"], p["num_q_heads"] // p["num_kv_heads"], p["head_dim"]
+        assert q.shape == (total_q, p["num_q_heads"], d), (
+            f"q {tuple(q.shape)} != planned ({total_q}, {p['num_q_heads']}, {d})"
+        )
+        assert k_cache.shape[1:] == (hkv, p["block"], d), (
+            f"k_cache {tuple(k_cache.shape)} is not HND [P, {hkv}, {p['block']}, {d}]"
+        )
+        assert topk_ids.shape == (hkv, total_q, p["topk"]), (
+            f"topk_ids {tuple(topk_ids.shape)} != ({hkv}, {total_q}, {p['topk']})"
+        )
+        assert page_table.shape[0] >= p["batch"], "page_table has fewer rows than the batch"
+        if out is None:
+            out = torch.empty_like(q)
+        if p["backend"] == "triton":
+            o_part, lse_part = self._scratch(0, 0)
+            return sparse_decode_split(
+                q, k_cache, v_cache, page_table, topk_ids, self.seq_lens, p["q_per_req"], sm_scale,
+                p["num_splits"], o_part, lse_part, out,
+            )  # fmt: skip
+        assert q.is_contiguous() and out.is_contiguous(), (
+            "FlashInfer rows are a view of contiguous q/out"
+        )
+        assert k_cache.stride(0) == hkv * k_cache.stride(1) and v_cache.stride(
+            0
+        ) == hkv * v_cache.stride(1), (
+            "the one-head view needs pages and heads of the HND cache to be one flat dimension"
+        )
+        rewrite_kv_indices(topk_ids, page_table, self.kv_indptr, p["q_per_req"], self.kv_indices)
+        num_view_pages = k_cache.shape[0] * hkv
+        k_view = k_cache.reshape(num_view_pages, 1, p["block"], d)
+        v_view = v_cache.reshape(num_view_pages, 1, p["block"], d)
+        planned_scale = 1.0 / math.sqrt(d)
+        k_scale = None if sm_scale == planned_scale else sm_scale / planned_scale
+        self._fi_wrappers[p["rows"]].run(
+            q.view(p["rows"], group, d),
+            (k_view, v_view),
+            out=out.view(p["rows"], group, d),
+            k_scale=k_scale,
+        )
+        return out
+
+
+_WRAPPERS: dict[torch.device, SparseDecodeWrapper] = {}
+
+
+def sparse_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    q_per_req: int,
+    topk_ids: torch.Tensor,
+    sm_scale: float,
+) -> torch.Tensor:
+    """One-shot MSA sparse decode (plan + run). Torch reference on CPU; on GPU it plans each call
+    (one host sync for seq_lens): serving code keeps a SparseDecodeWrapper and plans per step."""
+    if not q.is_cuda:
+        batch = seq_lens.numel()
+        cu_q = torch.arange(batch + 1, dtype=torch.int32) * q_per_req
+        prefix = seq_lens.to(torch.int32) - q_per_req
+        out = ref_sparse_attention(
+            q, k_cache, v_cache, page_table, cu_q, prefix, seq_lens, topk_ids, sm_scale
+        )
+        return out.to(q.dtype)
+    wrapper = _WRAPPERS.get(q.device)
+    if wrapper is None:
+        wrapper = _WRAPPERS[q.device] = SparseDecodeWrapper(q.device)
+    hkv, block, d = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    wrapper.plan(
+        seq_lens, q_per_req, q.shape[1], hkv, d, block, topk_ids.shape[2], q.dtype, k_cache.dtype
+    )
+    return wrapper.run(q, k_cache, v_cache, page_table, topk_ids, sm_scale)

@@ -1,0 +1,248 @@
+"""Split-KV sparse decode in Triton, for the batch sizes where FlashInfer's rows are too few.
+
+Algorithm (flash-decoding over selected pages): one row per (query t, KV head g), as in
+sparse_decode_indices. The row's ≤ topk selected pages are cut into NUM_SPLITS chunks; program
+(row, split) loads the group's query heads once ([GROUP, D], padded to 16 for the MMA) and runs
+an online softmax over its pages, reading each page's [block, D] K and V tiles straight from the
+HND cache through page_table[req, topk_ids[g, t, j]] (no kv_indices round trip). Causality: a
+token is visible iff its position ≤ pos_t = seq_len − Q + q, which only bites in the local block.
+A second kernel merges the NUM_SPLITS partial (o, lse) pairs by log-sum-exp.
+
+Bytes: each selected page is read once per row (K + V = 2 · block · D · 2 B); the partials add
+NUM_SPLITS · GROUP · (D + 1) · 4 B written and read per row (≈ 12% of the KV bytes at split = 1
+page per program, less with fewer splits).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _sparse_decode_split_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    page_table_ptr,
+    topk_ptr,
+    seq_lens_ptr,
+    o_part_ptr,
+    lse_part_ptr,
+    qk_scale,
+    stride_qt,
+    stride_qh,
+    stride_kp,
+    stride_kh,
+    stride_kn,
+    stride_vp,
+    stride_vh,
+    stride_vn,
+    stride_pt,
+    stride_tg,
+    stride_tt,
+    num_rows,
+    H_KV: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK: tl.constexpr,
+    TOPK: tl.constexpr,
+    Q_PER_REQ: tl.constexpr,
+    PAGES_PER_SPLIT: tl.constexpr,
+):
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    t = row // H_KV
+    g = row % H_KV
+    req = t // Q_PER_REQ
+    # -- this query's position, visible page count, and this split's page range --
+    pos = tl.load(seq_lens_ptr + req) - Q_PER_REQ + t % Q_PER_REQ
+    n_pages = tl.minimum(pos // BLOCK + 1, TOPK)
+    j0 = split * PAGES_PER_SPLIT
+    j1 = tl.minimum(j0 + PAGES_PER_SPLIT, n_pages)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, D)
+    offs_n = tl.arange(0, BLOCK)
+    h_ok = offs_h < GROUP
+    q = tl.load(
+        q_ptr
+        + t.to(tl.int64) * stride_qt
+        + (g * GROUP + offs_h)[:, None] * stride_qh
+        + offs_d[None, :],
+        mask=h_ok[:, None],
+        other=0.0,
+    )
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, D], tl.float32)
+    # -- online softmax over the split's selected pages --
+    for j in range(j0, j1):
+        blk = tl.load(topk_ptr + g * stride_tg + t.to(tl.int64) * stride_tt + j)
+        page = tl.load(page_table_ptr + req.to(tl.int64) * stride_pt + blk).to(tl.int64)
+        k = tl.load(
+            k_ptr + page * stride_kp + g * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
+        )
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_H, BLOCK], log2 domain
+        visible = blk * BLOCK + offs_n <= pos
+        s = tl.where(visible[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            v_ptr + page * stride_vp + g * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :]
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    # -- partial output and its log2-sum-exp (−inf for an empty split) --
+    has = l_i > 0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    base = (split * num_rows + row).to(tl.int64) * GROUP
+    tl.store(o_part_ptr + (base + offs_h)[:, None] * D + offs_d[None, :], o, mask=h_ok[:, None])
+    tl.store(lse_part_ptr + base + offs_h, lse, mask=h_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    o_part_ptr,
+    lse_part_ptr,
+    out_ptr,
+    num_rows,
+    stride_ot,
+    stride_oh,
+    H_KV: tl.constexpr,
+    GROUP: tl.constexpr,
+    D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    row = tl.program_id(0)
+    h = tl.program_id(1)
+    t = row // H_KV
+    g = row % H_KV
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, D)
+    s_ok = offs_s < NUM_SPLITS
+    idx = (offs_s * num_rows + row).to(tl.int64) * GROUP + h
+    lse = tl.load(lse_part_ptr + idx, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.where(s_ok & (lse > float("-inf")), tl.exp2(lse - m), 0.0)
+    o = tl.load(o_part_ptr + idx[:, None] * D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    res = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
+    tl.store(
+        out_ptr + t.to(tl.int64) * stride_ot + (g * GROUP + h) * stride_oh + offs_d,
+        res.to(out_ptr.dtype.element_ty),
+    )
+
+
+def num_splits_for(num_rows: int, topk: int, num_sms: int) -> int:
+    """Splits per row so that rows × splits covers ≥ 2 waves of one program per SM."""
+    want = triton.cdiv(2 * num_sms, max(num_rows, 1))
+    return max(1, min(topk, triton.next_power_of_2(want)))
+
+
+def sparse_decode_split(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    topk_ids: torch.Tensor,
+    seq_lens: torch.Tensor,
+    q_per_req: int,
+    sm_scale: float,
+    num_splits: int,
+    o_part: torch.Tensor,
+    lse_part: torch.Tensor,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Sparse decode attention, split-KV. Shapes as in reference.ref_sparse_attention.
+
+    q [T, H_q, D]; caches HND [P, H_kv, block, D]; page_table [B, max_pages] int32;
+    topk_ids [H_kv, T, k] int32; seq_lens [B] int32 on device; o_part ≥ [S·T·H_q·D] float32 and
+    lse_part ≥ [S·T·H_q] float32 scratch (fixed buffers for CUDA graphs); out [T, H_q, D].
+    """
+    total_q, hq, d = q.shape
+    _, hkv, block, dk = k_cache.shape
+    group = hq // hkv
+    topk = topk_ids.shape[2]
+    num_rows = total_q * hkv
+    assert dk == d and v_cache.shape == k_cache.shape, (
+        f"q D={d}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}"
+    )
+    assert hq % hkv == 0, f"H_q={hq} is not a multiple of H_kv={hkv}"
+    assert topk_ids.shape[:2] == (hkv, total_q), (
+        f"topk_ids {tuple(topk_ids.shape)} != ({hkv}, {total_q}, k)"
+    )
+    assert topk_ids.dtype == page_table.dtype == torch.int32, "topk_ids/page_table must be int32"
+    assert seq_lens.dtype == torch.int32, "seq_lens must be int32"
+    assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1, (
+        "head_dim must be contiguous"
+    )
+    assert topk_ids.stride(2) == 1 and page_table.stride(1) == 1, (
+        "topk_ids/page_table need a contiguous last dim"
+    )
+    assert out.shape == q.shape and out.stride(2) == 1, (
+        f"out {tuple(out.shape)} must match q {tuple(q.shape)}"
+    )
+    assert o_part.numel() >= num_splits * total_q * hq * d, "o_part scratch too small"
+    assert lse_part.numel() >= num_splits * total_q * hq, "lse_part scratch too small"
+    assert total_q % q_per_req == 0, f"T={total_q} is not a multiple of Q={q_per_req}"
+    assert d in (16, 32, 64, 128, 256) and block in (16, 32, 64, 128), (
+        f"unsupported head_dim {d} / block {block}"
+    )
+    pages_per_split = triton.cdiv(topk, num_splits)
+    num_splits = triton.cdiv(topk, pages_per_split)
+    _sparse_decode_split_kernel[(num_rows, num_splits)](
+        q,
+        k_cache,
+        v_cache,
+        page_table,
+        topk_ids,
+        seq_lens,
+        o_part,
+        lse_part,
+        sm_scale * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        page_table.stride(0),
+        topk_ids.stride(0),
+        topk_ids.stride(1),
+        num_rows,
+        H_KV=hkv,
+        GROUP=group,
+        BLOCK_H=max(16, triton.next_power_of_2(group)),
+        D=d,
+        BLOCK=block,
+        TOPK=topk,
+        Q_PER_REQ=q_per_req,
+        PAGES_PER_SPLIT=pages_per_split,
+        num_warps=4,
+        num_stages=2,
+    )
+    _merge_splits_kernel[(num_rows, group)](
+        o_part,
+        lse_part,
+        out,
+        num_rows,
+        out.stride(0),
+        out.stride(1),
+        H_KV=hkv,
+        GROUP=group,
+        D=d,
+        NUM_SPLITS=num_splits,
+        BLOCK_S=triton.next_power_of_2(num_splits),
+        num_warps=4,
+    )
+    return out
