@@ -1,0 +1,401 @@
+"""MSA block selection (index scoring + block max + exact top-k) for prefill and decode, in Triton.
+
+Algorithm (both phases): *block-max scoring, then packed-key top-k*.
+1. Scoring. One program owns a tile of index-query rows (rows = (token, group) pairs, all G groups
+   of a token together) and walks the key blocks they may rank. Per block it loads the 128 index
+   keys of one page once (bf16, or e4m3 widened to bf16 with the per-token scale applied after the
+   MMA), runs one tensor-core dot [rows × d] · [d × 128] for every row at once, and keeps only the
+   row max. The [q × N] token-score matrix never exists; only one float per (row, block) is written
+   (4 B per 128 keys read: 0.05 % of the key bytes in decode).
+2. Top-k: ``topk.launch_topk_rows`` (exact, exp-free, ties to the lower id) reads that row once.
+
+Only blocks strictly before a row's local block are ranked, and those are fully visible
+(every token < pos), so no token-level causal mask is needed and the local block itself is
+never read: it is forced into the last slot by the top-k.
+
+Decode (Q = 1..16 queries per request, MTP verify) splits each request's blocks over programs
+(split-K) so batch 1 still fills the GPU; its grid, buffers and constexprs depend only on shapes
+(B, Q, page-table width), never on sequence lengths, so it is CUDA-graph capturable.
+Scores are not divided by sqrt(d): a positive constant does not change the ranking.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference as ref
+from .topk import _interpreting, launch_topk_rows, use_triton
+
+# -- prefill autotune: the tile is (BM queries × G groups) rows against one 128-key page; bigger
+#    tiles cut L2 key traffic, smaller ones balance short chunks. Three configs cover H100/H200;
+#    a single one under the interpreter (autotuning there only costs CPU time).
+_PREFILL_CONFIGS = (
+    [triton.Config({"BM": 4}, num_warps=4, num_stages=1)]
+    if _interpreting()
+    else [
+        triton.Config({"BM": 32}, num_warps=8, num_stages=3),
+        triton.Config({"BM": 32}, num_warps=4, num_stages=3),
+        triton.Config({"BM": 16}, num_warps=4, num_stages=4),
+    ]
+)
+
+
+@triton.jit
+def _score_block(
+    q,
+    k_ptr,
+    ks_ptr,
+    page,
+    stride_kp,
+    stride_kb,
+    stride_sp,
+    tok,
+    d,
+    IS_FP8: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    """Row max of q · K[page]^T over the page's 128 tokens (scale applied per token for FP8)."""
+    k = tl.load(k_ptr + page * stride_kp + tok[:, None] * stride_kb + d[None, :])
+    if DOT_F32:
+        # the interpreter's bf16 dot is wrong (triton 3.8); float32 is exact for bf16/e4m3 inputs
+        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
+    else:
+        s = tl.dot(q, tl.trans(k.to(q.dtype)))
+    if IS_FP8:
+        s = s * tl.load(ks_ptr + page * stride_sp + tok)[None, :]
+    return tl.max(s, axis=1)
+
+
+@triton.autotune(configs=_PREFILL_CONFIGS, key=["G", "D", "IS_FP8"])
+@triton.jit
+def _prefill_block_scores_kernel(
+    q_ptr,  # [T, G, D] index queries
+    k_ptr,  # [num_pages, BLOCK, D] index-K cache
+    ks_ptr,  # [num_pages, BLOCK] float32 scale (FP8 only)
+    pt_ptr,  # [B, max_pages] int32 page table
+    cu_ptr,  # [B + 1] query offsets
+    pre_ptr,  # [B] prefix lengths
+    sc_ptr,  # [T * G, NB] float32 block scores (row = t * G + g)
+    local_ptr,  # [T * G] int32 local block of each row
+    stride_qt,
+    stride_qg,
+    stride_kp,
+    stride_kb,
+    stride_sp,
+    stride_pt,
+    stride_sc,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK: tl.constexpr,
+    IS_FP8: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    BM: tl.constexpr,
+):
+    # -- this program: queries [start, start + BM) of request b, all G groups --
+    b = tl.program_id(1)
+    q0 = tl.load(cu_ptr + b)
+    q1 = tl.load(cu_ptr + b + 1)
+    start = q0 + tl.program_id(0) * BM
+    if start < q1:
+        pre = tl.load(pre_ptr + b)
+        r = tl.arange(0, BM * G)
+        t = start + r // G
+        g = r % G
+        row_ok = t < q1
+        loc = (pre + t - q0) // BLOCK
+        row = t.to(tl.int64) * G + g
+        tl.store(local_ptr + row, loc, mask=row_ok)
+        d = tl.arange(0, D)
+        tok = tl.arange(0, BLOCK)
+        q = tl.load(
+            q_ptr + t[:, None].to(tl.int64) * stride_qt + g[:, None] * stride_qg + d[None, :],
+            mask=row_ok[:, None],
+            other=0.0,
+        )
+        # -- walk the blocks the tile's last query may rank (< its local block) --
+        lmax = (pre + tl.minimum(start + BM, q1) - 1 - q0) // BLOCK
+        pt_row = pt_ptr + b.to(tl.int64) * stride_pt
+        sc_row = sc_ptr + row * stride_sc
+        for j in tl.range(0, lmax):
+            page = tl.load(pt_row + j).to(tl.int64)
+            m = _score_block(
+                q, k_ptr, ks_ptr, page, stride_kp, stride_kb, stride_sp, tok, d, IS_FP8, DOT_F32
+            )
+            tl.store(sc_row + j, m, mask=row_ok & (j < loc))
+
+
+@triton.jit
+def _decode_block_scores_kernel(
+    q_ptr,  # [B * Q, G, D] index queries, request-major
+    k_ptr,  # [num_pages, BLOCK, D]
+    ks_ptr,  # [num_pages, BLOCK] float32 (FP8 only)
+    pt_ptr,  # [B, max_pages] int32
+    seq_ptr,  # [B] sequence lengths (including the Q new tokens)
+    sc_ptr,  # [B * Q * G, NB] float32
+    local_ptr,  # [B * Q * G] int32
+    blocks_per_prog,
+    stride_qt,
+    stride_qg,
+    stride_kp,
+    stride_kb,
+    stride_sp,
+    stride_pt,
+    stride_sc,
+    Q: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK: tl.constexpr,
+    RP: tl.constexpr,
+    IS_FP8: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    # -- program (b, split): blocks [split * blocks_per_prog, ...) of request b, all Q·G rows --
+    b = tl.program_id(0)
+    split = tl.program_id(1)
+    seq = tl.load(seq_ptr + b)
+    r = tl.arange(0, RP)
+    row_ok = r < Q * G
+    qi = r // G
+    g = r % G
+    row = b.to(tl.int64) * (Q * G) + r
+    if split == 0:
+        tl.store(local_ptr + row, (seq - Q + qi) // BLOCK, mask=row_ok)
+    # the last query's local block bounds every row's ranked blocks
+    lmax = (seq - 1) // BLOCK
+    j0 = split * blocks_per_prog
+    j1 = tl.minimum(j0 + blocks_per_prog, lmax)
+    if j0 < j1:
+        d = tl.arange(0, D)
+        tok = tl.arange(0, BLOCK)
+        t = b.to(tl.int64) * Q + qi
+        q = tl.load(
+            q_ptr + t[:, None] * stride_qt + g[:, None] * stride_qg + d[None, :],
+            mask=row_ok[:, None],
+            other=0.0,
+        )
+        pt_row = pt_ptr + b.to(tl.int64) * stride_pt
+        sc_row = sc_ptr + row * stride_sc
+        for j in tl.range(j0, j1):
+            page = tl.load(pt_row + j).to(tl.int64)
+            m = _score_block(
+                q, k_ptr, ks_ptr, page, stride_kp, stride_kb, stride_sp, tok, d, IS_FP8, DOT_F32
+            )
+            tl.store(sc_row + j, m, mask=row_ok)
+
+
+def _check_common(index_q, index_k_cache, index_k_scale, page_table, seq_lens, topk):
+    assert index_q.dim() == 3, f"index_q must be [T, G, d], got {tuple(index_q.shape)}"
+    _, groups, d = index_q.shape
+    assert index_k_cache.dim() == 3 and index_k_cache.shape[2] == d, (
+        f"index_k_cache must be [num_pages, block, {d}], got {tuple(index_k_cache.shape)}"
+    )
+    block = index_k_cache.shape[1]
+    assert index_q.stride(2) == 1 and index_k_cache.stride(2) == 1, "last dims must be contiguous"
+    is_fp8 = index_k_cache.dtype == torch.float8_e4m3fn
+    assert index_q.dtype in (torch.bfloat16, torch.float16), (
+        f"index_q must be bf16/fp16 (tensor-core scoring), got {index_q.dtype}"
+    )
+    if is_fp8:
+        assert index_k_scale is not None, "an FP8 index-K cache needs its per-token scale"
+        assert index_k_scale.shape == index_k_cache.shape[:2], (
+            f"index_k_scale must be {tuple(index_k_cache.shape[:2])}, got {tuple(index_k_scale.shape)}"
+        )
+        assert index_k_scale.dtype == torch.float32 and index_k_scale.stride(1) == 1, (
+            "index_k_scale must be float32 with contiguous rows"
+        )
+    else:
+        assert index_k_cache.dtype == index_q.dtype, (
+            f"bf16/fp16 index-K cache dtype {index_k_cache.dtype} != index_q dtype {index_q.dtype}"
+        )
+    assert page_table.dim() == 2 and page_table.dtype == torch.int32, (
+        "page_table must be [B, P] int32"
+    )
+    assert page_table.stride(1) == 1, "page_table rows must be contiguous"
+    assert seq_lens.dim() == 1 and seq_lens.shape[0] == page_table.shape[0], (
+        f"seq_lens must be [B={page_table.shape[0]}], got {tuple(seq_lens.shape)}"
+    )
+    assert triton.next_power_of_2(groups) == groups, f"G = {groups} must be a power of two"
+    assert triton.next_power_of_2(d) == d and d >= 16, f"d = {d} must be a power of two ≥ 16"
+    assert block in (16, 32, 64, 128), f"block {block} must be 16..128 (one page = one block)"
+    assert 1 <= topk <= 64, f"topk must be in 1..64, got {topk}"
+    return groups, d, block, is_fp8
+
+
+def select_blocks_prefill(
+    index_q: torch.Tensor,
+    index_k_cache: torch.Tensor,
+    index_k_scale: torch.Tensor | None,
+    page_table: torch.Tensor,
+    cu_q: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    seq_lens: torch.Tensor,
+    topk: int,
+    max_q_len: int | None = None,
+    max_seq_len: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """MSA block selection for a ragged (chunked) prefill batch → topk_ids [G, T, topk] int32.
+
+    index_q [T, G, d] bf16; query i of request r sits at prefix_lens[r] + i. ``max_q_len`` /
+    ``max_seq_len`` (host ints) size the grid and the block-score buffer; when omitted they are
+    read from cu_q / seq_lens (one host sync). Block scores [T·G, ⌈max_seq_len/block⌉] float32
+    are the only intermediate (128 MB for an 8K chunk at 128K).
+    """
+    groups, d, block, is_fp8 = _check_common(
+        index_q, index_k_cache, index_k_scale, page_table, seq_lens, topk
+    )
+    total_q = index_q.shape[0]
+    batch = page_table.shape[0]
+    assert cu_q.shape == (batch + 1,) and prefix_lens.shape == (batch,), (
+        f"cu_q must be [B+1] and prefix_lens [B] with B = {batch}"
+    )
+    if not use_triton(index_q):
+        return ref.ref_select_blocks(
+            index_q, index_k_cache, index_k_scale, page_table, cu_q, prefix_lens, seq_lens, topk
+        )
+    if out is None:
+        out = torch.empty(groups, total_q, topk, dtype=torch.int32, device=index_q.device)
+    assert out.shape == (groups, total_q, topk) and out.dtype == torch.int32, "bad out buffer"
+    if total_q == 0:
+        return out
+    if max_q_len is None:
+        max_q_len = int((cu_q[1:] - cu_q[:-1]).max())
+    if max_seq_len is None:
+        max_seq_len = int(seq_lens.max())
+    n_blocks = max(1, min(page_table.shape[1], triton.cdiv(max_seq_len, block)))
+    scores = torch.empty(total_q * groups, n_blocks, dtype=torch.float32, device=index_q.device)
+    local = torch.empty(total_q * groups, dtype=torch.int32, device=index_q.device)
+    cu_q = cu_q.to(torch.int32)
+    prefix_lens = prefix_lens.to(torch.int32)
+
+    def grid(meta):
+        return (triton.cdiv(max_q_len, meta["BM"]), batch)
+
+    _prefill_block_scores_kernel[grid](
+        index_q,
+        index_k_cache,
+        index_k_scale if is_fp8 else index_k_cache,
+        page_table,
+        cu_q,
+        prefix_lens,
+        scores,
+        local,
+        index_q.stride(0),
+        index_q.stride(1),
+        index_k_cache.stride(0),
+        index_k_cache.stride(1),
+        index_k_scale.stride(0) if is_fp8 else 0,
+        page_table.stride(0),
+        scores.stride(0),
+        G=groups,
+        D=d,
+        BLOCK=block,
+        IS_FP8=is_fp8,
+        DOT_F32=_interpreting(),
+    )
+    return launch_topk_rows(scores, local, out, topk, groups)
+
+
+class DecodeSelectWorkspace:
+    """Fixed device buffers for ``select_blocks_decode`` (allocate once per CUDA-graph bucket)."""
+
+    def __init__(self, rows: int, n_blocks: int, device: torch.device | str) -> None:
+        self.scores = torch.empty(rows, n_blocks, dtype=torch.float32, device=device)
+        self.local = torch.empty(rows, dtype=torch.int32, device=device)
+
+
+def decode_blocks_per_program(batch: int, n_blocks: int, sms: int = 132) -> int:
+    """Split-K chunk: about four programs per SM over the whole batch, ≥ 4 pages per program."""
+    target = 4 * sms
+    per = triton.cdiv(batch * n_blocks, target)
+    return max(4, triton.next_power_of_2(per))
+
+
+def select_blocks_decode(
+    index_q: torch.Tensor,
+    index_k_cache: torch.Tensor,
+    index_k_scale: torch.Tensor | None,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    q_per_req: int,
+    topk: int,
+    out: torch.Tensor | None = None,
+    *,
+    max_seq_len: int | None = None,
+    workspace: DecodeSelectWorkspace | None = None,
+) -> torch.Tensor:
+    """MSA block selection for decode / MTP verify → topk_ids [G, B·Q, topk] int32.
+
+    index_q [B·Q, G, d] (request-major, Q = ``q_per_req`` in 1..16); query q of request b sits at
+    seq_lens[b] − Q + q. No host sync; grid and buffers depend only on B, Q and the page-table
+    width (or the host int ``max_seq_len`` of the graph bucket), so CUDA graphs can capture it
+    (pass ``out`` and ``workspace`` to keep fixed addresses).
+    """
+    groups, d, block, is_fp8 = _check_common(
+        index_q, index_k_cache, index_k_scale, page_table, seq_lens, topk
+    )
+    batch = page_table.shape[0]
+    qn = q_per_req
+    assert 1 <= qn <= 16, f"q_per_req must be in 1..16, got {qn}"
+    assert index_q.shape[0] == batch * qn, (
+        f"index_q has {index_q.shape[0]} rows, expected B·Q = {batch}·{qn}"
+    )
+    if not use_triton(index_q):
+        cu_q = torch.arange(batch + 1, dtype=torch.int32, device=index_q.device) * qn
+        return ref.ref_select_blocks(
+            index_q, index_k_cache, index_k_scale, page_table, cu_q, seq_lens - qn, seq_lens, topk
+        )
+    if out is None:
+        out = torch.empty(groups, batch * qn, topk, dtype=torch.int32, device=index_q.device)
+    assert out.shape == (groups, batch * qn, topk) and out.dtype == torch.int32, (
+        f"out must be [{groups}, {batch * qn}, {topk}] int32, got {tuple(out.shape)} {out.dtype}"
+    )
+    if batch == 0:
+        return out
+    n_blocks = page_table.shape[1]
+    if max_seq_len is not None:
+        n_blocks = max(1, min(n_blocks, triton.cdiv(max_seq_len, block)))
+    rows = batch * qn * groups
+    if workspace is None:
+        workspace = DecodeSelectWorkspace(rows, n_blocks, index_q.device)
+    assert workspace.scores.shape[0] >= rows and workspace.scores.shape[1] >= n_blocks, (
+        "workspace too small for this batch"
+    )
+    sms = (
+        torch.cuda.get_device_properties(index_q.device).multi_processor_count
+        if index_q.is_cuda
+        else 4
+    )
+    per = decode_blocks_per_program(batch, n_blocks, sms)
+    grid = (batch, triton.cdiv(n_blocks, per))
+    _decode_block_scores_kernel[grid](
+        index_q,
+        index_k_cache,
+        index_k_scale if is_fp8 else index_k_cache,
+        page_table,
+        seq_lens,
+        workspace.scores,
+        workspace.local,
+        per,
+        index_q.stride(0),
+        index_q.stride(1),
+        index_k_cache.stride(0),
+        index_k_cache.stride(1),
+        index_k_scale.stride(0) if is_fp8 else 0,
+        page_table.stride(0),
+        workspace.scores.stride(0),
+        Q=qn,
+        G=groups,
+        D=d,
+        BLOCK=block,
+        RP=max(16, triton.next_power_of_2(qn * groups)),
+        IS_FP8=is_fp8,
+        DOT_F32=_interpreting(),
+        num_warps=4,
+        num_stages=3,
+    )
+    return launch_topk_rows(
+        workspace.scores[:rows], workspace.local[:rows], out, topk, groups, n_cols=n_blocks
+    )

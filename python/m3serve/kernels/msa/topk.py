@@ -1,0 +1,177 @@
+"""Exact, exp-free MSA block top-k (k = 16 over up to 8192 blocks per row) in Triton.
+
+Algorithm: *packed-key iterative max*. Each block score s (float32) becomes one int64 key
+
+    key = ordered(s) << 32 | (0x7FFFFFFF - block_id)
+
+where ordered() flips the magnitude bits of negative floats so that signed integer order equals
+float order. One int64 max over the row then yields the best score *and*, among equal scores, the
+lower block id, with no separate argmax and no softmax. The winner is knocked out (keys are unique
+because the id is inside) and the max repeats k − 1 times; the local block fills the last slot.
+Every row sits in registers ([ROWS, BLOCK_N] tile), so the scores are read from memory once.
+
+Rules (DESIGN.md, "MSA — the exact math"; reference: ``reference.ref_topk_from_scores``):
+row r ranks blocks 0 .. local[r] − 1 by score desc, id asc into slots 0 .. k − 2, slot k − 1 holds
+local[r]; if local[r] + 1 ≤ k the row is 0 .. local[r] ascending then −1. Scores of blocks ≥ local
+are never read, so callers may leave them unwritten.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference as ref
+
+MAX_BLOCKS = 8192  # 1M tokens at block 128; a row of 8192 int64 keys still fits in registers
+
+
+@triton.jit
+def _packed_keys(s, ids):
+    """float32 scores + int32 ids → int64 keys ordered by (score desc, id asc) under signed max."""
+    bits = s.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (ordered.to(tl.int64) << 32) | (0x7FFFFFFF - ids).to(tl.int64)
+
+
+@triton.jit
+def _topk_rows_kernel(
+    scores_ptr,  # [R, >= n_cols] float32, row stride stride_sr
+    local_ptr,  # [R] int32: local block of each row
+    out_ptr,  # row r → out[r % G, r // G, :]
+    n_rows,
+    n_cols,  # valid columns of scores (blocks ≥ n_cols are never read)
+    stride_sr,
+    stride_og,
+    stride_ot,
+    stride_ok,
+    G: tl.constexpr,
+    TOPK: tl.constexpr,
+    K_PAD: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # -- rows of this program and their local block --
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_rows
+    loc = tl.load(local_ptr + rows, mask=row_ok, other=0)
+    cols = tl.arange(0, BLOCK_N)
+    slots = tl.arange(0, K_PAD)
+
+    # -- load the visible earlier blocks once, as packed keys --
+    visible = (cols[None, :] < loc[:, None]) & (cols[None, :] < n_cols) & row_ok[:, None]
+    s = tl.load(
+        scores_ptr + rows[:, None].to(tl.int64) * stride_sr + cols[None, :],
+        mask=visible,
+        other=0.0,
+    )
+    sentinel = tl.full([ROWS, BLOCK_N], -9223372036854775807 - 1, tl.int64)
+    keys = tl.where(visible, _packed_keys(s, cols[None, :]), sentinel)
+
+    # -- k − 1 rounds of (max, knock out): slot i gets the i-th best earlier block --
+    ranked = tl.full([ROWS, K_PAD], -1, tl.int32)
+    for i in tl.static_range(TOPK - 1):
+        best = tl.max(keys, axis=1)
+        best_id = (0x7FFFFFFF - (best & 0xFFFFFFFF)).to(tl.int32)
+        ranked = tl.where(slots[None, :] == i, best_id[:, None], ranked)
+        keys = tl.where(keys == best[:, None], sentinel, keys)
+    ranked = tl.where(slots[None, :] == TOPK - 1, loc[:, None], ranked)
+
+    # -- ≤ k visible blocks: all of them ascending, −1 after --
+    dense = tl.where(slots[None, :] <= loc[:, None], slots[None, :], -1)
+    res = tl.where((loc + 1 <= TOPK)[:, None], dense, ranked)
+
+    g = rows % G
+    t = rows // G
+    out_ptrs = (
+        out_ptr
+        + g[:, None].to(tl.int64) * stride_og
+        + t[:, None].to(tl.int64) * stride_ot
+        + slots[None, :] * stride_ok
+    )
+    tl.store(out_ptrs, res, mask=row_ok[:, None] & (slots[None, :] < TOPK))
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Triton on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (tests)."""
+    return t.is_cuda or _interpreting()
+
+
+def launch_topk_rows(
+    scores: torch.Tensor,
+    local: torch.Tensor,
+    out: torch.Tensor,
+    topk: int,
+    groups: int,
+    n_cols: int | None = None,
+) -> torch.Tensor:
+    """Top-k of rows r of ``scores`` into ``out[r % groups, r // groups]`` (``out`` is [G, T, k]).
+
+    Graph-safe: grid and constexprs depend only on shapes. Row-packing keeps ~4K keys per program
+    (one register tile) so short rows (prefill at 32K–128K: 256–1024 blocks) share a program.
+    """
+    assert scores.dim() == 2 and scores.dtype == torch.float32, (
+        f"scores must be [R, nb] float32, got {tuple(scores.shape)} {scores.dtype}"
+    )
+    assert scores.stride(1) == 1, "scores rows must be contiguous (stride(1) == 1)"
+    assert local.dim() == 1 and local.shape[0] == scores.shape[0], (
+        f"local must be [R] with R = {scores.shape[0]}, got {tuple(local.shape)}"
+    )
+    assert local.dtype == torch.int32 and local.is_contiguous(), "local must be contiguous int32"
+    assert out.dim() == 3 and out.dtype == torch.int32, "out must be [G, T, k] int32"
+    assert out.shape[0] == groups and out.shape[2] == topk, (
+        f"out shape {tuple(out.shape)} does not match G={groups}, k={topk}"
+    )
+    assert out.shape[0] * out.shape[1] >= scores.shape[0], "out has fewer rows than scores"
+    assert 1 <= topk <= 64, f"topk must be in 1..64, got {topk}"
+    n_rows, width = scores.shape
+    n_cols = width if n_cols is None else min(n_cols, width)
+    assert n_cols <= MAX_BLOCKS, f"{n_cols} blocks per row > {MAX_BLOCKS} (1M tokens)"
+    if n_rows == 0:
+        return out
+    block_n = max(16, triton.next_power_of_2(max(n_cols, 1)))
+    rows = max(1, min(16, 4096 // block_n))
+    num_warps = 4 if rows * block_n <= 2048 else 8
+    grid = (triton.cdiv(n_rows, rows),)
+    _topk_rows_kernel[grid](
+        scores,
+        local,
+        out,
+        n_rows,
+        n_cols,
+        scores.stride(0),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        G=groups,
+        TOPK=topk,
+        K_PAD=max(2, triton.next_power_of_2(topk)),
+        ROWS=rows,
+        BLOCK_N=block_n,
+        num_warps=num_warps,
+    )
+    return out
+
+
+def topk_blocks(scores: torch.Tensor, local: torch.Tensor, topk: int) -> torch.Tensor:
+    """MSA top-k of block scores [R, nb] (float32) with local blocks [R] → [R, topk] int32.
+
+    Exact: ranks by score desc then block id asc, local block last, −1 padding, dense when
+    local + 1 ≤ topk. CPU tensors without TRITON_INTERPRET use the torch reference.
+    """
+    if not use_triton(scores):
+        return ref.ref_topk_from_scores(scores.float(), local, topk)
+    scores = scores.float()
+    if scores.stride(-1) != 1:
+        scores = scores.contiguous()
+    local = local.to(torch.int32).contiguous()
+    out = torch.empty(1, scores.shape[0], topk, dtype=torch.int32, device=scores.device)
+    launch_topk_rows(scores, local, out, topk, groups=1)
+    return out[0]
