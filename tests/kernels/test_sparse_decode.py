@@ -73,11 +73,13 @@ def make_case(seq_lens, q, hkv, group, d, block, topk, seed=0, dtype=torch.float
 
 
 def oracle(q, k, v, page_table, sel, seq, qn, sm_scale):
-    b = seq.numel()
-    cu_q = torch.arange(b + 1, dtype=torch.int32) * qn
-    prefix = seq.cpu() - qn
-    args = [x.cpu().float() if x.is_floating_point() else x.cpu() for x in (q, k, v, page_table)]
-    return ref_sparse_attention(*args, cu_q, prefix, seq.cpu(), sel.cpu(), sm_scale)
+    """ref_sparse_attention in float32 on the inputs' device (GPU keeps the big cases fast)."""
+    b, dev = seq.numel(), q.device
+    cu_q = torch.arange(b + 1, dtype=torch.int32, device=dev) * qn
+    out = ref_sparse_attention(
+        q.float(), k.float(), v.float(), page_table, cu_q, seq - qn, seq, sel, sm_scale
+    )
+    return out.cpu()
 
 
 def emulate_flashinfer_decode(q_rows, k_view, v_view, indptr, indices, last, sm_scale):
@@ -179,7 +181,7 @@ GPU_CASES = [  # seq_lens, Q, H_kv, group, D, block, topk  (M3: H_kv 4, group 16
     ([1, 127, 128, 129, 333, 1111, 2048, 2049, 5000], 1, 4, 16, 128, 128, 16),
     ([16, 129, 4097, 20000], 4, 4, 16, 128, 128, 16),
     ([300, 2100], 16, 4, 16, 128, 128, 16),
-    ([77] * 3 + [100_000], 1, 4, 16, 128, 128, 16),
+    ([77] * 3 + [50_000], 1, 4, 16, 128, 128, 16),
 ]
 
 
@@ -262,5 +264,5 @@ def test_gpu_cuda_graph_replay_matches_eager(backend):
         step()
         assert torch.equal(got, out2), "graph replay differs from eager"
         _, ck, cv, cpt, csel, cseq = case
-        want = oracle(out.float(), ck, cv, cpt, csel, cseq, qn, scale)
+        want = oracle(out, ck, cv, cpt, csel, cseq, qn, scale)
         torch.testing.assert_close(got.float().cpu(), want, atol=2e-2, rtol=2e-2)

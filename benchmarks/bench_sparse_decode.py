@@ -1,0 +1,468 @@
+"""MSA decode step on Hopper: ours vs dense FlashInfer decode vs SGLang 0.5.23's M3 decode path.
+
+M3 shapes at TP=1: 64 query heads, 4 KV heads (group 16), head_dim 128, bf16 KV, block = page
+= 128, top-k 16, one index head per KV head (d_index 128), Q = 1, every request at the same
+context N. Inputs are random (never zeros), pages shuffled over the pool.
+
+Timed, same process, same card, same inputs (triton.testing.do_bench, median; it clears the
+L2 with a 256 MB write before every repetition, so nothing stays cached between repetitions):
+- dense: FlashInfer BatchDecodeWithPagedKVCacheWrapper (HND, tensor cores, fa2) over all N keys;
+- sglang: minimax_sparse_decode (index scoring + top-k + sparse attention, one call, eager;
+  SGLang 0.5.23 turns its MSA decode off under CUDA graphs) on the same values in its
+  token-major layout, page_size 1 and 128 (the faster is the baseline);
+- ours step: select_blocks_decode (index_select.py, Triton) + SparseDecodeWrapper.run, eager and
+  replayed from a CUDA graph, with bf16 and FP8 (+ per-token scale) index keys;
+- ours attention only, both backends (FlashInfer rows over rewritten kv_indices; split-KV Triton).
+
+Bytes (the roofline; HBM peak = this card's measured device-to-device copy bandwidth):
+  sparse attention = B·Q·H_kv·min(16, ⌈N/128⌉)·128·D·2 (K and V)·2 B  +  q and out 2·B·Q·64·D·2 B
+  index scoring    = B·N·d_index·2 B (bf16) or B·N·(d_index + 4) B (FP8 + fp32 scale)
+  step             = index scoring + sparse attention (scores/top-k traffic ignored: < 0.1 %)
+  dense decode     = B·N·H_kv·D·2·2 B + q and out
+Writes benchmarks/results/sparse_decode.{json,md} and, with matplotlib, sparse_decode.png.
+Usage: python benchmarks/bench_sparse_decode.py [--batches 1,8,32,64] [--contexts 8192,...]
+       [--out DIR] [--sglang-site DIR]; python benchmarks/bench_sparse_decode.py --plot-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HQ, HKV, D, BLOCK, TOPK, DIDX = 64, 4, 128, 128, 16, 128
+BYTES_PER_TOKEN_ALLOC = HKV * D * 2 * 2 + DIDX * 2 + (DIDX + 4) + 4 + HKV * D * 2  # + NHD copy peak
+RESULTS = Path(__file__).parent / "results"
+
+
+def sparse_attn_bytes(b: int, n: int, q: int = 1) -> int:
+    return (
+        b * q * HKV * min(TOPK, math.ceil(n / BLOCK)) * BLOCK * D * 2 * 2 + 2 * b * q * HQ * D * 2
+    )
+
+
+def index_bytes(b: int, n: int, fp8: bool) -> int:
+    return b * n * (DIDX + 4 if fp8 else DIDX * 2)
+
+
+def dense_bytes(b: int, n: int) -> int:
+    return b * n * HKV * D * 2 * 2 + 2 * b * HQ * D * 2
+
+
+def bench(fn) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second (the HBM ceiling we can reach)."""
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = bench(lambda: y.copy_(x))
+    return 2 * (1 << 30) / (ms * 1e-3)
+
+
+def capture(fn) -> torch.cuda.CUDAGraph:
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g
+
+
+def load_sglang(site: str | None):
+    if site:
+        sys.path.insert(0, site)
+    try:
+        from sglang.srt.layers.attention.minimax_sparse_ops.minimax_sparse import (
+            minimax_sparse_decode,
+        )
+    except Exception as err:  # the baseline is optional: report why it is missing
+        print(f"[sglang baseline unavailable: {type(err).__name__}: {err}]")
+        return None
+    return minimax_sparse_decode
+
+
+def sglang_decode(fn, q, k_nhd, v_nhd, idx_q, idx_k_nhd, req_to_token, seq_lens, n, page_size):
+    """SGLang 0.5.23's M3 decode step (scores + top-k + sparse attention), as its backend calls it."""
+    b = q.shape[0]
+    _, o = fn(
+        q=q,
+        sink=None,
+        k_cache=k_nhd,
+        v_cache=v_nhd,
+        idx_q=idx_q,
+        idx_sink=None,
+        idx_k_cache=idx_k_nhd,
+        idx_v_cache=None,
+        req_to_token=req_to_token,
+        slot_ids=torch.arange(b, dtype=torch.int32, device=q.device),
+        seq_lens=seq_lens,
+        max_seqlen=n,
+        block_size_q=1,
+        block_size_k=BLOCK,
+        topk=TOPK,
+        init_blocks=0,
+        local_blocks=1,
+        sm_scale=1 / math.sqrt(D),
+        idx_sm_scale=1 / math.sqrt(DIDX),
+        score_type="max",
+        disable_index_value=True,
+        page_size=page_size,
+    )
+    return o
+
+
+def dense_wrapper(page_table: torch.Tensor, n: int):
+    import flashinfer
+
+    b, nb = page_table.shape
+    ws = torch.zeros(128 << 20, dtype=torch.uint8, device="cuda")
+    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+        ws, "HND", use_tensor_cores=True, backend="fa2"
+    )
+    indptr = torch.arange(b + 1, dtype=torch.int32) * nb
+    last = torch.full((b,), n - (nb - 1) * BLOCK, dtype=torch.int32)
+    w.plan(
+        indptr.cuda(), page_table.flatten().contiguous(), last.cuda(), HQ, HKV, D, BLOCK,
+        q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16, sm_scale=1 / math.sqrt(D),
+    )  # fmt: skip
+    return w
+
+
+def run_case(b: int, n: int, sglang_fn, peak: float) -> dict[str, Any]:
+    from m3serve.kernels.msa.index_select import DecodeSelectWorkspace, select_blocks_decode
+    from m3serve.kernels.msa.reference import quantize_index_k_fp8
+    from m3serve.kernels.msa.sparse_decode import SparseDecodeWrapper
+
+    dev = "cuda"
+    nb = math.ceil(n / BLOCK)
+    pages = b * nb + 1
+    gen = torch.Generator(device=dev).manual_seed(b * 7919 + n)
+    page_table = (
+        torch.randperm(pages, device=dev, generator=gen)[: b * nb].view(b, nb).to(torch.int32)
+    )
+    k = torch.randn(pages, HKV, BLOCK, D, device=dev, dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(pages, HKV, BLOCK, D, device=dev, dtype=torch.bfloat16, generator=gen)
+    idx_k = torch.randn(pages, BLOCK, DIDX, device=dev, dtype=torch.bfloat16, generator=gen)
+    idx_k8, idx_s8 = quantize_index_k_fp8(idx_k.view(-1, DIDX))
+    idx_k8, idx_s8 = idx_k8.view(pages, BLOCK, DIDX), idx_s8.view(pages, BLOCK)
+    q = torch.randn(b, HQ, D, device=dev, dtype=torch.bfloat16, generator=gen)
+    idx_q = torch.randn(b, HKV, DIDX, device=dev, dtype=torch.bfloat16, generator=gen)
+    seq_lens = torch.full((b,), n, dtype=torch.int32, device=dev)
+    seq_host = [n] * b
+    scale = 1 / math.sqrt(D)
+    res: dict[str, Any] = {"batch": b, "context": n}
+
+    # -- dense FlashInfer decode on the same cache --
+    dw = dense_wrapper(page_table, n)
+    out_dense = torch.empty_like(q)
+    res["dense_ms"] = bench(lambda: dw.run(q, (k, v), out=out_dense))
+
+    # -- ours: selection (bf16 / FP8 index keys) + sparse attention --
+    ws = DecodeSelectWorkspace(b * HKV, nb, dev)
+    topk_ids = torch.empty(HKV, b, TOPK, dtype=torch.int32, device=dev)
+    out = torch.empty_like(q)
+    wrappers = {
+        name: SparseDecodeWrapper(dev, backend=name, max_rows=b * HKV)
+        for name in ("flashinfer", "triton", "auto")
+    }
+    for w in wrappers.values():
+        w.plan(seq_host, 1, HQ, HKV, D, BLOCK, TOPK)
+    res["auto_backend"] = wrappers["auto"].planned_backend
+
+    def select(fp8: bool) -> None:
+        cache, sc = (idx_k8, idx_s8) if fp8 else (idx_k, None)
+        select_blocks_decode(
+            idx_q,
+            cache,
+            sc,
+            page_table,
+            seq_lens,
+            1,
+            TOPK,
+            out=topk_ids,
+            max_seq_len=n,
+            workspace=ws,
+        )
+
+    def step(fp8: bool, backend: str = "auto"):
+        def fn() -> None:
+            select(fp8)
+            wrappers[backend].run(q, k, v, page_table, topk_ids, scale, out=out)
+
+        return fn
+
+    select(False)
+    for name in ("flashinfer", "triton"):
+        res[f"attn_{name}_ms"] = bench(
+            lambda name=name: wrappers[name].run(q, k, v, page_table, topk_ids, scale, out=out)
+        )
+    ref_out = wrappers["flashinfer"].run(q, k, v, page_table, topk_ids, scale).float()
+    res["attn_backends_maxdiff"] = float(
+        (wrappers["triton"].run(q, k, v, page_table, topk_ids, scale).float() - ref_out).abs().max()
+    )
+    res["select_bf16_ms"] = bench(lambda: select(False))
+    res["select_fp8_ms"] = bench(lambda: select(True))
+    res["step_bf16_eager_ms"] = bench(step(False))
+    g = capture(step(False))
+    res["step_bf16_graph_ms"] = bench(g.replay)
+    g.replay()
+    torch.cuda.synchronize()
+    ours_out = out.float().clone()
+    g8 = capture(step(True))
+    res["step_fp8_graph_ms"] = bench(g8.replay)
+    del g, g8
+
+    # -- SGLang 0.5.23 on the same values, token-major (its layout) --
+    if sglang_fn is not None:
+        del wrappers, ws
+        torch.cuda.empty_cache()
+        k_nhd = k.transpose(1, 2).reshape(pages * BLOCK, HKV, D).contiguous()
+        del k
+        v_nhd = v.transpose(1, 2).reshape(pages * BLOCK, HKV, D).contiguous()
+        del v
+        tok = torch.arange(n, device=dev)
+        req_to_token = (page_table[:, tok // BLOCK].long() * BLOCK + tok % BLOCK).to(torch.int32)
+        idx_k_nhd = idx_k.view(pages * BLOCK, 1, DIDX)
+        best = None
+        for ps in (1, BLOCK):
+
+            def fn(ps=ps):
+                return sglang_decode(
+                    sglang_fn, q, k_nhd, v_nhd, idx_q, idx_k_nhd, req_to_token, seq_lens, n, ps
+                )
+
+            try:
+                o = fn()
+                ms = bench(fn)
+            except Exception as err:
+                print(f"  sglang page_size {ps} failed: {type(err).__name__}: {err}")
+                continue
+            res[f"sglang_ps{ps}_ms"] = ms
+            res[f"sglang_ps{ps}_maxdiff"] = float((o.float() - ours_out).abs().max())
+            if best is None or ms < best[0]:
+                best = (ms, ps)
+        if best is not None:
+            res["sglang_ms"], res["sglang_page_size"] = best
+    res["bytes_attn"] = sparse_attn_bytes(b, n)
+    res["bytes_step_bf16"] = sparse_attn_bytes(b, n) + index_bytes(b, n, False)
+    res["bytes_step_fp8"] = sparse_attn_bytes(b, n) + index_bytes(b, n, True)
+    res["bytes_dense"] = dense_bytes(b, n)
+    res["peak_Bps"] = peak
+    return res
+
+
+def to_cases(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    cases = []
+
+    def add(case, ours, baseline, base_val, nbytes, peak):
+        cases.append({
+            "case": case, "ours": round(ours, 5), "baseline": baseline, "baseline_value": round(base_val, 5),
+            "unit": "ms", "ratio": round(base_val / ours, 3),
+            "roofline_fraction": round(nbytes / (ours * 1e-3) / peak, 3),
+        })  # fmt: skip
+
+    for r in rows:
+        tag = f"b{r['batch']} n{r['context'] // 1024}K"
+        pk = r["peak_Bps"]
+        add(
+            f"{tag} step bf16-idx graph",
+            r["step_bf16_graph_ms"],
+            "dense FlashInfer decode",
+            r["dense_ms"],
+            r["bytes_step_bf16"],
+            pk,
+        )
+        add(
+            f"{tag} step fp8-idx graph",
+            r["step_fp8_graph_ms"],
+            "dense FlashInfer decode",
+            r["dense_ms"],
+            r["bytes_step_fp8"],
+            pk,
+        )
+        if "sglang_ms" in r:
+            sg = f"SGLang 0.5.23 minimax_sparse_decode (eager, page_size {r['sglang_page_size']})"
+            add(
+                f"{tag} step bf16-idx graph",
+                r["step_bf16_graph_ms"],
+                sg,
+                r["sglang_ms"],
+                r["bytes_step_bf16"],
+                pk,
+            )
+            add(
+                f"{tag} step bf16-idx eager",
+                r["step_bf16_eager_ms"],
+                sg,
+                r["sglang_ms"],
+                r["bytes_step_bf16"],
+                pk,
+            )
+        best = min(r["attn_flashinfer_ms"], r["attn_triton_ms"])
+        add(
+            f"{tag} sparse attention (best backend)",
+            best,
+            "FlashInfer rows (ours, kv_indices rewrite)",
+            r["attn_flashinfer_ms"],
+            r["bytes_attn"],
+            pk,
+        )
+    return cases
+
+
+def write_markdown(doc: dict[str, Any], rows: list[dict[str, Any]], path: Path) -> None:
+    gbs = lambda nbytes, ms: nbytes / (ms * 1e-3) / 1e9  # noqa: E731
+    lines = [
+        f"# MSA sparse decode — {doc['card']}, {doc['date']}",
+        "",
+        f"versions: {json.dumps(doc['versions'])}; HBM copy peak {rows[0]['peak_Bps'] / 1e12:.2f} TB/s"
+        if rows
+        else "",
+        "",
+        "Times in ms (median, L2 cleared per repetition). step = index scoring + top-k + sparse attention.",
+        "",
+        "| B | N | dense FI | SGLang (ps) | ours bf16 eager | ours bf16 graph | ours fp8 graph | vs dense (bf16/fp8) | vs SGLang (graph/eager) | step bf16 GB/s (% peak) | attn FI rows | attn split | attn GB/s | auto |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        pk = r["peak_Bps"]
+        sg = f"{r['sglang_ms']:.3f} ({r['sglang_page_size']})" if "sglang_ms" in r else "—"
+        vs_sg = (
+            f"{r['sglang_ms'] / r['step_bf16_graph_ms']:.2f}× / {r['sglang_ms'] / r['step_bf16_eager_ms']:.2f}×"
+            if "sglang_ms" in r
+            else "—"
+        )
+        ab = min(r["attn_flashinfer_ms"], r["attn_triton_ms"])
+        lines.append(
+            f"| {r['batch']} | {r['context'] // 1024}K | {r['dense_ms']:.3f} | {sg} | {r['step_bf16_eager_ms']:.3f} | "
+            f"{r['step_bf16_graph_ms']:.3f} | {r['step_fp8_graph_ms']:.3f} | "
+            f"{r['dense_ms'] / r['step_bf16_graph_ms']:.2f}× / {r['dense_ms'] / r['step_fp8_graph_ms']:.2f}× | {vs_sg} | "
+            f"{gbs(r['bytes_step_bf16'], r['step_bf16_graph_ms']):.0f} ({r['bytes_step_bf16'] / (r['step_bf16_graph_ms'] * 1e-3) / pk:.0%}) | "
+            f"{r['attn_flashinfer_ms']:.4f} | {r['attn_triton_ms']:.4f} | {gbs(r['bytes_attn'], ab):.0f} | {r['auto_backend']} |"
+        )  # fmt: skip
+    if doc.get("skipped"):
+        lines += ["", "Not run (memory): " + ", ".join(doc["skipped"])]
+    lines += ["", "Bytes formulas: see the docstring of benchmarks/bench_sparse_decode.py."]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[no matplotlib: PNG not written]")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for b in sorted({r["batch"] for r in rows}):
+        rs = sorted((r for r in rows if r["batch"] == b), key=lambda r: r["context"])
+        x = [r["context"] for r in rs]
+        axes[0].plot(
+            x, [r["dense_ms"] / r["step_bf16_graph_ms"] for r in rs], "o-", label=f"B={b} bf16 idx"
+        )
+        axes[0].plot(
+            x, [r["dense_ms"] / r["step_fp8_graph_ms"] for r in rs], "s--", label=f"B={b} fp8 idx"
+        )
+        sg = [r for r in rs if "sglang_ms" in r]
+        axes[1].plot(
+            [r["context"] for r in sg],
+            [r["sglang_ms"] / r["step_bf16_graph_ms"] for r in sg],
+            "o-",
+            label=f"B={b}",
+        )
+    for ax, title in zip(
+        axes,
+        ("speedup vs dense FlashInfer decode", "speedup vs SGLang 0.5.23 MSA decode"),
+        strict=True,
+    ):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("×")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="MSA sparse decode benchmark")
+    ap.add_argument("--batches", default="1,8,32,64")
+    ap.add_argument("--contexts", default="8192,32768,131072,1048576")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--sglang-site", default=None)
+    ap.add_argument("--plot-only", action="store_true")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.plot_only:
+        doc = json.loads((args.out / "sparse_decode.json").read_text())
+        plot(doc["raw"], args.out / "sparse_decode.png")
+        return
+    import flashinfer
+
+    sglang_fn = load_sglang(args.sglang_site)
+    peak = copy_bandwidth()
+    print(
+        f"device {torch.cuda.get_device_name()}, copy peak {peak / 1e12:.2f} TB/s, flashinfer {flashinfer.__version__}"
+    )
+    rows, skipped = [], []
+    for b in [int(x) for x in args.batches.split(",")]:
+        for n in [int(x) for x in args.contexts.split(",")]:
+            free, _ = torch.cuda.mem_get_info()
+            if b * n * BYTES_PER_TOKEN_ALLOC > 0.85 * free:
+                skipped.append(f"B={b} N={n}")
+                print(f"skip B={b} N={n}: needs ~{b * n * BYTES_PER_TOKEN_ALLOC / 2**30:.0f} GiB")
+                continue
+            r = run_case(b, n, sglang_fn, peak)
+            rows.append(r)
+            print(
+                json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}),
+                flush=True,
+            )
+            torch.cuda.empty_cache()
+            write_all(
+                args.out, rows, skipped, sglang_fn is not None
+            )  # partial results survive a timeout
+    plot(rows, args.out / "sparse_decode.png")
+    print((args.out / "sparse_decode.md").read_text())
+
+
+def write_all(out: Path, rows: list[dict[str, Any]], skipped: list[str], have_sglang: bool) -> None:
+    import flashinfer
+    import triton
+
+    doc = {
+        "benchmark": "sparse_decode",
+        "card": torch.cuda.get_device_name(),
+        "date": datetime.date.today().isoformat(),
+        "versions": {
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "flashinfer": flashinfer.__version__,
+            "sglang": "0.5.23 (minimax_sparse ops only)" if have_sglang else None,
+        },
+        "cases": to_cases(rows),
+        "skipped": skipped,
+        "raw": rows,
+    }
+    (out / "sparse_decode.json").write_text(json.dumps(doc, indent=1) + "\n")
+    write_markdown(doc, rows, out / "sparse_decode.md")
+
+
+if __name__ == "__main__":
+    main()
