@@ -1,0 +1,287 @@
+"""MSA sparse prefill attention over the paged KV cache: plan once per step, run once per layer.
+
+    wrapper = SparsePrefillWrapper()
+    wrapper.plan(cu_q, prefix_lens, seq_lens, page_table, num_q_heads=64, num_kv_heads=4,
+                 head_dim=128, block=128, topk=16)          # host metadata + fixed buffers
+    for layer in sparse_layers:
+        out = wrapper.run(q, k_cache, v_cache, topk_ids, sm_scale)   # device only, no sync
+
+run() per layer: build the inverse index of this layer's topk_ids (count → scan → fill → work
+list, sparse_prefill_plan.py), run the KV-block-major main kernel into per-(query, slot)
+partials, merge them by log-sum-exp (sparse_prefill_triton.py). Every buffer it touches was
+sized in plan() for the worst case, so the launches can be captured in a CUDA graph.
+``variant="query_major"`` runs the comparison kernel (sparse_prefill_query_major.py) instead.
+
+Conventions (shapes, topk_ids layout, ragged metadata) are those of reference.py. Constraints:
+bf16/fp16 q and caches, head_dim and block powers of two ≥ 16, H_q % H_kv == 0 with a group of
+1..128/… (a 64- or 128-row tile holds whole groups), topk_ids distinct within a row.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from . import reference
+from .sparse_prefill_plan import (
+    HostMetadata,
+    build_host_metadata,
+    build_inverse_index,
+    max_work_items,
+)
+from .sparse_prefill_query_major import launch_query_major
+from .sparse_prefill_triton import launch_block_major, launch_combine
+
+
+@dataclass
+class SparsePrefillPlan:
+    """Everything plan() decides for one forward step: metadata and fixed device buffers."""
+
+    meta: HostMetadata
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    block: int
+    topk: int
+    block_m: int
+    item_q: int
+    hoist_kv: bool
+    counts: torch.Tensor  # [G*NB] int32, zero between runs
+    row_ptr: torch.Tensor  # [G*NB+1] int32 CSR offsets
+    item_ptr: torch.Tensor  # [G*NB+1] int32 work-item offsets
+    entries: torch.Tensor  # [G*T*k] int32 (t * k + slot), grouped by row
+    work_row: torch.Tensor  # [max_items] int32
+    work_start: torch.Tensor  # [max_items] int32
+    o_part: torch.Tensor  # [T*k, Hq, D] partial outputs
+    lse_part: torch.Tensor  # [T*k, Hq] float32 partial log2-sum-exp
+
+
+def default_tile(group: int) -> tuple[int, int]:
+    """(BLOCK_M, ITEM_Q): 128-row tiles once a tile holds ≥ 8 queries' worth of rows, else 64."""
+    gp = triton.next_power_of_2(group)
+    block_m = 128 if gp >= 16 else 64
+    qpt = block_m // gp
+    return block_m, max(64, qpt)
+
+
+class SparsePrefillWrapper:
+    """plan()/run() wrapper for MSA sparse prefill (KV-block-major, or query-major to compare)."""
+
+    def __init__(
+        self,
+        variant: str = "block_major",
+        block_m: int | None = None,
+        item_q: int | None = None,
+        hoist_kv: bool = True,
+        partial_dtype: torch.dtype = torch.bfloat16,
+    ) -> None:
+        assert variant in ("block_major", "query_major"), f"unknown variant {variant!r}"
+        self.variant = variant
+        self._block_m = block_m
+        self._item_q = item_q
+        self._hoist_kv = hoist_kv
+        self._partial_dtype = partial_dtype
+        self.p: SparsePrefillPlan | None = None
+
+    def plan(
+        self,
+        cu_q: torch.Tensor,
+        prefix_lens: torch.Tensor,
+        seq_lens: torch.Tensor,
+        page_table: torch.Tensor,
+        num_q_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        block: int,
+        topk: int,
+        device: torch.device | str | None = None,
+    ) -> SparsePrefillPlan:
+        """Host metadata (one small device→host copy) and worst-case buffers for run()."""
+        device = torch.device(device) if device is not None else page_table.device
+        assert num_q_heads % num_kv_heads == 0, (
+            f"num_q_heads {num_q_heads} not a multiple of num_kv_heads {num_kv_heads}"
+        )
+        assert block >= 16 and block & (block - 1) == 0, (
+            f"block {block} must be a power of two ≥ 16"
+        )
+        assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, (
+            f"head_dim {head_dim} must be a power of two ≥ 16"
+        )
+        assert topk >= 1, "topk must be ≥ 1"
+        group = num_q_heads // num_kv_heads
+        bm, iq = default_tile(group)
+        block_m = self._block_m or bm
+        gp = triton.next_power_of_2(group)
+        assert block_m % gp == 0, f"BLOCK_M {block_m} must hold whole GQA groups of {gp} rows"
+        item_q = self._item_q or max(iq, block_m // gp)
+        meta = build_host_metadata(cu_q, prefix_lens, seq_lens, page_table, block, device)
+        t, nb = meta.num_queries, meta.num_blocks
+        nrows = num_kv_heads * nb
+        n_items = max_work_items(num_kv_heads, t, nb, topk, item_q)
+        i32 = dict(dtype=torch.int32, device=device)
+        block_major = self.variant == "block_major"
+        e = t * topk if block_major else 0
+        self.p = SparsePrefillPlan(
+            meta,
+            num_q_heads,
+            num_kv_heads,
+            head_dim,
+            block,
+            topk,
+            block_m,
+            item_q,
+            self._hoist_kv,
+            counts=torch.zeros(nrows, **i32),
+            row_ptr=torch.zeros(nrows + 1, **i32),
+            item_ptr=torch.zeros(nrows + 1, **i32),
+            entries=torch.empty(num_kv_heads * e, **i32),
+            work_row=torch.empty(n_items if block_major else 0, **i32),
+            work_start=torch.empty(n_items if block_major else 0, **i32),
+            o_part=torch.empty(e, num_q_heads, head_dim, dtype=self._partial_dtype, device=device),
+            lse_part=torch.empty(e, num_q_heads, dtype=torch.float32, device=device),
+        )
+        return self.p
+
+    def _check(self, q, k_cache, v_cache, topk_ids, out) -> None:
+        p = self.p
+        assert p is not None, "call plan() before run()"
+        t = p.meta.num_queries
+        assert q.shape == (t, p.num_q_heads, p.head_dim), (
+            f"q {tuple(q.shape)} != planned [{t}, {p.num_q_heads}, {p.head_dim}]"
+        )
+        assert q.dtype in (torch.bfloat16, torch.float16), f"q must be bf16/fp16, got {q.dtype}"
+        for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+            assert c.dim() == 4 and c.shape[1:] == (p.num_kv_heads, p.block, p.head_dim), (
+                f"{name} {tuple(c.shape)} must be HND [num_pages, {p.num_kv_heads}, {p.block}, {p.head_dim}]"
+            )
+            assert c.dtype == q.dtype, f"{name} dtype {c.dtype} != q dtype {q.dtype}"
+            assert c.stride(3) == 1, f"{name} must be contiguous in head_dim"
+            assert c.device == q.device, f"{name} on {c.device}, q on {q.device}"
+        assert q.stride(2) == 1, "q must be contiguous in head_dim"
+        assert topk_ids.shape == (p.num_kv_heads, t, p.topk), (
+            f"topk_ids {tuple(topk_ids.shape)} != [{p.num_kv_heads}, {t}, {p.topk}]"
+        )
+        assert topk_ids.dtype == torch.int32 and topk_ids.stride(2) == 1, (
+            "topk_ids must be int32, last dim contiguous"
+        )
+        assert q.device == p.counts.device, f"q on {q.device}, plan on {p.counts.device}"
+        if out is not None:
+            assert out.shape == q.shape and out.stride(2) == 1, (
+                f"out {tuple(out.shape)} must match q {tuple(q.shape)}, last dim contiguous"
+            )
+
+    def run(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        topk_ids: torch.Tensor,
+        sm_scale: float,
+        out: torch.Tensor | None = None,
+        lse: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """out [T, Hq, D] (q's dtype) = softmax over selected blocks ∩ causal. No host sync.
+
+        ``lse`` [T, Hq] float32, if given, receives the natural-log LSE (block-major only).
+        """
+        self._check(q, k_cache, v_cache, topk_ids, out)
+        p = self.p
+        m = p.meta
+        if out is None:
+            out = torch.empty_like(q)
+        if self.variant == "query_major":
+            assert lse is None, "the query-major variant does not return the LSE"
+            launch_query_major(
+                q,
+                k_cache,
+                v_cache,
+                topk_ids,
+                out,
+                m.q_pos,
+                m.q_gb0,
+                m.gb_page,
+                m.gb_start,
+                m.gb_len,
+                sm_scale,
+            )
+            return out
+        # -- 1. inverse index of this layer's selection (fixed buffers, no sync) --
+        build_inverse_index(
+            topk_ids,
+            m,
+            p.block,
+            p.item_q,
+            p.counts,
+            p.row_ptr,
+            p.item_ptr,
+            p.entries,
+            p.work_row,
+            p.work_start,
+        )
+        # -- 2. KV-block-major main kernel → per-(query, slot) partials --
+        launch_block_major(
+            q,
+            k_cache,
+            v_cache,
+            p.o_part,
+            p.lse_part,
+            p.entries,
+            p.row_ptr,
+            p.item_ptr,
+            p.work_row,
+            p.work_start,
+            m.q_pos,
+            m.gb_page,
+            m.gb_start,
+            m.gb_len,
+            m.num_blocks,
+            p.topk,
+            sm_scale,
+            p.block_m,
+            p.item_q,
+            p.hoist_kv,
+        )
+        # -- 3. log-sum-exp merge of the ≤ k partials per (query, head) --
+        launch_combine(p.o_part, p.lse_part, topk_ids, m.q_pos, out, lse, p.num_kv_heads, p.block)
+        return out
+
+
+def _triton_can_run(x: torch.Tensor) -> bool:
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def sparse_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    cu_q: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    seq_lens: torch.Tensor,
+    topk_ids: torch.Tensor,
+    sm_scale: float,
+) -> torch.Tensor:
+    """One-shot plan + run (KV-block-major). CPU tensors without TRITON_INTERPRET=1 use the
+    torch reference (float32 math, cast to q's dtype)."""
+    if not _triton_can_run(q):
+        out = reference.ref_sparse_attention(
+            q, k_cache, v_cache, page_table, cu_q, prefix_lens, seq_lens, topk_ids, sm_scale
+        )
+        return out.to(q.dtype)
+    w = SparsePrefillWrapper()
+    w.plan(
+        cu_q,
+        prefix_lens,
+        seq_lens,
+        page_table,
+        q.shape[1],
+        k_cache.shape[1],
+        q.shape[2],
+        k_cache.shape[2],
+        topk_ids.shape[-1],
+        device=q.device,
+    )
+    return w.run(q, k_cache, v_cache, topk_ids, sm_scale)
