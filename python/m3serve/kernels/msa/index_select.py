@@ -32,7 +32,7 @@ from .topk import _interpreting, launch_topk_rows, use_triton
 #    tiles cut L2 key traffic, smaller ones balance short chunks. Three configs cover H100/H200;
 #    a single one under the interpreter (autotuning there only costs CPU time).
 _PREFILL_CONFIGS = (
-    [triton.Config({"BM": 4}, num_warps=4, num_stages=1)]
+    [triton.Config({"BM": 16}, num_warps=4, num_stages=1)]
     if _interpreting()
     else [
         triton.Config({"BM": 32}, num_warps=8, num_stages=3),

@@ -138,6 +138,8 @@ def launch_topk_rows(
         return out
     block_n = max(16, triton.next_power_of_2(max(n_cols, 1)))
     rows = max(1, min(16, 4096 // block_n))
+    if _interpreting():  # programs run one after another there: fewer, wider ones are faster
+        rows = max(1, min(256, 65536 // block_n))
     num_warps = 4 if rows * block_n <= 2048 else 8
     grid = (triton.cdiv(n_rows, rows),)
     _topk_rows_kernel[grid](
