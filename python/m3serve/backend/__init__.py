@@ -1,0 +1,79 @@
+"""The ``msa`` attention backend for SGLang (MiniMax Sparse Attention on m3serve's kernels).
+
+``register()`` (called by m3serve.plugin in every SGLang process) adds ``msa`` to
+``--attention-backend``'s choices and to SGLang's backend registry, and — only when ``msa`` is
+the selected backend — tells SGLang that the model is *not* its in-tree MiniMax sparse model, so
+SGLang builds a plain paged MHA KV pool and hands every layer to our backend instead of wrapping
+it in its own MiniMax hybrid backend. With any other backend SGLang's in-tree MSA path runs
+unchanged (the baseline the benchmarks compare against).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+BACKEND_NAME = "msa"
+_ENV = "M3SERVE_ATTENTION_BACKEND_IS_MSA"  # set in the launcher, inherited by SGLang's children
+
+
+def _argv_selects_msa(argv: list[str]) -> bool:
+    flags = ("--attention-backend", "--prefill-attention-backend", "--decode-attention-backend")
+    for i, a in enumerate(argv):
+        for f in flags:
+            if a == f and i + 1 < len(argv) and argv[i + 1] == BACKEND_NAME:
+                return True
+            if a == f"{f}={BACKEND_NAME}":
+                return True
+    return False
+
+
+def msa_selected() -> bool:
+    """Whether this server runs the ``msa`` backend (runtime context first, then the env mark)."""
+    try:
+        from sglang.srt.runtime_context import get_exec
+
+        kernel = get_exec().kernel
+        chosen = {
+            getattr(kernel, n, None)
+            for n in ("attention_backend", "prefill_attention_backend", "decode_attention_backend")
+        }
+        if BACKEND_NAME in chosen:
+            return True
+    except Exception:  # not published yet in this process
+        pass
+    return os.environ.get(_ENV, "") == "1"
+
+
+def _is_minimax_sparse_unless_msa(original: Callable[..., bool], *args: Any, **kwargs: Any) -> bool:
+    if msa_selected():
+        return False
+    return original(*args, **kwargs)
+
+
+def _create_msa_backend(runner: Any) -> Any:
+    from m3serve.backend.msa_backend import MSAAttnBackend
+
+    return MSAAttnBackend(runner)
+
+
+def register() -> None:
+    from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
+    from sglang.srt.layers.attention.attention_registry import register_attention_backend
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    if _argv_selects_msa(sys.argv):
+        os.environ[_ENV] = "1"
+    if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
+        add_attention_backend_choices([BACKEND_NAME])
+    register_attention_backend(BACKEND_NAME)(_create_msa_backend)
+    HookRegistry.register(
+        "sglang.srt.configs.model_config.is_minimax_sparse",
+        _is_minimax_sparse_unless_msa,
+        HookType.AROUND,
+    )

@@ -1,0 +1,1 @@
+"""Tiny random-weight checkpoints in Hugging Face layout, made locally (no downloads here)."""

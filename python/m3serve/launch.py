@@ -1,0 +1,199 @@
+"""Start and stop a real ``python -m sglang.launch_server`` process (CPU or GPU).
+
+Used by the demo, the tests and the benchmarks. On CPU it sets SGLANG_USE_CPU_ENGINE=1 and puts the
+stand-in ``sgl_kernel`` package (tests/sgl_kernel_standin, see its docstring) first on the server
+process's PYTHONPATH only. The server runs in its own process group so that stop() leaves nothing
+behind, and its log goes to a file that is shown when start-up fails.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+import requests
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CPU_STANDIN_DIR = REPO_ROOT / "tests" / "sgl_kernel_standin"
+
+
+class ServerStartError(RuntimeError):
+    """The SGLang server exited or did not become healthy in time; the message holds its log."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def tail(path: Path, lines: int = 80) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _wait_group_gone(pgid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while group_alive(pgid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+class SGLangServer:
+    """A real SGLang HTTP server in a subprocess; use as a context manager."""
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        *,
+        port: int | None = None,
+        device: str = "cpu",
+        max_total_tokens: int = 16384,
+        extra_args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+        log_path: str | os.PathLike[str] | None = None,
+        startup_timeout: float = 240.0,
+        cpu_standin_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.model_path = str(model_path)
+        self.port = port or free_port()
+        self.device = device
+        self.max_total_tokens = max_total_tokens
+        self.extra_args = list(extra_args)
+        self.extra_env = dict(env or {})
+        self.startup_timeout = startup_timeout
+        self.cpu_standin_dir = Path(cpu_standin_dir) if cpu_standin_dir else CPU_STANDIN_DIR
+        if log_path is None:
+            fd, name = tempfile.mkstemp(prefix="sglang-server-", suffix=".log")
+            os.close(fd)
+            log_path = name
+        self.log_path = Path(log_path)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "sglang.launch_server",
+            "--model-path", self.model_path,
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            "--device", self.device,
+            "--max-total-tokens", str(self.max_total_tokens),
+            *self.extra_args,
+        ]  # fmt: skip
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        if self.device == "cpu":
+            if not (self.cpu_standin_dir / "sgl_kernel" / "__init__.py").exists():
+                raise FileNotFoundError(
+                    f"CPU serving needs the stand-in sgl_kernel package at {self.cpu_standin_dir}"
+                )
+            env["SGLANG_USE_CPU_ENGINE"] = "1"
+            env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (str(self.cpu_standin_dir), env.get("PYTHONPATH", "")) if p
+            )
+            # SGLang's compiled radix tree is built for a torch it may not run with here.
+            env.setdefault("SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND", "python")
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        env.update(self.extra_env)
+        return env
+
+    def start(self) -> SGLangServer:
+        log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            self.command(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.environment(),
+            start_new_session=True,
+        )
+        log.close()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            code = self.proc.poll()
+            if code is not None:
+                raise ServerStartError(
+                    f"SGLang server exited with code {code} during start-up; log "
+                    f"{self.log_path}:\n{tail(self.log_path)}"
+                )
+            try:
+                if requests.get(self.url + "/health_generate", timeout=30).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(1.0)
+        raise ServerStartError(
+            f"SGLang server not healthy after {self.startup_timeout:.0f} s; log "
+            f"{self.log_path}:\n{tail(self.log_path)}"
+        )
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        """SIGTERM the whole process group; SIGKILL whatever is left after 20 s."""
+        if self.proc is None:
+            return
+        pgid = self.proc.pid
+        for sig, grace in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                continue
+            # the leader is gone; wait for its children (scheduler, detokenizer) too
+            if _wait_group_gone(pgid, grace):
+                break
+        self.proc = None
+
+    def log_tail(self, lines: int = 80) -> str:
+        return tail(self.log_path, lines)
+
+    def __enter__(self) -> SGLangServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
