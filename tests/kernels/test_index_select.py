@@ -259,7 +259,7 @@ def test_launcher_names_the_failed_constraint():
 @pytest.mark.parametrize("fp8", [False, True])
 def test_gpu_decode_long_contexts_and_graph(fp8):
     gen = torch.Generator().manual_seed(21)
-    seq_lens = [32768 + 77, 131072, 4099, 1, 262144 - 5]
+    seq_lens = [32768 + 77, 131072, 4099, 2, 262144 - 5]  # ≥ Q = 2
     q_per_req, block, groups, d, topk = 2, 128, 4, 128, 16
     cache, scale, pt = make_paged_index_cache(seq_lens, block, d, gen, fp8)
     batch = len(seq_lens)
