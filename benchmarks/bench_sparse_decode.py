@@ -58,7 +58,7 @@ def dense_bytes(b: int, n: int) -> int:
 def bench(fn) -> float:
     import triton.testing
 
-    return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
+    return float(triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median"))
 
 
 def copy_bandwidth() -> float:
@@ -145,6 +145,7 @@ def run_case(b: int, n: int, sglang_fn, peak: float) -> dict[str, Any]:
     from m3serve.kernels.msa.index_select import DecodeSelectWorkspace, select_blocks_decode
     from m3serve.kernels.msa.reference import quantize_index_k_fp8
     from m3serve.kernels.msa.sparse_decode import SparseDecodeWrapper
+    from m3serve.kernels.msa.sparse_decode_split import SPLIT_CONFIGS
 
     dev = "cuda"
     nb = math.ceil(n / BLOCK)
@@ -176,11 +177,11 @@ def run_case(b: int, n: int, sglang_fn, peak: float) -> dict[str, Any]:
     out = torch.empty_like(q)
     wrappers = {
         name: SparseDecodeWrapper(dev, backend=name, max_rows=b * HKV)
-        for name in ("flashinfer", "triton", "auto")
+        for name in ("flashinfer", "triton")
     }
     for w in wrappers.values():
         w.plan(seq_host, 1, HQ, HKV, D, BLOCK, TOPK)
-    res["auto_backend"] = wrappers["auto"].planned_backend
+    res["auto_backend_default"] = SparseDecodeWrapper(dev, backend="auto").auto_pick(b * HKV)
 
     def select(fp8: bool) -> None:
         cache, sc = (idx_k8, idx_s8) if fp8 else (idx_k, None)
@@ -197,22 +198,30 @@ def run_case(b: int, n: int, sglang_fn, peak: float) -> dict[str, Any]:
             workspace=ws,
         )
 
-    def step(fp8: bool, backend: str = "auto"):
+    def attn(name: str):
+        return lambda: wrappers[name].run(q, k, v, page_table, topk_ids, scale, out=out)
+
+    select(False)
+    res["attn_flashinfer_ms"] = bench(attn("flashinfer"))
+    ref_out = wrappers["flashinfer"].run(q, k, v, page_table, topk_ids, scale).float()
+    for cfg in SPLIT_CONFIGS:
+        wrappers["triton"].split_config = cfg
+        res[f"attn_triton_{cfg}_ms"] = bench(attn("triton"))
+    best_cfg = min(SPLIT_CONFIGS, key=lambda c: res[f"attn_triton_{c}_ms"])
+    wrappers["triton"].split_config = best_cfg
+    res["attn_triton_ms"], res["split_config"] = res[f"attn_triton_{best_cfg}_ms"], best_cfg
+    tri_out = wrappers["triton"].run(q, k, v, page_table, topk_ids, scale).float()
+    res["attn_backends_maxdiff"] = float((tri_out - ref_out).abs().max())
+    best = "triton" if res["attn_triton_ms"] <= res["attn_flashinfer_ms"] else "flashinfer"
+    res["step_backend"] = best
+
+    def step(fp8: bool):
         def fn() -> None:
             select(fp8)
-            wrappers[backend].run(q, k, v, page_table, topk_ids, scale, out=out)
+            wrappers[best].run(q, k, v, page_table, topk_ids, scale, out=out)
 
         return fn
 
-    select(False)
-    for name in ("flashinfer", "triton"):
-        res[f"attn_{name}_ms"] = bench(
-            lambda name=name: wrappers[name].run(q, k, v, page_table, topk_ids, scale, out=out)
-        )
-    ref_out = wrappers["flashinfer"].run(q, k, v, page_table, topk_ids, scale).float()
-    res["attn_backends_maxdiff"] = float(
-        (wrappers["triton"].run(q, k, v, page_table, topk_ids, scale).float() - ref_out).abs().max()
-    )
     res["select_bf16_ms"] = bench(lambda: select(False))
     res["select_fp8_ms"] = bench(lambda: select(True))
     res["step_bf16_eager_ms"] = bench(step(False))
@@ -237,7 +246,7 @@ def run_case(b: int, n: int, sglang_fn, peak: float) -> dict[str, Any]:
         req_to_token = (page_table[:, tok // BLOCK].long() * BLOCK + tok % BLOCK).to(torch.int32)
         idx_k_nhd = idx_k.view(pages * BLOCK, 1, DIDX)
         best = None
-        for ps in (1, BLOCK):
+        for ps in (BLOCK,):  # page_size 1 was slower at every point of the first H200 run
 
             def fn(ps=ps):
                 return sglang_decode(
@@ -334,7 +343,7 @@ def write_markdown(doc: dict[str, Any], rows: list[dict[str, Any]], path: Path) 
         "",
         "Times in ms (median, L2 cleared per repetition). step = index scoring + top-k + sparse attention.",
         "",
-        "| B | N | dense FI | SGLang (ps) | ours bf16 eager | ours bf16 graph | ours fp8 graph | vs dense (bf16/fp8) | vs SGLang (graph/eager) | step bf16 GB/s (% peak) | attn FI rows | attn split | attn GB/s | auto |",
+        "| B | N | dense FI | SGLang (ps) | ours bf16 eager | ours bf16 graph | ours fp8 graph | vs dense (bf16/fp8) | vs SGLang (graph/eager) | step bf16 GB/s (% peak) | attn FI rows | attn split (best cfg) | attn GB/s | step attn backend |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -351,7 +360,7 @@ def write_markdown(doc: dict[str, Any], rows: list[dict[str, Any]], path: Path) 
             f"{r['step_bf16_graph_ms']:.3f} | {r['step_fp8_graph_ms']:.3f} | "
             f"{r['dense_ms'] / r['step_bf16_graph_ms']:.2f}× / {r['dense_ms'] / r['step_fp8_graph_ms']:.2f}× | {vs_sg} | "
             f"{gbs(r['bytes_step_bf16'], r['step_bf16_graph_ms']):.0f} ({r['bytes_step_bf16'] / (r['step_bf16_graph_ms'] * 1e-3) / pk:.0%}) | "
-            f"{r['attn_flashinfer_ms']:.4f} | {r['attn_triton_ms']:.4f} | {gbs(r['bytes_attn'], ab):.0f} | {r['auto_backend']} |"
+            f"{r['attn_flashinfer_ms']:.4f} | {r['attn_triton_ms']:.4f} | {gbs(r['bytes_attn'], ab):.0f} | {r['step_backend']}{'/' + r['split_config'] if r['step_backend'] == 'triton' else ''} |"
         )  # fmt: skip
     if doc.get("skipped"):
         lines += ["", "Not run (memory): " + ", ".join(doc["skipped"])]

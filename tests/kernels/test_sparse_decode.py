@@ -24,7 +24,7 @@ from m3serve.kernels.msa.sparse_decode_indices import (
     ref_rewrite_kv_indices,
     rewrite_kv_indices,
 )
-from m3serve.kernels.msa.sparse_decode_split import sparse_decode_split
+from m3serve.kernels.msa.sparse_decode_split import SPLIT_CONFIGS, sparse_decode_split
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -148,24 +148,35 @@ def test_rewrite_kernel_matches_reference(case):
     seq_lens, qn, hkv, _group, _d, block, topk = case
     _q, _k, _v, pt, sel, seq = make_case(seq_lens, qn, hkv, 1, 16, block, topk, seed=3)
     indptr, _last, _ = decode_row_layout(seq, qn, hkv, block, topk)
+    if torch.cuda.is_available():  # compiled kernel on GPU, interpreter on CPU
+        pt, sel, indptr = pt.cuda(), sel.cuda(), indptr.cuda()
     want = ref_rewrite_kv_indices(
         sel, pt, indptr, qn, torch.full((sel.numel(),), -9, dtype=torch.int32)
     )
-    got = rewrite_kv_indices(sel, pt, indptr, qn, torch.full((sel.numel(),), -9, dtype=torch.int32))
-    assert torch.equal(got, want)
+    got = rewrite_kv_indices(
+        sel, pt, indptr, qn, torch.full((sel.numel(),), -9, dtype=torch.int32, device=sel.device)
+    )
+    assert torch.equal(got.cpu(), want.cpu())
 
 
+@pytest.mark.parametrize("config", ["n64s2", "n128s1"])
 @pytest.mark.parametrize("num_splits", [1, 3])
-def test_split_kernel_cpu_interpreter(num_splits):
-    seq_lens, qn, hkv, group, d, block, topk = [2, 40, 77], 2, 2, 4, 32, 16, 4
-    q, k, v, pt, sel, seq = make_case(seq_lens, qn, hkv, group, d, block, topk, seed=5)
+def test_split_kernel(num_splits, config):
+    """Interpreter on CPU (float32), compiled on GPU (bf16); block 128 so n64 walks 2 sub-tiles."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype, tol = (torch.bfloat16, 2e-2) if dev == "cuda" else (torch.float32, 2e-5)
+    seq_lens, qn, hkv, group, d, block, topk = [2, 300, 700], 2, 2, 4, 32, 128, 4
+    q, k, v, pt, sel, seq = make_case(
+        seq_lens, qn, hkv, group, d, block, topk, seed=5, dtype=dtype, device=dev
+    )
     rows = q.shape[0] * hkv
-    o_part = torch.full((num_splits * rows * group * d,), float("nan"))
-    lse_part = torch.full((num_splits * rows * group,), float("nan"))
+    o_part = torch.full((num_splits * rows * group * d,), float("nan"), device=dev)
+    lse_part = torch.full((num_splits * rows * group,), float("nan"), device=dev)
     out = torch.full_like(q, float("nan"))
     scale = 0.7 / math.sqrt(d)
-    sparse_decode_split(q, k, v, pt, sel, seq, qn, scale, num_splits, o_part, lse_part, out)
-    torch.testing.assert_close(out, oracle(q, k, v, pt, sel, seq, qn, scale), atol=2e-5, rtol=2e-5)
+    sparse_decode_split(q, k, v, pt, sel, seq, qn, scale, num_splits, o_part, lse_part, out, config)
+    want = oracle(q, k, v, pt, sel, seq, qn, scale)
+    torch.testing.assert_close(out.float().cpu(), want, atol=tol, rtol=tol)
 
 
 def test_cpu_fallback_is_reference():
@@ -187,15 +198,18 @@ GPU_CASES = [  # seq_lens, Q, H_kv, group, D, block, topk  (M3: H_kv 4, group 16
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("backend", ["flashinfer", "triton"])
+@pytest.mark.parametrize(
+    "backend,config",
+    [("flashinfer", "n64s2"), *(("triton", c) for c in SPLIT_CONFIGS)],
+)
 @pytest.mark.parametrize("case", GPU_CASES)
-def test_gpu_eager_matches_reference(case, backend):
+def test_gpu_eager_matches_reference(case, backend, config):
     seq_lens, qn, hkv, group, d, block, topk = case
     q, k, v, pt, sel, seq = make_case(
         seq_lens, qn, hkv, group, d, block, topk, dtype=torch.bfloat16, device="cuda"
     )
     scale = 1 / math.sqrt(d)
-    w = SparseDecodeWrapper("cuda", backend=backend)
+    w = SparseDecodeWrapper("cuda", backend=backend, split_config=config)
     w.plan(seq.cpu(), qn, hkv * group, hkv, d, block, topk)
     out = torch.full_like(q, float("nan"))
     w.run(q, k, v, pt, sel, scale, out=out)

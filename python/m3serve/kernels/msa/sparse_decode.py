@@ -25,7 +25,7 @@ import torch
 
 from .reference import ref_sparse_attention
 from .sparse_decode_indices import decode_row_layout, rewrite_kv_indices
-from .sparse_decode_split import num_splits_for, sparse_decode_split
+from .sparse_decode_split import DEFAULT_SPLIT_CONFIG, num_splits_for, sparse_decode_split
 
 BACKENDS = ("auto", "flashinfer", "triton")
 
@@ -45,10 +45,12 @@ class SparseDecodeWrapper:
         max_topk: int = 16,
         workspace_bytes: int = 128 * 1024 * 1024,
         auto_min_rows: int | None = None,
+        split_config: str = DEFAULT_SPLIT_CONFIG,
     ) -> None:
         assert backend in BACKENDS, f"backend must be one of {BACKENDS}, got {backend!r}"
         self.device = torch.device(device)
         self.backend = backend
+        self.split_config = split_config
         self._workspace_bytes = workspace_bytes
         self._fi_wrappers: dict[int, Any] = {}
         self._fi_workspace: torch.Tensor | None = None
@@ -149,9 +151,7 @@ class SparseDecodeWrapper:
         indptr, last, _ = decode_row_layout(lens_host, q_per_req, num_kv_heads, block, topk)
         rows = batch * q_per_req * num_kv_heads
         self._ensure_capacity(max(rows, batch), topk)
-        backend = self.backend
-        if backend == "auto":
-            backend = "triton" if rows < self.auto_min_rows else "flashinfer"
+        backend = self.auto_pick(rows)
         group = num_q_heads // num_kv_heads
         self.seq_lens[:batch].copy_(lens_host, non_blocking=True)
         if backend == "flashinfer":
@@ -190,6 +190,12 @@ class SparseDecodeWrapper:
             num_splits=num_splits,
         )
 
+    def auto_pick(self, rows: int) -> str:
+        """The backend a plan with ``rows`` rows (T·H_kv) runs."""
+        if self.backend != "auto":
+            return self.backend
+        return "triton" if rows < self.auto_min_rows else "flashinfer"
+
     @property
     def planned_backend(self) -> str:
         assert self._planned is not None, "plan() first"
@@ -227,7 +233,7 @@ class SparseDecodeWrapper:
             o_part, lse_part = self._scratch(0, 0)
             return sparse_decode_split(
                 q, k_cache, v_cache, page_table, topk_ids, self.seq_lens, p["q_per_req"], sm_scale,
-                p["num_splits"], o_part, lse_part, out,
+                p["num_splits"], o_part, lse_part, out, self.split_config,
             )  # fmt: skip
         assert q.is_contiguous() and out.is_contiguous(), (
             "FlashInfer rows are a view of contiguous q/out"

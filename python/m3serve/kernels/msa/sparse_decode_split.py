@@ -53,7 +53,9 @@ def _sparse_decode_split_kernel(
     TOPK: tl.constexpr,
     Q_PER_REQ: tl.constexpr,
     PAGES_PER_SPLIT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
+    SUB: tl.constexpr = BLOCK // BLOCK_N
     row = tl.program_id(0)
     split = tl.program_id(1)
     t = row // H_KV
@@ -67,7 +69,7 @@ def _sparse_decode_split_kernel(
 
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, D)
-    offs_n = tl.arange(0, BLOCK)
+    offs_n = tl.arange(0, BLOCK_N)
     h_ok = offs_h < GROUP
     q = tl.load(
         q_ptr
@@ -80,23 +82,27 @@ def _sparse_decode_split_kernel(
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, D], tl.float32)
-    # -- online softmax over the split's selected pages --
-    for j in range(j0, j1):
+    # -- online softmax over the split's selected pages, BLOCK_N tokens at a time --
+    # (sub-tiles of a page keep the shared memory per program small, so several programs share
+    # an SM and the loop pipelines the next sub-tile's loads behind the current one's math)
+    for i in range(j0 * SUB, j1 * SUB):
+        j = i // SUB
         blk = tl.load(topk_ptr + g * stride_tg + t.to(tl.int64) * stride_tt + j)
         page = tl.load(page_table_ptr + req.to(tl.int64) * stride_pt + blk).to(tl.int64)
+        tok = (i % SUB) * BLOCK_N + offs_n
         k = tl.load(
-            k_ptr + page * stride_kp + g * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
+            k_ptr + page * stride_kp + g * stride_kh + tok[:, None] * stride_kn + offs_d[None, :]
         )
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_H, BLOCK], log2 domain
-        visible = blk * BLOCK + offs_n <= pos
+        v = tl.load(
+            v_ptr + page * stride_vp + g * stride_vh + tok[:, None] * stride_vn + offs_d[None, :]
+        )
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_H, BLOCK_N], log2 domain
+        visible = blk * BLOCK + tok <= pos
         s = tl.where(visible[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            v_ptr + page * stride_vp + g * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :]
-        )
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     # -- partial output and its log2-sum-exp (−inf for an empty split) --
@@ -141,9 +147,21 @@ def _merge_splits_kernel(
     )
 
 
-def num_splits_for(num_rows: int, topk: int, num_sms: int) -> int:
-    """Splits per row so that rows × splits covers ≥ 2 waves of one program per SM."""
-    want = triton.cdiv(2 * num_sms, max(num_rows, 1))
+# (BLOCK_N, num_stages, num_warps). Small on purpose: decode tiles are [16 heads × BLOCK_N] and the
+# choice only trades shared memory per program (occupancy) against loop pipelining; the benchmark
+# times each variant, and the default is the one it measured fastest on H200 (see results).
+SPLIT_CONFIGS = {
+    "n64s2": (64, 2, 4),
+    "n128s1": (128, 1, 4),
+    "n64s3": (64, 3, 4),
+    "n32s3": (32, 3, 4),
+}
+DEFAULT_SPLIT_CONFIG = "n64s2"
+
+
+def num_splits_for(num_rows: int, topk: int, num_sms: int, waves: int = 4) -> int:
+    """Splits per row so that rows × splits gives about ``waves`` programs per SM."""
+    want = triton.cdiv(waves * num_sms, max(num_rows, 1))
     return max(1, min(topk, triton.next_power_of_2(want)))
 
 
@@ -160,6 +178,7 @@ def sparse_decode_split(
     o_part: torch.Tensor,
     lse_part: torch.Tensor,
     out: torch.Tensor,
+    config: str = DEFAULT_SPLIT_CONFIG,
 ) -> torch.Tensor:
     """Sparse decode attention, split-KV. Shapes as in reference.ref_sparse_attention.
 
@@ -196,6 +215,9 @@ def sparse_decode_split(
     assert d in (16, 32, 64, 128, 256) and block in (16, 32, 64, 128), (
         f"unsupported head_dim {d} / block {block}"
     )
+    assert config in SPLIT_CONFIGS, f"config must be one of {sorted(SPLIT_CONFIGS)}, got {config!r}"
+    block_n, stages, warps = SPLIT_CONFIGS[config]
+    block_n = min(block_n, block)
     pages_per_split = triton.cdiv(topk, num_splits)
     num_splits = triton.cdiv(topk, pages_per_split)
     _sparse_decode_split_kernel[(num_rows, num_splits)](
@@ -228,8 +250,9 @@ def sparse_decode_split(
         TOPK=topk,
         Q_PER_REQ=q_per_req,
         PAGES_PER_SPLIT=pages_per_split,
-        num_warps=4,
-        num_stages=2,
+        BLOCK_N=block_n,
+        num_warps=warps,
+        num_stages=stages,
     )
     _merge_splits_kernel[(num_rows, group)](
         o_part,
