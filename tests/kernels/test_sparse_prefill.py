@@ -1,0 +1,229 @@
+"""KV-block-major sparse prefill (and its query-major twin) against the float32 torch reference.
+
+Without a GPU the Triton kernels run under the interpreter (TRITON_INTERPRET=1, set here before
+the kernel modules are imported, since triton.jit reads it at decoration time) at small sizes:
+block 16, head_dim 32. With a GPU the same tests run compiled on it, plus M3-sized cases.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from m3serve.kernels.msa import reference as ref
+from m3serve.kernels.msa.sparse_prefill import (
+    SparsePrefillWrapper,
+    sparse_prefill_attention,
+)
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def make_batch(seq_lens, q_lens, block, hq, hkv, d, seed, dtype=torch.bfloat16, device=DEV):
+    """Random HND caches behind a shuffled page table, q, and the ragged metadata."""
+    gen = torch.Generator().manual_seed(seed)
+    pages_per = [(n + block - 1) // block for n in seq_lens]
+    num_pages = sum(pages_per) + 3
+    perm = torch.randperm(num_pages, generator=gen)
+    page_table = torch.zeros(len(seq_lens), max(pages_per), dtype=torch.int32)
+    at = 0
+    for r, p in enumerate(pages_per):
+        page_table[r, :p] = perm[at : at + p].to(torch.int32)
+        at += p
+    k = torch.randn(num_pages, hkv, block, d, generator=gen).to(dtype)
+    v = torch.randn(num_pages, hkv, block, d, generator=gen).to(dtype)
+    cu_q = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    seq = torch.tensor(seq_lens, dtype=torch.int32)
+    prefix = seq - torch.tensor(q_lens, dtype=torch.int32)
+    q = torch.randn(int(cu_q[-1]), hq, d, generator=gen).to(dtype)
+    t = [x.to(device) for x in (q, k, v, page_table, cu_q, prefix, seq)]
+    return t, gen
+
+
+def realistic_topk(gen, page_table, cu_q, prefix, seq, block, hkv, topk, d_index=16):
+    """MSA selections from random index queries/keys (ref_select_blocks), [H_kv, T, k] int32."""
+    num_pages = int(page_table.max()) + 4
+    iq = torch.randn(int(cu_q[-1]), hkv, d_index, generator=gen)
+    ik = torch.randn(num_pages, block, d_index, generator=gen)
+    c = [x.cpu() for x in (page_table, cu_q, prefix, seq)]
+    return ref.ref_select_blocks(iq, ik, None, c[0], c[1], c[2], c[3], topk).to(page_table.device)
+
+
+def check(out, expect, atol=3e-2, rtol=2e-2):
+    """bf16 bounds vs the float32 reference: elementwise and on average."""
+    assert not out.isnan().any(), "NaN in output (unwritten or poisoned element read)"
+    err = (out.float() - expect).abs()
+    bound = atol + rtol * expect.abs()
+    worst = (err - bound).max()
+    assert worst <= 0, f"max error {err.max():.4g} exceeds the bf16 bound by {worst:.4g}"
+    assert err.mean() < 4e-3, f"mean error {err.mean():.4g} too large for bf16"
+
+
+def run_wrapper(variant, tensors, topk_ids, block, k, poison=True, lse=None, **kw):
+    q, kc, vc, pt, cu_q, prefix, seq = tensors
+    w = SparsePrefillWrapper(variant=variant, **kw)
+    p = w.plan(cu_q, prefix, seq, pt, q.shape[1], kc.shape[1], q.shape[2], block, k)
+    if poison:
+        p.o_part.fill_(float("nan"))
+        p.lse_part.fill_(float("nan"))
+    out = torch.full_like(q, float("nan"))
+    w.run(q, kc, vc, topk_ids, 1 / math.sqrt(q.shape[2]), out=out, lse=lse)
+    return out, w
+
+
+# (seq_lens, q_lens, hq, hkv, block): odd lengths 1/127/129/333/1111, partial last blocks,
+# ≤ k blocks visible (dense), chunked prefill after a prefix, an empty request in the middle;
+# GQA groups 2, 16, 1 and 3 (not a power of two: padded rows). The interpreter pays per op,
+# so blocks are 32/64 tokens here to keep the inverse index small; the GPU tests use 128.
+FUZZ = [
+    ([1, 127, 129], [1, 127, 129], 4, 2, 32),
+    ([333], [333], 16, 1, 64),
+    ([40, 1111], [40, 95], 3, 3, 64),
+    ([300, 5, 200], [17, 0, 200], 6, 2, 32),
+]
+
+
+@pytest.mark.parametrize("case", range(len(FUZZ)))
+def test_block_major_fuzz(case):
+    seq_lens, q_lens, hq, hkv, block = FUZZ[case]
+    d, k = 32, 4
+    tensors, gen = make_batch(seq_lens, q_lens, block, hq, hkv, d, seed=case * 31 + hq)
+    q, kc, vc, pt, cu_q, prefix, seq = tensors
+    topk_ids = realistic_topk(gen, pt, cu_q, prefix, seq, block, hkv, k)
+    lse = torch.full((q.shape[0], hq), float("nan"), device=DEV)
+    out, _ = run_wrapper("block_major", tensors, topk_ids, block, k, lse=lse)
+    expect, expect_lse = ref.ref_sparse_attention(
+        q, kc, vc, pt, cu_q, prefix, seq, topk_ids, 1 / math.sqrt(d), return_lse=True
+    )
+    check(out, expect)
+    torch.testing.assert_close(lse, expect_lse, atol=2e-2, rtol=1e-3)
+
+
+def test_plan_reused_across_layers_and_tiles():
+    """One plan, several layers (different selections): the counts must come back to zero."""
+    block, d, k, hq, hkv = 32, 32, 4, 8, 2
+    tensors, gen = make_batch([150, 40], [70, 40], block, hq, hkv, d, seed=7)
+    q, kc, vc, pt, cu_q, prefix, seq = tensors
+    w = SparsePrefillWrapper(block_m=32, item_q=16)  # 4 queries per tile, 4 tiles per item
+    w.plan(cu_q, prefix, seq, pt, hq, hkv, d, block, k)
+    for layer in range(2):
+        topk_ids = realistic_topk(gen, pt, cu_q, prefix, seq, block, hkv, k)
+        out = w.run(q, kc, vc, topk_ids, 1 / math.sqrt(d))
+        expect = ref.ref_sparse_attention(
+            q, kc, vc, pt, cu_q, prefix, seq, topk_ids, 1 / math.sqrt(d)
+        )
+        check(out, expect)
+        assert int(w.p.counts.abs().sum()) == 0, f"layer {layer}: counts not re-zeroed"
+
+
+@pytest.mark.parametrize(
+    "kind", ["all_same_block", "all_same_list", "all_different", "invalid_ids"]
+)
+def test_adversarial_selections(kind):
+    block, d, k, hq, hkv = 32, 32, 4, 4, 2
+    seq_lens, q_lens = [200, 64], [200, 33]
+    tensors, _ = make_batch(seq_lens, q_lens, block, hq, hkv, d, seed=3)
+    q, kc, vc, pt, cu_q, prefix, seq = tensors
+    t = q.shape[0]
+    pos = torch.cat([torch.arange(int(p), int(s)) for p, s in zip(prefix, seq, strict=True)])
+    local = (pos // block).to(torch.int32)
+    ids = torch.full((hkv, t, k), -1, dtype=torch.int32)
+    if kind == "all_same_block":  # one row of the inverse index holds every query
+        ids[:, :, 0] = 0
+    elif kind == "all_same_list":  # blocks 0..k-1, clipped to what each query can see
+        cand = torch.arange(k, dtype=torch.int32)[None, :].expand(t, k)
+        ids[:] = torch.where(cand <= local[:, None], cand, -1)
+    elif kind == "all_different":  # only the local block: rows of ≤ block queries each
+        ids[:, :, 0] = local
+    else:  # ids past the local block or past the sequence are ignored (not visible)
+        ids[:, :, 0] = local
+        ids[:, :, 1] = local + 1
+        ids[:, :, 2] = 10_000
+    ids = ids.to(DEV)
+    out, _ = run_wrapper("block_major", tensors, ids, block, k)
+    visible = torch.where(ids <= local.to(DEV)[None, :, None], ids, -1)
+    expect = ref.ref_sparse_attention(q, kc, vc, pt, cu_q, prefix, seq, visible, 1 / math.sqrt(d))
+    check(out, expect)
+
+
+def test_query_major_matches_reference():
+    block, d, k, hq, hkv = 16, 32, 4, 4, 2
+    tensors, gen = make_batch([129, 40], [9, 4], block, hq, hkv, d, seed=11)
+    q, kc, vc, pt, cu_q, prefix, seq = tensors
+    topk_ids = realistic_topk(gen, pt, cu_q, prefix, seq, block, hkv, k)
+    out, _ = run_wrapper("query_major", tensors, topk_ids, block, k)
+    expect = ref.ref_sparse_attention(q, kc, vc, pt, cu_q, prefix, seq, topk_ids, 1 / math.sqrt(d))
+    check(out, expect)
+
+
+def test_public_function_and_errors():
+    block, d, k, hq, hkv = 16, 32, 4, 4, 2
+    tensors, gen = make_batch([70], [70], block, hq, hkv, d, seed=5)
+    q, kc, vc, pt, cu_q, prefix, seq = tensors
+    topk_ids = realistic_topk(gen, pt, cu_q, prefix, seq, block, hkv, k)
+    out = sparse_prefill_attention(q, kc, vc, pt, cu_q, prefix, seq, topk_ids, 1 / math.sqrt(d))
+    expect = ref.ref_sparse_attention(q, kc, vc, pt, cu_q, prefix, seq, topk_ids, 1 / math.sqrt(d))
+    assert out.dtype == q.dtype
+    check(out, expect)
+    w = SparsePrefillWrapper()
+    with pytest.raises(AssertionError, match="call plan"):
+        w.run(q, kc, vc, topk_ids, 1.0)
+    w.plan(cu_q, prefix, seq, pt, hq, hkv, d, block, k)
+    with pytest.raises(AssertionError, match="topk_ids"):
+        w.run(q, kc, vc, topk_ids.long(), 1.0)
+    with pytest.raises(AssertionError, match="HND"):
+        w.run(q, kc.transpose(1, 2), vc, topk_ids, 1.0)
+    with pytest.raises(AssertionError, match="q "):
+        w.run(q[:-1], kc, vc, topk_ids[:, :-1], 1.0)
+    with pytest.raises(AssertionError, match="power of two"):
+        SparsePrefillWrapper().plan(cu_q, prefix, seq, pt, hq, hkv, d, 24, k)
+
+
+# ---------------------------------------------------------------- GPU: M3 shapes, CUDA graphs
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("hq,hkv", [(64, 4), (16, 1), (8, 8)])
+@pytest.mark.parametrize("variant", ["block_major", "query_major"])
+def test_gpu_m3_shapes(variant, hq, hkv):
+    block, d, k = 128, 128, 16
+    seq_lens, q_lens = [6000, 1111, 3000], [1024, 1111, 333]  # chunk after a prefix, odd tails
+    tensors, gen = make_batch(seq_lens, q_lens, block, hq, hkv, d, seed=hq)
+    q, kc, vc, pt, cu_q, prefix, seq = tensors
+    topk_ids = realistic_topk(gen, pt, cu_q, prefix, seq, block, hkv, k)
+    out, _ = run_wrapper(variant, tensors, topk_ids, block, k)
+    expect = ref.ref_sparse_attention(q, kc, vc, pt, cu_q, prefix, seq, topk_ids, 1 / math.sqrt(d))
+    check(out, expect)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_cuda_graph_capture():
+    block, d, k, hq, hkv = 128, 128, 16, 64, 4
+    tensors, gen = make_batch([4000, 900], [2048, 900], block, hq, hkv, d, seed=1)
+    q, kc, vc, pt, cu_q, prefix, seq = tensors
+    ids = [realistic_topk(gen, pt, cu_q, prefix, seq, block, hkv, k) for _ in range(2)]
+    w = SparsePrefillWrapper()
+    w.plan(cu_q, prefix, seq, pt, hq, hkv, d, block, k)
+    sel = ids[0].clone()
+    out = torch.empty_like(q)
+    w.run(q, kc, vc, sel, 1 / math.sqrt(d), out=out)  # compile + autotune outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        w.run(q, kc, vc, sel, 1 / math.sqrt(d), out=out)
+    for layer_ids in ids:  # new selections through the same fixed buffers
+        sel.copy_(layer_ids)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        expect = ref.ref_sparse_attention(
+            q, kc, vc, pt, cu_q, prefix, seq, layer_ids, 1 / math.sqrt(d)
+        )
+        check(out, expect)
