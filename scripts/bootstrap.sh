@@ -16,7 +16,7 @@ mkdir -p "$CACHE"
 log() { echo "[bootstrap] $*" >&2; }
 
 # -- Debian packages the build needs (C toolchain pieces for -sys crates) --
-APT_PACKAGES="pkg-config"
+APT_PACKAGES="pkg-config cmake nasm"
 missing=""
 for p in $APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then
@@ -65,8 +65,13 @@ if [ "$(cat "$inst_stamp" 2>/dev/null)" != "$want" ] \
     || ! "$VENV/bin/python" -c 'import m3serve._smg' 2>/dev/null; then
     log "building m3serve (maturin develop --release) from $ROOT"
     t0=$(date +%s)
-    (cd "$ROOT" && VIRTUAL_ENV="$VENV" PATH="$VENV/bin:$PATH" \
-        "$VENV/bin/maturin" develop --release -q >&2)
+    build_log="$CACHE/maturin-develop.log"
+    if ! (cd "$ROOT" && VIRTUAL_ENV="$VENV" PATH="$VENV/bin:$PATH" \
+        "$VENV/bin/maturin" develop --release -q >"$build_log" 2>&1); then
+        tail -n 60 "$build_log" >&2
+        log "maturin develop failed; full log: $build_log"
+        exit 1
+    fi
     echo "$want" > "$inst_stamp"
     log "m3serve built in $(( $(date +%s) - t0 )) s"
 fi

@@ -4,7 +4,7 @@
 //! - `image`: decode, EXIF orientation, RGB conversion, M3 sizing, resize, normalize, patchify (bf16).
 //! - `fetch`: image sources (data: URIs, file:// under a root, http(s) policy).
 //! - `hash`: per-image content hash.
-//! - `template`: chat-template rendering (minijinja) from tokenizer_config.json.
+//! - `template`: chat-template rendering (minijinja) from `tokenizer_config.json`.
 //! - `tokenize`: tokenization and image-placeholder expansion.
 //! - `wire`: the versioned gateway → worker wire format.
 
