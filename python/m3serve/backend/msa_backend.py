@@ -1,0 +1,186 @@
+"""The ``msa`` attention backend: MiniMax Sparse Attention for SGLang, on m3serve's kernels.
+
+Per forward batch it builds the ragged metadata every MSA kernel takes (m3serve.kernels.msa
+.reference docstring): ``cu_q``, ``prefix_lens``, ``seq_lens`` and a ``page_table`` of physical
+pages (page = MSA block, so SGLang's page allocator hands out whole blocks). Per layer:
+
+- dense layers: causal GQA over the paged KV cache;
+- sparse (MSA) layers: store the token's index key in the layer's paged index-K cache, select
+  blocks per (query, KV group) from the index scores, then exact softmax over the selected
+  blocks ∩ causal.
+
+KV storage is SGLang's MHA pool (token-major [slots, H_kv, D]); with page = block it is viewed
+as [pages, block, H_kv, D] and transposed to the HND view the kernels index by page. Index-K
+caches are this backend's own, one per sparse layer, [pages, block, d_index], bf16.
+
+Kernels: the torch references everywhere (CPU CI, and the ground truth); on CUDA the fast
+kernels from m3serve.kernels.msa, imported lazily, with the reference as fallback. Set
+``M3SERVE_MSA_IMPL=reference`` to force the references on CUDA too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from m3serve.kernels.msa import reference as ref
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MSAMetadata:
+    cu_q: torch.Tensor  # [B+1] int32
+    prefix_lens: torch.Tensor  # [B] int32
+    seq_lens: torch.Tensor  # [B] int32
+    page_table: torch.Tensor  # [B, max_pages] int32
+    out_cache_loc: torch.Tensor  # [T] int64 slots of this batch's new tokens
+
+
+def _sglang_base() -> type:
+    from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+
+    return AttentionBackend
+
+
+def msa_settings(hf_text_config: Any) -> dict[str, Any]:
+    sc = getattr(hf_text_config, "sparse_attention_config", None)
+    if not sc:
+        raise ValueError("the msa attention backend needs a config with sparse_attention_config")
+    freq = sc["sparse_attention_freq"]
+    return {
+        "block": int(sc["sparse_block_size"]),
+        "topk": int(sc["sparse_topk_blocks"]),
+        "index_dim": int(sc["sparse_index_dim"]),
+        "sparse_layers": {i for i, f in enumerate(freq) if f},
+    }
+
+
+class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
+    """SGLang AttentionBackend for M3: dense layers and MSA layers in one backend."""
+
+    def __init__(self, model_runner: Any) -> None:
+        super().__init__()
+        self.device = model_runner.device
+        self.req_to_token_pool = model_runner.req_to_token_pool
+        self.token_to_kv_pool = model_runner.token_to_kv_pool
+        s = msa_settings(model_runner.model_config.hf_text_config)
+        self.block, self.topk = s["block"], s["topk"]
+        self.sparse_layers: set[int] = s["sparse_layers"]
+        self.page_size = int(model_runner.page_size)
+        if self.page_size != self.block:
+            raise ValueError(
+                f"the msa backend needs --page-size equal to the MSA block size ({self.block}); "
+                f"got page size {self.page_size}"
+            )
+        kbuf = self.token_to_kv_pool.get_key_buffer(min(self.sparse_layers | {0}))
+        self.num_pages = (kbuf.shape[0] + self.block - 1) // self.block
+        self.index_k: dict[int, torch.Tensor] = {
+            layer: torch.zeros(
+                self.num_pages, self.block, s["index_dim"], dtype=torch.bfloat16, device=self.device
+            )
+            for layer in self.sparse_layers
+        }
+        impl = os.environ.get("M3SERVE_MSA_IMPL", "auto")
+        self.use_fast = impl != "reference" and torch.device(self.device).type == "cuda"
+        self.forward_metadata: MSAMetadata | None = None
+        logger.info(
+            "msa backend: block %d, top-k %d, %d sparse layers, %d pages, kernels=%s",
+            self.block, self.topk, len(self.sparse_layers), self.num_pages,
+            "fast" if self.use_fast else "reference",
+        )  # fmt: skip
+
+    # -- per-batch metadata -------------------------------------------------------------------
+    def init_forward_metadata(self, forward_batch: Any) -> None:
+        mode = forward_batch.forward_mode
+        seq_lens = forward_batch.seq_lens.to(torch.int32)
+        if mode.is_decode_or_idle():
+            q_lens = torch.ones_like(seq_lens)
+        elif mode.is_extend():
+            q_lens = forward_batch.extend_seq_lens.to(torch.int32)
+        else:
+            raise NotImplementedError(f"msa backend: forward mode {mode} is not supported yet")
+        prefix = seq_lens - q_lens
+        cu_q = torch.zeros(seq_lens.shape[0] + 1, dtype=torch.int32, device=seq_lens.device)
+        cu_q[1:] = torch.cumsum(q_lens, 0)
+        max_len = int(seq_lens.max()) if seq_lens.numel() else 0
+        max_pages = max(1, (max_len + self.block - 1) // self.block)
+        r2t = self.req_to_token_pool.req_to_token
+        cols = torch.arange(max_pages, device=r2t.device) * self.block
+        cols = cols.clamp(max=r2t.shape[1] - 1)
+        slots = r2t[forward_batch.req_pool_indices.long()][:, cols]
+        page_table = (slots // self.block).to(torch.int32)
+        self.forward_metadata = MSAMetadata(
+            cu_q, prefix, seq_lens, page_table, forward_batch.out_cache_loc
+        )
+
+    # -- attention ----------------------------------------------------------------------------
+    def _paged_kv(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """HND views [pages, H_kv, block, D] of SGLang's token-major K and V buffers."""
+        out = []
+        for buf in (
+            self.token_to_kv_pool.get_key_buffer(layer_id),
+            self.token_to_kv_pool.get_value_buffer(layer_id),
+        ):
+            n = buf.shape[0] // self.block * self.block
+            out.append(buf[:n].view(n // self.block, self.block, *buf.shape[1:]).transpose(1, 2))
+        return out[0], out[1]
+
+    def _save_kv(self, layer: Any, forward_batch: Any, k: torch.Tensor, v: torch.Tensor) -> None:
+        from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+
+        self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc.for_batch(forward_batch), k, v)
+
+    def _run(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor | None,
+        v: torch.Tensor | None,
+        layer: Any,
+        forward_batch: Any,
+        save_kv_cache: bool,
+        idx_q: torch.Tensor | None,
+        idx_k: torch.Tensor | None,
+    ) -> Any:
+        md = self.forward_metadata
+        assert md is not None, "init_forward_metadata was not called"
+        if save_kv_cache and k is not None:
+            self._save_kv(layer, forward_batch, k, v)
+        hq, d = layer.tp_q_head_num, layer.head_dim
+        q3 = q.view(-1, hq, d)
+        k_cache, v_cache = self._paged_kv(layer.layer_id)
+        sparse = idx_q is not None
+        if not sparse:
+            out = ref.ref_dense_causal_attention(
+                q3, k_cache, v_cache, md.page_table, md.cu_q, md.prefix_lens, md.seq_lens,
+                layer.scaling,
+            )  # fmt: skip
+            return out.to(q.dtype).view(q3.shape[0], hq * d)
+        assert layer.layer_id in self.sparse_layers, f"layer {layer.layer_id} is not an MSA layer"
+        cache = self.index_k[layer.layer_id]
+        if save_kv_cache and idx_k is not None:
+            ref.ref_store_index_k(cache, None, idx_k.reshape(idx_k.shape[0], -1), md.out_cache_loc)
+        topk_ids = ref.ref_select_blocks(
+            idx_q, cache, None, md.page_table, md.cu_q, md.prefix_lens, md.seq_lens, self.topk
+        )
+        out = ref.ref_sparse_attention(
+            q3, k_cache, v_cache, md.page_table, md.cu_q, md.prefix_lens, md.seq_lens, topk_ids,
+            layer.scaling,
+        )  # fmt: skip
+        return None, out.to(q.dtype)
+
+    def forward_extend(
+        self, q, k, v, layer, forward_batch, save_kv_cache=True, idx_q=None, idx_k=None,
+        idx_v=None, **_: Any,
+    ):  # fmt: skip
+        return self._run(q, k, v, layer, forward_batch, save_kv_cache, idx_q, idx_k)
+
+    def forward_decode(
+        self, q, k, v, layer, forward_batch, save_kv_cache=True, idx_q=None, idx_k=None,
+        idx_v=None, **_: Any,
+    ):  # fmt: skip
+        return self._run(q, k, v, layer, forward_batch, save_kv_cache, idx_q, idx_k)
