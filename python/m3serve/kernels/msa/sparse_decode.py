@@ -82,6 +82,7 @@ class SparseDecodeWrapper:
         self.kv_last_page_len = torch.ones(r, dtype=torch.int32, device=dev)
         self.kv_indices = torch.zeros(r * k, dtype=torch.int32, device=dev)
         self.seq_lens = torch.ones(r, dtype=torch.int32, device=dev)  # ≥ batch size
+        self.split_counters = torch.zeros(r, dtype=torch.int32, device=dev)  # fused-merge tickets
         self._fi_wrappers.clear()  # they hold views of the old buffers
 
     def _scratch(self, numel_o: int, numel_lse: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,7 +234,7 @@ class SparseDecodeWrapper:
             o_part, lse_part = self._scratch(0, 0)
             return sparse_decode_split(
                 q, k_cache, v_cache, page_table, topk_ids, self.seq_lens, p["q_per_req"], sm_scale,
-                p["num_splits"], o_part, lse_part, out, self.split_config,
+                p["num_splits"], o_part, lse_part, out, self.split_config, self.split_counters,
             )  # fmt: skip
         assert q.is_contiguous() and out.is_contiguous(), (
             "FlashInfer rows are a view of contiguous q/out"

@@ -32,6 +32,8 @@ def _sparse_decode_split_kernel(
     seq_lens_ptr,
     o_part_ptr,
     lse_part_ptr,
+    out_ptr,
+    count_ptr,
     qk_scale,
     stride_qt,
     stride_qh,
@@ -44,6 +46,8 @@ def _sparse_decode_split_kernel(
     stride_pt,
     stride_tg,
     stride_tt,
+    stride_ot,
+    stride_oh,
     num_rows,
     H_KV: tl.constexpr,
     GROUP: tl.constexpr,
@@ -54,6 +58,7 @@ def _sparse_decode_split_kernel(
     Q_PER_REQ: tl.constexpr,
     PAGES_PER_SPLIT: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    FUSED_MERGE: tl.constexpr,
 ):
     SUB: tl.constexpr = BLOCK // BLOCK_N
     row = tl.program_id(0)
@@ -112,6 +117,52 @@ def _sparse_decode_split_kernel(
     base = (split * num_rows + row).to(tl.int64) * GROUP
     tl.store(o_part_ptr + (base + offs_h)[:, None] * D + offs_d[None, :], o, mask=h_ok[:, None])
     tl.store(lse_part_ptr + base + offs_h, lse, mask=h_ok)
+    if FUSED_MERGE:
+        # -- the row's last split to finish merges all splits (ticket per row, reset after) --
+        tl.debug_barrier()  # every thread's partial stores precede the release below
+        num_splits = tl.num_programs(1)
+        ticket = tl.atomic_add(count_ptr + row, 1, sem="acq_rel")
+        if ticket == num_splits - 1:
+            m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+            for sp in range(0, num_splits):
+                b_sp = (sp * num_rows + row).to(tl.int64) * GROUP
+                lse_sp = tl.load(
+                    lse_part_ptr + b_sp + offs_h,
+                    mask=h_ok,
+                    other=float("-inf"),
+                    cache_modifier=".cg",
+                )
+                m = tl.maximum(m, lse_sp)
+            m = tl.where(m > float("-inf"), m, 0.0)  # padded heads: keep exp2 free of inf − inf
+            den = tl.zeros([BLOCK_H], tl.float32)
+            res = tl.zeros([BLOCK_H, D], tl.float32)
+            for sp in range(0, num_splits):
+                b_sp = (sp * num_rows + row).to(tl.int64) * GROUP
+                lse_sp = tl.load(
+                    lse_part_ptr + b_sp + offs_h,
+                    mask=h_ok,
+                    other=float("-inf"),
+                    cache_modifier=".cg",
+                )
+                w = tl.exp2(lse_sp - m)  # 0 for empty splits (lse −inf)
+                o_sp = tl.load(
+                    o_part_ptr + (b_sp + offs_h)[:, None] * D + offs_d[None, :],
+                    mask=h_ok[:, None],
+                    other=0.0,
+                    cache_modifier=".cg",
+                )
+                res += w[:, None] * o_sp
+                den += w
+            res = res / tl.where(den > 0, den, 1.0)[:, None]
+            tl.store(
+                out_ptr
+                + t.to(tl.int64) * stride_ot
+                + (g * GROUP + offs_h)[:, None] * stride_oh
+                + offs_d[None, :],
+                res.to(out_ptr.dtype.element_ty),
+                mask=h_ok[:, None],
+            )
+            tl.atomic_xchg(count_ptr + row, 0)
 
 
 @triton.jit
@@ -150,11 +201,14 @@ def _merge_splits_kernel(
 # (BLOCK_N, num_stages, num_warps). Small on purpose: decode tiles are [16 heads × BLOCK_N] and the
 # choice only trades shared memory per program (occupancy) against loop pipelining; the benchmark
 # times each variant, and the default is the one it measured fastest on H200 (see results).
+# A trailing "f": the last split of each row merges in the same kernel (no second launch).
 SPLIT_CONFIGS = {
-    "n64s2": (64, 2, 4),
-    "n128s1": (128, 1, 4),
-    "n64s3": (64, 3, 4),
-    "n32s3": (32, 3, 4),
+    "n64s2": (64, 2, 4, False),
+    "n128s1": (128, 1, 4, False),
+    "n64s3": (64, 3, 4, False),
+    "n32s3": (32, 3, 4, False),
+    "n64s2f": (64, 2, 4, True),
+    "n32s3f": (32, 3, 4, True),
 }
 DEFAULT_SPLIT_CONFIG = "n64s2"
 
@@ -179,12 +233,14 @@ def sparse_decode_split(
     lse_part: torch.Tensor,
     out: torch.Tensor,
     config: str = DEFAULT_SPLIT_CONFIG,
+    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sparse decode attention, split-KV. Shapes as in reference.ref_sparse_attention.
 
     q [T, H_q, D]; caches HND [P, H_kv, block, D]; page_table [B, max_pages] int32;
     topk_ids [H_kv, T, k] int32; seq_lens [B] int32 on device; o_part ≥ [S·T·H_q·D] float32 and
-    lse_part ≥ [S·T·H_q] float32 scratch (fixed buffers for CUDA graphs); out [T, H_q, D].
+    lse_part ≥ [S·T·H_q] float32 scratch (fixed buffers for CUDA graphs); out [T, H_q, D];
+    counters ≥ [T·H_kv] int32, zero before the first call (the fused merge leaves them zero).
     """
     total_q, hq, d = q.shape
     _, hkv, block, dk = k_cache.shape
@@ -216,7 +272,14 @@ def sparse_decode_split(
         f"unsupported head_dim {d} / block {block}"
     )
     assert config in SPLIT_CONFIGS, f"config must be one of {sorted(SPLIT_CONFIGS)}, got {config!r}"
-    block_n, stages, warps = SPLIT_CONFIGS[config]
+    block_n, stages, warps, fused = SPLIT_CONFIGS[config]
+    if fused:
+        assert counters is not None and counters.dtype == torch.int32, (
+            "fused merge needs int32 counters"
+        )
+        assert counters.numel() >= num_rows, f"counters hold {counters.numel()} < {num_rows} rows"
+    else:
+        counters = lse_part  # unused
     block_n = min(block_n, block)
     pages_per_split = triton.cdiv(topk, num_splits)
     num_splits = triton.cdiv(topk, pages_per_split)
@@ -229,6 +292,8 @@ def sparse_decode_split(
         seq_lens,
         o_part,
         lse_part,
+        out,
+        counters,
         sm_scale * LOG2E,
         q.stride(0),
         q.stride(1),
@@ -241,6 +306,8 @@ def sparse_decode_split(
         page_table.stride(0),
         topk_ids.stride(0),
         topk_ids.stride(1),
+        out.stride(0),
+        out.stride(1),
         num_rows,
         H_KV=hkv,
         GROUP=group,
@@ -251,9 +318,12 @@ def sparse_decode_split(
         Q_PER_REQ=q_per_req,
         PAGES_PER_SPLIT=pages_per_split,
         BLOCK_N=block_n,
+        FUSED_MERGE=fused,
         num_warps=warps,
         num_stages=stages,
     )
+    if fused:
+        return out
     _merge_splits_kernel[(num_rows, group)](
         o_part,
         lse_part,
