@@ -16,6 +16,7 @@ if not torch.cuda.is_available():  # before the kernels are imported: triton.jit
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from m3serve.kernels.msa import reference as ref
+from m3serve.kernels.msa import topk as topk_mod
 from m3serve.kernels.msa.topk import launch_topk_rows, topk_blocks
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -47,11 +48,32 @@ def test_ties_signed_zero_and_all_equal():
     local = torch.tensor([9, 9, 8])
     got = topk_blocks(scores.to(DEV), local.to(DEV), 5).cpu()
     # float order puts -0.0 == 0.0: the reference's stable sort keeps the lower id first
-    expect = ref.ref_topk_from_scores(scores, local, 5)
+    assert got[0].tolist() == [0, 3, 5, 8, 9]
     assert got[1].tolist() == [0, 1, 2, 3, 9]
     assert got[2].tolist() == [1, 3, 6, 2, 8]
-    assert torch.equal(got[:, :4].sort(-1).values, expect[:, :4].sort(-1).values)
-    assert torch.equal(got[1:], expect[1:])
+    assert torch.equal(got, ref.ref_topk_from_scores(scores, local, 5))
+
+
+@pytest.mark.parametrize("filtered", [True, False])
+def test_bound_fallback_and_unfiltered_path(filtered):
+    # rows built to defeat the group-max bound (many candidates ≥ it → whole-row ranking), rows
+    # it prunes well, and -0.0 / +0.0 ties; both kernel paths must equal the reference exactly
+    gen = torch.Generator().manual_seed(9)
+    width, topk = 300, 16
+    periodic = (
+        torch.where(torch.arange(width) % 16 == 3, 5.0, 0.0)
+        + torch.randn(width, generator=gen) * 1e-3
+    )
+    ramp = torch.arange(width, dtype=torch.float32)
+    zeros = torch.zeros(width)
+    zeros[1::2] = -0.0
+    equal = torch.full((width,), 0.25)  # every block a candidate: > CAP → whole-row ranking
+    rows = [periodic, ramp, -ramp, zeros, torch.randn(width, generator=gen), equal]
+    scores = torch.stack(rows)
+    local = torch.tensor([299, 250, 299, 100, 40, 200])
+    out = torch.full((1, len(rows), topk), 12345, dtype=torch.int32, device=DEV)
+    launch_topk_rows(scores.to(DEV), local.int().to(DEV), out, topk, 1, filter=filtered)
+    assert torch.equal(out[0].cpu(), ref.ref_topk_from_scores(scores, local, topk))
 
 
 def test_grouped_output_layout():
@@ -74,8 +96,10 @@ def test_gpu_large_rows_poisoned(rows, width):
     scores = torch.randn(rows, width, generator=gen)
     scores[::7] = scores[::7].round()  # many exact ties
     local = torch.randint(0, width, (rows,), generator=gen)
-    out = torch.full((1, rows, 16), 12345, dtype=torch.int32, device="cuda")
-    launch_topk_rows(scores.cuda(), local.int().cuda(), out, 16, 1)
     expect = ref.ref_topk_from_scores(scores[:512], local[:512], 16)
-    assert torch.equal(out[0, :512].cpu(), expect)
-    assert (out != 12345).all()
+    for filtered in (True, False):
+        out = torch.full((1, rows, 16), 12345, dtype=torch.int32, device="cuda")
+        launch_topk_rows(scores.cuda(), local.int().cuda(), out, 16, 1, filter=filtered)
+        assert torch.equal(out[0, :512].cpu(), expect)
+        assert (out != 12345).all()
+    assert topk_mod.FILTER_DEFAULT in (True, False)

@@ -1,14 +1,17 @@
 """Exact, exp-free MSA block top-k (k = 16 over up to 8192 blocks per row) in Triton.
 
-Algorithm: *packed-key iterative max*. Each block score s (float32) becomes one int64 key
-
-    key = ordered(s) << 32 | (0x7FFFFFFF - block_id)
-
-where ordered() flips the magnitude bits of negative floats so that signed integer order equals
-float order. One int64 max over the row then yields the best score *and*, among equal scores, the
-lower block id, with no separate argmax and no softmax. The winner is knocked out (keys are unique
-because the id is inside) and the max repeats k − 1 times; the local block fills the last slot.
-Every row sits in registers ([ROWS, BLOCK_N] tile), so the scores are read from memory once.
+Algorithm: *packed keys, a group-max bound, compaction, then iterative max*.
+1. Each block score s (float32) becomes one int64 key ``ordered(s) << 32 | (0x7FFFFFFF − id)``,
+   where ordered() flips the magnitude bits of negatives so signed integer order is float order.
+   One int64 max then yields the best score *and*, among equal scores, the lower block id: no
+   argmax, no softmax, and keys are unique.
+2. Bound (FILTER): split the row into NG = 2·k interleaved groups; the (k−1)-th largest group max
+   is ≤ the (k−1)-th largest key (those k−1 group maxima are distinct keys), so only keys ≥ it can
+   rank. Random rows keep ~20 of 1024–8192 blocks (at most ~30 in our draws; CAP = 64).
+3. The candidates are compacted (cumsum positions, a scatter to a small scratch row) and ranked by
+   k − 1 rounds of (max, knock out) over ≤ CAP keys. A program with a row of more than CAP
+   candidates ranks its whole rows the same way instead (always exact, only slower).
+Each row is read once into registers ([ROWS, BLOCK_N] tile); the local block fills the last slot.
 
 Rules (DESIGN.md, "MSA — the exact math"; reference: ``reference.ref_topk_from_scores``):
 row r ranks blocks 0 .. local[r] − 1 by score desc, id asc into slots 0 .. k − 2, slot k − 1 holds
@@ -27,6 +30,8 @@ import triton.language as tl
 from . import reference as ref
 
 MAX_BLOCKS = 8192  # 1M tokens at block 128; a row of 8192 int64 keys still fits in registers
+FILTER_DEFAULT = True  # bound + compact before ranking (False: rank the whole row, k − 1 passes)
+FILTER_CAP = 64  # candidates kept after the bound; more → that program ranks whole rows
 
 
 @triton.jit
@@ -38,10 +43,23 @@ def _packed_keys(s, ids):
 
 
 @triton.jit
+def _max_knockout(keys, ranked, slots, TOPK: tl.constexpr):
+    """TOPK − 1 rounds of (row max, knock the winner out) over [ROWS, N] int64 keys."""
+    sentinel = -9223372036854775807 - 1
+    for i in tl.static_range(TOPK - 1):
+        best = tl.max(keys, axis=1)
+        best_id = (0x7FFFFFFF - (best & 0xFFFFFFFF)).to(tl.int32)
+        ranked = tl.where(slots[None, :] == i, best_id[:, None], ranked)
+        keys = tl.where(keys == best[:, None], sentinel, keys)
+    return ranked
+
+
+@triton.jit
 def _topk_rows_kernel(
     scores_ptr,  # [R, >= n_cols] float32, row stride stride_sr
     local_ptr,  # [R] int32: local block of each row
     out_ptr,  # row r → out[r % G, r // G, :]
+    scratch_ptr,  # [programs * ROWS, CAP] int64 candidate scratch (FILTER only)
     n_rows,
     n_cols,  # valid columns of scores (blocks ≥ n_cols are never read)
     stride_sr,
@@ -53,31 +71,62 @@ def _topk_rows_kernel(
     K_PAD: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    CAP: tl.constexpr,
+    FILTER: tl.constexpr,
 ):
     # -- rows of this program and their local block --
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
     loc = tl.load(local_ptr + rows, mask=row_ok, other=0)
-    cols = tl.arange(0, BLOCK_N)
     slots = tl.arange(0, K_PAD)
+    # the row as [ROWS, GS, NG]: column c = e * NG + g sits in group g = c % NG (interleaved, so
+    # ≥ k − 1 groups hold a visible block whenever local ≥ k). NG = 2·K_PAD: a tighter bound
+    # (random rows keep ~20 of 1024 or 8192 blocks, at most ~30; NG = K_PAD keeps ~37, up to ~95)
+    NG: tl.constexpr = 2 * K_PAD
+    GS: tl.constexpr = BLOCK_N // NG
+    cols = tl.arange(0, GS)[None, :, None] * NG + tl.arange(0, NG)[None, None, :]
 
-    # -- load the visible earlier blocks once, as packed keys --
-    visible = (cols[None, :] < loc[:, None]) & (cols[None, :] < n_cols) & row_ok[:, None]
+    # -- load the visible earlier blocks once, as packed keys (−0.0 ties +0.0, like the sort) --
+    visible = (cols < loc[:, None, None]) & (cols < n_cols) & row_ok[:, None, None]
     s = tl.load(
-        scores_ptr + rows[:, None].to(tl.int64) * stride_sr + cols[None, :],
-        mask=visible,
-        other=0.0,
+        scores_ptr + rows[:, None, None].to(tl.int64) * stride_sr + cols, mask=visible, other=0.0
     )
-    sentinel = tl.full([ROWS, BLOCK_N], -9223372036854775807 - 1, tl.int64)
-    keys = tl.where(visible, _packed_keys(s, cols[None, :]), sentinel)
-
-    # -- k − 1 rounds of (max, knock out): slot i gets the i-th best earlier block --
+    s = tl.where(s == 0.0, 0.0, s)
+    sentinel = -9223372036854775807 - 1
+    keys = tl.where(visible, _packed_keys(s, cols), sentinel)
     ranked = tl.full([ROWS, K_PAD], -1, tl.int32)
-    for i in tl.static_range(TOPK - 1):
-        best = tl.max(keys, axis=1)
-        best_id = (0x7FFFFFFF - (best & 0xFFFFFFFF)).to(tl.int32)
-        ranked = tl.where(slots[None, :] == i, best_id[:, None], ranked)
-        keys = tl.where(keys == best[:, None], sentinel, keys)
+
+    if FILTER:
+        # -- bound: the (k−1)-th largest group max is ≤ the (k−1)-th largest key, so only keys
+        #    ≥ it can rank; on random or recency-shaped rows that leaves ~20–40 candidates --
+        gmax = tl.max(keys, axis=1)  # [ROWS, NG]
+        for _i in tl.static_range(TOPK - 2):
+            gbest = tl.max(gmax, axis=1)
+            gmax = tl.where(gmax == gbest[:, None], sentinel, gmax)
+        bound = tl.max(gmax, axis=1)  # [ROWS]
+        cand = visible & (keys >= bound[:, None, None])
+        # -- compact the candidates: position = group offset + rank inside the group --
+        c32 = cand.to(tl.int32)
+        in_group = tl.cumsum(c32, axis=1) - c32
+        per_group = tl.sum(c32, axis=1)  # [ROWS, NG]
+        group_off = tl.cumsum(per_group, axis=1) - per_group
+        pos = group_off[:, None, :] + in_group
+        total = tl.sum(per_group, axis=1)  # [ROWS]
+        if tl.max(total, axis=0) <= CAP:
+            srow = scratch_ptr + rows.to(tl.int64) * CAP
+            tl.store(srow[:, None, None] + pos, keys, mask=cand)
+            tl.debug_barrier()
+            c = tl.arange(0, CAP)
+            small = tl.load(
+                srow[:, None] + c[None, :],
+                mask=(c[None, :] < total[:, None]) & row_ok[:, None],
+                other=sentinel,
+            )
+            ranked = _max_knockout(small, ranked, slots, TOPK)
+        else:  # adversarial rows (many near-equal candidates): rank the whole row
+            ranked = _max_knockout(tl.reshape(keys, [ROWS, BLOCK_N]), ranked, slots, TOPK)
+    else:
+        ranked = _max_knockout(tl.reshape(keys, [ROWS, BLOCK_N]), ranked, slots, TOPK)
     ranked = tl.where(slots[None, :] == TOPK - 1, loc[:, None], ranked)
 
     # -- ≤ k visible blocks: all of them ascending, −1 after --
@@ -111,6 +160,7 @@ def launch_topk_rows(
     topk: int,
     groups: int,
     n_cols: int | None = None,
+    filter: bool | None = None,
 ) -> torch.Tensor:
     """Top-k of rows r of ``scores`` into ``out[r % groups, r // groups]`` (``out`` is [G, T, k]).
 
@@ -136,16 +186,23 @@ def launch_topk_rows(
     assert n_cols <= MAX_BLOCKS, f"{n_cols} blocks per row > {MAX_BLOCKS} (1M tokens)"
     if n_rows == 0:
         return out
-    block_n = max(16, triton.next_power_of_2(max(n_cols, 1)))
+    k_pad = max(2, triton.next_power_of_2(topk))
+    block_n = max(16, 2 * k_pad, triton.next_power_of_2(max(n_cols, 1)))
     rows = max(1, min(16, 4096 // block_n))
     if _interpreting():  # programs run one after another there: fewer, wider ones are faster
         rows = max(1, min(256, 65536 // block_n))
     num_warps = 4 if rows * block_n <= 2048 else 8
-    grid = (triton.cdiv(n_rows, rows),)
-    _topk_rows_kernel[grid](
+    programs = triton.cdiv(n_rows, rows)
+    use_filter = FILTER_DEFAULT if filter is None else filter
+    use_filter = use_filter and topk >= 3  # the bound needs k − 2 ≥ 1 knock-outs
+    scratch = torch.empty(
+        (programs * rows, FILTER_CAP) if use_filter else (1,), dtype=torch.int64, device=out.device
+    )
+    _topk_rows_kernel[(programs,)](
         scores,
         local,
         out,
+        scratch,
         n_rows,
         n_cols,
         scores.stride(0),
@@ -154,9 +211,11 @@ def launch_topk_rows(
         out.stride(2),
         G=groups,
         TOPK=topk,
-        K_PAD=max(2, triton.next_power_of_2(topk)),
+        K_PAD=k_pad,
         ROWS=rows,
         BLOCK_N=block_n,
+        CAP=FILTER_CAP,
+        FILTER=use_filter,
         num_warps=num_warps,
     )
     return out
