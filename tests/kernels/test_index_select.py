@@ -205,6 +205,21 @@ def test_decode_lengths(fp8, q_per_req):
     _check(got, iq_, cache_, scale_, pt_, cu_q, seq_ - q_per_req, seq_, topk)
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_decode_both_mma_orientations(fp8):
+    gen = torch.Generator().manual_seed(13)
+    seq_lens, q_per_req, block, groups, d, topk = [2500, 1111], 4, 128, 4, 64, 8
+    cache, scale, pt = make_paged_index_cache(seq_lens, block, d, gen, fp8)
+    seq = torch.tensor(seq_lens, dtype=torch.int32)
+    iq = torch.randn(2 * q_per_req, groups, d, generator=gen).to(torch.bfloat16)
+    args = _to(DEV, iq, cache, scale, pt, seq)
+    cu_q = torch.arange(3, dtype=torch.int32, device=DEV) * q_per_req
+    for k_major in (False, True):
+        got = select_blocks_decode(*args, q_per_req, topk, k_major=k_major)
+        iq_, cache_, scale_, pt_, seq_ = args
+        _check(got, iq_, cache_, scale_, pt_, cu_q, seq_ - q_per_req, seq_, topk)
+
+
 def test_all_equal_scores_pick_lowest_ids():
     # every key identical → every block score identical → ties resolve to the lowest block ids
     block, groups, d, topk = 128, 2, 32, 4

@@ -43,6 +43,21 @@ _PREFILL_CONFIGS = (
 
 
 @triton.jit
+def _prep_q(q, IS_FP8: tl.constexpr, DOT_F32: tl.constexpr, K_MAJOR: tl.constexpr):
+    """The query tile in the MMA's dtype (and transposed to [D, rows] for K_MAJOR), once."""
+    if DOT_F32:
+        # the interpreter's bf16 dot is wrong (triton 3.8); float32 is exact for bf16/e4m3 inputs
+        q = q.to(tl.float32)
+    elif IS_FP8:
+        # e4m3 → fp16 is one cvt per pair (→ bf16 is several) and exact; bf16 queries convert
+        # exactly too while |q| < 65504 (normalized index queries are O(1))
+        q = q.to(tl.float16)
+    if K_MAJOR:
+        q = tl.trans(q)
+    return q
+
+
+@triton.jit
 def _score_block(
     q,
     k_ptr,
@@ -54,18 +69,24 @@ def _score_block(
     tok,
     d,
     IS_FP8: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    K_MAJOR: tl.constexpr,
 ):
-    """Row max of q · K[page]^T over the page's 128 tokens (scale applied per token for FP8)."""
-    k = tl.load(k_ptr + page * stride_kp + tok[:, None] * stride_kb + d[None, :])
-    if DOT_F32:
-        # the interpreter's bf16 dot is wrong (triton 3.8); float32 is exact for bf16/e4m3 inputs
-        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
+    """Per-row max of q · K[page]^T over the page's tokens (FP8: × the per-token scale first).
+
+    K_MAJOR computes S^T = K · q^T instead, so the widened keys can feed the MMA straight from
+    registers (FP8) rather than taking a round trip through shared memory.
+    """
+    k = tl.load(k_ptr + page * stride_kp + tok[:, None] * stride_kb + d[None, :]).to(q.dtype)
+    if K_MAJOR:
+        s = tl.dot(k, q)  # [BLOCK, rows]
+        if IS_FP8:
+            s = s * tl.load(ks_ptr + page * stride_sp + tok)[:, None]
+        return tl.max(s, axis=0)
     else:
-        s = tl.dot(q, tl.trans(k.to(q.dtype)))
-    if IS_FP8:
-        s = s * tl.load(ks_ptr + page * stride_sp + tok)[None, :]
-    return tl.max(s, axis=1)
+        s = tl.dot(q, tl.trans(k))  # [rows, BLOCK]
+        if IS_FP8:
+            s = s * tl.load(ks_ptr + page * stride_sp + tok)[None, :]
+        return tl.max(s, axis=1)
 
 
 @triton.autotune(configs=_PREFILL_CONFIGS, key=["G", "D", "IS_FP8"])
@@ -114,6 +135,7 @@ def _prefill_block_scores_kernel(
             mask=row_ok[:, None],
             other=0.0,
         )
+        q = _prep_q(q, IS_FP8, DOT_F32, False)
         # -- walk the blocks the tile's last query may rank (< its local block) --
         lmax = (pre + tl.minimum(start + BM, q1) - 1 - q0) // BLOCK
         pt_row = pt_ptr + b.to(tl.int64) * stride_pt
@@ -121,7 +143,7 @@ def _prefill_block_scores_kernel(
         for j in tl.range(0, lmax):
             page = tl.load(pt_row + j).to(tl.int64)
             m = _score_block(
-                q, k_ptr, ks_ptr, page, stride_kp, stride_kb, stride_sp, tok, d, IS_FP8, DOT_F32
+                q, k_ptr, ks_ptr, page, stride_kp, stride_kb, stride_sp, tok, d, IS_FP8, False
             )
             tl.store(sc_row + j, m, mask=row_ok & (j < loc))
 
@@ -150,6 +172,7 @@ def _decode_block_scores_kernel(
     RP: tl.constexpr,
     IS_FP8: tl.constexpr,
     DOT_F32: tl.constexpr,
+    K_MAJOR: tl.constexpr,
 ):
     # -- program (b, split): blocks [split * blocks_per_prog, ...) of request b, all Q·G rows --
     b = tl.program_id(0)
@@ -175,12 +198,13 @@ def _decode_block_scores_kernel(
             mask=row_ok[:, None],
             other=0.0,
         )
+        q = _prep_q(q, IS_FP8, DOT_F32, K_MAJOR)
         pt_row = pt_ptr + b.to(tl.int64) * stride_pt
         sc_row = sc_ptr + row * stride_sc
         for j in tl.range(j0, j1):
             page = tl.load(pt_row + j).to(tl.int64)
             m = _score_block(
-                q, k_ptr, ks_ptr, page, stride_kp, stride_kb, stride_sp, tok, d, IS_FP8, DOT_F32
+                q, k_ptr, ks_ptr, page, stride_kp, stride_kb, stride_sp, tok, d, IS_FP8, K_MAJOR
             )
             tl.store(sc_row + j, m, mask=row_ok)
 
@@ -325,13 +349,15 @@ def select_blocks_decode(
     *,
     max_seq_len: int | None = None,
     workspace: DecodeSelectWorkspace | None = None,
+    k_major: bool | None = None,
 ) -> torch.Tensor:
     """MSA block selection for decode / MTP verify → topk_ids [G, B·Q, topk] int32.
 
     index_q [B·Q, G, d] (request-major, Q = ``q_per_req`` in 1..16); query q of request b sits at
     seq_lens[b] − Q + q. No host sync; grid and buffers depend only on B, Q and the page-table
     width (or the host int ``max_seq_len`` of the graph bucket), so CUDA graphs can capture it
-    (pass ``out`` and ``workspace`` to keep fixed addresses).
+    (pass ``out`` and ``workspace`` to keep fixed addresses). ``k_major`` picks the MMA
+    orientation (default: keys-as-A for FP8 keys, queries-as-A for bf16; a benchmark knob).
     """
     groups, d, block, is_fp8 = _check_common(
         index_q, index_k_cache, index_k_scale, page_table, seq_lens, topk
@@ -393,6 +419,7 @@ def select_blocks_decode(
         RP=max(16, triton.next_power_of_2(qn * groups)),
         IS_FP8=is_fp8,
         DOT_F32=_interpreting(),
+        K_MAJOR=is_fp8 if k_major is None else k_major,
         num_warps=4,
         num_stages=3,
     )
