@@ -336,14 +336,27 @@ def prefill_case(cases, gen, chunk: int, ctx: int) -> None:
     pre = seq - chunk
     out = torch.empty(G, chunk, TOPK, dtype=torch.int32, device="cuda")
 
-    def ours(c=cache, s=None):
+    def ours(c=cache, s=None, k_major=False):
         return select_blocks_prefill(
-            iq, c, s, pt, cu, pre, seq, TOPK, max_q_len=chunk, max_seq_len=ctx, out=out
+            iq,
+            c,
+            s,
+            pt,
+            cu,
+            pre,
+            seq,
+            TOPK,
+            max_q_len=chunk,
+            max_seq_len=ctx,
+            out=out,
+            k_major=k_major,
         )
 
     mine = ours().clone()
     t_bf16 = bench(ours, warmup=5, rep=40)
     t_fp8 = bench(lambda: ours(cache8, scale8), warmup=5, rep=40)
+    t_fp8_ka = bench(lambda: ours(cache8, scale8, True), warmup=5, rep=40)
+    print(f"  fp8 keys-as-A orientation {t_fp8_ka:.3f} ms", flush=True)
     pos = torch.arange(ctx - chunk, ctx, dtype=torch.float64)
     flops = 2 * G * D * float((pos + 1).sum())
     tag = f"prefill 8K chunk ctx{ctx // 1024}K"
@@ -398,7 +411,13 @@ def prefill_case(cases, gen, chunk: int, ctx: int) -> None:
                 )
             )
             cases.append(
-                case(f"{tag} fp8 vs sglang bf16", t_fp8, "sglang-0.5.23 prefill select", t_sgl)
+                case(
+                    f"{tag} fp8 vs sglang bf16",
+                    t_fp8,
+                    "sglang-0.5.23 prefill select",
+                    t_sgl,
+                    fp8_keys_as_A_ms=round(t_fp8_ka, 5),
+                )
             )
         except Exception:
             traceback.print_exc()

@@ -183,7 +183,7 @@ def test_prefill_mixed_batch_chunked(topk, fp8):
     prefix = seq - torch.tensor(q_lens, dtype=torch.int32)
     iq = torch.randn(int(cu_q[-1]), groups, d, generator=gen).to(torch.bfloat16)
     args = _to(DEV, iq, cache, scale, pt, cu_q, prefix, seq)
-    got = select_blocks_prefill(*args, topk)
+    got = select_blocks_prefill(*args, topk, k_major=fp8)  # FP8 cases take the other orientation
     _check(got, *args, topk)
 
 
@@ -317,6 +317,7 @@ def test_gpu_prefill_chunk_at_32k(fp8):
     prefix = seq - torch.tensor(q_lens, dtype=torch.int32)
     iq = torch.randn(int(cu_q[-1]), groups, d, generator=gen).to(torch.bfloat16)
     args = _to("cuda", iq, cache, scale, pt, cu_q, prefix, seq)
-    out = torch.full((groups, int(cu_q[-1]), topk), 12345, dtype=torch.int32, device="cuda")
-    got = select_blocks_prefill(*args, topk, out=out)
-    _check(got, *args, topk)
+    for k_major in (False, True):
+        out = torch.full((groups, int(cu_q[-1]), topk), 12345, dtype=torch.int32, device="cuda")
+        got = select_blocks_prefill(*args, topk, out=out, k_major=k_major)
+        _check(got, *args, topk)

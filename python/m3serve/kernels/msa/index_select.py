@@ -89,7 +89,7 @@ def _score_block(
         return tl.max(s, axis=1)
 
 
-@triton.autotune(configs=_PREFILL_CONFIGS, key=["G", "D", "IS_FP8"])
+@triton.autotune(configs=_PREFILL_CONFIGS, key=["G", "D", "IS_FP8", "K_MAJOR"])
 @triton.jit
 def _prefill_block_scores_kernel(
     q_ptr,  # [T, G, D] index queries
@@ -112,6 +112,7 @@ def _prefill_block_scores_kernel(
     BLOCK: tl.constexpr,
     IS_FP8: tl.constexpr,
     DOT_F32: tl.constexpr,
+    K_MAJOR: tl.constexpr,
     BM: tl.constexpr,
 ):
     # -- this program: queries [start, start + BM) of request b, all G groups --
@@ -135,7 +136,7 @@ def _prefill_block_scores_kernel(
             mask=row_ok[:, None],
             other=0.0,
         )
-        q = _prep_q(q, IS_FP8, DOT_F32, False)
+        q = _prep_q(q, IS_FP8, DOT_F32, K_MAJOR)
         # -- walk the blocks the tile's last query may rank (< its local block) --
         lmax = (pre + tl.minimum(start + BM, q1) - 1 - q0) // BLOCK
         pt_row = pt_ptr + b.to(tl.int64) * stride_pt
@@ -143,7 +144,7 @@ def _prefill_block_scores_kernel(
         for j in tl.range(0, lmax):
             page = tl.load(pt_row + j).to(tl.int64)
             m = _score_block(
-                q, k_ptr, ks_ptr, page, stride_kp, stride_kb, stride_sp, tok, d, IS_FP8, False
+                q, k_ptr, ks_ptr, page, stride_kp, stride_kb, stride_sp, tok, d, IS_FP8, K_MAJOR
             )
             tl.store(sc_row + j, m, mask=row_ok & (j < loc))
 
@@ -259,13 +260,15 @@ def select_blocks_prefill(
     max_q_len: int | None = None,
     max_seq_len: int | None = None,
     out: torch.Tensor | None = None,
+    k_major: bool = False,
 ) -> torch.Tensor:
     """MSA block selection for a ragged (chunked) prefill batch → topk_ids [G, T, topk] int32.
 
     index_q [T, G, d] bf16; query i of request r sits at prefix_lens[r] + i. ``max_q_len`` /
     ``max_seq_len`` (host ints) size the grid and the block-score buffer; when omitted they are
     read from cu_q / seq_lens (one host sync). Block scores [T·G, ⌈max_seq_len/block⌉] float32
-    are the only intermediate (128 MB for an 8K chunk at 128K).
+    are the only intermediate (128 MB for an 8K chunk at 128K). ``k_major``: keys-as-A MMA
+    orientation (a benchmark knob; queries-as-A by default).
     """
     groups, d, block, is_fp8 = _check_common(
         index_q, index_k_cache, index_k_scale, page_table, seq_lens, topk
@@ -318,6 +321,7 @@ def select_blocks_prefill(
         BLOCK=block,
         IS_FP8=is_fp8,
         DOT_F32=_interpreting(),
+        K_MAJOR=bool(k_major),
     )
     return launch_topk_rows(scores, local, out, topk, groups)
 
