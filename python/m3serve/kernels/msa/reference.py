@@ -152,7 +152,7 @@ def ref_sparse_attention(
     q [T, H_q, D]; caches HND [num_pages, H_kv, block, D]; topk_ids [H_kv, T, k].
     Returns out [T, H_q, D] float32 (and lse [T, H_q], natural log, if asked).
     """
-    total_q, hq, d = q.shape
+    total_q, hq, _ = q.shape
     _, hkv, block, _ = k_cache.shape
     group = hq // hkv
     assert topk_ids.shape[0] == hkv, "topk_ids needs one row of selections per KV head"
