@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 import triton
 
+from m3serve.kernels.msa import index_select as select_mod
+from m3serve.kernels.msa import topk as topk_mod
 from m3serve.kernels.msa.index_cache import store_index_k
 from m3serve.kernels.msa.index_select import (
     DecodeSelectWorkspace,
@@ -443,6 +445,10 @@ def write_results(cases, out_dir: Path, ceiling: float, quiet: bool = False):
             "sglang": "0.5.23 (minimax_sparse Triton ops)" if HAVE_SGLANG else None,
         },
         "copy_ceiling_GBps": round(ceiling),
+        "kernel_fallbacks": {
+            "topk_filter": list(topk_mod._FILTER_BROKEN),
+            "decode_keys_as_A": list(select_mod._K_MAJOR_BROKEN),
+        },
         "cases": cases,
     }
     (out_dir / "index_topk.json").write_text(json.dumps(res, indent=1) + "\n")

@@ -21,12 +21,16 @@ Scores are not divided by sqrt(d): a positive constant does not change the ranki
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
 
 from . import reference as ref
 from .topk import _interpreting, launch_topk_rows, use_triton
+
+_K_MAJOR_BROKEN: list[str] = []  # set if the keys-as-A decode kernel ever fails to build
 
 # -- prefill autotune: the tile is (BM queries × G groups) rows against one 128-key page; bigger
 #    tiles cut L2 key traffic, smaller ones balance short chunks. Three configs cover H100/H200;
@@ -400,33 +404,45 @@ def select_blocks_decode(
     )
     per = decode_blocks_per_program(batch, n_blocks, sms)
     grid = (batch, triton.cdiv(n_blocks, per))
-    _decode_block_scores_kernel[grid](
-        index_q,
-        index_k_cache,
-        index_k_scale if is_fp8 else index_k_cache,
-        page_table,
-        seq_lens,
-        workspace.scores,
-        workspace.local,
-        per,
-        index_q.stride(0),
-        index_q.stride(1),
-        index_k_cache.stride(0),
-        index_k_cache.stride(1),
-        index_k_scale.stride(0) if is_fp8 else 0,
-        page_table.stride(0),
-        workspace.scores.stride(0),
-        Q=qn,
-        G=groups,
-        D=d,
-        BLOCK=block,
-        RP=max(16, triton.next_power_of_2(qn * groups)),
-        IS_FP8=is_fp8,
-        DOT_F32=_interpreting(),
-        K_MAJOR=is_fp8 if k_major is None else k_major,
-        num_warps=4,
-        num_stages=3,
-    )
+
+    def launch(orient: bool) -> None:
+        _decode_block_scores_kernel[grid](
+            index_q,
+            index_k_cache,
+            index_k_scale if is_fp8 else index_k_cache,
+            page_table,
+            seq_lens,
+            workspace.scores,
+            workspace.local,
+            per,
+            index_q.stride(0),
+            index_q.stride(1),
+            index_k_cache.stride(0),
+            index_k_cache.stride(1),
+            index_k_scale.stride(0) if is_fp8 else 0,
+            page_table.stride(0),
+            workspace.scores.stride(0),
+            Q=qn,
+            G=groups,
+            D=d,
+            BLOCK=block,
+            RP=max(16, triton.next_power_of_2(qn * groups)),
+            IS_FP8=is_fp8,
+            DOT_F32=_interpreting(),
+            K_MAJOR=orient,
+            num_warps=4,
+            num_stages=3,
+        )
+
+    orient = is_fp8 and not _K_MAJOR_BROKEN if k_major is None else k_major
+    try:
+        launch(orient)
+    except Exception as e:  # compile/resource failure on a Triton we have not run: other MMA
+        if k_major is not None or not orient:
+            raise
+        _K_MAJOR_BROKEN.append(repr(e))
+        warnings.warn(f"keys-as-A decode scoring failed, using queries-as-A: {e}", stacklevel=2)
+        launch(False)
     return launch_topk_rows(
         workspace.scores[:rows], workspace.local[:rows], out, topk, groups, n_cols=n_blocks
     )

@@ -22,6 +22,7 @@ are never read, so callers may leave them unwritten.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import triton
@@ -32,6 +33,7 @@ from . import reference as ref
 MAX_BLOCKS = 8192  # 1M tokens at block 128; a row of 8192 int64 keys still fits in registers
 FILTER_DEFAULT = True  # bound + compact before ranking (False: rank the whole row, k − 1 passes)
 FILTER_CAP = 64  # candidates kept after the bound; more → that program ranks whole rows
+_FILTER_BROKEN: list[str] = []  # set if the filtered kernel ever fails to compile
 
 
 @triton.jit
@@ -194,30 +196,44 @@ def launch_topk_rows(
     num_warps = 4 if rows * block_n <= 2048 else 8
     programs = triton.cdiv(n_rows, rows)
     use_filter = FILTER_DEFAULT if filter is None else filter
-    use_filter = use_filter and topk >= 3  # the bound needs k − 2 ≥ 1 knock-outs
-    scratch = torch.empty(
-        (programs * rows, FILTER_CAP) if use_filter else (1,), dtype=torch.int64, device=out.device
-    )
-    _topk_rows_kernel[(programs,)](
-        scores,
-        local,
-        out,
-        scratch,
-        n_rows,
-        n_cols,
-        scores.stride(0),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        G=groups,
-        TOPK=topk,
-        K_PAD=k_pad,
-        ROWS=rows,
-        BLOCK_N=block_n,
-        CAP=FILTER_CAP,
-        FILTER=use_filter,
-        num_warps=num_warps,
-    )
+    use_filter = use_filter and topk >= 3 and not _FILTER_BROKEN  # the bound needs k − 2 ≥ 1
+
+    def launch(use_filter: bool) -> None:
+        scratch = torch.empty(
+            (programs * rows, FILTER_CAP) if use_filter else (1,),
+            dtype=torch.int64,
+            device=out.device,
+        )
+        _topk_rows_kernel[(programs,)](
+            scores,
+            local,
+            out,
+            scratch,
+            n_rows,
+            n_cols,
+            scores.stride(0),
+            out.stride(0),
+            out.stride(1),
+            out.stride(2),
+            G=groups,
+            TOPK=topk,
+            K_PAD=k_pad,
+            ROWS=rows,
+            BLOCK_N=block_n,
+            CAP=FILTER_CAP,
+            FILTER=use_filter,
+            num_warps=num_warps,
+        )
+
+    if not use_filter:
+        launch(False)
+        return out
+    try:
+        launch(True)
+    except Exception as e:  # compile/resource failure on a Triton we have not run: stay exact
+        _FILTER_BROKEN.append(repr(e))
+        warnings.warn(f"filtered top-k failed to compile, ranking whole rows: {e}", stacklevel=2)
+        launch(False)
     return out
 
 
