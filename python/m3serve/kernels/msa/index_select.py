@@ -33,12 +33,13 @@ from .topk import _interpreting, launch_topk_rows, use_triton
 _K_MAJOR_BROKEN: list[str] = []  # set if the keys-as-A decode kernel ever fails to build
 
 # -- prefill autotune: the tile is (BM queries × G groups) rows against one 128-key page; bigger
-#    tiles cut L2 key traffic, smaller ones balance short chunks. Three configs cover H100/H200;
+#    tiles cut L2 key traffic, smaller ones balance short chunks. Four configs cover H100/H200;
 #    a single one under the interpreter (autotuning there only costs CPU time).
 _PREFILL_CONFIGS = (
     [triton.Config({"BM": 16}, num_warps=4, num_stages=1)]
     if _interpreting()
     else [
+        triton.Config({"BM": 64}, num_warps=8, num_stages=3),
         triton.Config({"BM": 32}, num_warps=8, num_stages=3),
         triton.Config({"BM": 32}, num_warps=4, num_stages=3),
         triton.Config({"BM": 16}, num_warps=4, num_stages=4),
