@@ -450,6 +450,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--sglang-site", default=None)
     ap.add_argument("--plot-only", action="store_true")
+    ap.add_argument("--no-mtp", action="store_true", help="skip the MTP (Q > 1) cases")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.plot_only:
@@ -479,7 +480,7 @@ def main() -> None:
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}))
         torch.cuda.empty_cache()
         write_all(args.out, rows, mtp, skipped, sglang_fn is not None)  # survives a timeout
-        if (b, n) == MTP_AFTER:
+        if (b, n) == MTP_AFTER and not args.no_mtp:
             for b_m, n_m, q_m in MTP_CASES:
                 mtp.append(run_mtp_case(b_m, n_m, q_m, peak))
                 print(json.dumps(mtp[-1]))

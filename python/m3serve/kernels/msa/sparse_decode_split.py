@@ -6,7 +6,9 @@ sparse_decode_indices. The row's ≤ topk selected pages are cut into NUM_SPLITS
 an online softmax over its pages, reading each page's [block, D] K and V tiles straight from the
 HND cache through page_table[req, topk_ids[g, t, j]] (no kv_indices round trip). Causality: a
 token is visible iff its position ≤ pos_t = seq_len − Q + q, which only bites in the local block.
-A second kernel merges the NUM_SPLITS partial (o, lse) pairs by log-sum-exp.
+The NUM_SPLITS partial (o, lse) pairs are merged by log-sum-exp, either by a second kernel or
+(configs ending in "f") by the row's last split to finish, found with a per-row atomic ticket, so
+the step is one launch.
 
 Bytes: each selected page is read once per row (K + V = 2 · block · D · 2 B); the partials add
 NUM_SPLITS · GROUP · (D + 1) · 4 B written and read per row (≈ 12% of the KV bytes at split = 1
@@ -49,6 +51,7 @@ def _sparse_decode_split_kernel(
     stride_ot,
     stride_oh,
     num_rows,
+    pages_per_split,
     H_KV: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -56,7 +59,6 @@ def _sparse_decode_split_kernel(
     BLOCK: tl.constexpr,
     TOPK: tl.constexpr,
     Q_PER_REQ: tl.constexpr,
-    PAGES_PER_SPLIT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     FUSED_MERGE: tl.constexpr,
 ):
@@ -69,8 +71,8 @@ def _sparse_decode_split_kernel(
     # -- this query's position, visible page count, and this split's page range --
     pos = tl.load(seq_lens_ptr + req) - Q_PER_REQ + t % Q_PER_REQ
     n_pages = tl.minimum(pos // BLOCK + 1, TOPK)
-    j0 = split * PAGES_PER_SPLIT
-    j1 = tl.minimum(j0 + PAGES_PER_SPLIT, n_pages)
+    j0 = split * pages_per_split
+    j1 = tl.minimum(j0 + pages_per_split, n_pages)
 
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, D)
@@ -205,8 +207,6 @@ def _merge_splits_kernel(
 SPLIT_CONFIGS = {
     "n64s2": (64, 2, 4, False),
     "n128s1": (128, 1, 4, False),
-    "n64s3": (64, 3, 4, False),
-    "n32s3": (32, 3, 4, False),
     "n64s2f": (64, 2, 4, True),
     "n32s3f": (32, 3, 4, True),
 }
@@ -309,6 +309,7 @@ def sparse_decode_split(
         out.stride(0),
         out.stride(1),
         num_rows,
+        pages_per_split,
         H_KV=hkv,
         GROUP=group,
         BLOCK_H=max(16, triton.next_power_of_2(group)),
@@ -316,7 +317,6 @@ def sparse_decode_split(
         BLOCK=block,
         TOPK=topk,
         Q_PER_REQ=q_per_req,
-        PAGES_PER_SPLIT=pages_per_split,
         BLOCK_N=block_n,
         FUSED_MERGE=fused,
         num_warps=warps,
