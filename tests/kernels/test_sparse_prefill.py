@@ -111,7 +111,10 @@ def test_plan_reused_across_layers_and_tiles():
     block, d, k, hq, hkv = 32, 32, 4, 8, 2
     tensors, gen = make_batch([150, 40], [70, 40], block, hq, hkv, d, seed=7)
     q, kc, vc, pt, cu_q, prefix, seq = tensors
-    w = SparsePrefillWrapper(block_m=32, item_q=16)  # 4 queries per tile, 4 tiles per item
+    # 4 queries per tile, 4 tiles per item; the plain loops (K/V per tile, no prefetch, rolled combine)
+    w = SparsePrefillWrapper(
+        block_m=32, item_q=16, hoist_kv=False, prefetch=False, combine_unroll=False
+    )
     w.plan(cu_q, prefix, seq, pt, hq, hkv, d, block, k)
     for layer in range(2):
         topk_ids = realistic_topk(gen, pt, cu_q, prefix, seq, block, hkv, k)
@@ -190,14 +193,17 @@ def test_public_function_and_errors():
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("hq,hkv", [(64, 4), (16, 1), (8, 8)])
-@pytest.mark.parametrize("variant", ["block_major", "query_major"])
+@pytest.mark.parametrize("variant", ["block_major", "block_major_plain", "query_major"])
 def test_gpu_m3_shapes(variant, hq, hkv):
     block, d, k = 128, 128, 16
     seq_lens, q_lens = [6000, 1111, 3000], [1024, 1111, 333]  # chunk after a prefix, odd tails
     tensors, gen = make_batch(seq_lens, q_lens, block, hq, hkv, d, seed=hq)
     q, kc, vc, pt, cu_q, prefix, seq = tensors
     topk_ids = realistic_topk(gen, pt, cu_q, prefix, seq, block, hkv, k)
-    out, _ = run_wrapper(variant, tensors, topk_ids, block, k)
+    kw = {}
+    if variant == "block_major_plain":
+        variant, kw = "block_major", dict(prefetch=False, combine_unroll=False, hoist_kv=False)
+    out, _ = run_wrapper(variant, tensors, topk_ids, block, k, **kw)
     expect = ref.ref_sparse_attention(q, kc, vc, pt, cu_q, prefix, seq, topk_ids, 1 / math.sqrt(d))
     check(out, expect)
 

@@ -49,6 +49,8 @@ class SparsePrefillPlan:
     block_m: int
     item_q: int
     hoist_kv: bool
+    prefetch: bool
+    combine_unroll: bool
     counts: torch.Tensor  # [G*NB] int32, zero between runs
     row_ptr: torch.Tensor  # [G*NB+1] int32 CSR offsets
     item_ptr: torch.Tensor  # [G*NB+1] int32 work-item offsets
@@ -60,11 +62,14 @@ class SparsePrefillPlan:
 
 
 def default_tile(group: int) -> tuple[int, int]:
-    """(BLOCK_M, ITEM_Q): 128-row tiles once a tile holds ≥ 8 queries' worth of rows, else 64."""
+    """(BLOCK_M, ITEM_Q): 64-row tiles and 64 (query, slot) pairs per work item.
+
+    Measured on H200 (64 q / 4 KV heads, 128K context, 8K chunk): 64-row tiles beat 128-row
+    ones (2.97 vs 3.59 ms; the resident K/V block leaves little room for a 128-row S and O).
+    """
     gp = triton.next_power_of_2(group)
-    block_m = 128 if gp >= 16 else 64
-    qpt = block_m // gp
-    return block_m, max(64, qpt)
+    block_m = max(64, gp)
+    return block_m, max(64, block_m // gp)
 
 
 class SparsePrefillWrapper:
@@ -76,6 +81,8 @@ class SparsePrefillWrapper:
         block_m: int | None = None,
         item_q: int | None = None,
         hoist_kv: bool = True,
+        prefetch: bool = True,
+        combine_unroll: bool = True,
         partial_dtype: torch.dtype = torch.bfloat16,
     ) -> None:
         assert variant in ("block_major", "query_major"), f"unknown variant {variant!r}"
@@ -83,6 +90,8 @@ class SparsePrefillWrapper:
         self._block_m = block_m
         self._item_q = item_q
         self._hoist_kv = hoist_kv
+        self._prefetch = prefetch
+        self._combine_unroll = combine_unroll
         self._partial_dtype = partial_dtype
         self.p: SparsePrefillPlan | None = None
 
@@ -134,6 +143,8 @@ class SparsePrefillWrapper:
             block_m,
             item_q,
             self._hoist_kv,
+            self._prefetch,
+            self._combine_unroll,
             counts=torch.zeros(nrows, **i32),
             row_ptr=torch.zeros(nrows + 1, **i32),
             item_ptr=torch.zeros(nrows + 1, **i32),
@@ -243,9 +254,13 @@ class SparsePrefillWrapper:
             p.block_m,
             p.item_q,
             p.hoist_kv,
+            p.prefetch,
         )
         # -- 3. log-sum-exp merge of the ≤ k partials per (query, head) --
-        launch_combine(p.o_part, p.lse_part, topk_ids, m.q_pos, out, lse, p.num_kv_heads, p.block)
+        launch_combine(
+            p.o_part, p.lse_part, topk_ids, m.q_pos, out, lse, p.num_kv_heads, p.block,
+            p.combine_unroll,
+        )  # fmt: skip
         return out
 
 

@@ -51,12 +51,54 @@ def _configs(pairs: list[tuple[int, int]]) -> list[triton.Config]:
     return [triton.Config({}, num_warps=w, num_stages=s) for w, s in pairs]
 
 
+@triton.jit
+def _gather_rows(q_ptr, q_pos_ptr, ent, in_item, hi, head, offs_d, group, stride_qt, stride_qh,
+                 TOPK: tl.constexpr):  # fmt: skip
+    """Query rows [BLOCK_M, D] and positions of a tile's (query, slot) entries."""
+    t = ent // TOPK
+    rmask = in_item & (hi < group)
+    q = tl.load(
+        q_ptr + t.to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+        mask=rmask[:, None],
+        other=0.0,
+    )
+    pos = tl.load(q_pos_ptr + t, mask=in_item, other=-1)
+    return q, pos
+
+
+@triton.jit
+def _tile(o_part_ptr, lse_part_ptr, q, pos, kt, v, ent, in_item, hi, head, key_pos, key_ok,
+          offs_d, group, sm_scale_log2, stride_pe, stride_ph, stride_le):  # fmt: skip
+    """One-block softmax of a tile against the resident K/V block; writes O and lse partials."""
+    # -- S = Q·Kᵀ, causal ∩ in-block mask --
+    s = mma(q, kt) * sm_scale_log2
+    keep = (key_pos[None, :] <= pos[:, None]) & key_ok[None, :]
+    s = tl.where(keep, s, float("-inf"))
+    m = tl.max(s, 1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    p = tl.exp2(s - m_safe[:, None])
+    l_sum = tl.sum(p, 1)
+    # -- O = P·V / rowsum, lse = rowmax + log2(rowsum) (−inf for a fully masked row) --
+    o = mma(p.to(v.dtype), v)
+    o = o / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
+    lse = tl.where(l_sum > 0, m_safe + tl.log2(tl.where(l_sum > 0, l_sum, 1.0)), float("-inf"))
+    # -- partials: O[(t, slot), head, :] and lse[(t, slot), head] --
+    rmask = in_item & (hi < group)
+    ent64 = ent.to(tl.int64)
+    tl.store(
+        o_part_ptr + ent64[:, None] * stride_pe + head[:, None] * stride_ph + offs_d[None, :],
+        o.to(o_part_ptr.dtype.element_ty),
+        mask=rmask[:, None],
+    )
+    tl.store(lse_part_ptr + ent64 * stride_le + head, lse, mask=rmask)
+
+
 # Small on purpose: the tile shape (BLOCK_M, BLOCK_N = block, HEAD_DIM) is fixed by the plan, so
 # only warps and pipeline depth are left; 8 warps suit 128-row tiles, 4 warps 64-row ones, and
 # stages > 3 only add shared memory (the K/V tile is already resident for the whole item).
 @triton.autotune(
     configs=_configs([(4, 2), (8, 2), (4, 3), (8, 3)]),
-    key=["HEAD_DIM", "BLOCK_N", "GP", "BLOCK_M", "ITEM_Q", "HOIST_KV"],
+    key=["HEAD_DIM", "BLOCK_N", "GP", "BLOCK_M", "ITEM_Q", "HOIST_KV", "PREFETCH"],
 )
 @triton.jit
 def _block_major_kernel(
@@ -96,6 +138,7 @@ def _block_major_kernel(
     BLOCK_M: tl.constexpr,
     ITEM_Q: tl.constexpr,
     HOIST_KV: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     QPT: tl.constexpr = BLOCK_M // GP
     # -- which work item: (CSR row = KV head × global block, first entry) --
@@ -130,43 +173,58 @@ def _block_major_kernel(
     head = g * group + hi
     key_pos = kv0 + offs_n
 
-    for q0 in range(e0, e1, QPT):
-        # -- gather the tile's (query, slot) entries and their query rows --
-        in_item = (q0 + qi) < e1
-        ent = tl.load(entries_ptr + q0 + qi, mask=in_item, other=0)
-        t = ent // TOPK
-        rmask = in_item & (hi < group)
-        q = tl.load(
-            q_ptr
-            + t.to(tl.int64)[:, None] * stride_qt
-            + head[:, None] * stride_qh
-            + offs_d[None, :],
-            mask=rmask[:, None],
-            other=0.0,
-        )
-        pos = tl.load(q_pos_ptr + t, mask=in_item, other=-1)
-        if not HOIST_KV:
-            kt = tl.load(k_ptrs, mask=key_ok[None, :], other=0.0)
-            v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
-        # -- one-block softmax: S = Q·Kᵀ, causal ∩ in-block mask, P·V --
-        s = mma(q, kt) * sm_scale_log2
-        keep = (key_pos[None, :] <= pos[:, None]) & key_ok[None, :]
-        s = tl.where(keep, s, float("-inf"))
-        m = tl.max(s, 1)
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        p = tl.exp2(s - m_safe[:, None])
-        l_sum = tl.sum(p, 1)
-        o = mma(p.to(v.dtype), v)
-        o = o / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
-        lse = tl.where(l_sum > 0, m_safe + tl.log2(tl.where(l_sum > 0, l_sum, 1.0)), float("-inf"))
-        # -- partials: O[(t, slot), head, :] and lse[(t, slot), head] --
-        ent64 = ent.to(tl.int64)
-        tl.store(
-            o_part_ptr + ent64[:, None] * stride_pe + head[:, None] * stride_ph + offs_d[None, :],
-            o.to(o_part_ptr.dtype.element_ty),
-            mask=rmask[:, None],
-        )
-        tl.store(lse_part_ptr + ent64 * stride_le + head, lse, mask=rmask)
+    if PREFETCH:
+        # -- software pipeline: entries two tiles ahead, query rows one tile ahead, so the
+        #    dependent gathers (entry → query row) are in flight during this tile's MMAs --
+        ent = tl.load(entries_ptr + e0 + qi, mask=(e0 + qi) < e1, other=0)
+        q, pos = _gather_rows(q_ptr, q_pos_ptr, ent, (e0 + qi) < e1, hi, head, offs_d, group,
+                              stride_qt, stride_qh, TOPK)  # fmt: skip
+        ent_n = tl.load(entries_ptr + e0 + QPT + qi, mask=(e0 + QPT + qi) < e1, other=0)
+        for q0 in range(e0, e1, QPT):
+            in_n = (q0 + QPT + qi) < e1
+            in_nn = (q0 + 2 * QPT + qi) < e1
+            ent_nn = tl.load(entries_ptr + q0 + 2 * QPT + qi, mask=in_nn, other=0)
+            q_n, pos_n = _gather_rows(q_ptr, q_pos_ptr, ent_n, in_n, hi, head, offs_d, group,
+                                      stride_qt, stride_qh, TOPK)  # fmt: skip
+            if not HOIST_KV:
+                kt = tl.load(k_ptrs, mask=key_ok[None, :], other=0.0)
+                v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
+            _tile(o_part_ptr, lse_part_ptr, q, pos, kt, v, ent, (q0 + qi) < e1, hi, head,
+                  key_pos, key_ok, offs_d, group, sm_scale_log2, stride_pe, stride_ph,
+                  stride_le)  # fmt: skip
+            ent = ent_n
+            ent_n = ent_nn
+            q = q_n
+            pos = pos_n
+    else:
+        for q0 in range(e0, e1, QPT):
+            # -- gather the tile's (query, slot) entries and their query rows --
+            in_item = (q0 + qi) < e1
+            ent = tl.load(entries_ptr + q0 + qi, mask=in_item, other=0)
+            q, pos = _gather_rows(q_ptr, q_pos_ptr, ent, in_item, hi, head, offs_d, group,
+                                  stride_qt, stride_qh, TOPK)  # fmt: skip
+            if not HOIST_KV:
+                kt = tl.load(k_ptrs, mask=key_ok[None, :], other=0.0)
+                v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
+            _tile(o_part_ptr, lse_part_ptr, q, pos, kt, v, ent, in_item, hi, head, key_pos,
+                  key_ok, offs_d, group, sm_scale_log2, stride_pe, stride_ph, stride_le)  # fmt: skip
+
+
+@triton.jit
+def _slot_term(o_part_ptr, lse_part_ptr, topk_ptr, s, g, t, tmask, rmask, local, head, offs_d,
+               m_safe, stride_pe, stride_ph, stride_le, stride_tg, stride_tt,
+               TOPK: tl.constexpr):  # fmt: skip
+    """2^(lse_s − m) · O_s for slot s of each row (0 where the slot is invalid)."""
+    bid = tl.load(topk_ptr + g * stride_tg + t * stride_tt + s, mask=tmask, other=-1)
+    ok = rmask & (bid >= 0) & (bid <= local)
+    e = (t * TOPK + s).to(tl.int64)
+    lse = tl.load(lse_part_ptr + e * stride_le + head, mask=ok, other=float("-inf"))
+    o = tl.load(
+        o_part_ptr + e[:, None] * stride_pe + head[:, None] * stride_ph + offs_d[None, :],
+        mask=ok[:, None],
+        other=0.0,
+    ).to(tl.float32)
+    return o * tl.exp2(lse - m_safe)[:, None]
 
 
 # One program per (QB queries, KV head), QB·GP rows: memory-bound, 4 warps suffice.
@@ -193,6 +251,8 @@ def _combine_kernel(
     BLOCK: tl.constexpr,
     GP: tl.constexpr,
     QB: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    UNROLL: tl.constexpr,
     HAS_LSE: tl.constexpr,
 ):
     g = tl.program_id(1)
@@ -204,27 +264,32 @@ def _combine_kernel(
     head = g * group + hi
     local = tl.load(q_pos_ptr + t, mask=tmask, other=0) // BLOCK
     offs_d = tl.arange(0, HEAD_DIM)
-    m = tl.full([QB * GP], float("-inf"), tl.float32)
-    l_sum = tl.zeros([QB * GP], tl.float32)
+    # -- pass 1: the max and the sum of 2^lse over the valid slots, all slots at once --
+    offs_s = tl.arange(0, BLOCK_S)
+    bid2 = tl.load(
+        topk_ptr + g * stride_tg + t[None, :] * stride_tt + offs_s[:, None],
+        mask=(offs_s[:, None] < TOPK) & tmask[None, :],
+        other=-1,
+    )
+    ok2 = rmask[None, :] & (bid2 >= 0) & (bid2 <= local[None, :])
+    e2 = (t[None, :] * TOPK + offs_s[:, None]).to(tl.int64)
+    lse2 = tl.load(lse_part_ptr + e2 * stride_le + head[None, :], mask=ok2, other=float("-inf"))
+    m = tl.max(lse2, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    l_sum = tl.sum(tl.exp2(lse2 - m_safe[None, :]), 0)
+    # -- pass 2: weighted sum of the partial outputs; no rescaling chain between slots, so
+    #    (unrolled) the slot loads are independent and can all be in flight --
     acc = tl.zeros([QB * GP, HEAD_DIM], tl.float32)
-    # -- merge the valid slots in slot order (online log-sum-exp, base 2) --
-    for s in range(TOPK):
-        bid = tl.load(topk_ptr + g * stride_tg + t * stride_tt + s, mask=tmask, other=-1)
-        ok = rmask & (bid >= 0) & (bid <= local)
-        e = (t * TOPK + s).to(tl.int64)
-        lse = tl.load(lse_part_ptr + e * stride_le + head, mask=ok, other=float("-inf"))
-        m_new = tl.maximum(m, lse)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_safe)
-        beta = tl.exp2(lse - m_safe)
-        o = tl.load(
-            o_part_ptr + e[:, None] * stride_pe + head[:, None] * stride_ph + offs_d[None, :],
-            mask=ok[:, None],
-            other=0.0,
-        ).to(tl.float32)
-        acc = acc * alpha[:, None] + o * beta[:, None]
-        l_sum = l_sum * alpha + beta
-        m = m_new
+    if UNROLL:
+        for s in tl.static_range(TOPK):
+            acc += _slot_term(o_part_ptr, lse_part_ptr, topk_ptr, s, g, t, tmask, rmask, local,
+                              head, offs_d, m_safe, stride_pe, stride_ph, stride_le, stride_tg,
+                              stride_tt, TOPK)  # fmt: skip
+    else:
+        for s in range(TOPK):
+            acc += _slot_term(o_part_ptr, lse_part_ptr, topk_ptr, s, g, t, tmask, rmask, local,
+                              head, offs_d, m_safe, stride_pe, stride_ph, stride_le, stride_tg,
+                              stride_tt, TOPK)  # fmt: skip
     out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
     t64 = t.to(tl.int64)
     tl.store(
@@ -262,6 +327,7 @@ def launch_block_major(
     block_m: int,
     item_q: int,
     hoist_kv: bool,
+    prefetch: bool = True,
 ) -> None:
     """Main kernel: one CTA per work item (grid = the plan's worst-case item count)."""
     _, hq, d = q.shape
@@ -317,6 +383,7 @@ def launch_block_major(
         BLOCK_M=block_m,
         ITEM_Q=item_q,
         HOIST_KV=hoist_kv,
+        PREFETCH=prefetch,
     )
 
 
@@ -329,6 +396,7 @@ def launch_combine(
     lse_out: torch.Tensor | None,
     num_kv_heads: int,
     block: int,
+    unroll: bool = True,
 ) -> None:
     """Combine kernel: grid (T, H_kv); out [T, Hq, D] in any float dtype, last dim contiguous."""
     t, hq, d = out.shape
@@ -366,6 +434,8 @@ def launch_combine(
         BLOCK=block,
         GP=gp,
         QB=qb,
+        BLOCK_S=triton.next_power_of_2(topk),
+        UNROLL=unroll,
         HAS_LSE=lse_out is not None,
         num_warps=4,
     )
