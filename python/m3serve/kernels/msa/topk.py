@@ -1,17 +1,18 @@
 """Exact, exp-free MSA block top-k (k = 16 over up to 8192 blocks per row) in Triton.
 
-Algorithm: *packed keys, a group-max bound, compaction, then iterative max*.
-1. Each block score s (float32) becomes one int64 key ``ordered(s) << 32 | (0x7FFFFFFF − id)``,
-   where ordered() flips the magnitude bits of negatives so signed integer order is float order.
-   One int64 max then yields the best score *and*, among equal scores, the lower block id: no
-   argmax, no softmax, and keys are unique.
-2. Bound (FILTER): split the row into NG = 2·k interleaved groups; the (k−1)-th largest group max
-   is ≤ the (k−1)-th largest key (those k−1 group maxima are distinct keys), so only keys ≥ it can
-   rank. Random rows keep ~20 of 1024–8192 blocks (at most ~30 in our draws; CAP = 64).
-3. The candidates are compacted (cumsum positions, a scatter to a small scratch row) and ranked by
-   k − 1 rounds of (max, knock out) over ≤ CAP keys. A program with a row of more than CAP
-   candidates ranks its whole rows the same way instead (always exact, only slower).
-Each row is read once into registers ([ROWS, BLOCK_N] tile); the local block fills the last slot.
+Algorithm: *packed keys, then k − 1 rounds of (row max, knock out)*.
+Each block score s (float32) becomes one int64 key ``ordered(s) << 32 | (0x7FFFFFFF − id)``, where
+ordered() flips the magnitude bits of negatives so that signed integer order is float order (−0.0
+is first made +0.0, as the reference's float sort ties them). One int64 max over the row then gives
+the best score *and*, among equal scores, the lower block id: no argmax, no softmax, and keys are
+unique, so the winner is knocked out exactly and the max repeats. Each row is read once into
+registers ([ROWS, BLOCK_N] tile); the local block fills the last slot.
+
+Optional FILTER (off by default): bound the (k−1)-th key by the (k−1)-th largest of 2k
+interleaved group maxima, compact the ~20 candidates (cumsum + scatter to scratch) and rank only
+those. Exact too, but on H200 it was slower (0.48 vs 0.35 ms on [32768 × 1024], 0.034 vs 0.024 ms
+on [256 × 8192]; benchmarks/results/index_topk.json): the scans and the scatter cost more than
+the k − 1 register-resident max rounds they save.
 
 Rules (DESIGN.md, "MSA — the exact math"; reference: ``reference.ref_topk_from_scores``):
 row r ranks blocks 0 .. local[r] − 1 by score desc, id asc into slots 0 .. k − 2, slot k − 1 holds
@@ -31,7 +32,7 @@ import triton.language as tl
 from . import reference as ref
 
 MAX_BLOCKS = 8192  # 1M tokens at block 128; a row of 8192 int64 keys still fits in registers
-FILTER_DEFAULT = True  # bound + compact before ranking (False: rank the whole row, k − 1 passes)
+FILTER_DEFAULT = False  # bound + compact first: exact, measured slower on H200 (see docstring)
 FILTER_CAP = 64  # candidates kept after the bound; more → that program ranks whole rows
 _FILTER_BROKEN: list[str] = []  # set if the filtered kernel ever fails to compile
 
