@@ -192,6 +192,8 @@ def launch_topk_rows(
     k_pad = max(2, triton.next_power_of_2(topk))
     block_n = max(16, 2 * k_pad, triton.next_power_of_2(max(n_cols, 1)))
     rows = max(1, min(16, 4096 // block_n))
+    if n_rows <= 1024:  # decode-sized batches: one row per program spreads them over more SMs
+        rows = 1
     if _interpreting():  # programs run one after another there: fewer, wider ones are faster
         rows = max(1, min(256, 65536 // block_n))
     num_warps = 4 if rows * block_n <= 2048 else 8
