@@ -3,9 +3,9 @@
 Algorithm (both phases): *block-max scoring, then packed-key top-k*.
 1. Scoring. One program owns a tile of index-query rows (rows = (token, group) pairs, all G groups
    of a token together) and walks the key blocks they may rank. Per block it loads the 128 index
-   keys of one page once (bf16, or e4m3 widened to bf16 with the per-token scale applied after the
-   MMA), runs one tensor-core dot [rows × d] · [d × 128] for every row at once, and keeps only the
-   row max. The [q × N] token-score matrix never exists; only one float per (row, block) is written
+   keys of one page once (bf16; or e4m3 widened exactly to fp16, with the query tile in fp16 and
+   the per-token scale applied after the MMA), runs one tensor-core dot [rows × d] · [d × 128] for
+   every row at once, and keeps only the row max. The [q × N] token-score matrix never exists; only one float per (row, block) is written
    (4 B per 128 keys read: 0.05 % of the key bytes in decode).
 2. Top-k: ``topk.launch_topk_rows`` (exact, exp-free, ties to the lower id) reads that row once.
 
@@ -17,6 +17,8 @@ Decode (Q = 1..16 queries per request, MTP verify) splits each request's blocks 
 (split-K) so batch 1 still fills the GPU; its grid, buffers and constexprs depend only on shapes
 (B, Q, page-table width), never on sequence lengths, so it is CUDA-graph capturable.
 Scores are not divided by sqrt(d): a positive constant does not change the ranking.
+The two outputs are exact up to float32 summation order (tests: equal to the reference, or within
+DESIGN.md's tolerance gate at a float-rounding tolerance on near-ties).
 """
 
 from __future__ import annotations
