@@ -11,7 +11,8 @@ pages (page = MSA block, so SGLang's page allocator hands out whole blocks). Per
 
 KV storage is SGLang's MHA pool (token-major [slots, H_kv, D]); with page = block it is viewed
 as [pages, block, H_kv, D] and transposed to the HND view the kernels index by page. Index-K
-caches are this backend's own, one per sparse layer, [pages, block, d_index], bf16.
+caches are this backend's own, one per sparse layer, [pages, block, d_index], bf16 (float32
+when the model runs in float32, for exact comparisons).
 
 Kernels: the torch references everywhere (CPU CI, and the ground truth); on CUDA the fast
 kernels from m3serve.kernels.msa, imported lazily, with the reference as fallback. Set
@@ -79,9 +80,11 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
             )
         kbuf = self.token_to_kv_pool.get_key_buffer(min(self.sparse_layers | {0}))
         self.num_pages = (kbuf.shape[0] + self.block - 1) // self.block
+        # bf16 like the KV cache (a float32 model keeps float32 keys: exact reference runs)
+        self.index_dtype = kbuf.dtype if kbuf.dtype == torch.float32 else torch.bfloat16
         self.index_k: dict[int, torch.Tensor] = {
             layer: torch.zeros(
-                self.num_pages, self.block, s["index_dim"], dtype=torch.bfloat16, device=self.device
+                self.num_pages, self.block, s["index_dim"], dtype=self.index_dtype, device=self.device
             )
             for layer in self.sparse_layers
         }

@@ -14,8 +14,18 @@ def register() -> None:
     SGLang's in-tree M3 (A/B runs against the baseline in the same server build).
     """
     import os
+    import sys
 
     if os.environ.get("M3SERVE_MODEL", "") == "sglang":
+        return
+    if "sglang.srt.models.registry" not in sys.modules and os.environ.get(
+        "SGLANG_EXTERNAL_MODEL_PACKAGE", __name__
+    ) == __name__:
+        # Not imported yet: SGLang's documented external-model hook. The registry then imports
+        # only this package at first use, and SGLang's ~300 model modules only if an
+        # architecture outside it is asked for (importing them all costs tens of seconds on a
+        # small CPU, in every SGLang process).
+        os.environ["SGLANG_EXTERNAL_MODEL_PACKAGE"] = __name__
         return
     from sglang.srt.models.registry import ModelRegistry
 

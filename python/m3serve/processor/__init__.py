@@ -14,6 +14,9 @@ def register() -> None:
 
     if os.environ.get("M3SERVE_MODEL", "") == "sglang":
         return
+    # SGLang's tokenizer manager imports its own processors later, then this package with
+    # overwrite=True (which drops same-named in-tree entries): ours wins in either order.
+    os.environ.setdefault("SGLANG_EXTERNAL_MM_PROCESSOR_PACKAGE", __name__)
     from sglang.srt.managers import multimodal_processor as mp
 
     from m3serve.processor.m3_processor import M3MultimodalProcessor
