@@ -184,6 +184,29 @@ def test_split_kernel(num_splits, config):
         assert not counters.any()
 
 
+@pytest.mark.parametrize("qn", [1, 3])
+def test_wrapper_split_backend_cpu(qn):
+    """plan/run through the wrapper (split backend; Q = 1 → n64s2, Q > 1 → fused n64s2f)."""
+    if torch.cuda.is_available():
+        pytest.skip("the GPU tests cover the wrapper there")
+    seq_lens, hkv, group, d, block, topk = [3, 200, 513], 2, 2, 16, 64, 4
+    q, k, v, pt, sel, seq = make_case(seq_lens, qn, hkv, group, d, block, topk, seed=11)
+    w = SparseDecodeWrapper("cpu", backend="triton")
+    w.plan(seq, qn, hkv * group, hkv, d, block, topk)
+    assert w.planned_backend == "triton"
+    assert w._split_config() == ("n64s2" if qn == 1 else "n64s2f")
+    out = w.run(q, k, v, pt, sel, 0.3)
+    torch.testing.assert_close(out, oracle(q, k, v, pt, sel, seq, qn, 0.3), atol=2e-5, rtol=2e-5)
+
+
+def test_flashinfer_workspace_covers_graph_reservation():
+    """FlashInfer 0.6.18 reserved a 134 MB tmp_v + 1 MB tmp_s at 512 rows on H200 (132 SMs)."""
+    w = SparseDecodeWrapper("cpu", backend="flashinfer")
+    w._num_sms = 132
+    assert w._fi_workspace_bytes(512, 16, 128) >= 16 * 1023 * 16 * (128 + 1) * 4
+    assert w._fi_workspace_bytes(4096, 16, 128) >= 16 * 4096 * 16 * (128 + 1) * 4
+
+
 def test_cpu_fallback_is_reference():
     seq_lens, qn, hkv, group, d, block, topk = [5, 300], 2, 2, 2, 16, 16, 4
     q, k, v, pt, sel, seq = make_case(seq_lens, qn, hkv, group, d, block, topk, seed=7)

@@ -25,9 +25,18 @@ import torch
 
 from .reference import ref_sparse_attention
 from .sparse_decode_indices import decode_row_layout, rewrite_kv_indices
-from .sparse_decode_split import DEFAULT_SPLIT_CONFIG, num_splits_for, sparse_decode_split
+from .sparse_decode_split import (
+    DEFAULT_SPLIT_CONFIG,
+    DEFAULT_SPLIT_CONFIG_MTP,
+    num_splits_for,
+    sparse_decode_split,
+)
 
 BACKENDS = ("auto", "flashinfer", "triton")
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 class SparseDecodeWrapper:
@@ -35,6 +44,8 @@ class SparseDecodeWrapper:
 
     backend: "flashinfer" (FlashInfer paged decode over rewritten kv_indices), "triton" (our
     split-KV kernel) or "auto" (triton while T·H_kv rows are fewer than ``auto_min_rows``).
+    split_config: a key of sparse_decode_split.SPLIT_CONFIGS; None picks the measured default
+    for Q = 1 or for MTP (Q > 1).
     """
 
     def __init__(
@@ -45,7 +56,7 @@ class SparseDecodeWrapper:
         max_topk: int = 16,
         workspace_bytes: int = 128 * 1024 * 1024,
         auto_min_rows: int | None = None,
-        split_config: str = DEFAULT_SPLIT_CONFIG,
+        split_config: str | None = None,
     ) -> None:
         assert backend in BACKENDS, f"backend must be one of {BACKENDS}, got {backend!r}"
         self.device = torch.device(device)
@@ -72,9 +83,7 @@ class SparseDecodeWrapper:
     def _ensure_capacity(self, rows: int, topk: int) -> None:
         if rows <= self._cap_rows and topk <= self._max_topk:
             return
-        assert not torch.cuda.is_current_stream_capturing(), (
-            "buffers must be sized before capture (max_rows)"
-        )
+        assert not _capturing(), "buffers must be sized before capture (max_rows)"
         self._cap_rows = max(rows, self._cap_rows)
         self._max_topk = max(topk, self._max_topk)
         r, k, dev = self._cap_rows, self._max_topk, self.device
@@ -92,23 +101,32 @@ class SparseDecodeWrapper:
             or self._o_part.numel() < numel_o
             or self._lse_part.numel() < numel_lse
         ):
-            assert not torch.cuda.is_current_stream_capturing(), (
-                "split scratch must exist before capture"
-            )
+            assert not _capturing(), "split scratch must exist before capture"
             self._o_part = torch.empty(numel_o, dtype=torch.float32, device=self.device)
             self._lse_part = torch.empty(numel_lse, dtype=torch.float32, device=self.device)
         return self._o_part, self._lse_part
 
-    def _flashinfer_wrapper(self, rows: int) -> Any:
+    def _fi_workspace_bytes(self, rows: int, group: int, head_dim: int) -> int:
+        """Float workspace FlashInfer's CUDA-graph plan needs: it reserves split-KV partials for
+        its worst-case padded batch (seen on H200 with 0.6.18: 1023 tiles of 16 packed heads, a
+        134 MB tmp_v, at 512 rows), so size for max(rows, 8·SMs) tiles, with 25 % slack."""
+        tiles = max(rows, 8 * max(self._num_sms, 1))
+        need = int(tiles * group * max(16, group) * (head_dim + 1) * 4 * 1.25) + (16 << 20)
+        return max(self._workspace_bytes, need)
+
+    def _flashinfer_wrapper(self, rows: int, group: int, head_dim: int) -> Any:
+        need = self._fi_workspace_bytes(rows, group, head_dim)
+        if self._fi_workspace is not None and self._fi_workspace.numel() < need:
+            assert not _capturing(), "workspace must grow before capture"
+            self._fi_workspace = None
+            self._fi_wrappers.clear()  # they hold the old workspace
         wrapper = self._fi_wrappers.get(rows)
         if wrapper is not None:
             return wrapper
         import flashinfer  # lazy: needs CUDA
 
         if self._fi_workspace is None:
-            self._fi_workspace = torch.zeros(
-                self._workspace_bytes, dtype=torch.uint8, device=self.device
-            )
+            self._fi_workspace = torch.zeros(need, dtype=torch.uint8, device=self.device)
         kwargs: dict[str, Any] = {}
         if (
             "backend"
@@ -156,7 +174,7 @@ class SparseDecodeWrapper:
         group = num_q_heads // num_kv_heads
         self.seq_lens[:batch].copy_(lens_host, non_blocking=True)
         if backend == "flashinfer":
-            wrapper = self._flashinfer_wrapper(rows)
+            wrapper = self._flashinfer_wrapper(rows, group, head_dim)
             # FlashInfer copies indptr / last_page_len into our buffers; kv_indices (empty here)
             # are written per layer by rewrite_kv_indices.
             wrapper.plan(
@@ -190,6 +208,12 @@ class SparseDecodeWrapper:
             rows=rows,
             num_splits=num_splits,
         )
+
+    def _split_config(self) -> str:
+        if self.split_config is not None:
+            return self.split_config
+        assert self._planned is not None
+        return DEFAULT_SPLIT_CONFIG if self._planned["q_per_req"] == 1 else DEFAULT_SPLIT_CONFIG_MTP
 
     def auto_pick(self, rows: int) -> str:
         """The backend a plan with ``rows`` rows (T·H_kv) runs."""
@@ -234,7 +258,7 @@ class SparseDecodeWrapper:
             o_part, lse_part = self._scratch(0, 0)
             return sparse_decode_split(
                 q, k_cache, v_cache, page_table, topk_ids, self.seq_lens, p["q_per_req"], sm_scale,
-                p["num_splits"], o_part, lse_part, out, self.split_config, self.split_counters,
+                p["num_splits"], o_part, lse_part, out, self._split_config(), self.split_counters,
             )  # fmt: skip
         assert q.is_contiguous() and out.is_contiguous(), (
             "FlashInfer rows are a view of contiguous q/out"

@@ -200,9 +200,9 @@ def _merge_splits_kernel(
     )
 
 
-# (BLOCK_N, num_stages, num_warps). Small on purpose: decode tiles are [16 heads × BLOCK_N] and the
-# choice only trades shared memory per program (occupancy) against loop pipelining; the benchmark
-# times each variant, and the default is the one it measured fastest on H200 (see results).
+# (BLOCK_N, num_stages, num_warps, fused merge). Small on purpose: decode tiles are
+# [16 heads × BLOCK_N] and the choice only trades shared memory per program (occupancy) against
+# loop pipelining, and a second launch against a serial merge; the benchmark times each.
 # A trailing "f": the last split of each row merges in the same kernel (no second launch).
 SPLIT_CONFIGS = {
     "n64s2": (64, 2, 4, False),
@@ -210,7 +210,11 @@ SPLIT_CONFIGS = {
     "n64s2f": (64, 2, 4, True),
     "n32s3f": (32, 3, 4, True),
 }
+# Measured on H200 (benchmarks/results/sparse_decode.md): n64s2 fastest at Q = 1, B = 8, 128K
+# (24.1 µs vs 26.9 n32s3f, 52.6 n64s2f, 84.0 n128s1); n64s2f fastest at Q = 4 (53.6 µs vs 63.4
+# n32s3f, 64.1 n128s1, 86.2 n64s2). One point each: re-measure before trusting elsewhere.
 DEFAULT_SPLIT_CONFIG = "n64s2"
+DEFAULT_SPLIT_CONFIG_MTP = "n64s2f"
 
 
 def num_splits_for(num_rows: int, topk: int, num_sms: int, waves: int = 4) -> int:
