@@ -288,7 +288,7 @@ def to_cases(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         })  # fmt: skip
 
     for r in rows:
-        tag = f"b{r['batch']} n{r['context'] // 1024}K"
+        tag = f"b{r['batch']} n{r['context'] // 1024}K" + (f" [{r['run']}]" if r.get("run") else "")
         pk = r["peak_Bps"]
         add(
             f"{tag} step bf16-idx graph",
@@ -339,7 +339,9 @@ def to_cases(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def mtp_cases(mtp: list[dict[str, Any]]) -> list[dict[str, Any]]:
     cases = []
     for r in mtp:
-        tag = f"b{r['batch']} n{r['context'] // 1024}K Q{r['q_per_req']}"
+        tag = f"b{r['batch']} n{r['context'] // 1024}K Q{r['q_per_req']}" + (
+            f" [{r['run']}]" if r.get("run") else ""
+        )
         ours = min(r["attn_flashinfer_ms"], r["attn_triton_ms"])
         cases.append({
             "case": f"{tag} sparse attention (best backend)", "ours": round(ours, 5),
@@ -362,8 +364,8 @@ def write_markdown(doc: dict[str, Any], rows: list[dict[str, Any]], path: Path) 
         "",
         "Times in ms (median, L2 cleared per repetition). step = index scoring + top-k + sparse attention.",
         "",
-        "| B | N | dense FI | SGLang (ps) | ours bf16 eager | ours bf16 graph | ours fp8 graph | vs dense (bf16/fp8) | vs SGLang (graph/eager) | step bf16 GB/s (% peak) | attn FI rows | attn split (best cfg) | attn GB/s | step attn backend |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| run | B | N | dense FI | SGLang (ps) | ours bf16 eager | ours bf16 graph | ours fp8 graph | vs dense (bf16/fp8) | vs SGLang (graph/eager) | step bf16 GB/s (% peak) | attn FI rows | attn split (best cfg) | attn GB/s | step attn backend |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         pk = r["peak_Bps"]
@@ -375,7 +377,7 @@ def write_markdown(doc: dict[str, Any], rows: list[dict[str, Any]], path: Path) 
         )
         ab = min(r["attn_flashinfer_ms"], r["attn_triton_ms"])
         lines.append(
-            f"| {r['batch']} | {r['context'] // 1024}K | {r['dense_ms']:.3f} | {sg} | {r['step_bf16_eager_ms']:.3f} | "
+            f"| {r.get('run', '')} | {r['batch']} | {r['context'] // 1024}K | {r['dense_ms']:.3f} | {sg} | {r['step_bf16_eager_ms']:.3f} | "
             f"{r['step_bf16_graph_ms']:.3f} | {r['step_fp8_graph_ms']:.3f} | "
             f"{r['dense_ms'] / r['step_bf16_graph_ms']:.2f}× / {r['dense_ms'] / r['step_fp8_graph_ms']:.2f}× | {vs_sg} | "
             f"{gbs(r['bytes_step_bf16'], r['step_bf16_graph_ms']):.0f} ({r['bytes_step_bf16'] / (r['step_bf16_graph_ms'] * 1e-3) / pk:.0%}) | "
@@ -397,7 +399,11 @@ def write_markdown(doc: dict[str, Any], rows: list[dict[str, Any]], path: Path) 
                 f"{r['step_bf16_graph_ms']:.4f} | {gbs(r['bytes_step_bf16'], r['step_bf16_graph_ms']):.0f} |"
             )  # fmt: skip
     if doc.get("skipped"):
-        lines += ["", "Not run (memory): " + ", ".join(doc["skipped"])]
+        lines += ["", "Not run: " + ", ".join(doc["skipped"])]
+    for name, what in doc.get("runs", {}).items():
+        lines += ["", f"{name}: {what}"]
+    for note in doc.get("notes", []):
+        lines += ["", note]
     lines += ["", "Bytes formulas: see the docstring of benchmarks/bench_sparse_decode.py."]
     path.write_text("\n".join(lines) + "\n")
 
@@ -430,7 +436,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         )
     for ax, title in zip(
         axes,
-        ("speedup vs dense FlashInfer decode", "speedup vs SGLang 0.5.23 MSA decode"),
+        (
+            "step speedup vs dense FlashInfer decode (ours: CUDA graph)",
+            "step speedup vs SGLang 0.5.23 (ours graph, SGLang eager)",
+        ),
         strict=True,
     ):
         ax.set_xscale("log", base=2)
@@ -472,7 +481,7 @@ def main() -> None:
     for b, n in pairs:  # the anchor cases first: a timeout cuts the others
         free, _ = torch.cuda.mem_get_info()
         if b * n * BYTES_PER_TOKEN_ALLOC > 0.85 * free:
-            skipped.append(f"B={b} N={n}")
+            skipped.append(f"B={b} N={n} (memory)")
             print(f"skip B={b} N={n}: needs ~{b * n * BYTES_PER_TOKEN_ALLOC / 2**30:.0f} GiB")
             continue
         r = run_case(b, n, sglang_fn, peak)
