@@ -1,0 +1,76 @@
+//! Rescale + normalise (CLIP mean/std) + bf16 + flatten to `[N, 1176]` patches.
+//!
+//! transformers' torchvision backend fuses rescale into normalise: mean and std become float32
+//! tensors multiplied by `1 / rescale_factor` (= 255.0 exactly), and each pixel is
+//! `(float32(x) - mean') / std'` in float32. Only 256 inputs exist per channel, so a lookup
+//! table of the bf16 (round-to-nearest-even) of that float32 value is exact.
+//!
+//! Row order is the 2×2-merge-block-major order of the reference `patchify`: rows
+//! `(bh, bw, mh, mw)`, columns `C → T → py → px` with the single frame repeated for T = 2.
+
+use super::DecodedImage;
+
+pub const PATCH: usize = 14;
+pub const MERGE: usize = 2;
+pub const TEMPORAL: usize = 2;
+/// Columns per patch row: 3 channels × 2 frames × 14 × 14.
+pub const PATCH_DIM: usize = 3 * TEMPORAL * PATCH * PATCH;
+
+/// OpenAI CLIP normalisation constants (transformers' `OPENAI_CLIP_MEAN` / `_STD`).
+pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_1];
+
+/// float32 → bf16 bits, round to nearest even (torch's conversion for finite values).
+pub fn f32_to_bf16(v: f32) -> u16 {
+    let b = v.to_bits();
+    ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// The normalised float32 value of uint8 `x` in channel `c`, as the reference computes it.
+pub fn normalize_f32(x: u8, c: usize) -> f32 {
+    let mean = CLIP_MEAN[c] * 255.0;
+    let std = CLIP_STD[c] * 255.0;
+    (f32::from(x) - mean) / std
+}
+
+fn lut() -> [[u16; 256]; 3] {
+    let mut t = [[0u16; 256]; 3];
+    for (c, row) in t.iter_mut().enumerate() {
+        for (x, v) in row.iter_mut().enumerate() {
+            *v = f32_to_bf16(normalize_f32(x as u8, c));
+        }
+    }
+    t
+}
+
+/// Patches (bf16 bits, `[gh·gw, 1176]`) and the grid `(gh, gw)` of a resized image whose sides
+/// are multiples of 28.
+pub fn normalize_patchify(img: &DecodedImage) -> (Vec<u16>, u32, u32) {
+    let (w, h) = (img.width as usize, img.height as usize);
+    let (gh, gw) = (h / PATCH, w / PATCH);
+    let (bh_n, bw_n) = (gh / MERGE, gw / MERGE);
+    let table = lut();
+    let mut out = vec![0u16; bh_n * MERGE * bw_n * MERGE * PATCH_DIM];
+    let plane = PATCH * PATCH;
+    for y in 0..bh_n * MERGE * PATCH {
+        let (gy, py) = (y / PATCH, y % PATCH);
+        let (bh, mh) = (gy / MERGE, gy % MERGE);
+        let src_row = &img.rgb[y * w * 3..(y + 1) * w * 3];
+        for gx in 0..bw_n * MERGE {
+            let (bw, mw) = (gx / MERGE, gx % MERGE);
+            let r = ((bh * bw_n + bw) * MERGE + mh) * MERGE + mw;
+            let src = &src_row[gx * PATCH * 3..(gx + 1) * PATCH * 3];
+            let dst = &mut out[r * PATCH_DIM..(r + 1) * PATCH_DIM];
+            for (c, tc) in table.iter().enumerate() {
+                let base = c * TEMPORAL * plane + py * PATCH;
+                let mut vals = [0u16; PATCH];
+                for (v, px) in vals.iter_mut().zip(src.chunks_exact(3)) {
+                    *v = tc[usize::from(px[c])];
+                }
+                dst[base..base + PATCH].copy_from_slice(&vals);
+                dst[base + plane..base + plane + PATCH].copy_from_slice(&vals);
+            }
+        }
+    }
+    (out, (bh_n * MERGE) as u32, (bw_n * MERGE) as u32)
+}

@@ -1,0 +1,186 @@
+//! The two uint8 resamplers of the reference pipeline, integer-exact.
+//!
+//! Both are separable convolutions with Keys' cubic (a = −0.5), antialiased by widening the
+//! kernel by the downscale factor, weights computed in f64 exactly as the reference does and
+//! then quantised to fixed point; a horizontal pass into a uint8 buffer, then a vertical pass.
+//! They differ only in the fixed-point precision:
+//! - torch (`_upsample_bicubic2d_aa` on uint8, what torchvision's `resize(antialias=True)` runs
+//!   on CPU; both its AVX2 kernel and its generic uint8 path use this arithmetic): the precision
+//!   is the largest p < 22 with `round(max_weight · 2^(p+1)) < 2^15`, so weights fit int16.
+//! - Pillow (`Image.resize(..., BICUBIC)`, `Resample.c`): fixed 22-bit precision.
+//!
+//! Each output sample is `clamp((2^(p−1) + Σ w_i · x_i) >> p, 0, 255)` with weights rounded half
+//! away from zero, which is what both reference kernels compute (in any tap order: the sum is
+//! exact in i32).
+
+use super::DecodedImage;
+
+/// Keys' cubic convolution kernel with a = −0.5 (Pillow's `bicubic_filter`, torch's
+/// `aa_filter` for bicubic), same operation order so the f64 results are identical.
+fn cubic(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * A
+    } else {
+        0.0
+    }
+}
+
+/// Fixed-point weights of one axis: output i reads inputs `start[i] .. start[i] + len[i]`
+/// with weights `w[i * stride ..][.. len[i]]`.
+#[derive(Clone, Debug)]
+pub struct AxisWeights {
+    pub start: Vec<usize>,
+    pub len: Vec<usize>,
+    pub stride: usize,
+    pub w: Vec<i32>,
+    pub precision: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    /// torch uint8 path: derived from the largest weight, int16 weights.
+    TorchInt16,
+    /// Pillow: fixed 22 bits.
+    Pillow22,
+}
+
+/// Float weights for `in_size → out_size` as both references compute them (f64).
+fn float_weights(in_size: usize, out_size: usize) -> (Vec<usize>, Vec<usize>, usize, Vec<f64>) {
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = if scale >= 1.0 { scale } else { 1.0 };
+    let support = 2.0 * filterscale;
+    let ksize = support.ceil() as usize * 2 + 1;
+    let invscale = 1.0 / filterscale;
+    let mut start = Vec::with_capacity(out_size);
+    let mut len = Vec::with_capacity(out_size);
+    let mut w = vec![0.0f64; out_size * ksize];
+    for i in 0..out_size {
+        let center = scale * (i as f64 + 0.5);
+        // Truncation toward zero, then clamp: C's `(int64_t)(x + 0.5)`.
+        let xmin = ((center - support + 0.5) as i64).max(0);
+        let xmax = ((center + support + 0.5) as i64).min(in_size as i64);
+        let n = (xmax - xmin).clamp(0, ksize as i64) as usize;
+        let xmin = xmin as usize;
+        let row = &mut w[i * ksize..i * ksize + n];
+        let mut total = 0.0;
+        for (j, wj) in row.iter_mut().enumerate() {
+            *wj = cubic(((j + xmin) as f64 - center + 0.5) * invscale);
+            total += *wj;
+        }
+        if total != 0.0 {
+            for wj in row.iter_mut() {
+                *wj /= total;
+            }
+        }
+        start.push(xmin);
+        len.push(n);
+    }
+    (start, len, ksize, w)
+}
+
+/// Weights of one axis quantised as the chosen reference does.
+pub fn axis_weights(in_size: usize, out_size: usize, precision: Precision) -> AxisWeights {
+    let (start, len, stride, wf) = float_weights(in_size, out_size);
+    let precision = match precision {
+        Precision::Pillow22 => 22,
+        Precision::TorchInt16 => {
+            let wt_max = wf.iter().copied().fold(0.0f64, f64::max);
+            let mut p = 0u32;
+            while p < 22 {
+                let next = (0.5 + wt_max * f64::from(1u32 << (p + 1))) as i32;
+                if next >= (1 << 15) {
+                    break;
+                }
+                p += 1;
+            }
+            p
+        }
+    };
+    let scale = f64::from(1u32 << precision);
+    let w = wf
+        .iter()
+        .map(|&x| {
+            let v = x * scale;
+            if v < 0.0 { (-0.5 + v) as i32 } else { (0.5 + v) as i32 }
+        })
+        .collect();
+    AxisWeights { start, len, stride, w, precision }
+}
+
+/// Horizontal pass on interleaved RGB rows: `src` is `h × in_w × 3`, result `h × out_w × 3`.
+fn horizontal(src: &[u8], h: usize, in_w: usize, ax: &AxisWeights) -> Vec<u8> {
+    let out_w = ax.start.len();
+    let mut out = vec![0u8; h * out_w * 3];
+    let half = 1i32 << (ax.precision - 1);
+    let p = ax.precision;
+    for (src_row, out_row) in src.chunks_exact(in_w * 3).zip(out.chunks_exact_mut(out_w * 3)) {
+        for (x, o) in out_row.chunks_exact_mut(3).enumerate() {
+            let s = ax.start[x];
+            let n = ax.len[x];
+            let ws = &ax.w[x * ax.stride..x * ax.stride + n];
+            let px = &src_row[s * 3..(s + n) * 3];
+            let (mut r, mut g, mut b) = (half, half, half);
+            for (wk, pk) in ws.iter().zip(px.chunks_exact(3)) {
+                r += wk * i32::from(pk[0]);
+                g += wk * i32::from(pk[1]);
+                b += wk * i32::from(pk[2]);
+            }
+            o[0] = (r >> p).clamp(0, 255) as u8;
+            o[1] = (g >> p).clamp(0, 255) as u8;
+            o[2] = (b >> p).clamp(0, 255) as u8;
+        }
+    }
+    out
+}
+
+/// Vertical pass: `src` is `in_h` rows of `row_len` bytes; result `out_h` rows.
+fn vertical(src: &[u8], row_len: usize, ax: &AxisWeights) -> Vec<u8> {
+    let out_h = ax.start.len();
+    let mut out = vec![0u8; out_h * row_len];
+    let half = 1i32 << (ax.precision - 1);
+    let p = ax.precision;
+    let mut acc = vec![0i32; row_len];
+    for (y, out_row) in out.chunks_exact_mut(row_len).enumerate() {
+        acc.fill(half);
+        let s = ax.start[y];
+        let n = ax.len[y];
+        for (k, &wk) in ax.w[y * ax.stride..y * ax.stride + n].iter().enumerate() {
+            let row = &src[(s + k) * row_len..(s + k + 1) * row_len];
+            for (a, &v) in acc.iter_mut().zip(row) {
+                *a += wk * i32::from(v);
+            }
+        }
+        for (o, &a) in out_row.iter_mut().zip(&acc) {
+            *o = (a >> p).clamp(0, 255) as u8;
+        }
+    }
+    out
+}
+
+fn resize(img: &DecodedImage, out_w: u32, out_h: u32, precision: Precision) -> DecodedImage {
+    let (in_w, in_h) = (img.width as usize, img.height as usize);
+    let (ow, oh) = (out_w as usize, out_h as usize);
+    let mut rgb = if ow == in_w {
+        img.rgb.clone()
+    } else {
+        horizontal(&img.rgb, in_h, in_w, &axis_weights(in_w, ow, precision))
+    };
+    if oh != in_h {
+        rgb = vertical(&rgb, ow * 3, &axis_weights(in_h, oh, precision));
+    }
+    DecodedImage { width: out_w, height: out_h, rgb }
+}
+
+/// torchvision `resize(uint8, [h, w], BICUBIC, antialias=True)` on CPU.
+pub fn resize_torch_bicubic_aa(img: &DecodedImage, out_w: u32, out_h: u32) -> DecodedImage {
+    resize(img, out_w, out_h, Precision::TorchInt16)
+}
+
+/// Pillow `Image.resize((w, h), Resampling.BICUBIC)` on an RGB image.
+pub fn resize_pillow_bicubic(img: &DecodedImage, out_w: u32, out_h: u32) -> DecodedImage {
+    resize(img, out_w, out_h, Precision::Pillow22)
+}
