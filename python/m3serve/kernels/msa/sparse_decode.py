@@ -263,15 +263,14 @@ class SparseDecodeWrapper:
         assert q.is_contiguous() and out.is_contiguous(), (
             "FlashInfer rows are a view of contiguous q/out"
         )
-        assert k_cache.stride(0) == hkv * k_cache.stride(1) and v_cache.stride(
-            0
-        ) == hkv * v_cache.stride(1), (
-            "the one-head view needs pages and heads of the HND cache to be one flat dimension"
-        )
+        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+            assert cache.stride(0) == hkv * cache.stride(1), (
+                f"{name}: the one-head view needs pages × heads of the HND cache to be one flat dim"
+            )
         rewrite_kv_indices(topk_ids, page_table, self.kv_indptr, p["q_per_req"], self.kv_indices)
         num_view_pages = k_cache.shape[0] * hkv
-        k_view = k_cache.reshape(num_view_pages, 1, p["block"], d)
-        v_view = v_cache.reshape(num_view_pages, 1, p["block"], d)
+        k_view = k_cache.view(num_view_pages, 1, p["block"], d)  # a view: never a silent copy
+        v_view = v_cache.view(num_view_pages, 1, p["block"], d)
         planned_scale = 1.0 / math.sqrt(d)
         k_scale = None if sm_scale == planned_scale else sm_scale / planned_scale
         self._fi_wrappers[p["rows"]].run(
