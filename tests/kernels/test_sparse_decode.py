@@ -159,8 +159,7 @@ def test_rewrite_kernel_matches_reference(case):
     assert torch.equal(got.cpu(), want.cpu())
 
 
-@pytest.mark.parametrize("config", ["n64s2", "n64s2f"])
-@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("num_splits,config", [(1, "n64s2"), (3, "n64s2"), (3, "n64s2f")])
 def test_split_kernel(num_splits, config):
     """Interpreter on CPU (float32), compiled on GPU (bf16); block 128 so n64 walks 2 sub-tiles."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -176,7 +175,7 @@ def test_split_kernel(num_splits, config):
     scale = 0.7 / math.sqrt(d)
     counters = torch.zeros(rows, dtype=torch.int32, device=dev)
     want = oracle(q, k, v, pt, sel, seq, qn, scale)
-    for _ in range(2):  # twice: the fused merge must leave its tickets at zero
+    for _ in range(2 if config.endswith("f") else 1):  # fused: tickets must return to zero
         sparse_decode_split(
             q, k, v, pt, sel, seq, qn, scale, num_splits, o_part, lse_part, out, config, counters
         )
