@@ -51,6 +51,8 @@ import torch
 D, BLOCK, TOPK, DIDX, CHUNK = 128, 128, 16, 128, 8192
 RESULTS = Path(__file__).parent / "results"
 HEADS = [(64, 4), (16, 1)]
+DEV = "cuda"  # a CPU dry run of the plumbing sets "cpu" (with TRITON_INTERPRET=1)
+SWEEP_CTX = 131072
 
 
 def bench(fn, rep: int = 100) -> float:
@@ -62,10 +64,10 @@ def bench(fn, rep: int = 100) -> float:
 # ----------------------------------------------------------------------------- inputs
 def make_inputs(ctx: int, chunk: int, hq: int, hkv: int, seed: int = 0) -> dict[str, Any]:
     """One request: prefix ctx − chunk, chunk queries; shuffled pages; random q/K/V/index."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
+    g = torch.Generator(device=DEV).manual_seed(seed)
     nblk = math.ceil(ctx / BLOCK)
     num_pages = nblk + 8
-    dev = "cuda"
+    dev = DEV
     perm = torch.randperm(num_pages, device=dev, generator=g)[:nblk].to(torch.int32)
     page_table = perm[None, :].contiguous()
 
@@ -101,7 +103,7 @@ def select(x: dict[str, Any], out: torch.Tensor | None = None) -> torch.Tensor:
 
 def flops(x: dict[str, Any], ids: torch.Tensor) -> tuple[float, float, float]:
     """(sparse useful, dense causal, index scoring) FLOPs of the chunk."""
-    pos = x["ctx"] - x["chunk"] + torch.arange(x["chunk"], device="cuda", dtype=torch.int64)
+    pos = x["ctx"] - x["chunk"] + torch.arange(x["chunk"], device=DEV, dtype=torch.int64)
     idl = ids.long()
     keys = (pos[None, :, None] - idl * BLOCK + 1).clamp(0, BLOCK)
     keys = torch.where((idl >= 0) & (idl <= (pos // BLOCK)[None, :, None]), keys, 0)
@@ -116,10 +118,10 @@ def sglang_layout(x: dict[str, Any]) -> dict[str, torch.Tensor]:
     k_nhd = x["k"].transpose(1, 2).reshape(-1, x["hkv"], D).contiguous()
     v_nhd = x["v"].transpose(1, 2).reshape(-1, x["hkv"], D).contiguous()
     idx_k_nhd = x["idx_k"].reshape(-1, 1, DIDX).contiguous()
-    off = torch.arange(BLOCK, device="cuda", dtype=torch.int32)
+    off = torch.arange(BLOCK, device=DEV, dtype=torch.int32)
     r2t = (x["page_table"][:, :, None] * BLOCK + off).reshape(1, -1)[:, : x["ctx"]].contiguous()
     return dict(k=k_nhd, v=v_nhd, idx_k=idx_k_nhd, r2t=r2t,
-                slot_ids=torch.zeros(1, dtype=torch.int32, device="cuda"))  # fmt: skip
+                slot_ids=torch.zeros(1, dtype=torch.int32, device=DEV))  # fmt: skip
 
 
 def load_sglang():
@@ -208,10 +210,11 @@ def wrapper(x: dict[str, Any], **kw):
     from m3serve.kernels.msa.sparse_prefill import SparsePrefillWrapper
 
     w = SparsePrefillWrapper(**kw)
-    torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if DEV == "cuda" else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     w.plan(x["cu_q"], x["prefix"], x["seq"], x["page_table"], x["hq"], x["hkv"], D, BLOCK, TOPK)
-    torch.cuda.synchronize()
+    sync()
     return w, (time.perf_counter() - t0) * 1e3
 
 
@@ -226,7 +229,10 @@ def main_case(x, ids, fns, tile: dict[str, Any], with_dense: bool = True) -> dic
     w, r["plan_ms"] = wrapper(x, **tile)
     out = w.run(x["q"], x["k"], x["v"], ids, sm)
     r["ours_ms"] = bench(lambda: w.run(x["q"], x["k"], x["v"], ids, sm, out=out))
-    r["tile"] = f"BLOCK_M={w.p.block_m} ITEM_Q={w.p.item_q} hoist={w.p.hoist_kv}"
+    r["tile"] = (
+        f"BLOCK_M={w.p.block_m} ITEM_Q={w.p.item_q} hoist={w.p.hoist_kv} "
+        f"prefetch={w.p.prefetch} unroll={w.p.combine_unroll}"
+    )
     w = None
     wq, _ = wrapper(x, variant="query_major")
     out_q = wq.run(x["q"], x["k"], x["v"], ids, sm)
@@ -234,10 +240,13 @@ def main_case(x, ids, fns, tile: dict[str, Any], with_dense: bool = True) -> dic
     r["query_major_ms"] = bench(lambda: wq.run(x["q"], x["k"], x["v"], ids, sm, out=out_q))
     wq = out_q = None
     if fns is not None:
-        s = sglang_layout(x)
-        o_sg = sglang_main(fns, x, s, ids)
-        r["err_vs_sglang"] = max_err(out, o_sg)
-        r["sglang_main_ms"] = bench(lambda: sglang_main(fns, x, s, ids))
+        try:
+            s = sglang_layout(x)
+            o_sg = sglang_main(fns, x, s, ids)
+            r["err_vs_sglang"] = max_err(out, o_sg)
+            r["sglang_main_ms"] = bench(lambda: sglang_main(fns, x, s, ids))
+        except Exception:
+            traceback.print_exc()
         s = o_sg = None
     if with_dense:
         dn = dense_setup(x)
@@ -267,11 +276,14 @@ def full_case(x, fns, tile: dict[str, Any], with_sglang: bool) -> dict[str, Any]
     w = None
     torch.cuda.empty_cache()
     if fns is not None and with_sglang:
-        s = sglang_layout(x)
-        o_sg = sglang_full(fns, x, s)
-        # different selection kernels may break near-ties differently: report, don't assert
-        r["err_full_vs_sglang"] = max_err(out, o_sg)
-        r["sglang_full_ms"] = bench(lambda: sglang_full(fns, x, s))
+        try:
+            s = sglang_layout(x)
+            o_sg = sglang_full(fns, x, s)
+            # different selection kernels may break near-ties differently: report, don't assert
+            r["err_full_vs_sglang"] = max_err(out, o_sg)
+            r["sglang_full_ms"] = bench(lambda: sglang_full(fns, x, s))
+        except Exception:
+            traceback.print_exc()
         s = o_sg = None
         torch.cuda.empty_cache()
     dn = dense_setup(x)
@@ -283,29 +295,75 @@ def full_case(x, fns, tile: dict[str, Any], with_sglang: bool) -> dict[str, Any]
     return r
 
 
-def sweep(fns) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Tile variants at 128K, 64/4: the fastest becomes the tile of every other case."""
-    x = make_inputs(131072, CHUNK, 64, 4)
+SWEEP = [  # (BLOCK_M, ITEM_Q, hoist K/V, prefetch, unrolled combine)
+    (64, 64, True, False, False),
+    (64, 64, True, True, False),
+    (64, 64, True, True, True),
+    (64, 128, True, True, True),
+    (128, 64, True, True, True),
+    (64, 64, False, True, True),
+]
+
+
+def sweep(fns) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, float]]:
+    """Tile variants at 128K, 64/4: the fastest becomes the tile of every other case.
+
+    Each variant is also checked against the query-major output (itself checked against the
+    reference by --check); the winner's phases are timed apart (index build, main, combine).
+    """
+    from m3serve.kernels.msa.sparse_prefill_plan import build_inverse_index
+    from m3serve.kernels.msa.sparse_prefill_triton import launch_block_major, launch_combine
+
+    x = make_inputs(SWEEP_CTX, CHUNK, *HEADS[0])
     ids = select(x)
     sm = 1 / math.sqrt(D)
+    wq, _ = wrapper(x, variant="query_major")
+    ref_out = wq.run(x["q"], x["k"], x["v"], ids, sm)
     rows = []
     best, best_ms = {}, float("inf")
-    for bm, iq, hoist in [(128, 64, True), (64, 64, True), (128, 128, True), (128, 64, False)]:
-        tile = dict(block_m=bm, item_q=iq, hoist_kv=hoist)
+    for bm, iq, hoist, pf, un in SWEEP:
+        tile = dict(block_m=bm, item_q=iq, hoist_kv=hoist, prefetch=pf, combine_unroll=un)
         try:
             w, _ = wrapper(x, **tile)
             out = w.run(x["q"], x["k"], x["v"], ids, sm)
+            err = max_err(out, ref_out)
             ms = bench(lambda w=w, out=out: w.run(x["q"], x["k"], x["v"], ids, sm, out=out))
         except Exception as err:
-            print(f"[sweep {tile} failed: {type(err).__name__}: {str(err)[:200]}]")
+            print(f"[sweep {tile} failed: {type(err).__name__}: {str(err)[:300]}]")
             continue
-        rows.append({**tile, "ms": ms})
-        print(f"sweep {tile}: {ms:.3f} ms", flush=True)
-        if ms < best_ms:
+        rows.append({**tile, "ms": ms, "err_vs_query_major": err})
+        print(f"sweep {tile}: {ms:.3f} ms, err vs query-major {err:.4f}", flush=True)
+        if ms < best_ms and err < 0.05:
             best, best_ms = tile, ms
         w = out = None
         torch.cuda.empty_cache()
-    return best, rows
+    phases: dict[str, float] = {}
+    try:
+        w, _ = wrapper(x, **best)
+        p, m = w.p, w.p.meta
+        out = w.run(x["q"], x["k"], x["v"], ids, sm)
+
+        def build():
+            build_inverse_index(ids, m, p.block, p.item_q, p.counts, p.row_ptr, p.item_ptr,
+                                p.entries, p.work_row, p.work_start)  # fmt: skip
+
+        def main_k():
+            launch_block_major(x["q"], x["k"], x["v"], p.o_part, p.lse_part, p.entries,
+                               p.row_ptr, p.item_ptr, p.work_row, p.work_start, m.q_pos,
+                               m.gb_page, m.gb_start, m.gb_len, m.num_blocks, p.topk, sm,
+                               p.block_m, p.item_q, p.hoist_kv, p.prefetch)  # fmt: skip
+
+        def combine():
+            launch_combine(p.o_part, p.lse_part, ids, m.q_pos, out, None, p.num_kv_heads,
+                           p.block, p.combine_unroll)  # fmt: skip
+
+        phases = {"index_build_ms": bench(build), "main_kernel_ms": bench(main_k),
+                  "combine_ms": bench(combine), "work_items": int(p.item_ptr[-1]),
+                  "partials_GB": p.o_part.numel() * p.o_part.element_size() / 1e9}  # fmt: skip
+        print("phases (128K, 64/4):", phases, flush=True)
+    except Exception:
+        traceback.print_exc()
+    return best, rows, phases
 
 
 def check_small(fns) -> dict[str, float]:
@@ -445,8 +503,11 @@ def write_markdown(doc: dict[str, Any], path: Path) -> None:
         )  # fmt: skip
     if doc.get("sweep"):
         lines += ["", "Tile sweep (128K, 64/4, main branch ms): " + ", ".join(
-            f"BLOCK_M={s['block_m']} ITEM_Q={s['item_q']} hoist={s['hoist_kv']}: {s['ms']:.3f}"
+            f"BLOCK_M={s['block_m']} ITEM_Q={s['item_q']} hoist={s['hoist_kv']} "
+            f"prefetch={s['prefetch']} unroll={s['combine_unroll']}: {s['ms']:.3f}"
             for s in doc["sweep"])]  # fmt: skip
+    if doc.get("phases"):
+        lines += ["", f"Phases of the chosen tile (128K, 64/4): {json.dumps(doc['phases'])}"]
     if doc.get("check"):
         lines += [
             "",
@@ -519,7 +580,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--sweep", action="store_true", help="time tile variants first, keep the best")
     ap.add_argument("--check", action="store_true", help="correctness vs the reference first")
-    ap.add_argument("--tile", default=None, help="block_m,item_q,hoist (e.g. 128,64,1)")
+    ap.add_argument(
+        "--tile", default=None, help="block_m,item_q,hoist,prefetch,unroll (64,64,1,1,1)"
+    )
     ap.add_argument("--plot-only", action="store_true")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -548,10 +611,12 @@ def main() -> None:
             traceback.print_exc()
     tile: dict[str, Any] = {}
     if args.tile:
-        bm, iq, h = (int(v) for v in args.tile.split(","))
-        tile = dict(block_m=bm, item_q=iq, hoist_kv=bool(h))
+        bm, iq, h, pf, un = (int(v) for v in args.tile.split(","))
+        tile = dict(
+            block_m=bm, item_q=iq, hoist_kv=bool(h), prefetch=bool(pf), combine_unroll=bool(un)
+        )
     if args.sweep:
-        tile, doc["sweep"] = sweep(fns)
+        tile, doc["sweep"], doc["phases"] = sweep(fns)
     doc["tile"] = tile or "default"
     for ctx in [int(c) for c in args.contexts.split(",") if c]:
         for hq, hkv in HEADS:
