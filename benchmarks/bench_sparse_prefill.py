@@ -300,6 +300,7 @@ SWEEP = [  # (BLOCK_M, ITEM_Q, hoist K/V, prefetch, unrolled combine)
     (64, 64, True, True, False),
     (64, 64, True, True, True),
     (64, 128, True, True, True),
+    (64, 256, True, True, True),
     (128, 64, True, True, True),
     (64, 64, False, True, True),
 ]
