@@ -64,8 +64,11 @@ class SparsePrefillPlan:
 def default_tile(group: int) -> tuple[int, int]:
     """(BLOCK_M, ITEM_Q): 64-row tiles and 64 (query, slot) pairs per work item.
 
-    Measured on H200 (64 q / 4 KV heads, 128K context, 8K chunk): 64-row tiles beat 128-row
-    ones (2.97 vs 3.59 ms; the resident K/V block leaves little room for a 128-row S and O).
+    Measured on H200 (64 q / 4 KV heads, 128K context, 8K chunk, whole run()): 64-row tiles beat
+    128-row ones (2.97 vs 3.59 ms; the resident K/V block leaves little room for a 128-row S and
+    O); ITEM_Q 128/256 within 2 % of 64. With the prefetching loop (default) run() takes 2.41 ms
+    vs 2.87 without; the unrolled combine (combine_unroll=True) spills and costs +7.5 ms, hence
+    off by default. benchmarks/results/sparse_prefill.md has the sweep.
     """
     gp = triton.next_power_of_2(group)
     block_m = max(64, gp)
@@ -82,7 +85,7 @@ class SparsePrefillWrapper:
         item_q: int | None = None,
         hoist_kv: bool = True,
         prefetch: bool = True,
-        combine_unroll: bool = True,
+        combine_unroll: bool = False,
         partial_dtype: torch.dtype = torch.bfloat16,
     ) -> None:
         assert variant in ("block_major", "query_major"), f"unknown variant {variant!r}"
