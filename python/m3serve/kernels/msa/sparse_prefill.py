@@ -13,8 +13,10 @@ sized in plan() for the worst case, so the launches can be captured in a CUDA gr
 ``variant="query_major"`` runs the comparison kernel (sparse_prefill_query_major.py) instead.
 
 Conventions (shapes, topk_ids layout, ragged metadata) are those of reference.py. Constraints:
-bf16/fp16 q and caches, head_dim and block powers of two ≥ 16, H_q % H_kv == 0 with a group of
-1..128/… (a 64- or 128-row tile holds whole groups), topk_ids distinct within a row.
+bf16/fp16 q and caches, head_dim and block powers of two ≥ 16, H_q % H_kv == 0 (any group; a
+tile holds whole groups, BLOCK_M = max(64, next_pow2(group))), topk_ids distinct within a row
+(MSA's top-k never repeats a block). Memory: plan() allocates T·k·H_q·D partials in bf16
+(2.1 GB for an 8K chunk at 64 q heads, k = 16) plus small int32 index buffers.
 """
 
 from __future__ import annotations

@@ -18,9 +18,17 @@ log-sum-exp in slot order (deterministic whatever order the inverse index had):
 
     m = max_s lse_s;  out = Σ_s 2^(lse_s − m) O_s / Σ_s 2^(lse_s − m)
 
-Rows of a tile are query-major-then-head (row = q·GP + h), so the GQA group shares each K/V tile
-and a tile holds 64 or 128 useful rows once GP ≥ 16 / BLOCK_M·GP; heads ≥ group (GP padding for
-non-power-of-two groups) are masked.
+Rows of a tile are query-major-then-head (row = q·GP + h, GP = next power of two ≥ group), so
+the GQA group shares each K/V tile: a 64-row tile is 4 queries × 16 heads at M3's group 16, 64
+queries × 1 head at group 1; padded heads (non-power-of-two groups) are masked.
+
+The tile loop is software-pipelined by hand (PREFETCH): entries are loaded two tiles ahead and
+query rows one tile ahead, so the dependent gather (entry → query row) is in flight during the
+current tile's MMAs (H200, 64 q / 4 KV, 128K context, 8K chunk: run() 2.41 ms vs 2.87 ms).
+
+Traffic floor of the design, per 8K chunk at 64 q heads, k = 16: partials are T·k·H_q·D bf16 =
+2.1 GB written by the main kernel and read by the combine (the combine alone runs at ≈ 3.7 TB/s
+on H200); the main kernel's MMAs are ≈ 0.53 TFLOP of useful work.
 """
 
 from __future__ import annotations
