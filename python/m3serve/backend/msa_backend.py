@@ -14,7 +14,8 @@ as [pages, block, H_kv, D] and transposed to the HND view the kernels index by p
 caches are this backend's own, one per sparse layer, [pages, block, d_index], bf16 (float32
 when the model runs in float32, for exact comparisons).
 
-Kernels: the torch references everywhere (CPU CI, and the ground truth); on CUDA the fast
+Kernels: on CPU the MSA references for index-K storage and block selection, and a vectorised
+torch equivalent of the reference attention (backend/torch_attention.py); on CUDA the fast
 kernels from m3serve.kernels.msa, imported lazily, with the reference as fallback. Set
 ``M3SERVE_MSA_IMPL=reference`` to force the references on CUDA too.
 """
@@ -28,6 +29,7 @@ from typing import Any
 
 import torch
 
+from m3serve.backend.torch_attention import paged_attention
 from m3serve.kernels.msa import reference as ref
 
 logger = logging.getLogger(__name__)
@@ -158,11 +160,11 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
         k_cache, v_cache = self._paged_kv(layer.layer_id)
         sparse = idx_q is not None
         if not sparse:
-            out = ref.ref_dense_causal_attention(
+            out = paged_attention(
                 q3, k_cache, v_cache, md.page_table, md.cu_q, md.prefix_lens, md.seq_lens,
                 layer.scaling,
             )  # fmt: skip
-            return out.to(q.dtype).view(q3.shape[0], hq * d)
+            return out.view(q3.shape[0], hq * d)
         assert layer.layer_id in self.sparse_layers, f"layer {layer.layer_id} is not an MSA layer"
         cache = self.index_k[layer.layer_id]
         if save_kv_cache and idx_k is not None:
@@ -170,11 +172,11 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
         topk_ids = ref.ref_select_blocks(
             idx_q, cache, None, md.page_table, md.cu_q, md.prefix_lens, md.seq_lens, self.topk
         )
-        out = ref.ref_sparse_attention(
-            q3, k_cache, v_cache, md.page_table, md.cu_q, md.prefix_lens, md.seq_lens, topk_ids,
-            layer.scaling,
+        out = paged_attention(
+            q3, k_cache, v_cache, md.page_table, md.cu_q, md.prefix_lens, md.seq_lens,
+            layer.scaling, topk_ids,
         )  # fmt: skip
-        return None, out.to(q.dtype)
+        return None, out
 
     def forward_extend(
         self, q, k, v, layer, forward_batch, save_kv_cache=True, idx_q=None, idx_k=None,

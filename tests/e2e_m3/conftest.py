@@ -1,0 +1,74 @@
+"""Session fixtures for the end-to-end M3 tests: one tiny M3 checkpoint, one real SGLang server
+(``python -m sglang.launch_server`` on CPU with the m3serve plugin and the ``msa`` backend), and
+transformers' independent MiniMax-M3 implementation loading the same checkpoint.
+
+The server runs in float32 with the MSA block size 16 and top-k 4 from the tiny config, and a
+chunked-prefill size of 64 tokens, so prompts of a few hundred tokens cross many blocks, select
+sparsely and arrive in several chunks; float32 makes the comparison with transformers exact up to
+float rounding (block selection has no near-ties to flip).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+CHUNK = 64
+
+
+@pytest.fixture(scope="session")
+def m3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from m3serve.checkpoint.make_tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny-m3"))
+
+
+@pytest.fixture(scope="session")
+def m3_server(m3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from m3serve.launch import SGLangServer
+
+    log = tmp_path_factory.mktemp("m3-server") / "server.log"
+    server = SGLangServer(
+        m3_dir,
+        log_path=log,
+        startup_timeout=float(os.environ.get("M3SERVE_TEST_SERVER_TIMEOUT", "480")),
+        extra_args=[
+            "--attention-backend", "msa",
+            "--page-size", "16",
+            "--dtype", "float32",
+            "--chunked-prefill-size", str(CHUNK),
+            "--skip-server-warmup",
+            "--enable-cache-report",
+        ],
+    )  # fmt: skip
+    server.start()
+    yield server
+    pgid = server.proc.pid
+    server.stop()
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return
+    raise AssertionError(f"SGLang server process group {pgid} still has live processes")
+
+
+@pytest.fixture(scope="session")
+def hf_m3(m3_dir: Path) -> Any:
+    import torch
+    from transformers import MiniMaxM3SparseForConditionalGeneration
+
+    return MiniMaxM3SparseForConditionalGeneration.from_pretrained(m3_dir, dtype=torch.float32).eval()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
+    report = yield
+    if report.when == "call" and report.failed and "m3_server" in getattr(item, "fixturenames", ()):
+        server = item.funcargs.get("m3_server")
+        if server is not None:
+            report.sections.append(("m3 server log tail", server.log_tail(60)))
+    return report
