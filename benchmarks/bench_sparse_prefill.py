@@ -299,10 +299,10 @@ SWEEP = [  # (BLOCK_M, ITEM_Q, hoist K/V, prefetch, unrolled combine)
     (64, 64, True, False, False),
     (64, 64, True, True, False),
     (64, 64, True, True, True),
-    (64, 128, True, True, True),
-    (64, 256, True, True, True),
-    (128, 64, True, True, True),
-    (64, 64, False, True, True),
+    (64, 128, True, True, False),
+    (64, 256, True, True, False),
+    (128, 64, True, True, False),
+    (64, 64, False, True, False),
 ]
 
 
