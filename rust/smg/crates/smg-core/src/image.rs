@@ -12,6 +12,9 @@
 //! [`exif`] (orientation), [`sizing`] (target size), [`resize`] (the two resamplers),
 //! [`patchify`] (normalise + bf16 + merge-block-major flattening).
 
+// Prose names (SGLang, TurboJPEG, OpenAI) need no backticks; w/h/x/y/c are image math.
+#![allow(clippy::doc_markdown, clippy::many_single_char_names)]
+
 pub mod decode;
 pub mod exif;
 pub mod patchify;

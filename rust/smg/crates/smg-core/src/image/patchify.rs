@@ -17,7 +17,9 @@ pub const TEMPORAL: usize = 2;
 pub const PATCH_DIM: usize = 3 * TEMPORAL * PATCH * PATCH;
 
 /// OpenAI CLIP normalisation constants (transformers' `OPENAI_CLIP_MEAN` / `_STD`).
+#[allow(clippy::excessive_precision)] // digits as in transformers' constants
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+#[allow(clippy::excessive_precision)]
 pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_1];
 
 /// float32 → bf16 bits, round to nearest even (torch's conversion for finite values).

@@ -66,7 +66,7 @@ pub fn aligned_long_side(
     check_aspect(height, width, max_aspect_ratio)?;
     if factor == 0
         || !(MIN_LONG_SIDE_PIXEL..=MAX_LONG_SIDE_PIXEL).contains(&max_long_side_pixel)
-        || max_long_side_pixel % factor != 0
+        || !max_long_side_pixel.is_multiple_of(factor)
     {
         return Err(ImageError::InvalidOption(format!(
             "max_long_side_pixel must be a multiple of {factor} in \
