@@ -177,7 +177,7 @@ fn decode_rgb<'py>(
     numpy_array(py, &img.rgb, "uint8", &[img.height as usize, img.width as usize, 3])
 }
 
-/// `(h, w)` the image is resized to (transformers `smart_resize`, or SGLang's long-side rule).
+/// `(h, w)` the image is resized to (transformers' `smart_resize`, or the long-side rule).
 #[pyfunction]
 #[pyo3(signature = (height, width, *, max_long_side_pixel=None, min_pixels=3136,
     max_pixels=451_584, factor=28, max_aspect_ratio=200.0))]

