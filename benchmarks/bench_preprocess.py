@@ -103,24 +103,44 @@ def main() -> None:
 
     hf = MiniMaxM3VLImageProcessor()
     pilproc = Qwen2VLImageProcessorPil(
-        min_pixels=3136, max_pixels=451_584, patch_size=14, merge_size=2, temporal_patch_size=2,
-        image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD,
+        min_pixels=3136,
+        max_pixels=451_584,
+        patch_size=14,
+        merge_size=2,
+        temporal_patch_size=2,
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
     )
 
     cases: list[dict] = []
     rows: list[str] = []
 
-    def add(case: str, ours: list[float] | float, baseline: str, base: list[float] | float,
-            unit: str = "ms") -> None:
+    def add(
+        case: str,
+        ours: list[float] | float,
+        baseline: str,
+        base: list[float] | float,
+        unit: str = "ms",
+    ) -> None:
         o = p50(ours) if isinstance(ours, list) else ours
         b = p50(base) if isinstance(base, list) else base
         ratio = b / o if unit == "ms" else o / b
-        cases.append({"case": case, "ours": round(o, 4), "baseline": baseline,
-                      "baseline_value": round(b, 4), "unit": unit, "ratio": round(ratio, 3),
-                      "roofline_fraction": None})
+        cases.append(
+            {
+                "case": case,
+                "ours": round(o, 4),
+                "baseline": baseline,
+                "baseline_value": round(b, 4),
+                "unit": unit,
+                "ratio": round(ratio, 3),
+                "roofline_fraction": None,
+            }
+        )
         o99 = f"{p99(ours):.2f}" if isinstance(ours, list) else "-"
         b99 = f"{p99(base):.2f}" if isinstance(base, list) else "-"
-        rows.append(f"| {case} | {o:.2f} | {o99} | {baseline} | {b:.2f} | {b99} | {unit} | {ratio:.2f}x |")
+        rows.append(
+            f"| {case} | {o:.2f} | {o99} | {baseline} | {b:.2f} | {b99} | {unit} | {ratio:.2f}x |"
+        )
         print(rows[-1], flush=True)
 
     for w, h in SIZES:
@@ -136,7 +156,9 @@ def main() -> None:
 
             t_ours = timeit(ours_total, iters)
             t_hf = timeit(lambda data=data: hf(images=pil_decode(data), return_tensors="pt"), iters)
-            t_pil = timeit(lambda data=data: pilproc(images=pil_decode(data), return_tensors="pt"), iters)
+            t_pil = timeit(
+                lambda data=data: pilproc(images=pil_decode(data), return_tensors="pt"), iters
+            )
             decoded = pil_decode(data)
             t_pil_dec = timeit(lambda data=data: pil_decode(data), iters)
             t_hf_after = timeit(lambda im=decoded: hf(images=im, return_tensors="pt"), iters)
@@ -144,12 +166,32 @@ def main() -> None:
             t_ours_dec = [t.decode_us / 1e3 for t in ts]
             t_ours_after = [(t.resize_us + t.normalize_patchify_us) / 1e3 for t in ts]
 
-            add(f"{tag} whole request (decode incl.)", t_ours, "HF MiniMaxM3VLImageProcessor (torchvision)", t_hf)
-            add(f"{tag} whole request (decode incl.)", t_ours, "HF Qwen2VLImageProcessorPil (M3 params)", t_pil)
+            add(
+                f"{tag} whole request (decode incl.)",
+                t_ours,
+                "HF MiniMaxM3VLImageProcessor (torchvision)",
+                t_hf,
+            )
+            add(
+                f"{tag} whole request (decode incl.)",
+                t_ours,
+                "HF Qwen2VLImageProcessorPil (M3 params)",
+                t_pil,
+            )
             add(f"{tag} decode", t_ours_dec, "PIL open+exif_transpose+convert(RGB)", t_pil_dec)
-            add(f"{tag} resize+normalize+patchify", t_ours_after, "HF MiniMaxM3VLImageProcessor on decoded image", t_hf_after)
-            add(f"{tag} throughput per core", 1e3 / p50(t_ours), "HF MiniMaxM3VLImageProcessor (torchvision)",
-                1e3 / p50(t_hf), unit="img/s")
+            add(
+                f"{tag} resize+normalize+patchify",
+                t_ours_after,
+                "HF MiniMaxM3VLImageProcessor on decoded image",
+                t_hf_after,
+            )
+            add(
+                f"{tag} throughput per core",
+                1e3 / p50(t_ours),
+                "HF MiniMaxM3VLImageProcessor (torchvision)",
+                1e3 / p50(t_hf),
+                unit="img/s",
+            )
 
     # Scaling with cores: the GIL is released, so threads run in parallel.
     data = encode(make_image(1280, 960), "JPEG")
@@ -161,18 +203,35 @@ def main() -> None:
             t0 = time.perf_counter()
             list(ex.map(pp.preprocess, [data] * n_img))
             rates[threads] = n_img / (time.perf_counter() - t0)
-    add("1280x960 JPEG throughput, 2 threads vs 1 thread (ours)", rates[2], "ours, 1 thread", rates[1], unit="img/s")
+    add(
+        "1280x960 JPEG throughput, 2 threads vs 1 thread (ours)",
+        rates[2],
+        "ours, 1 thread",
+        rates[1],
+        unit="img/s",
+    )
 
-    versions = {"torch": torch.__version__, "transformers": transformers.__version__,
-                "pillow": Image.__version__, "triton": None, "flashinfer": None, "sglang": None}
+    versions = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "pillow": Image.__version__,
+        "triton": None,
+        "flashinfer": None,
+        "sglang": None,
+    }
     try:
         import torchvision
 
         versions["torchvision"] = torchvision.__version__
     except ImportError:
         pass
-    result = {"benchmark": "preprocess_cpu", "card": cpu_model(),
-              "date": datetime.date.today().isoformat(), "versions": versions, "cases": cases}
+    result = {
+        "benchmark": "preprocess_cpu",
+        "card": cpu_model(),
+        "date": datetime.date.today().isoformat(),
+        "versions": versions,
+        "cases": cases,
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "preprocess_cpu.json").write_text(json.dumps(result, indent=2) + "\n")
     md = [

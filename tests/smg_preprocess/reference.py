@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-
 from transformers.image_utils import SizeDict
 from transformers.models.minimax_m3_vl.image_processing_minimax_m3_vl import (
     MiniMaxM3VLImageProcessor,
@@ -50,7 +49,9 @@ def hf_resized_uint8(data: bytes) -> np.ndarray:
     t = tvF.pil_to_tensor(pil_rgb(data)).unsqueeze(0)
     out = proc.resize(
         t,
-        size=SizeDict(shortest_edge=proc.size["shortest_edge"], longest_edge=proc.size["longest_edge"]),
+        size=SizeDict(
+            shortest_edge=proc.size["shortest_edge"], longest_edge=proc.size["longest_edge"]
+        ),
         resample=proc.resample,
         factor=proc.patch_size * proc.merge_size,
     )
@@ -67,15 +68,17 @@ def hf_pixel_values(image: Image.Image, *, do_resize: bool = True) -> torch.Tens
 def _sglang_namespace() -> dict[str, Any]:
     spec = importlib.util.find_spec("sglang")
     assert spec is not None and spec.submodule_search_locations
-    src = Path(next(iter(spec.submodule_search_locations))) / "srt/multimodal/processors/minimax_m3_vl.py"
+    src = (
+        Path(next(iter(spec.submodule_search_locations)))
+        / "srt/multimodal/processors/minimax_m3_vl.py"
+    )
     tree = ast.parse(src.read_text())
     wanted_funcs = {"_compute_aligned_size", "_resize_image_to_long_side"}
     body: list[ast.stmt] = []
     for node in tree.body:
-        if isinstance(node, ast.FunctionDef) and node.name in wanted_funcs:
-            body.append(node)
-        elif isinstance(node, ast.Assign) and all(
-            isinstance(t, ast.Name) and t.id.isupper() for t in node.targets
+        if (isinstance(node, ast.FunctionDef) and node.name in wanted_funcs) or (
+            isinstance(node, ast.Assign)
+            and all(isinstance(t, ast.Name) and t.id.isupper() for t in node.targets)
         ):
             body.append(node)
     ns: dict[str, Any] = {"Image": Image, "Tuple": tuple, "math": math}

@@ -60,8 +60,20 @@ def test_photos_resize_bit_exact(name: str, fmt: str) -> None:
 
 @pytest.mark.parametrize(
     "h,w",
-    [(1, 1), (29, 27), (27, 29), (56, 56), (100, 3000), (3000, 100), (480, 640), (960, 1280),
-     (1000, 1001), (2, 399), (777, 333), (15, 2900)],
+    [
+        (1, 1),
+        (29, 27),
+        (27, 29),
+        (56, 56),
+        (100, 3000),
+        (3000, 100),
+        (480, 640),
+        (960, 1280),
+        (1000, 1001),
+        (2, 399),
+        (777, 333),
+        (15, 2900),
+    ],
 )
 def test_awkward_sizes_bit_exact(h: int, w: int) -> None:
     data = encode(noise_rgb(h, w, seed=h * 7 + w), "PNG")
@@ -93,7 +105,9 @@ def test_max_long_side_pixel_matches_sglang(name: str, cap: int) -> None:
     assert torch.equal(pre.pixel_values, ref.to(torch.bfloat16))
 
 
-@pytest.mark.parametrize("h,w", [(1, 1), (29, 27), (50, 9000), (3000, 3001), (111, 113), (17, 3000)])
+@pytest.mark.parametrize(
+    "h,w", [(1, 1), (29, 27), (50, 9000), (3000, 3001), (111, 113), (17, 3000)]
+)
 def test_long_side_sizes_match_sglang(h: int, w: int) -> None:
     for cap in (112, 1008, 3584):
         assert pp.target_size(h, w, max_long_side_pixel=cap) == sglang_aligned_size(h, w, cap)
@@ -115,12 +129,18 @@ def _modes() -> dict[str, bytes]:
         "LA": encode(Image.fromarray(np.dstack([gray, rgb[..., 1]]), "LA"), "PNG"),
         "RGBA": encode(Image.fromarray(np.dstack([rgb, gray]), "RGBA"), "PNG"),
         "RGBA_webp": encode(Image.fromarray(np.dstack([rgb, gray]), "RGBA"), "WEBP"),
-        "P": encode(Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=200), "PNG"),
-        "P_4bit": encode(Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=16), "PNG", bits=4),
+        "P": encode(
+            Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=200), "PNG"
+        ),
+        "P_4bit": encode(
+            Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=16),
+            "PNG",
+            bits=4,
+        ),
         "P_trns": encode(Image.fromarray(rgb).quantize(64), "PNG", transparency=5),
         "1bit": encode(Image.fromarray(gray > 128), "PNG"),
-        "I16": encode(Image.fromarray((gray.astype(np.uint16) * 3)), "PNG"),
-        "I16_big": encode(Image.fromarray((gray.astype(np.uint16) * 257)), "PNG"),
+        "I16": encode(Image.fromarray(gray.astype(np.uint16) * 3), "PNG"),
+        "I16_big": encode(Image.fromarray(gray.astype(np.uint16) * 257), "PNG"),
         "gray_jpeg": encode(gray, "JPEG", quality=88),
         "GIF": encode(Image.fromarray(rgb).quantize(100), "GIF"),
         "GIF_gray": encode(Image.fromarray(gray), "GIF"),
@@ -144,10 +164,17 @@ def _png16(arr: np.ndarray, color_type: int) -> bytes:
     raw = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))
 
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
 
     ihdr = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
 
 
 MODES = _modes()
