@@ -41,7 +41,6 @@ def m3_server(m3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             "--page-size", "16",
             "--dtype", "float32",
             "--chunked-prefill-size", str(CHUNK),
-            "--skip-server-warmup",
             "--enable-cache-report",
         ],
     )  # fmt: skip
