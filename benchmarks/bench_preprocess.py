@@ -9,7 +9,8 @@ Cases, per input (640x480, 1280x960, 4032x3024; JPEG q90 and PNG):
 - after decode (resize + normalise + patchify): ours vs the M3 processor on a decoded image.
 Throughput (img/s per core) is 1000 / p50 ms. torch runs with 1 thread; ours is single-threaded.
 All in one process on the same bytes. Writes benchmarks/results/preprocess_cpu.{json,md}.
-Usage: taskset -c 0 python benchmarks/bench_preprocess.py [--iters 15]
+Usage: python benchmarks/bench_preprocess.py [--iters 15]  (pins itself to one CPU; the
+thread-scaling case then widens the affinity to every CPU).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import concurrent.futures as cf
 import datetime
 import io
 import json
+import os
 import platform
 import statistics
 import time
@@ -90,6 +92,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=15)
     args = ap.parse_args()
+    all_cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(all_cpus)})
     torch.set_num_threads(1)
 
     import transformers
@@ -193,7 +197,9 @@ def main() -> None:
                 unit="img/s",
             )
 
-    # Scaling with cores: the GIL is released, so threads run in parallel.
+    # Scaling with cores: the GIL is released, so threads run in parallel. Pool threads are
+    # created after the affinity is widened, so they inherit every CPU.
+    os.sched_setaffinity(0, all_cpus)
     data = encode(make_image(1280, 960), "JPEG")
     n_img = 40
     rates = {}

@@ -27,7 +27,12 @@ pub struct FetchPolicy {
 
 impl Default for FetchPolicy {
     fn default() -> Self {
-        Self { file_root: None, allow_http: false, allow_private_hosts: false, max_bytes: 32 * 1024 * 1024 }
+        Self {
+            file_root: None,
+            allow_http: false,
+            allow_private_hosts: false,
+            max_bytes: 32 * 1024 * 1024,
+        }
     }
 }
 
@@ -76,7 +81,10 @@ impl fmt::Display for FetchError {
             Self::Forbidden(why) => write!(f, "image URL not allowed: {why}"),
             Self::NotFound(why) => write!(f, "image file not found: {why}"),
             Self::TooLarge { bytes, limit } => {
-                write!(f, "image is at least {bytes} bytes, above the limit of {limit} bytes")
+                write!(
+                    f,
+                    "image is at least {bytes} bytes, above the limit of {limit} bytes"
+                )
             }
         }
     }
@@ -87,23 +95,36 @@ impl std::error::Error for FetchError {}
 /// Resolve an `image_url` value to bytes (data:, file://) or an http(s) URL to fetch.
 pub fn resolve_image_url(url: &str, policy: &FetchPolicy) -> Result<ImageSource, FetchError> {
     let url = url.trim();
-    let lower_prefix = url.get(..url.len().min(8)).unwrap_or("").to_ascii_lowercase();
+    let lower_prefix = url
+        .get(..url.len().min(8))
+        .unwrap_or("")
+        .to_ascii_lowercase();
     if lower_prefix.starts_with("data:") {
         decode_data_url(url, policy.max_bytes).map(ImageSource::Bytes)
     } else if lower_prefix.starts_with("file://") {
         read_file_url(&url[7..], policy).map(ImageSource::Bytes)
     } else if lower_prefix.starts_with("http://") || lower_prefix.starts_with("https://") {
         if !policy.allow_http {
-            return Err(FetchError::Forbidden("http(s) image URLs are disabled on this server".into()));
+            return Err(FetchError::Forbidden(
+                "http(s) image URLs are disabled on this server".into(),
+            ));
         }
         let rest = &url[url.find("://").map_or(0, |i| i + 3)..];
         let host = rest.split(['/', '?', '#']).next().unwrap_or("");
         if host.is_empty() || host.contains(char::is_whitespace) || host.contains('@') {
-            return Err(FetchError::InvalidUrl("http(s) URL needs a host (no user info)".into()));
+            return Err(FetchError::InvalidUrl(
+                "http(s) URL needs a host (no user info)".into(),
+            ));
         }
         Ok(ImageSource::Http(url.to_string()))
     } else {
-        let scheme = url.split(':').next().unwrap_or("").chars().take(16).collect::<String>();
+        let scheme = url
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .chars()
+            .take(16)
+            .collect::<String>();
         Err(FetchError::InvalidUrl(format!(
             "unsupported scheme {scheme:?}; use data:image/...;base64, file:// or http(s)://"
         )))
@@ -122,22 +143,33 @@ fn decode_data_url(url: &str, max_bytes: usize) -> Result<Vec<u8>, FetchError> {
         .ok_or_else(|| FetchError::InvalidUrl("data: URL has no ',' before the payload".into()))?;
     let meta = &url[5..comma];
     if !meta.split(';').any(|p| p.eq_ignore_ascii_case("base64")) {
-        return Err(FetchError::InvalidUrl("data: URL must be base64 (data:image/png;base64,...)".into()));
+        return Err(FetchError::InvalidUrl(
+            "data: URL must be base64 (data:image/png;base64,...)".into(),
+        ));
     }
     let payload = url[comma + 1..].trim();
     let approx = payload.len() / 4 * 3;
     if approx > max_bytes.saturating_add(3) {
-        return Err(FetchError::TooLarge { bytes: approx, limit: max_bytes });
+        return Err(FetchError::TooLarge {
+            bytes: approx,
+            limit: max_bytes,
+        });
     }
     let bytes = if payload.bytes().any(|b| b.is_ascii_whitespace()) {
-        let cleaned: Vec<u8> = payload.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+        let cleaned: Vec<u8> = payload
+            .bytes()
+            .filter(|b| !b.is_ascii_whitespace())
+            .collect();
         B64.decode(cleaned)
     } else {
         B64.decode(payload)
     }
     .map_err(|e| FetchError::InvalidBase64(e.to_string()))?;
     if bytes.len() > max_bytes {
-        return Err(FetchError::TooLarge { bytes: bytes.len(), limit: max_bytes });
+        return Err(FetchError::TooLarge {
+            bytes: bytes.len(),
+            limit: max_bytes,
+        });
     }
     Ok(bytes)
 }
@@ -164,14 +196,15 @@ fn percent_decode(s: &str) -> Result<Vec<u8>, FetchError> {
 }
 
 fn read_file_url(rest: &str, policy: &FetchPolicy) -> Result<Vec<u8>, FetchError> {
-    let root = policy
-        .file_root
-        .as_ref()
-        .ok_or_else(|| FetchError::Forbidden("file:// image URLs are disabled on this server".into()))?;
+    let root = policy.file_root.as_ref().ok_or_else(|| {
+        FetchError::Forbidden("file:// image URLs are disabled on this server".into())
+    })?;
     // file:///abs/path or file://localhost/abs/path; no other hosts.
     let path_part = rest.strip_prefix("localhost").unwrap_or(rest);
     if !path_part.starts_with('/') {
-        return Err(FetchError::InvalidUrl("file:// URL must be file:///absolute/path".into()));
+        return Err(FetchError::InvalidUrl(
+            "file:// URL must be file:///absolute/path".into(),
+        ));
     }
     let path_part = path_part.split(['?', '#']).next().unwrap_or("");
     let decoded = percent_decode(path_part)?;
@@ -188,23 +221,35 @@ fn read_file_url(rest: &str, policy: &FetchPolicy) -> Result<Vec<u8>, FetchError
         .canonicalize()
         .map_err(|_| FetchError::NotFound(path_str.clone()))?;
     if !real.starts_with(&root) {
-        return Err(FetchError::Forbidden(format!("{path_str} is outside the allowed file root")));
+        return Err(FetchError::Forbidden(format!(
+            "{path_str} is outside the allowed file root"
+        )));
     }
     let file = std::fs::File::open(&real).map_err(|_| FetchError::NotFound(path_str.clone()))?;
-    let meta = file.metadata().map_err(|_| FetchError::NotFound(path_str.clone()))?;
+    let meta = file
+        .metadata()
+        .map_err(|_| FetchError::NotFound(path_str.clone()))?;
     if !meta.is_file() {
-        return Err(FetchError::NotFound(format!("{path_str} is not a regular file")));
+        return Err(FetchError::NotFound(format!(
+            "{path_str} is not a regular file"
+        )));
     }
     let len = usize::try_from(meta.len()).unwrap_or(usize::MAX);
     if len > policy.max_bytes {
-        return Err(FetchError::TooLarge { bytes: len, limit: policy.max_bytes });
+        return Err(FetchError::TooLarge {
+            bytes: len,
+            limit: policy.max_bytes,
+        });
     }
     let mut bytes = Vec::with_capacity(len);
     file.take(policy.max_bytes as u64 + 1)
         .read_to_end(&mut bytes)
         .map_err(|e| FetchError::NotFound(format!("{path_str}: {e}")))?;
     if bytes.len() > policy.max_bytes {
-        return Err(FetchError::TooLarge { bytes: bytes.len(), limit: policy.max_bytes });
+        return Err(FetchError::TooLarge {
+            bytes: bytes.len(),
+            limit: policy.max_bytes,
+        });
     }
     Ok(bytes)
 }

@@ -50,10 +50,16 @@ mod tests {
         assert_eq!(a.len(), 64);
         assert_eq!(a, image_hash(b"abc", &o));
         assert_ne!(a, image_hash(b"abd", &o));
-        let o2 = ImageOptions { max_long_side_pixel: Some(1008), ..o.clone() };
+        let o2 = ImageOptions {
+            max_long_side_pixel: Some(1008),
+            ..o.clone()
+        };
         assert_ne!(a, image_hash(b"abc", &o2));
         // Limits that only accept/refuse do not change the tensor, hence not the hash.
-        let o3 = ImageOptions { max_input_bytes: 5, ..o };
+        let o3 = ImageOptions {
+            max_input_bytes: 5,
+            ..o
+        };
         assert_eq!(a, image_hash(b"abc", &o3));
     }
 }

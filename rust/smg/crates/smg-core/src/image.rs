@@ -107,7 +107,12 @@ pub enum ImageError {
     /// Header dimensions above `max_input_pixels` (checked before decoding).
     TooManyPixels { width: u64, height: u64, limit: u64 },
     /// `max(h, w) / min(h, w)` above `max_aspect_ratio`.
-    AspectRatio { width: u32, height: u32, ratio: f64, limit: f64 },
+    AspectRatio {
+        width: u32,
+        height: u32,
+        ratio: f64,
+        limit: f64,
+    },
     /// An option is out of its range (e.g. `max_long_side_pixel`).
     InvalidOption(String),
 }
@@ -134,14 +139,26 @@ impl fmt::Display for ImageError {
             ),
             Self::InvalidImage(why) => write!(f, "invalid image data: {why}"),
             Self::TooManyBytes { bytes, limit } => {
-                write!(f, "image is {bytes} bytes, above the limit of {limit} bytes")
+                write!(
+                    f,
+                    "image is {bytes} bytes, above the limit of {limit} bytes"
+                )
             }
-            Self::TooManyPixels { width, height, limit } => write!(
+            Self::TooManyPixels {
+                width,
+                height,
+                limit,
+            } => write!(
                 f,
                 "image is {width}x{height} = {} pixels, above the limit of {limit} pixels",
                 width * height
             ),
-            Self::AspectRatio { width, height, ratio, limit } => write!(
+            Self::AspectRatio {
+                width,
+                height,
+                ratio,
+                limit,
+            } => write!(
                 f,
                 "image is {width}x{height}: aspect ratio {ratio:.1} is above the limit of {limit}"
             ),
@@ -181,7 +198,10 @@ pub fn resize_for_model(
 }
 
 /// Decode, orient, convert, size, resize, normalise and patchify one image.
-pub fn preprocess_image(bytes: &[u8], opts: &ImageOptions) -> Result<PreprocessedImage, ImageError> {
+pub fn preprocess_image(
+    bytes: &[u8],
+    opts: &ImageOptions,
+) -> Result<PreprocessedImage, ImageError> {
     let (img, mut timings) = resize_for_model(bytes, opts)?;
     let t2 = Instant::now();
     let (patches, grid_h, grid_w) = patchify::normalize_patchify(&img);

@@ -18,7 +18,13 @@ impl Rng {
     }
 }
 
-fn png_bytes(w: u32, h: u32, color: png::ColorType, depth: png::BitDepth, rng: &mut Rng) -> Vec<u8> {
+fn png_bytes(
+    w: u32,
+    h: u32,
+    color: png::ColorType,
+    depth: png::BitDepth,
+    rng: &mut Rng,
+) -> Vec<u8> {
     let mut out = Vec::new();
     {
         let mut enc = png::Encoder::new(&mut out, w, h);
@@ -43,9 +49,19 @@ fn png_bytes(w: u32, h: u32, color: png::ColorType, depth: png::BitDepth, rng: &
 }
 
 fn jpeg_bytes(w: usize, h: usize, rng: &mut Rng) -> Vec<u8> {
-    let pixels: Vec<u8> = (0..w * h * 3).map(|i| ((i / 3 % w) * 3 + (rng.next() % 40) as usize) as u8).collect();
-    let img = turbojpeg::Image { pixels: pixels.as_slice(), width: w, pitch: w * 3, height: h, format: turbojpeg::PixelFormat::RGB };
-    turbojpeg::compress(img, 85, turbojpeg::Subsamp::Sub2x2).unwrap().to_vec()
+    let pixels: Vec<u8> = (0..w * h * 3)
+        .map(|i| ((i / 3 % w) * 3 + (rng.next() % 40) as usize) as u8)
+        .collect();
+    let img = turbojpeg::Image {
+        pixels: pixels.as_slice(),
+        width: w,
+        pitch: w * 3,
+        height: h,
+        format: turbojpeg::PixelFormat::RGB,
+    };
+    turbojpeg::compress(img, 85, turbojpeg::Subsamp::Sub2x2)
+        .unwrap()
+        .to_vec()
 }
 
 fn check(bytes: &[u8], opts: &ImageOptions) {
@@ -70,9 +86,27 @@ fn random_and_mutated_inputs_never_panic() {
     let opts = ImageOptions::default();
     let seeds = vec![
         png_bytes(37, 23, png::ColorType::Rgb, png::BitDepth::Eight, &mut rng),
-        png_bytes(16, 40, png::ColorType::Indexed, png::BitDepth::Four, &mut rng),
-        png_bytes(30, 30, png::ColorType::GrayscaleAlpha, png::BitDepth::Sixteen, &mut rng),
-        png_bytes(9, 70, png::ColorType::Grayscale, png::BitDepth::One, &mut rng),
+        png_bytes(
+            16,
+            40,
+            png::ColorType::Indexed,
+            png::BitDepth::Four,
+            &mut rng,
+        ),
+        png_bytes(
+            30,
+            30,
+            png::ColorType::GrayscaleAlpha,
+            png::BitDepth::Sixteen,
+            &mut rng,
+        ),
+        png_bytes(
+            9,
+            70,
+            png::ColorType::Grayscale,
+            png::BitDepth::One,
+            &mut rng,
+        ),
         jpeg_bytes(48, 32, &mut rng),
         jpeg_bytes(17, 65, &mut rng),
     ];
@@ -107,17 +141,42 @@ fn random_and_mutated_inputs_never_panic() {
 #[test]
 fn header_bomb_is_refused_before_decode() {
     let mut rng = Rng(7);
-    let png = png_bytes(300, 300, png::ColorType::Rgb, png::BitDepth::Eight, &mut rng);
-    let opts = ImageOptions { max_input_pixels: 10_000, ..ImageOptions::default() };
+    let png = png_bytes(
+        300,
+        300,
+        png::ColorType::Rgb,
+        png::BitDepth::Eight,
+        &mut rng,
+    );
+    let opts = ImageOptions {
+        max_input_pixels: 10_000,
+        ..ImageOptions::default()
+    };
     let err = preprocess_image(&png, &opts).unwrap_err();
-    assert!(matches!(err, ImageError::TooManyPixels { width: 300, height: 300, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            ImageError::TooManyPixels {
+                width: 300,
+                height: 300,
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert_eq!(err.code(), "image_too_large");
 }
 
 #[test]
 fn aspect_ratio_limit() {
     let mut rng = Rng(9);
-    let wide = png_bytes(2011, 10, png::ColorType::Grayscale, png::BitDepth::Eight, &mut rng);
+    let wide = png_bytes(
+        2011,
+        10,
+        png::ColorType::Grayscale,
+        png::BitDepth::Eight,
+        &mut rng,
+    );
     let err = preprocess_image(&wide, &ImageOptions::default()).unwrap_err();
     assert_eq!(err.code(), "invalid_aspect_ratio");
     assert!(err.to_string().contains("2011x10"), "{err}");

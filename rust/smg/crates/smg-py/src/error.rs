@@ -9,13 +9,48 @@ use pyo3::prelude::*;
 use smg_core::fetch::FetchError;
 use smg_core::image::ImageError;
 
-create_exception!(_smg, SmgError, PyValueError, "Base class of m3serve preprocessing errors.");
-create_exception!(_smg, InvalidImageError, SmgError, "Truncated, corrupt or empty image data.");
-create_exception!(_smg, UnsupportedImageFormatError, SmgError, "Not JPEG, PNG, WebP or GIF.");
-create_exception!(_smg, ImageTooLargeError, SmgError, "Above a byte or pixel limit.");
-create_exception!(_smg, ImageAspectRatioError, SmgError, "Aspect ratio above the limit (200).");
-create_exception!(_smg, InvalidImageOptionError, SmgError, "An option is out of range.");
-create_exception!(_smg, ImageUrlError, SmgError, "An image URL was refused or unreadable.");
+create_exception!(
+    _smg,
+    SmgError,
+    PyValueError,
+    "Base class of m3serve preprocessing errors."
+);
+create_exception!(
+    _smg,
+    InvalidImageError,
+    SmgError,
+    "Truncated, corrupt or empty image data."
+);
+create_exception!(
+    _smg,
+    UnsupportedImageFormatError,
+    SmgError,
+    "Not JPEG, PNG, WebP or GIF."
+);
+create_exception!(
+    _smg,
+    ImageTooLargeError,
+    SmgError,
+    "Above a byte or pixel limit."
+);
+create_exception!(
+    _smg,
+    ImageAspectRatioError,
+    SmgError,
+    "Aspect ratio above the limit (200)."
+);
+create_exception!(
+    _smg,
+    InvalidImageOptionError,
+    SmgError,
+    "An option is out of range."
+);
+create_exception!(
+    _smg,
+    ImageUrlError,
+    SmgError,
+    "An image URL was refused or unreadable."
+);
 
 /// Python exception for a core image error.
 pub fn image_error(e: &ImageError) -> PyErr {
@@ -50,10 +85,19 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("SmgError", py.get_type::<SmgError>())?;
     m.add("InvalidImageError", py.get_type::<InvalidImageError>())?;
-    m.add("UnsupportedImageFormatError", py.get_type::<UnsupportedImageFormatError>())?;
+    m.add(
+        "UnsupportedImageFormatError",
+        py.get_type::<UnsupportedImageFormatError>(),
+    )?;
     m.add("ImageTooLargeError", py.get_type::<ImageTooLargeError>())?;
-    m.add("ImageAspectRatioError", py.get_type::<ImageAspectRatioError>())?;
-    m.add("InvalidImageOptionError", py.get_type::<InvalidImageOptionError>())?;
+    m.add(
+        "ImageAspectRatioError",
+        py.get_type::<ImageAspectRatioError>(),
+    )?;
+    m.add(
+        "InvalidImageOptionError",
+        py.get_type::<InvalidImageOptionError>(),
+    )?;
     m.add("ImageUrlError", py.get_type::<ImageUrlError>())?;
     Ok(())
 }

@@ -93,7 +93,8 @@ fn numpy_array<'py>(
 ) -> PyResult<Bound<'py, PyAny>> {
     let np = py.import("numpy")?;
     let buf = PyByteArray::new(py, data);
-    np.call_method1("frombuffer", (buf, dtype))?.call_method1("reshape", (shape.to_vec(),))
+    np.call_method1("frombuffer", (buf, dtype))?
+        .call_method1("reshape", (shape.to_vec(),))
 }
 
 fn u16_bytes(v: &[u16]) -> Vec<u8> {
@@ -120,8 +121,15 @@ fn preprocess<'py>(
     max_input_pixels: Option<u64>,
     max_input_bytes: Option<usize>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let opts = options(max_long_side_pixel, min_pixels, max_pixels, factor, max_aspect_ratio,
-        max_input_pixels, max_input_bytes);
+    let opts = options(
+        max_long_side_pixel,
+        min_pixels,
+        max_pixels,
+        factor,
+        max_aspect_ratio,
+        max_input_pixels,
+        max_input_bytes,
+    );
     let (out, raw) = with_bytes(py, image, |b| {
         image::preprocess_image(b, &opts).map(|p| {
             let raw = u16_bytes(&p.patches);
@@ -129,8 +137,14 @@ fn preprocess<'py>(
         })
     })?;
     let d = PyDict::new(py);
-    d.set_item("patches", numpy_array(py, &raw, "uint16", &[out.num_patches, image::PATCH_DIM])?)?;
-    d.set_item("grid_thw", (out.grid_thw[0], out.grid_thw[1], out.grid_thw[2]))?;
+    d.set_item(
+        "patches",
+        numpy_array(py, &raw, "uint16", &[out.num_patches, image::PATCH_DIM])?,
+    )?;
+    d.set_item(
+        "grid_thw",
+        (out.grid_thw[0], out.grid_thw[1], out.grid_thw[2]),
+    )?;
     d.set_item("hash", &out.hash)?;
     d.set_item("num_image_tokens", out.num_image_tokens())?;
     let t = PyDict::new(py);
@@ -157,10 +171,24 @@ fn resize_rgb<'py>(
     max_input_pixels: Option<u64>,
     max_input_bytes: Option<usize>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let opts = options(max_long_side_pixel, min_pixels, max_pixels, factor, max_aspect_ratio,
-        max_input_pixels, max_input_bytes);
-    let img = with_bytes(py, image, |b| image::resize_for_model(b, &opts).map(|r| r.0))?;
-    numpy_array(py, &img.rgb, "uint8", &[img.height as usize, img.width as usize, 3])
+    let opts = options(
+        max_long_side_pixel,
+        min_pixels,
+        max_pixels,
+        factor,
+        max_aspect_ratio,
+        max_input_pixels,
+        max_input_bytes,
+    );
+    let img = with_bytes(py, image, |b| {
+        image::resize_for_model(b, &opts).map(|r| r.0)
+    })?;
+    numpy_array(
+        py,
+        &img.rgb,
+        "uint8",
+        &[img.height as usize, img.width as usize, 3],
+    )
 }
 
 /// Decoded, EXIF-oriented uint8 RGB `[h, w, 3]` (PIL `exif_transpose` + `convert("RGB")`).
@@ -172,9 +200,22 @@ fn decode_rgb<'py>(
     max_input_pixels: Option<u64>,
     max_input_bytes: Option<usize>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let opts = options(None, 3136, 451_584, 28, 200.0, max_input_pixels, max_input_bytes);
+    let opts = options(
+        None,
+        3136,
+        451_584,
+        28,
+        200.0,
+        max_input_pixels,
+        max_input_bytes,
+    );
     let img = with_bytes(py, image, |b| image::decode::decode_rgb(b, &opts))?;
-    numpy_array(py, &img.rgb, "uint8", &[img.height as usize, img.width as usize, 3])
+    numpy_array(
+        py,
+        &img.rgb,
+        "uint8",
+        &[img.height as usize, img.width as usize, 3],
+    )
 }
 
 /// `(h, w)` the image is resized to (transformers' `smart_resize`, or the long-side rule).
@@ -190,8 +231,15 @@ fn target_size(
     factor: u32,
     max_aspect_ratio: f64,
 ) -> PyResult<(u32, u32)> {
-    let opts = options(max_long_side_pixel, min_pixels, max_pixels, factor, max_aspect_ratio,
-        None, None);
+    let opts = options(
+        max_long_side_pixel,
+        min_pixels,
+        max_pixels,
+        factor,
+        max_aspect_ratio,
+        None,
+        None,
+    );
     image::sizing::target_size(height, width, &opts).map_err(|e| error::image_error(&e))
 }
 
@@ -215,9 +263,11 @@ fn load_image_url<'py>(
         .map_err(|e| error::fetch_error(&e))?;
     match src {
         smg_core::fetch::ImageSource::Bytes(b) => Ok(PyBytes::new(py, &b)),
-        smg_core::fetch::ImageSource::Http(_) => Err(error::fetch_error(
-            &smg_core::fetch::FetchError::Forbidden("http(s) URLs are fetched by the gateway".into()),
-        )),
+        smg_core::fetch::ImageSource::Http(_) => {
+            Err(error::fetch_error(&smg_core::fetch::FetchError::Forbidden(
+                "http(s) URLs are fetched by the gateway".into(),
+            )))
+        }
     }
 }
 

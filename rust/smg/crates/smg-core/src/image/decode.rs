@@ -63,10 +63,16 @@ pub fn sniff(bytes: &[u8]) -> Result<ImageFormat, ImageError> {
 
 fn check_pixels(width: u64, height: u64, opts: &ImageOptions) -> Result<(), ImageError> {
     if width == 0 || height == 0 {
-        return Err(ImageError::InvalidImage(format!("image has a zero side ({width}x{height})")));
+        return Err(ImageError::InvalidImage(format!(
+            "image has a zero side ({width}x{height})"
+        )));
     }
     if width.saturating_mul(height) > opts.max_input_pixels {
-        return Err(ImageError::TooManyPixels { width, height, limit: opts.max_input_pixels });
+        return Err(ImageError::TooManyPixels {
+            width,
+            height,
+            limit: opts.max_input_pixels,
+        });
     }
     Ok(())
 }
@@ -78,7 +84,10 @@ fn invalid(what: &str, e: impl std::fmt::Display) -> ImageError {
 /// Decode any supported format to RGB with EXIF orientation applied.
 pub fn decode_rgb(bytes: &[u8], opts: &ImageOptions) -> Result<DecodedImage, ImageError> {
     if bytes.len() > opts.max_input_bytes {
-        return Err(ImageError::TooManyBytes { bytes: bytes.len(), limit: opts.max_input_bytes });
+        return Err(ImageError::TooManyBytes {
+            bytes: bytes.len(),
+            limit: opts.max_input_bytes,
+        });
     }
     let (img, orientation) = match sniff(bytes)? {
         ImageFormat::Jpeg => decode_jpeg(bytes, opts)?,
@@ -118,7 +127,9 @@ fn jpeg_exif(bytes: &[u8]) -> Option<&[u8]> {
 
 fn decode_jpeg(bytes: &[u8], opts: &ImageOptions) -> Result<(DecodedImage, u16), ImageError> {
     let mut dec = turbojpeg::Decompressor::new().map_err(|e| invalid("JPEG decoder", e))?;
-    let header = dec.read_header(bytes).map_err(|e| invalid("JPEG header", e))?;
+    let header = dec
+        .read_header(bytes)
+        .map_err(|e| invalid("JPEG header", e))?;
     check_pixels(header.width as u64, header.height as u64, opts)?;
     match header.colorspace {
         turbojpeg::Colorspace::CMYK | turbojpeg::Colorspace::YCCK => {
@@ -135,9 +146,17 @@ fn decode_jpeg(bytes: &[u8], opts: &ImageOptions) -> Result<(DecodedImage, u16),
         height: h,
         format: turbojpeg::PixelFormat::RGB,
     };
-    dec.decompress(bytes, out).map_err(|e| invalid("JPEG data", e))?;
+    dec.decompress(bytes, out)
+        .map_err(|e| invalid("JPEG data", e))?;
     let orientation = jpeg_exif(bytes).map_or(1, exif::orientation);
-    Ok((DecodedImage { width: w as u32, height: h as u32, rgb }, orientation))
+    Ok((
+        DecodedImage {
+            width: w as u32,
+            height: h as u32,
+            rgb,
+        },
+        orientation,
+    ))
 }
 
 // -- PNG -------------------------------------------------------------------------------------
@@ -146,14 +165,18 @@ fn decode_png(bytes: &[u8], opts: &ImageOptions) -> Result<(DecodedImage, u16), 
     let mut decoder = png::Decoder::new(Cursor::new(bytes));
     decoder.set_transformations(png::Transformations::IDENTITY);
     decoder.set_ignore_text_chunk(true);
-    let hdr = decoder.read_header_info().map_err(|e| invalid("PNG header", e))?;
+    let hdr = decoder
+        .read_header_info()
+        .map_err(|e| invalid("PNG header", e))?;
     check_pixels(u64::from(hdr.width), u64::from(hdr.height), opts)?;
     let mut reader = decoder.read_info().map_err(|e| invalid("PNG", e))?;
     let size = reader
         .output_buffer_size()
         .ok_or_else(|| ImageError::InvalidImage("PNG: image too large".into()))?;
     let mut raw = vec![0u8; size];
-    let frame = reader.next_frame(&mut raw).map_err(|e| invalid("PNG data", e))?;
+    let frame = reader
+        .next_frame(&mut raw)
+        .map_err(|e| invalid("PNG data", e))?;
     let info = reader.info();
     let (w, h) = (frame.width as usize, frame.height as usize);
     let line = frame.line_size;
@@ -166,7 +189,14 @@ fn decode_png(bytes: &[u8], opts: &ImageOptions) -> Result<(DecodedImage, u16), 
         convert_png_row(row, out, w, frame.color_type, depth, palette)?;
     }
     let orientation = info.exif_metadata.as_deref().map_or(1, exif::orientation);
-    Ok((DecodedImage { width: w as u32, height: h as u32, rgb }, orientation))
+    Ok((
+        DecodedImage {
+            width: w as u32,
+            height: h as u32,
+            rgb,
+        },
+        orientation,
+    ))
 }
 
 /// Sample `x` of a row packed at `depth` bits (1, 2, 4) per sample, MSB first.
@@ -228,9 +258,15 @@ fn convert_png_row(
             }
         }
         C::Indexed => {
-            let pal = palette.ok_or_else(|| ImageError::InvalidImage("PNG: palette image without PLTE".into()))?;
+            let pal = palette.ok_or_else(|| {
+                ImageError::InvalidImage("PNG: palette image without PLTE".into())
+            })?;
             for x in 0..w {
-                let i = if depth == 8 { row[x] } else { packed(row, x, depth) };
+                let i = if depth == 8 {
+                    row[x]
+                } else {
+                    packed(row, x, depth)
+                };
                 let (r, g, b) = palette_entry(pal, i);
                 put(out, x, r, g, b);
             }
@@ -252,14 +288,16 @@ fn palette_entry(pal: &[u8], i: u8) -> (u8, u8, u8) {
 // -- WebP ------------------------------------------------------------------------------------
 
 fn decode_webp(bytes: &[u8], opts: &ImageOptions) -> Result<(DecodedImage, u16), ImageError> {
-    let mut dec = image_webp::WebPDecoder::new(Cursor::new(bytes)).map_err(|e| invalid("WebP", e))?;
+    let mut dec =
+        image_webp::WebPDecoder::new(Cursor::new(bytes)).map_err(|e| invalid("WebP", e))?;
     let (w, h) = dec.dimensions();
     check_pixels(u64::from(w), u64::from(h), opts)?;
     let size = dec
         .output_buffer_size()
         .ok_or_else(|| ImageError::InvalidImage("WebP: image too large".into()))?;
     let mut buf = vec![0u8; size];
-    dec.read_image(&mut buf).map_err(|e| invalid("WebP data", e))?;
+    dec.read_image(&mut buf)
+        .map_err(|e| invalid("WebP data", e))?;
     let (w, h) = (w as usize, h as usize);
     let rgb = if dec.has_alpha() {
         let mut rgb = Vec::with_capacity(w * h * 3);
@@ -270,8 +308,19 @@ fn decode_webp(bytes: &[u8], opts: &ImageOptions) -> Result<(DecodedImage, u16),
     } else {
         buf
     };
-    let orientation = dec.exif_metadata().ok().flatten().map_or(1, |b| exif::orientation(&b));
-    Ok((DecodedImage { width: w as u32, height: h as u32, rgb }, orientation))
+    let orientation = dec
+        .exif_metadata()
+        .ok()
+        .flatten()
+        .map_or(1, |b| exif::orientation(&b));
+    Ok((
+        DecodedImage {
+            width: w as u32,
+            height: h as u32,
+            rgb,
+        },
+        orientation,
+    ))
 }
 
 // -- GIF -------------------------------------------------------------------------------------
@@ -279,7 +328,9 @@ fn decode_webp(bytes: &[u8], opts: &ImageOptions) -> Result<(DecodedImage, u16),
 fn decode_gif(bytes: &[u8], opts: &ImageOptions) -> Result<DecodedImage, ImageError> {
     let mut o = gif::DecodeOptions::new();
     o.set_color_output(gif::ColorOutput::Indexed);
-    let mut dec = o.read_info(Cursor::new(bytes)).map_err(|e| invalid("GIF", e))?;
+    let mut dec = o
+        .read_info(Cursor::new(bytes))
+        .map_err(|e| invalid("GIF", e))?;
     let (sw, sh) = (usize::from(dec.width()), usize::from(dec.height()));
     check_pixels(sw as u64, sh as u64, opts)?;
     let global = dec.global_palette().map(<[u8]>::to_vec);
@@ -301,5 +352,9 @@ fn decode_gif(bytes: &[u8], opts: &ImageOptions) -> Result<DecodedImage, ImageEr
         let (r, g, b) = palette_entry(&pal, i);
         rgb.extend_from_slice(&[r, g, b]);
     }
-    Ok(DecodedImage { width: sw as u32, height: sh as u32, rgb })
+    Ok(DecodedImage {
+        width: sw as u32,
+        height: sh as u32,
+        rgb,
+    })
 }

@@ -18,11 +18,19 @@ fn read_orientation(t: &[u8]) -> Option<u16> {
     };
     let u16_at = |o: usize| -> Option<u16> {
         let b: [u8; 2] = t.get(o..o + 2)?.try_into().ok()?;
-        Some(if le { u16::from_le_bytes(b) } else { u16::from_be_bytes(b) })
+        Some(if le {
+            u16::from_le_bytes(b)
+        } else {
+            u16::from_be_bytes(b)
+        })
     };
     let u32_at = |o: usize| -> Option<u32> {
         let b: [u8; 4] = t.get(o..o + 4)?.try_into().ok()?;
-        Some(if le { u32::from_le_bytes(b) } else { u32::from_be_bytes(b) })
+        Some(if le {
+            u32::from_le_bytes(b)
+        } else {
+            u32::from_be_bytes(b)
+        })
     };
     if u16_at(2)? != 42 {
         return None;
@@ -69,5 +77,9 @@ pub fn apply(img: DecodedImage, o: u16) -> DecodedImage {
             out[d..d + 3].copy_from_slice(&img.rgb[s..s + 3]);
         }
     }
-    DecodedImage { width: ow as u32, height: oh as u32, rgb: out }
+    DecodedImage {
+        width: ow as u32,
+        height: oh as u32,
+        rgb: out,
+    }
 }

@@ -105,10 +105,20 @@ pub fn axis_weights(in_size: usize, out_size: usize, precision: Precision) -> Ax
         .iter()
         .map(|&x| {
             let v = x * scale;
-            if v < 0.0 { (-0.5 + v) as i32 } else { (0.5 + v) as i32 }
+            if v < 0.0 {
+                (-0.5 + v) as i32
+            } else {
+                (0.5 + v) as i32
+            }
         })
         .collect();
-    AxisWeights { start, len, stride, w, precision }
+    AxisWeights {
+        start,
+        len,
+        stride,
+        w,
+        precision,
+    }
 }
 
 /// Rows transposed together by the horizontal pass (8 rows × 3 channels = 24 lanes).
@@ -120,7 +130,13 @@ const LANES: usize = ROW_BLOCK * 3;
 /// Blocks of 8 rows are transposed to `[in_w][8 rows × 3 channels]` so the tap loop is a
 /// fixed-width lane loop the compiler vectorises (no `unsafe`, no intrinsics). `W` is `i16` for
 /// torch's int16 weights (16×16-bit products vectorise well) and `i32` for Pillow's 22-bit ones.
-fn horizontal<W: Copy + Into<i32>>(src: &[u8], h: usize, in_w: usize, ax: &AxisWeights, w: &[W]) -> Vec<u8> {
+fn horizontal<W: Copy + Into<i32>>(
+    src: &[u8],
+    h: usize,
+    in_w: usize,
+    ax: &AxisWeights,
+    w: &[W],
+) -> Vec<u8> {
     let out_w = ax.start.len();
     let mut out = vec![0u8; h * out_w * 3];
     let half = 1i32 << (ax.precision - 1);
@@ -222,7 +238,11 @@ fn resize(img: &DecodedImage, out_w: u32, out_h: u32, precision: Precision) -> D
     {
         let tmp = vpass(&img.rgb, in_w * 3, &axis_weights(in_h, oh, precision));
         let rgb = hpass(&tmp, oh, in_w, &axis_weights(in_w, ow, precision));
-        return DecodedImage { width: out_w, height: out_h, rgb };
+        return DecodedImage {
+            width: out_w,
+            height: out_h,
+            rgb,
+        };
     }
     let mut rgb = if ow == in_w {
         img.rgb.clone()
@@ -232,7 +252,11 @@ fn resize(img: &DecodedImage, out_w: u32, out_h: u32, precision: Precision) -> D
     if oh != in_h {
         rgb = vpass(&rgb, ow * 3, &axis_weights(in_h, oh, precision));
     }
-    DecodedImage { width: out_w, height: out_h, rgb }
+    DecodedImage {
+        width: out_w,
+        height: out_h,
+        rgb,
+    }
 }
 
 /// torchvision `resize(uint8, [h, w], BICUBIC, antialias=True)` on CPU.

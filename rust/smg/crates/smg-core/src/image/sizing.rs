@@ -14,18 +14,29 @@ pub const MAX_LONG_SIDE_OUTPUT_PIXELS: u64 = 12_845_056;
 
 fn check_aspect(height: u32, width: u32, limit: f64) -> Result<(), ImageError> {
     if height == 0 || width == 0 {
-        return Err(ImageError::InvalidImage(format!("image has a zero side ({width}x{height})")));
+        return Err(ImageError::InvalidImage(format!(
+            "image has a zero side ({width}x{height})"
+        )));
     }
     let ratio = f64::from(height.max(width)) / f64::from(height.min(width));
     if ratio > limit {
-        return Err(ImageError::AspectRatio { width, height, ratio, limit });
+        return Err(ImageError::AspectRatio {
+            width,
+            height,
+            ratio,
+            limit,
+        });
     }
     Ok(())
 }
 
 /// transformers 5.19 `minimax_m3_vl.smart_resize`: both sides multiples of `factor`, pixels
 /// within `[min_pixels, max_pixels]`, aspect kept as closely as possible. Returns `(h, w)`.
-pub fn smart_resize(height: u32, width: u32, opts: &ImageOptions) -> Result<(u32, u32), ImageError> {
+pub fn smart_resize(
+    height: u32,
+    width: u32,
+    opts: &ImageOptions,
+) -> Result<(u32, u32), ImageError> {
     check_aspect(height, width, opts.max_aspect_ratio)?;
     if opts.factor == 0 {
         return Err(ImageError::InvalidOption("factor must be positive".into()));
@@ -49,7 +60,9 @@ pub fn smart_resize(height: u32, width: u32, opts: &ImageOptions) -> Result<(u32
 
 fn to_sides(h: f64, w: f64) -> Result<(u32, u32), ImageError> {
     if !(h >= 1.0 && w >= 1.0 && h <= f64::from(u32::MAX) && w <= f64::from(u32::MAX)) {
-        return Err(ImageError::InvalidOption(format!("size options give an invalid target {w}x{h}")));
+        return Err(ImageError::InvalidOption(format!(
+            "size options give an invalid target {w}x{h}"
+        )));
     }
     Ok((h as u32, w as u32))
 }
@@ -112,13 +125,22 @@ mod tests {
         assert_eq!(smart_resize(960, 1280, &o).unwrap(), (560, 756));
         assert_eq!(smart_resize(1, 1, &o).unwrap(), (56, 56));
         assert_eq!(smart_resize(29, 27, &o).unwrap(), (84, 56));
-        assert!(matches!(smart_resize(50, 10_001, &o), Err(ImageError::AspectRatio { .. })));
-        assert_eq!(smart_resize(50, 10_001, &o).unwrap_err().code(), "invalid_aspect_ratio");
+        assert!(matches!(
+            smart_resize(50, 10_001, &o),
+            Err(ImageError::AspectRatio { .. })
+        ));
+        assert_eq!(
+            smart_resize(50, 10_001, &o).unwrap_err().code(),
+            "invalid_aspect_ratio"
+        );
     }
 
     #[test]
     fn long_side_known_values() {
-        assert_eq!(aligned_long_side(960, 1280, 28, 1008, 200.0).unwrap(), (756, 1008));
+        assert_eq!(
+            aligned_long_side(960, 1280, 28, 1008, 200.0).unwrap(),
+            (756, 1008)
+        );
         assert!(aligned_long_side(960, 1280, 28, 1000, 200.0).is_err());
     }
 }
