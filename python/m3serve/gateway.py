@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,9 +57,10 @@ def find_smg_binary(*, build: bool = True, profile: str | None = None) -> Path:
 class Gateway:
     """A running ``smg`` process; use as a context manager or call :meth:`stop`."""
 
-    def __init__(self, proc: subprocess.Popen[str], url: str) -> None:
+    def __init__(self, proc: subprocess.Popen[str], url: str, pump: threading.Thread) -> None:
         self.proc = proc
         self.url = url
+        self._pump = pump
 
     def stop(self, timeout: float = 10.0) -> int:
         """SIGTERM (graceful: in-flight requests finish), then SIGKILL after ``timeout``."""
@@ -69,6 +71,7 @@ class Gateway:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._pump.join(5)
         return self.proc.returncode
 
     def __enter__(self) -> Gateway:
@@ -108,28 +111,26 @@ def start_gateway(
         lines.append(line)
         if line.startswith(READY_PREFIX):
             url = line[len(READY_PREFIX):].strip()
-            _drain(proc, log)
-            return Gateway(proc, url)
+            return Gateway(proc, url, _drain(proc, log))
     proc.kill()
     proc.wait()
+    proc.stderr.close()
     raise RuntimeError("smg did not start:\n" + "".join(lines[-30:]))
 
 
-def _drain(proc: subprocess.Popen[str], log: Path | None) -> None:
-    """Keep reading stderr so the gateway never blocks on a full pipe."""
-    import threading
+def _drain(proc: subprocess.Popen[str], log: Path | None) -> threading.Thread:
+    """Keep reading stderr so the gateway never blocks on a full pipe; closes it at EOF."""
 
     def pump() -> None:
         assert proc.stderr is not None
-        sink = log.open("a") if log else None
-        for line in proc.stderr:
-            if sink:
+        with proc.stderr, (log.open("a") if log else open(os.devnull, "w")) as sink:
+            for line in proc.stderr:
                 sink.write(line)
                 sink.flush()
-        if sink:
-            sink.close()
 
-    threading.Thread(target=pump, daemon=True).start()
+    t = threading.Thread(target=pump, daemon=True)
+    t.start()
+    return t
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -94,3 +94,4 @@ def test_graceful_shutdown_finishes_in_flight(smg_binary, gw_model_dir, mock_wor
     t.join(10)
     assert result.get("status") == 200
     assert gw.proc.wait(10) == 0
+    gw.stop()
