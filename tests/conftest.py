@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from m3serve.launch import SGLangServer, group_alive
+if TYPE_CHECKING:
+    from m3serve.launch import SGLangServer
 
 
 def _has_cuda() -> bool:
@@ -45,6 +47,8 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def start_cpu_server(model_dir: Path, log_dir: Path, **kwargs) -> SGLangServer:
+    # imported here so GPU-only runs (kernels on the device machine) need none of the server deps
+    from m3serve.launch import SGLangServer
     timeout = float(os.environ.get("M3SERVE_TEST_SERVER_TIMEOUT", "480"))
     server = SGLangServer(
         model_dir, log_path=log_dir / "server.log", startup_timeout=timeout, **kwargs
@@ -54,6 +58,7 @@ def start_cpu_server(model_dir: Path, log_dir: Path, **kwargs) -> SGLangServer:
 
 def stop_and_check(server: SGLangServer) -> None:
     """Stop the server and fail the session if any process of its group survived."""
+    from m3serve.launch import group_alive
     assert server.proc is not None
     pgid = server.proc.pid
     server.stop()
