@@ -64,8 +64,10 @@ def _store_index_k_kernel(
         # -- per-token scale, then round-to-nearest-even e4m3 --
         xf = x.to(tl.float32)
         amax = tl.max(tl.abs(xf), axis=1)
-        scale = tl.where(amax > 0, amax / 448.0, 1.0)
-        q = _round_to_e4m3(tl.minimum(tl.maximum(xf / scale[:, None], -448.0), 448.0))
+        # IEEE-rounded divisions: Triton's `/` is approximate on GPUs, torch's (the reference) is not
+        scale = tl.where(amax > 0, tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), 1.0)
+        xs = tl.math.div_rn(xf, tl.broadcast_to(scale[:, None], xf.shape))
+        q = _round_to_e4m3(tl.minimum(tl.maximum(xs, -448.0), 448.0))
         tl.store(dst, q.to(cache_ptr.dtype.element_ty), mask=ok[:, None])
         tl.store(scale_ptr + page * stride_sp + off, scale, mask=ok)
     else:
