@@ -33,7 +33,7 @@ def test_chat_stream_include_usage(gateway: Gateway) -> None:
     r = _chat(gateway, stream=True, stream_options={"include_usage": True})
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/event-stream")
-    events = [e for e in r.text.split("\n\n") if e]
+    events = [e for e in r.content.decode().split("\n\n") if e]
     assert events[-1] == "data: [DONE]"
     chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == "abc"

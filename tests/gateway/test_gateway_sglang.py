@@ -42,7 +42,7 @@ def test_chat_stream_matches_non_stream(sglang_gateway) -> None:
     r = requests.post(f"{sglang_gateway.url}/v1/chat/completions", timeout=120,
                       json={**body, "stream": True, "stream_options": {"include_usage": True}})
     assert r.status_code == 200
-    events = [e for e in r.text.split("\n\n") if e]
+    events = [e for e in r.content.decode().split("\n\n") if e]
     assert events[-1] == "data: [DONE]"
     chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])

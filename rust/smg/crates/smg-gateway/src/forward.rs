@@ -387,7 +387,7 @@ pub async fn run(state: Shared, f: Forward) -> Result<Response, ApiError> {
     let mut r = Response::new(Body::from_stream(stream));
     *r.status_mut() = StatusCode::OK;
     let h = r.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     if let Some(t) = timings_header(&f.timings) {
         h.insert("x-m3serve-timings", t);
