@@ -257,3 +257,55 @@ async fn slow_client_gets_408_over_a_socket() {
     assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
     assert!(resp.contains("\"type\":\"timeout_error\""), "{resp}");
 }
+
+async fn image_server() -> String {
+    use axum::response::{IntoResponse, Redirect};
+    use axum::routing::get;
+    let img = png(40, 30);
+    let app = Router::new()
+        .route("/img.png", get(move || { let img = img.clone(); async move { ([("content-type", "image/png")], img).into_response() } }))
+        .route("/redirect", get(|| async { Redirect::temporary("/img.png") }))
+        .route("/loop", get(|| async { Redirect::temporary("/loop") }))
+        .route("/missing", get(|| async { StatusCode::NOT_FOUND }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}")
+}
+
+fn image_chat(url: &str) -> Value {
+    json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "what"}]}], "max_tokens": 1})
+}
+
+#[tokio::test]
+async fn http_image_fetch_policy() {
+    let (worker, seen) = mock_worker().await;
+    let images = image_server().await;
+    let open = app(state(vec![worker.clone()], "http-open", |c| {
+        c.fetch.allow_http = true;
+        c.fetch.allow_private_hosts = true;
+        c.fetch.max_bytes = 1 << 20;
+    }));
+    for path in ["/img.png", "/redirect"] {
+        let (s, v) = post_json(&open, "/v1/chat/completions", &image_chat(&format!("{images}{path}"))).await;
+        assert_eq!(s, StatusCode::OK, "{path}: {v}");
+        let body = seen.lock().unwrap().bodies.pop().unwrap();
+        assert_eq!(body["image_data"].as_array().unwrap().len(), 1);
+    }
+    for path in ["/loop", "/missing"] {
+        let (s, v) = post_json(&open, "/v1/chat/completions", &image_chat(&format!("{images}{path}"))).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{path}: {v}");
+        assert_eq!(v["error"]["code"], "image_fetch_failed", "{path}: {v}");
+    }
+    let small = app(state(vec![worker.clone()], "http-small", |c| {
+        c.fetch.allow_http = true;
+        c.fetch.allow_private_hosts = true;
+        c.fetch.max_bytes = 100;
+    }));
+    let (s, v) = post_json(&small, "/v1/chat/completions", &image_chat(&format!("{images}/img.png"))).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let private = app(state(vec![worker], "http-private", |c| c.fetch.allow_http = true));
+    let (s, v) = post_json(&private, "/v1/chat/completions", &image_chat(&format!("{images}/img.png"))).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["error"]["code"], "image_url_forbidden", "loopback refused by default: {v}");
+}
