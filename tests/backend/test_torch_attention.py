@@ -29,7 +29,12 @@ def _case(seed: int, q_lens: list[int], prefixes: list[int], block: int = 16, to
     total = int(cu[-1])
     q = torch.randn(total, hq, d, generator=g)
     iq = torch.randn(total, hkv, d, generator=g)
-    meta = (table, cu, torch.tensor(prefixes, dtype=torch.int32), torch.tensor(seq, dtype=torch.int32))
+    meta = (
+        table,
+        cu,
+        torch.tensor(prefixes, dtype=torch.int32),
+        torch.tensor(seq, dtype=torch.int32),
+    )
     topk_ids = ref.ref_select_blocks(iq, idx_cache, None, *meta, topk)
     return q, k_cache, v_cache, meta, topk_ids
 

@@ -60,7 +60,9 @@ def hf_m3(m3_dir: Path) -> Any:
     import torch
     from transformers import MiniMaxM3SparseForConditionalGeneration
 
-    return MiniMaxM3SparseForConditionalGeneration.from_pretrained(m3_dir, dtype=torch.float32).eval()
+    return MiniMaxM3SparseForConditionalGeneration.from_pretrained(
+        m3_dir, dtype=torch.float32
+    ).eval()
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

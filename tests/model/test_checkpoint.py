@@ -14,7 +14,12 @@ from m3serve.checkpoint.tokenizer import write_tokenizer
 
 
 def _digest(d: Path) -> dict[str, str]:
-    names = ["config.json", "model.safetensors", "preprocessor_config.json", "generation_config.json"]
+    names = [
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "generation_config.json",
+    ]
     return {n: hashlib.sha256((d / n).read_bytes()).hexdigest() for n in names}
 
 

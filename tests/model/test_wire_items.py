@@ -24,10 +24,16 @@ def _shm_files(items: list, tmp: Path) -> list:
     """Valid shm vectors name a file the gateway would have written: write it (values as inline)."""
     for item in items:
         shm = item.get("shm") if isinstance(item, dict) else None
-        if shm and isinstance(shm.get("nbytes"), int) and Path(shm["path"]).parent == Path("/dev/shm"):
+        if (
+            shm
+            and isinstance(shm.get("nbytes"), int)
+            and Path(shm["path"]).parent == Path("/dev/shm")
+        ):
             rows = shm["nbytes"] // 2
             vals = ((torch.arange(rows) % 251) - 125).float() / 64
-            Path(shm["path"]).write_bytes(vals.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+            Path(shm["path"]).write_bytes(
+                vals.to(torch.bfloat16).view(torch.int16).numpy().tobytes()
+            )
     return items
 
 

@@ -86,7 +86,11 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
         self.index_dtype = kbuf.dtype if kbuf.dtype == torch.float32 else torch.bfloat16
         self.index_k: dict[int, torch.Tensor] = {
             layer: torch.zeros(
-                self.num_pages, self.block, s["index_dim"], dtype=self.index_dtype, device=self.device
+                self.num_pages,
+                self.block,
+                s["index_dim"],
+                dtype=self.index_dtype,
+                device=self.device,
             )
             for layer in self.sparse_layers
         }

@@ -18,9 +18,10 @@ def register() -> None:
 
     if os.environ.get("M3SERVE_MODEL", "") == "sglang":
         return
-    if "sglang.srt.models.registry" not in sys.modules and os.environ.get(
-        "SGLANG_EXTERNAL_MODEL_PACKAGE", __name__
-    ) == __name__:
+    if (
+        "sglang.srt.models.registry" not in sys.modules
+        and os.environ.get("SGLANG_EXTERNAL_MODEL_PACKAGE", __name__) == __name__
+    ):
         # Not imported yet: SGLang's documented external-model hook. The registry then imports
         # only this package at first use, and SGLang's ~300 model modules only if an
         # architecture outside it is asked for (importing them all costs tens of seconds on a

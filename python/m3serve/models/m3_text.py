@@ -88,7 +88,9 @@ class M3Experts(nn.Module):
     kernel behind the same weights.
     """
 
-    def __init__(self, num_experts: int, hidden: int, intermediate: int, alpha: float, limit: float):
+    def __init__(
+        self, num_experts: int, hidden: int, intermediate: int, alpha: float, limit: float
+    ):
         super().__init__()
         rank, size = _tp()
         assert intermediate % size == 0, f"expert FFN {intermediate} not divisible by TP {size}"
@@ -105,9 +107,13 @@ class M3Experts(nn.Module):
             self.w2_weight.data[expert].copy_(loaded[:, r * n : (r + 1) * n])
         else:
             half = 0 if name == "w1" else 1
-            self.w13_weight.data[expert, half * n : (half + 1) * n].copy_(loaded[r * n : (r + 1) * n])
+            self.w13_weight.data[expert, half * n : (half + 1) * n].copy_(
+                loaded[r * n : (r + 1) * n]
+            )
 
-    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor
+    ) -> torch.Tensor:
         out = torch.zeros(x.shape[0], self.hidden, dtype=torch.float32, device=x.device)
         flat = topk_ids.flatten()
         order = flat.argsort(stable=True)
@@ -176,7 +182,9 @@ class M3Attention(nn.Module):
         self.num_heads = self.total_heads // size
         self.num_kv = max(1, self.total_kv // size)
         # the KV heads this rank holds (replicated when TP > KV heads)
-        self.kv_start = rank * self.num_kv if self.total_kv >= size else rank // (size // self.total_kv)
+        self.kv_start = (
+            rank * self.num_kv if self.total_kv >= size else rank // (size // self.total_kv)
+        )
         self.sparse = sparse
         eps = config.rms_norm_eps
         self.qkv_proj = QKVParallelLinear(
@@ -217,7 +225,11 @@ class M3Attention(nn.Module):
         t = x.shape[0]
         qkv, _ = self.qkv_proj(x)
         q, k, v = qkv.split(
-            [self.num_heads * self.head_dim, self.num_kv * self.head_dim, self.num_kv * self.head_dim],
+            [
+                self.num_heads * self.head_dim,
+                self.num_kv * self.head_dim,
+                self.num_kv * self.head_dim,
+            ],
             dim=-1,
         )
         cos, sin = self.rope.cos_sin(positions)
@@ -229,12 +241,12 @@ class M3Attention(nn.Module):
         else:
             iq, _ = self.index_q_proj(x)
             ik, _ = self.index_k_proj(x)
-            iq = iq.view(t, self.idx_heads, self.idx_dim)[:, self.kv_start : self.kv_start + self.num_kv]
+            iq = iq.view(t, self.idx_heads, self.idx_dim)[
+                :, self.kv_start : self.kv_start + self.num_kv
+            ]
             iq = self.rope.apply(self.index_q_norm(iq), cos, sin).contiguous()
             ik = self.rope.apply(self.index_k_norm(ik.view(t, 1, self.idx_dim)), cos, sin)
-            _, out = self.attn(
-                q, k, v, forward_batch, idx_q=iq, idx_k=ik.contiguous(), idx_v=None
-            )
+            _, out = self.attn(q, k, v, forward_batch, idx_q=iq, idx_k=ik.contiguous(), idx_v=None)
         out, _ = self.o_proj(out.reshape(t, -1))
         return out
 
@@ -275,7 +287,8 @@ class M3TextModel(nn.Module):
             config.vocab_size, config.hidden_size, prefix=f"{prefix}.embed_tokens"
         )
         self.layers = nn.ModuleList(
-            M3DecoderLayer(config, i, f"{prefix}.layers.{i}") for i in range(config.num_hidden_layers)
+            M3DecoderLayer(config, i, f"{prefix}.layers.{i}")
+            for i in range(config.num_hidden_layers)
         )
         self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.start_layer, self.end_layer = 0, config.num_hidden_layers
@@ -347,7 +360,9 @@ class StrictLoader:
         if loader is not None:
             loader(param, tensor)
         else:
-            assert param.shape == tensor.shape, f"{name}: {tuple(param.shape)} vs {tuple(tensor.shape)}"
+            assert param.shape == tensor.shape, (
+                f"{name}: {tuple(param.shape)} vs {tuple(tensor.shape)}"
+            )
             param.data.copy_(tensor.to(param.dtype))
         self.loaded.add(name)
 

@@ -11,6 +11,7 @@ is a name match. The tower is replicated across TP ranks (small next to the MoE 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from typing import Any
 
@@ -41,7 +42,7 @@ class VisionAttention(nn.Module):
         k = _rope_3d(self.k_proj(x).view(n, self.heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(n, self.heads, self.head_dim)
         out = torch.empty_like(q)
-        for a, b in zip(cu[:-1], cu[1:], strict=True):  # one image (or video segment) at a time
+        for a, b in itertools.pairwise(cu):  # one image (or video segment) at a time
             out[a:b] = F.scaled_dot_product_attention(
                 q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1)
             ).transpose(0, 1)
@@ -108,9 +109,13 @@ class VisionTransformer(nn.Module):
         self.merge = int(comp.get("spatial_merge_size", v.get("spatial_merge_size", 2)))
         dim, heads = v["hidden_size"], v["num_attention_heads"]
         eps = v.get("layer_norm_eps", 1e-5)
-        self.embeddings = VisionEmbeddings(dim, v.get("num_channels", 3), self.temporal, v["patch_size"])
+        self.embeddings = VisionEmbeddings(
+            dim, v.get("num_channels", 3), self.temporal, v["patch_size"]
+        )
         self.pre_layrnorm = nn.LayerNorm(dim, eps=eps)  # sic: the checkpoint's spelling
-        self.encoder = VisionEncoder(dim, heads, v["intermediate_size"], v["num_hidden_layers"], eps)
+        self.encoder = VisionEncoder(
+            dim, heads, v["intermediate_size"], v["num_hidden_layers"], eps
+        )
         theta = v.get("rope_theta") or (v.get("rope_parameters") or {}).get("rope_theta", 10000.0)
         axis = 2 * ((dim // heads // 3) // 2)  # channels per axis (t, h, w)
         inv = 1.0 / (float(theta) ** (torch.arange(0, axis, 2, dtype=torch.float64) / axis))
@@ -171,9 +176,13 @@ class MiniMaxM3SparseForConditionalGeneration(nn.Module):
         self.merge = self.vision_tower.vision_model.merge
         proj = getattr(config, "projector_hidden_size", None) or text.hidden_size
         self.multi_modal_projector = TwoLayerGelu(v["hidden_size"], proj, text.hidden_size)
-        self.patch_merge_mlp = TwoLayerGelu(text.hidden_size * self.merge**2, proj, text.hidden_size)
+        self.patch_merge_mlp = TwoLayerGelu(
+            text.hidden_size * self.merge**2, proj, text.hidden_size
+        )
         self.model = M3TextModel(text, prefix="language_model.model")
-        self.lm_head = ParallelLMHead(text.vocab_size, text.hidden_size, prefix="language_model.lm_head")
+        self.lm_head = ParallelLMHead(
+            text.vocab_size, text.hidden_size, prefix="language_model.lm_head"
+        )
         self.logits_processor = LogitsProcessor(text)
 
     # -- multimodal hooks SGLang calls ------------------------------------------------------

@@ -31,7 +31,9 @@ class PartialRope(nn.Module):
     def __init__(self, rotary_dim: int, max_position: int, base: float) -> None:
         super().__init__()
         self.rotary_dim = rotary_dim
-        inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
+        inv_freq = 1.0 / (
+            base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
+        )
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
         self.max_position = max_position
 

@@ -78,9 +78,7 @@ def expand_image_tokens(
     """Replace the i-th single image placeholder with counts[i] image tokens; inclusive runs."""
     slots = [i for i, t in enumerate(ids) if t == image_token_id]
     if len(slots) != len(counts):
-        raise ValueError(
-            f"the prompt has {len(slots)} image placeholders for {len(counts)} images"
-        )
+        raise ValueError(f"the prompt has {len(slots)} image placeholders for {len(counts)} images")
     out: list[int] = []
     runs: list[tuple[int, int]] = []
     prev = 0
@@ -97,7 +95,9 @@ class M3MultimodalProcessor(BaseMultimodalProcessor):
     models = [MiniMaxM3SparseForConditionalGeneration]  # noqa: RUF012 (SGLang's class attribute)
     gpu_image_decode = False
 
-    def __init__(self, hf_config: Any, server_args: Any, _processor: Any, *args: Any, **kwargs: Any):
+    def __init__(
+        self, hf_config: Any, server_args: Any, _processor: Any, *args: Any, **kwargs: Any
+    ):
         super().__init__(hf_config, server_args, _processor, *args, **kwargs)
         self.tokenizer = getattr(_processor, "tokenizer", None) or _processor
         self.image_token_id = int(hf_config.image_token_index)
@@ -151,7 +151,9 @@ class M3MultimodalProcessor(BaseMultimodalProcessor):
             pre = await asyncio.gather(
                 *(asyncio.to_thread(preprocess.preprocess, image_bytes(it)) for it in items)
             )
-            ids, runs = expand_image_tokens(ids, self.image_token_id, [p.num_image_tokens for p in pre])
+            ids, runs = expand_image_tokens(
+                ids, self.image_token_id, [p.num_image_tokens for p in pre]
+            )
             images = [(p.pixel_values, tuple(p.grid_thw), p.hash) for p in pre]
 
         mm_items = []

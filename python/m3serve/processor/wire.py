@@ -117,7 +117,9 @@ def validate_item(i: int, item: Any) -> None:
             raise WireFormatError("bad_shm", f"item {i}: nbytes {shm['nbytes']} != {nbytes}")
 
 
-def validate_placement(items: list[dict[str, Any]], input_ids: list[int], image_token_id: int) -> None:
+def validate_placement(
+    items: list[dict[str, Any]], input_ids: list[int], image_token_id: int
+) -> None:
     """Runs in prompt order, inside input_ids, made of image tokens, covering all of them."""
     covered = 0
     end = 0
