@@ -161,6 +161,14 @@ async fn track(State(state): State<Shared>, req: Request, next: Next) -> Respons
     let t0 = Instant::now();
     let resp = next.run(req).await;
     state.metrics.record_request(&route, resp.status().as_u16(), t0.elapsed().as_secs_f64());
+    let streaming = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    if !streaming {
+        // Whole bodies are already produced: keep their Content-Length, drop the guard now.
+        return resp;
+    }
     let (parts, body) = resp.into_parts();
     let body = Body::from_stream(body.into_data_stream().map(move |chunk| {
         let _held = &guard;
