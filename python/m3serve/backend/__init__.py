@@ -72,6 +72,9 @@ def register() -> None:
 
     if _argv_selects_msa(sys.argv):
         os.environ[_ENV] = "1"
+        # page-major HND KV ([pages, H_kv, block, D] per layer): what the MSA kernels (and
+        # FlashInfer's one-head view) index; SGLang's MHA pool has this layout built in
+        os.environ.setdefault("SGLANG_USE_HND_KVCACHE", "1")
     if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
         add_attention_backend_choices([BACKEND_NAME])
     register_attention_backend(BACKEND_NAME)(_create_msa_backend)

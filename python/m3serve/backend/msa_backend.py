@@ -42,6 +42,9 @@ class MSAMetadata:
     seq_lens: torch.Tensor  # [B] int32
     page_table: torch.Tensor  # [B, max_pages] int32
     out_cache_loc: torch.Tensor  # [T] int64 slots of this batch's new tokens
+    is_decode: bool = False
+    max_q_len: int = 0
+    max_seq_len: int = 0
 
 
 def _sglang_base() -> type:
@@ -81,7 +84,15 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
                 f"got page size {self.page_size}"
             )
         kbuf = self.token_to_kv_pool.get_key_buffer(min(self.sparse_layers | {0}))
-        self.num_pages = (kbuf.shape[0] + self.block - 1) // self.block
+        tokens = kbuf.shape[0] * (kbuf.shape[2] if kbuf.dim() == 4 else 1)
+        self.num_pages = (tokens + self.block - 1) // self.block
+        text = model_runner.model_config.hf_text_config
+        tp = max(1, int(getattr(model_runner, "tp_size", 1)))
+        self.num_q_heads = text.num_attention_heads // tp
+        self.num_kv_heads = max(1, text.num_key_value_heads // tp)
+        self.q_dtype = model_runner.dtype
+        self._prefill_wrapper: Any = None
+        self._decode_wrapper: Any = None
         # bf16 like the KV cache (a float32 model keeps float32 keys: exact reference runs)
         self.index_dtype = kbuf.dtype if kbuf.dtype == torch.float32 else torch.bfloat16
         self.index_k: dict[int, torch.Tensor] = {
@@ -95,12 +106,17 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
             for layer in self.sparse_layers
         }
         impl = os.environ.get("M3SERVE_MSA_IMPL", "auto")
-        self.use_fast = impl != "reference" and torch.device(self.device).type == "cuda"
+        self.use_fast = (
+            impl != "reference"
+            and torch.device(self.device).type == "cuda"
+            and kbuf.dim() == 4  # the fast kernels read a real HND cache
+            and self.index_dtype == torch.bfloat16
+        )
         self.forward_metadata: MSAMetadata | None = None
         logger.info(
-            "msa backend: block %d, top-k %d, %d sparse layers, %d pages, kernels=%s",
+            "msa backend: block %d, top-k %d, %d sparse layers, %d pages, KV %s, kernels=%s",
             self.block, self.topk, len(self.sparse_layers), self.num_pages,
-            "fast" if self.use_fast else "reference",
+            "HND" if kbuf.dim() == 4 else "NHD", "fast" if self.use_fast else "torch",
         )  # fmt: skip
 
     # -- per-batch metadata -------------------------------------------------------------------
@@ -123,18 +139,80 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
         cols = cols.clamp(max=r2t.shape[1] - 1)
         slots = r2t[forward_batch.req_pool_indices.long()][:, cols]
         page_table = (slots // self.block).to(torch.int32)
-        self.forward_metadata = MSAMetadata(
-            cu_q, prefix, seq_lens, page_table, forward_batch.out_cache_loc
+        q_host = (
+            [1] * seq_lens.shape[0]
+            if mode.is_decode_or_idle()
+            else list(forward_batch.extend_seq_lens_cpu)
         )
+        self.forward_metadata = MSAMetadata(
+            cu_q,
+            prefix,
+            seq_lens,
+            page_table,
+            forward_batch.out_cache_loc,
+            is_decode=bool(mode.is_decode_or_idle()),
+            max_q_len=max(q_host, default=0),
+            max_seq_len=max_len,
+        )
+        if self.use_fast and seq_lens.numel():
+            self._plan_fast(self.forward_metadata, forward_batch)
+
+    # -- CUDA fast path (m3serve.kernels.msa) -------------------------------------------------
+    def _plan_fast(self, md: MSAMetadata, forward_batch: Any) -> None:
+        """Host-side plans once per step; per-layer launches only touch device buffers."""
+        from m3serve.kernels.msa.sparse_decode import SparseDecodeWrapper
+        from m3serve.kernels.msa.sparse_prefill import SparsePrefillWrapper
+
+        kbuf = self.token_to_kv_pool.get_key_buffer(min(self.sparse_layers))
+        hkv, d = self.num_kv_heads, kbuf.shape[-1]
+        if md.is_decode:
+            if self._decode_wrapper is None:
+                self._decode_wrapper = SparseDecodeWrapper(self.device)
+            self._decode_wrapper.plan(
+                forward_batch.seq_lens_cpu, 1, self.num_q_heads, hkv, d, self.block, self.topk,
+                self.q_dtype, kbuf.dtype,
+            )  # fmt: skip
+        else:
+            if self._prefill_wrapper is None:
+                self._prefill_wrapper = SparsePrefillWrapper()
+            self._prefill_wrapper.plan(
+                md.cu_q, md.prefix_lens, md.seq_lens, md.page_table, self.num_q_heads, hkv, d,
+                self.block, self.topk, device=self.device,
+            )  # fmt: skip
+
+    def _select_fast(
+        self, md: MSAMetadata, idx_q: torch.Tensor, cache: torch.Tensor
+    ) -> torch.Tensor:
+        from m3serve.kernels.msa.index_select import select_blocks_decode, select_blocks_prefill
+
+        if md.is_decode:
+            return select_blocks_decode(
+                idx_q, cache, None, md.page_table, md.seq_lens, 1, self.topk,
+                max_seq_len=md.max_seq_len,
+            )  # fmt: skip
+        return select_blocks_prefill(
+            idx_q, cache, None, md.page_table, md.cu_q, md.prefix_lens, md.seq_lens, self.topk,
+            max_q_len=md.max_q_len, max_seq_len=md.max_seq_len,
+        )  # fmt: skip
+
+    def _attend_fast(self, md, q3, k_cache, v_cache, topk_ids, scale) -> torch.Tensor:
+        if md.is_decode:
+            return self._decode_wrapper.run(q3, k_cache, v_cache, md.page_table, topk_ids, scale)
+        return self._prefill_wrapper.run(q3, k_cache, v_cache, topk_ids, scale)
 
     # -- attention ----------------------------------------------------------------------------
     def _paged_kv(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """HND views [pages, H_kv, block, D] of SGLang's token-major K and V buffers."""
+        """[pages, H_kv, block, D] K and V: the pool's own buffers when it is HND
+        (SGLANG_USE_HND_KVCACHE=1, which the fast kernels need), else HND views of its
+        token-major [slots, H_kv, D] buffers (fine for the torch paths)."""
         out = []
         for buf in (
             self.token_to_kv_pool.get_key_buffer(layer_id),
             self.token_to_kv_pool.get_value_buffer(layer_id),
         ):
+            if buf.dim() == 4:
+                out.append(buf)
+                continue
             n = buf.shape[0] // self.block * self.block
             out.append(buf[:n].view(n // self.block, self.block, *buf.shape[1:]).transpose(1, 2))
         return out[0], out[1]
@@ -171,6 +249,14 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
             return out.view(q3.shape[0], hq * d)
         assert layer.layer_id in self.sparse_layers, f"layer {layer.layer_id} is not an MSA layer"
         cache = self.index_k[layer.layer_id]
+        if self.use_fast:
+            from m3serve.kernels.msa.index_cache import store_index_k
+
+            if save_kv_cache and idx_k is not None:
+                store_index_k(cache, None, idx_k.reshape(idx_k.shape[0], -1), md.out_cache_loc)
+            topk_ids = self._select_fast(md, idx_q.to(cache.dtype), cache)
+            out = self._attend_fast(md, q3, k_cache, v_cache, topk_ids, layer.scaling)
+            return None, out.view(q3.shape[0], hq, d)
         if save_kv_cache and idx_k is not None:
             ref.ref_store_index_k(cache, None, idx_k.reshape(idx_k.shape[0], -1), md.out_cache_loc)
         topk_ids = ref.ref_select_blocks(
@@ -193,3 +279,9 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
         idx_v=None, **_: Any,
     ):  # fmt: skip
         return self._run(q, k, v, layer, forward_batch, save_kv_cache, idx_q, idx_k)
+
+    # -- CUDA graphs ----------------------------------------------------------------------------
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int) -> None:
+        raise NotImplementedError(
+            "the msa backend does not capture CUDA graphs yet: pass --disable-cuda-graph"
+        )
