@@ -75,6 +75,7 @@ class SGLangServer:
         log_path: str | os.PathLike[str] | None = None,
         startup_timeout: float = 240.0,
         cpu_standin_dir: str | os.PathLike[str] | None = None,
+        use_standin: bool | None = None,
     ) -> None:
         self.model_path = str(model_path)
         self.port = port or free_port()
@@ -84,6 +85,8 @@ class SGLangServer:
         self.extra_env = dict(env or {})
         self.startup_timeout = startup_timeout
         self.cpu_standin_dir = Path(cpu_standin_dir) if cpu_standin_dir else CPU_STANDIN_DIR
+        # the stand-in is needed on CPU, and on GPUs where sglang-kernel cannot be installed
+        self.use_standin = device == "cpu" if use_standin is None else use_standin
         if log_path is None:
             fd, name = tempfile.mkstemp(prefix="sglang-server-", suffix=".log")
             os.close(fd)
@@ -108,17 +111,18 @@ class SGLangServer:
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
-        if self.device == "cpu":
+        if self.use_standin:
             if not (self.cpu_standin_dir / "sgl_kernel" / "__init__.py").exists():
                 raise FileNotFoundError(
-                    f"CPU serving needs the stand-in sgl_kernel package at {self.cpu_standin_dir}"
+                    f"serving without sgl_kernel needs the stand-in package at {self.cpu_standin_dir}"
                 )
-            env["SGLANG_USE_CPU_ENGINE"] = "1"
             env["PYTHONPATH"] = os.pathsep.join(
                 p for p in (str(self.cpu_standin_dir), env.get("PYTHONPATH", "")) if p
             )
             # SGLang's compiled radix tree is built for a torch it may not run with here.
             env.setdefault("SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND", "python")
+        if self.device == "cpu":
+            env["SGLANG_USE_CPU_ENGINE"] = "1"
         env.setdefault("PYTHONUNBUFFERED", "1")
         env.update(self.extra_env)
         return env
