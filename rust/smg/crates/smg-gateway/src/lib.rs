@@ -227,6 +227,10 @@ pub async fn serve(state: Shared, listener: tokio::net::TcpListener) -> std::io:
     let probe_client = reqwest::Client::new();
     let probes = tokio::spawn(Arc::clone(&state.workers).probe_loop(probe_client, state.cfg.health_interval, Duration::from_secs(2)));
     let router = app(state);
+    // Small SSE events and JSON answers must not wait on Nagle + delayed ACK.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let result = axum::serve(listener, router).with_graceful_shutdown(shutdown_signal()).await;
     probes.abort();
     result
