@@ -326,7 +326,11 @@ def main() -> int:
         mock.terminate()
     kind = f"real SGLang worker {args.worker}" if args.worker else \
         "mock /generate worker (aiohttp, separate process)"
-    note = (f"Worker: {kind}. Client: aiohttp in one process, keep-alive. smg release build. "
+    from m3serve.gateway import find_smg_binary
+
+    exe = find_smg_binary(build=False)
+    note = (f"Worker: {kind}. Client: aiohttp in one process, keep-alive. smg binary: "
+            f"{exe.parent.name} profile ({exe}). "
             "Gateway, worker and client share the machine's cores.")
     write_results(cases, note)
     return 0
