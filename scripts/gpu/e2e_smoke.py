@@ -58,7 +58,7 @@ def main() -> int:
     extra = [
         "--attention-backend", "msa", "--page-size", "128", "--sampling-backend", "pytorch",
         "--mem-fraction-static", "0.85", "--context-length", str(args.input_len + 4096),
-        "--trust-remote-code", *args.extra.split(),
+        "--trust-remote-code", "--cuda-graph-backend-prefill", "disabled", *args.extra.split(),
     ]  # fmt: skip
     server = SGLangServer(
         args.ckpt, device="cuda", use_standin=True, max_total_tokens=600_000, extra_args=extra,
