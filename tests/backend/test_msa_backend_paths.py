@@ -91,7 +91,7 @@ def _serve(device: str, fast: bool, dtype: torch.dtype = torch.bfloat16) -> list
     # prefill in two chunks, then one decode step; request lengths cross many blocks
     steps = (([150, 37], [0, 0], False), ([90, 64], [150, 37], False), ([1, 1], [240, 101], True))
     for q_lens, prefixes, decode in steps:
-        md, fb = _batch(b, q_lens, prefixes, decode, table)
+        _md, fb = _batch(b, q_lens, prefixes, decode, table)
         t = sum(q_lens)
         for layer_id in (0, 1):
             layer = SimpleNamespace(

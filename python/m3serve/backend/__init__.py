@@ -56,6 +56,23 @@ def _is_minimax_sparse_unless_msa(original: Callable[..., bool], *args: Any, **k
     return original(*args, **kwargs)
 
 
+def _cell_size_with_index_k(
+    original: Callable[..., int], self: Any, kvc: Any, num_layers: int
+) -> int:
+    """KV bytes per token plus the msa backend's index-K caches (one bf16 key per MSA layer),
+    so SGLang sizes the KV pool for the memory the backend really takes."""
+    size = original(self, kvc, num_layers)
+    if not msa_selected():
+        return size
+    try:
+        from m3serve.backend.msa_backend import msa_settings
+
+        s = msa_settings(kvc.model_config.hf_text_config)
+    except (AttributeError, ValueError):
+        return size
+    return int(size + len(s["sparse_layers"]) * s["index_dim"] * 2)
+
+
 def _create_msa_backend(runner: Any) -> Any:
     from m3serve.backend.msa_backend import MSAAttnBackend
 
@@ -81,5 +98,10 @@ def register() -> None:
     HookRegistry.register(
         "sglang.srt.configs.model_config.is_minimax_sparse",
         _is_minimax_sparse_unless_msa,
+        HookType.AROUND,
+    )
+    HookRegistry.register(
+        "sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size",
+        _cell_size_with_index_k,
         HookType.AROUND,
     )
