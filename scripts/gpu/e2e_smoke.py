@@ -31,8 +31,11 @@ def bench(url: str, port: int, ckpt: str, input_len: int, output_len: int, conc:
         "--random-output-len", str(output_len), "--random-range-ratio", "1.0",
         "--num-prompts", str(n), "--max-concurrency", str(conc), "--output-file", str(res),
     ]  # fmt: skip
+    env = dict(os.environ)
+    standin = str(Path(__file__).resolve().parent / "bench_standin")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH", ""), standin) if p)
     t0 = time.time()
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     print(p.stdout[-2500:], p.stderr[-1500:] if p.returncode else "", flush=True)
     row = {"input_len": input_len, "output_len": output_len, "concurrency": conc, "rc": p.returncode,
            "wall_s": round(time.time() - t0, 1)}  # fmt: skip
