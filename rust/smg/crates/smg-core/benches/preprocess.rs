@@ -1,0 +1,95 @@
+//! Criterion benches of the image stages on one thread: decode (JPEG), the torch-exact
+//! antialiased bicubic resize to M3's smart_resize size, and normalise + patchify.
+//!
+//! `cargo bench -p smg-core --bench preprocess` (add `-- resize` to run one group).
+//! Inputs are synthetic but photo-like (smooth gradients plus hashed noise) so JPEG decode does
+//! real entropy work; 640×480, 1280×960 and 4032×3024 as in issue 3's benchmark table.
+
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use smg_core::image::{decode, patchify, resize, sizing, DecodedImage, ImageOptions};
+
+const SIZES: [(u32, u32); 3] = [(640, 480), (1280, 960), (4032, 3024)];
+
+fn synthetic(w: u32, h: u32) -> DecodedImage {
+    let mut rgb = Vec::with_capacity(w as usize * h as usize * 3);
+    for y in 0..h {
+        for x in 0..w {
+            let n = (x.wrapping_mul(2_654_435_761) ^ y.wrapping_mul(40_503)).rotate_left(7);
+            let noise = (n >> 27) as u8;
+            rgb.push(((x * 255 / w) as u8).wrapping_add(noise));
+            rgb.push(((y * 255 / h) as u8).wrapping_add(noise / 2));
+            rgb.push((((x + y) * 127 / (w + h)) as u8).wrapping_add(noise));
+        }
+    }
+    DecodedImage {
+        width: w,
+        height: h,
+        rgb,
+    }
+}
+
+fn jpeg(img: &DecodedImage) -> Vec<u8> {
+    let image = turbojpeg::Image {
+        pixels: img.rgb.as_slice(),
+        width: img.width as usize,
+        pitch: img.width as usize * 3,
+        height: img.height as usize,
+        format: turbojpeg::PixelFormat::RGB,
+    };
+    turbojpeg::compress(image, 90, turbojpeg::Subsamp::Sub2x2)
+        .expect("jpeg encode")
+        .to_vec()
+}
+
+fn label(w: u32, h: u32) -> String {
+    format!("{w}x{h}")
+}
+
+fn bench_decode(c: &mut Criterion) {
+    let opts = ImageOptions::default();
+    let mut g = c.benchmark_group("decode_jpeg");
+    g.sample_size(20);
+    for (w, h) in SIZES {
+        let bytes = jpeg(&synthetic(w, h));
+        g.throughput(Throughput::Elements(u64::from(w) * u64::from(h)));
+        g.bench_with_input(BenchmarkId::from_parameter(label(w, h)), &bytes, |b, bytes| {
+            b.iter(|| decode::decode_rgb(black_box(bytes), &opts).expect("decode"));
+        });
+    }
+    g.finish();
+}
+
+fn bench_resize(c: &mut Criterion) {
+    let opts = ImageOptions::default();
+    let mut g = c.benchmark_group("resize_torch_bicubic_aa");
+    g.sample_size(20);
+    for (w, h) in SIZES {
+        let img = synthetic(w, h);
+        let (oh, ow) = sizing::target_size(h, w, &opts).expect("size");
+        g.throughput(Throughput::Elements(u64::from(w) * u64::from(h)));
+        g.bench_with_input(BenchmarkId::from_parameter(label(w, h)), &img, |b, img| {
+            b.iter(|| resize::resize_torch_bicubic_aa(black_box(img), ow, oh));
+        });
+    }
+    g.finish();
+}
+
+fn bench_patchify(c: &mut Criterion) {
+    let opts = ImageOptions::default();
+    let mut g = c.benchmark_group("normalize_patchify");
+    g.sample_size(30);
+    for (w, h) in SIZES {
+        let (oh, ow) = sizing::target_size(h, w, &opts).expect("size");
+        let img = synthetic(ow, oh);
+        g.throughput(Throughput::Elements(u64::from(ow) * u64::from(oh)));
+        g.bench_with_input(BenchmarkId::from_parameter(label(w, h)), &img, |b, img| {
+            b.iter(|| patchify::normalize_patchify(black_box(img)));
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench_decode, bench_resize, bench_patchify);
+criterion_main!(benches);
