@@ -18,7 +18,7 @@ from pathlib import Path
 
 import requests
 
-from m3serve.launch import SGLangServer
+from m3serve.launch import CPU_STANDIN_DIR, SGLangServer
 
 
 def bench(url: str, port: int, ckpt: str, input_len: int, output_len: int, conc: int, out: Path) -> dict:
@@ -33,7 +33,9 @@ def bench(url: str, port: int, ckpt: str, input_len: int, output_len: int, conc:
     ]  # fmt: skip
     env = dict(os.environ)
     standin = str(Path(__file__).resolve().parent / "bench_standin")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH", ""), standin) if p)
+    # the client imports sglang.srt too, so it needs the sgl_kernel stand-in as well
+    paths = (str(CPU_STANDIN_DIR), env.get("PYTHONPATH", ""), standin)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     t0 = time.time()
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     print(p.stdout[-2500:], p.stderr[-1500:] if p.returncode else "", flush=True)
