@@ -30,6 +30,7 @@ def bench(url: str, port: int, ckpt: str, input_len: int, output_len: int, conc:
         "--dataset-name", "random-ids", "--random-input-len", str(input_len),
         "--random-output-len", str(output_len), "--random-range-ratio", "1.0",
         "--num-prompts", str(n), "--max-concurrency", str(conc), "--output-file", str(res),
+        "--tokenize-prompt",  # send input_ids: exact lengths (text round-trips change them)
     ]  # fmt: skip
     env = dict(os.environ)
     standin = str(Path(__file__).resolve().parent / "bench_standin")
@@ -46,6 +47,8 @@ def bench(url: str, port: int, ckpt: str, input_len: int, output_len: int, conc:
         for k in ("output_throughput", "total_throughput", "median_ttft_ms", "p99_ttft_ms",
                   "median_tpot_ms", "p99_tpot_ms", "completed"):  # fmt: skip
             row[k] = last.get(k)
+    # SGLang answers some errors (e.g. prompt too long) inside a 200 stream: trust only full runs
+    row["valid"] = p.returncode == 0 and row.get("completed") == n
     return row
 
 
