@@ -92,6 +92,13 @@ def register() -> None:
         # page-major HND KV ([pages, H_kv, block, D] per layer): what the MSA kernels (and
         # FlashInfer's one-head view) index; SGLang's MHA pool has this layout built in
         os.environ.setdefault("SGLANG_USE_HND_KVCACHE", "1")
+        # The msa backend has no CUDA-graph capture yet (MSAAttnBackend.init_cuda_graph_state);
+        # launch_server parses sys.argv after loading plugins, so graphs are switched off here
+        # unless the command line already chose a graph backend.
+        for flag in ("--cuda-graph-backend-decode", "--cuda-graph-backend-prefill"):
+            if not any(a == flag or a.startswith(flag + "=") for a in sys.argv):
+                sys.argv += [flag, "disabled"]
+                logger.warning("msa backend: %s disabled (no CUDA-graph capture yet)", flag)
     if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
         add_attention_backend_choices([BACKEND_NAME])
     register_attention_backend(BACKEND_NAME)(_create_msa_backend)
