@@ -50,3 +50,21 @@ def test_paged_attention_matches_reference(q_lens: list[int], prefixes: list[int
     dense = paged_attention(q, kc, vc, *meta, scale)
     torch.testing.assert_close(sparse, ref.ref_sparse_attention(q, kc, vc, *meta, topk_ids, scale))
     torch.testing.assert_close(dense, ref.ref_dense_causal_attention(q, kc, vc, *meta, scale))
+
+
+def test_query_tiles_do_not_change_results(monkeypatch: pytest.MonkeyPatch) -> None:
+    import m3serve.backend.torch_attention as ta
+
+    q, kc, vc, meta, topk_ids = _case(5, [129, 33], [0, 200])
+    scale = 32**-0.5
+    whole = (
+        paged_attention(q, kc, vc, *meta, scale, topk_ids),
+        paged_attention(q, kc, vc, *meta, scale),
+    )
+    monkeypatch.setattr(ta, "QUERY_TILE", 7)
+    tiled = (
+        paged_attention(q, kc, vc, *meta, scale, topk_ids),
+        paged_attention(q, kc, vc, *meta, scale),
+    )
+    for a, b in zip(whole, tiled, strict=True):
+        torch.testing.assert_close(a, b)

@@ -20,6 +20,9 @@ def _requests(cu_q: torch.Tensor) -> list[tuple[int, int, int]]:
     return [(r, cu[r], cu[r + 1]) for r in range(len(cu) - 1) if cu[r + 1] > cu[r]]
 
 
+QUERY_TILE = 2048
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -33,30 +36,33 @@ def paged_attention(
 ) -> torch.Tensor:
     """q [T, Hq, D]; HND caches [pages, Hkv, block, D]; topk_ids [Hkv, T, k] or None (dense).
 
-    Returns [T, Hq, D] in q's dtype, computed in float32.
+    Returns [T, Hq, D] in q's dtype; float32 math on CPU, q's dtype on CUDA (SDPA's fused
+    kernels). Queries go in tiles of ``QUERY_TILE`` so the mask stays [tile, n], not [Lq, n].
     """
     total, hq, _ = q.shape
     _, hkv, block, _ = k_cache.shape
     group = hq // hkv
     out = torch.zeros(total, hq, v_cache.shape[-1], dtype=q.dtype, device=q.device)
     seq, pre = seq_lens.tolist(), prefix_lens.tolist()
-    for r, q0, q1 in _requests(cu_q):
+    dt = torch.float32 if q.device.type == "cpu" else q.dtype
+    for r, r0, r1 in _requests(cu_q):
         n = seq[r]
-        k = gather_request_tokens(k_cache.transpose(1, 2), page_table[r], n).float()  # [n, Hkv, D]
-        v = gather_request_tokens(v_cache.transpose(1, 2), page_table[r], n).float()
-        pos = pre[r] + torch.arange(q1 - q0, device=q.device)
-        mask = torch.arange(n, device=q.device)[None, :] <= pos[:, None]  # [Lq, n] causal
-        mask = mask[None].expand(hkv, -1, -1)
-        if topk_ids is not None:
-            nb = (n + block - 1) // block
-            sel = topk_ids[:, q0:q1].long()  # [Hkv, Lq, k]
-            chosen = torch.zeros(hkv, q1 - q0, nb + 1, dtype=torch.bool, device=q.device)
-            chosen.scatter_(-1, torch.where(sel < 0, nb, sel), True)  # −1 → a dropped column
-            mask = mask & chosen[..., :nb].repeat_interleave(block, dim=-1)[..., :n]
-        mask = mask.repeat_interleave(group, dim=0)  # [Hq, Lq, n]
-        qh = q[q0:q1].float().transpose(0, 1)  # [Hq, Lq, D]
+        k = gather_request_tokens(k_cache.transpose(1, 2), page_table[r], n).to(dt)  # [n, Hkv, D]
+        v = gather_request_tokens(v_cache.transpose(1, 2), page_table[r], n).to(dt)
         kh = k.transpose(0, 1).repeat_interleave(group, dim=0)  # [Hq, n, D]
         vh = v.transpose(0, 1).repeat_interleave(group, dim=0)
-        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=sm_scale)
-        out[q0:q1] = o.transpose(0, 1).to(q.dtype)
+        for q0 in range(r0, r1, QUERY_TILE):
+            q1 = min(q0 + QUERY_TILE, r1)
+            pos = pre[r] + (q0 - r0) + torch.arange(q1 - q0, device=q.device)
+            mask = torch.arange(n, device=q.device)[None, :] <= pos[:, None]  # [Lq, n] causal
+            if topk_ids is not None:
+                nb = (n + block - 1) // block
+                sel = topk_ids[:, q0:q1].long()  # [Hkv, Lq, k]
+                chosen = torch.zeros(hkv, q1 - q0, nb + 1, dtype=torch.bool, device=q.device)
+                chosen.scatter_(-1, torch.where(sel < 0, nb, sel), True)  # −1 → dropped column
+                tok = chosen[..., :nb].repeat_interleave(block, dim=-1)[..., :n]
+                mask = (mask[None] & tok).repeat_interleave(group, dim=0)  # [Hq, Lq, n]
+            qh = q[q0:q1].to(dt).transpose(0, 1)  # [Hq, Lq, D]
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=sm_scale)
+            out[q0:q1] = o.transpose(0, 1).to(q.dtype)
     return out
