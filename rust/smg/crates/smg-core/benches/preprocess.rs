@@ -1,5 +1,5 @@
 //! Criterion benches of the image stages on one thread: decode (JPEG), the torch-exact
-//! antialiased bicubic resize to M3's smart_resize size, and normalise + patchify.
+//! antialiased bicubic resize to M3's `smart_resize` size, and normalise + patchify.
 //!
 //! `cargo bench -p smg-core --bench preprocess` (add `-- resize` to run one group).
 //! Inputs are synthetic but photo-like (smooth gradients plus hashed noise) so JPEG decode does

@@ -199,12 +199,11 @@ fn vertical_strip<W: Copy + Into<i32>, const N: usize>(
     col: usize,
     s: usize,
     taps: &[W],
-    half: i32,
     p: u32,
     dst: &mut [u8],
 ) {
     let width = dst.len();
-    let mut acc = [half; N];
+    let mut acc = [1i32 << (p - 1); N];
     for (k, &wk) in taps.iter().enumerate() {
         let wk: i32 = wk.into();
         let off = (s + k) * row_len + col;
@@ -224,7 +223,6 @@ fn vertical_strip<W: Copy + Into<i32>, const N: usize>(
 fn vertical<W: Copy + Into<i32>>(src: &[u8], row_len: usize, ax: &AxisWeights, w: &[W]) -> Vec<u8> {
     let out_h = ax.start.len();
     let mut out = vec![0u8; out_h * row_len];
-    let half = 1i32 << (ax.precision - 1);
     let p = ax.precision;
     for (y, out_row) in out.chunks_exact_mut(row_len).enumerate() {
         let s = ax.start[y];
@@ -232,12 +230,12 @@ fn vertical<W: Copy + Into<i32>>(src: &[u8], row_len: usize, ax: &AxisWeights, w
         let mut chunks = out_row.chunks_exact_mut(V_CHUNK);
         let mut col = 0;
         for dst in &mut chunks {
-            vertical_strip::<W, V_CHUNK>(src, row_len, col, s, taps, half, p, dst);
+            vertical_strip::<W, V_CHUNK>(src, row_len, col, s, taps, p, dst);
             col += V_CHUNK;
         }
         let rest = chunks.into_remainder();
         if !rest.is_empty() {
-            vertical_strip::<W, V_CHUNK>(src, row_len, col, s, taps, half, p, rest);
+            vertical_strip::<W, V_CHUNK>(src, row_len, col, s, taps, p, rest);
         }
     }
     out
