@@ -46,6 +46,22 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    """Run the smg gateway in the foreground (exec: signals go straight to it)."""
+    import os
+
+    from m3serve.gateway import find_smg_binary
+
+    exe = str(find_smg_binary())
+    cmd = [exe, "--model-dir", args.model_dir, "--host", args.host, "--port", str(args.port)]
+    for w in args.worker:
+        cmd += ["--worker", w]
+    if args.api_key:
+        cmd += ["--api-key", args.api_key]
+    os.execv(exe, cmd + list(args.smg_args))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from m3serve.demo import run_demo
 
@@ -74,8 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sglang_args", nargs=argparse.REMAINDER, help="passed to sglang after --")
     p.set_defaults(func=_cmd_worker)
 
+    p = sub.add_parser("serve", help="run the smg gateway in front of SGLang workers")
+    p.add_argument("--worker", action="append", required=True, help="worker URL (repeatable)")
+    p.add_argument("--model-dir", required=True, help="checkpoint folder (tokenizer, config)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None)
+    p.add_argument("smg_args", nargs=argparse.REMAINDER, help="more smg flags after -- (smg --help)")
+    p.set_defaults(func=_cmd_serve)
+
     p = sub.add_parser("demo", help="tiny checkpoint on CPU, one chat request, answer + timings")
-    p.add_argument("--family", choices=("m3", "llama"), default="llama")
+    p.add_argument("--family", choices=("m3", "llama"), default="m3")
     p.add_argument("--workdir", default=None, help="where the checkpoint and logs go")
     p.add_argument("--prompt", default="What is in this image? Answer in one sentence.")
     p.set_defaults(func=_cmd_demo)
@@ -84,8 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "sglang_args", None) and args.sglang_args[0] == "--":
-        args.sglang_args = args.sglang_args[1:]
+    for extra in ("sglang_args", "smg_args"):
+        rest = getattr(args, extra, None)
+        if rest and rest[0] == "--":
+            setattr(args, extra, rest[1:])
     return int(args.func(args))
 
 

@@ -1,13 +1,16 @@
-"""``m3serve demo``: a tiny checkpoint served on CPU by the real SGLang, one chat request.
+"""``m3serve demo``: a tiny MiniMax-M3 served on CPU behind the smg gateway, one image+text request.
 
-Prints the answer and where the time went (checkpoint, server start, time to first token,
-decode rate). Everything is local: the checkpoint is made here, the server is a real
-``python -m sglang.launch_server`` process, the request goes over real HTTP.
+Everything is local and real: the checkpoint is made here (random weights, so the answer is
+noise), the worker is ``python -m sglang.launch_server`` with the m3serve plugin and the ``msa``
+attention backend, the gateway is the Rust ``smg`` binary that decodes, resizes and patchifies the
+image and tokenizes the prompt, and the request is an OpenAI chat completion over HTTP with the
+photo as a data: URI. Prints the answer and where the time went.
 """
 
 from __future__ import annotations
 
-import json
+import base64
+import io
 import tempfile
 import time
 from pathlib import Path
@@ -17,64 +20,92 @@ import requests
 from m3serve.launch import SGLangServer
 
 
-def _stream_chat(url: str, prompt: str, max_tokens: int) -> tuple[str, float, int]:
-    """Send one streamed chat request; return (answer, ttft seconds, chunks with content)."""
-    body = {
+def _photo_data_uri() -> tuple[str, str]:
+    """A real photo shipped inside scikit-image (the astronaut), as a PNG data: URI."""
+    from PIL import Image
+    from skimage import data
+
+    img = Image.fromarray(data.astronaut()).resize((256, 256), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return uri, f"scikit-image astronaut, {img.width}x{img.height} PNG, {len(buf.getvalue())} B"
+
+
+def _chat_body(prompt: str, image_uri: str | None, max_tokens: int) -> dict:
+    content: list[dict] = [{"type": "text", "text": prompt}]
+    if image_uri is not None:
+        content.insert(0, {"type": "image_url", "image_url": {"url": image_uri}})
+    return {
         "model": "default",
-        "messages": [{"role": "user", "content": prompt}],
+        "messages": [{"role": "user", "content": content}],
         "max_tokens": max_tokens,
         "temperature": 0,
-        "stream": True,
     }
-    t0 = time.perf_counter()
-    ttft = None
-    pieces: list[str] = []
-    with requests.post(url + "/v1/chat/completions", json=body, stream=True, timeout=300) as r:
-        r.raise_for_status()
-        for line in r.iter_lines(decode_unicode=True):
-            if not line or not line.startswith("data: "):
-                continue
-            data = line[len("data: ") :]
-            if data == "[DONE]":
-                break
-            delta = json.loads(data)["choices"][0]["delta"].get("content") or ""
-            if delta:
-                ttft = ttft if ttft is not None else time.perf_counter() - t0
-                pieces.append(delta)
-    return "".join(pieces), ttft or 0.0, len(pieces)
 
 
-def run_demo(family: str = "llama", workdir: str | None = None, prompt: str = "Hello") -> int:
-    work = Path(workdir or tempfile.mkdtemp(prefix="m3serve-demo-"))
-    work.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+def _flatten(obj: object, prefix: str = "") -> list[tuple[str, float]]:
+    """The gateway's timings JSON (numbers, per-image lists of stage dicts) as (name, ms) rows."""
+    if isinstance(obj, dict):
+        return [row for k, v in obj.items() for row in _flatten(v, f"{prefix}{k}.")]
+    if isinstance(obj, list):
+        return [row for i, v in enumerate(obj) for row in _flatten(v, f"{prefix}{i}.")]
+    if isinstance(obj, int | float):
+        return [(prefix.rstrip("."), float(obj))]
+    return []
+
+
+def _make_checkpoint(family: str, work: Path) -> Path:
     if family == "llama":
         from m3serve.checkpoint.tiny_llama import make_tiny_llama
 
-        ckpt = make_tiny_llama(work / "tiny-llama")
-    else:
-        from m3serve.checkpoint.make_tiny import make_tiny
+        return make_tiny_llama(work / "tiny-llama")
+    from m3serve.checkpoint.make_tiny import make_tiny
 
-        ckpt = make_tiny(work / "tiny-m3")
+    return make_tiny(work / "tiny-m3")
+
+
+def run_demo(family: str = "m3", workdir: str | None = None, prompt: str = "Hello") -> int:
+    from m3serve.gateway import find_smg_binary, start_gateway
+
+    work = Path(workdir or tempfile.mkdtemp(prefix="m3serve-demo-"))
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    ckpt = _make_checkpoint(family, work)
     t_ckpt = time.perf_counter() - t0
     print(f"[demo] tiny {family} checkpoint: {ckpt} ({t_ckpt:.2f} s)", flush=True)
+    find_smg_binary()  # builds the gateway now if needed, so its time is not counted below
+    extra = ["--attention-backend", "msa", "--page-size", "16"] if family == "m3" else []
+    image_uri, image_desc = _photo_data_uri() if family == "m3" else (None, "none (text model)")
 
     t0 = time.perf_counter()
-    with SGLangServer(ckpt, log_path=work / "sglang.log") as server:
-        t_start = time.perf_counter() - t0
-        print(f"[demo] SGLang worker on CPU ready at {server.url} ({t_start:.1f} s)", flush=True)
-        max_tokens = 16
+    with SGLangServer(ckpt, log_path=work / "sglang.log", extra_args=extra) as server:
+        t_worker = time.perf_counter() - t0
+        print(f"[demo] SGLang worker (CPU) ready at {server.url} ({t_worker:.1f} s)", flush=True)
         t0 = time.perf_counter()
-        answer, ttft, chunks = _stream_chat(server.url, prompt, max_tokens)
-        total = time.perf_counter() - t0
-    decode_rate = (chunks - 1) / (total - ttft) if chunks > 1 and total > ttft else 0.0
+        with start_gateway([server.url], ckpt, log=work / "smg.log") as gw:
+            t_gw = time.perf_counter() - t0
+            print(f"[demo] smg gateway ready at {gw.url} ({t_gw * 1e3:.0f} ms)", flush=True)
+            body = _chat_body(prompt, image_uri, max_tokens=16)
+            t0 = time.perf_counter()
+            r = requests.post(gw.url + "/v1/chat/completions", json=body, timeout=600)
+            total = time.perf_counter() - t0
+    if r.status_code != 200:
+        print(f"[demo] request failed: HTTP {r.status_code}: {r.text[:500]}")
+        return 1
+    out = r.json()
+    usage = out.get("usage", {})
+    stages = out.get("m3serve", {}).get("timings_ms", {})
+    print(f"[demo] image: {image_desc}")
     print(f"[demo] prompt: {prompt!r}")
-    print(f"[demo] answer (random weights, so not meaningful): {answer!r}")
+    print(f"[demo] answer (random weights, so not meaningful): {out['choices'][0]['message']['content']!r}")
+    print(f"[demo] tokens: prompt {usage.get('prompt_tokens')}, completion {usage.get('completion_tokens')}")
     print("[demo] timings:")
-    print(f"  checkpoint made        {t_ckpt * 1e3:9.1f} ms")
-    print(f"  server start           {t_start * 1e3:9.1f} ms")
-    print(f"  time to first token    {ttft * 1e3:9.1f} ms")
-    print(f"  request total          {total * 1e3:9.1f} ms ({chunks} streamed chunks)")
-    print(f"  decode rate            {decode_rate:9.1f} chunks/s")
-    print(f"[demo] server log: {work / 'sglang.log'}")
+    print(f"  checkpoint made          {t_ckpt * 1e3:10.1f} ms")
+    print(f"  worker start             {t_worker * 1e3:10.1f} ms")
+    print(f"  gateway start            {t_gw * 1e3:10.1f} ms")
+    for name, value in _flatten(stages):
+        print(f"  gateway {name:<24} {value:10.2f} ms")
+    print(f"  request end to end       {total * 1e3:10.1f} ms")
+    print(f"[demo] logs: {work / 'sglang.log'}, {work / 'smg.log'}")
     return 0
