@@ -8,6 +8,8 @@ exactly ``reference.quantize_index_k_fp8``. Negative slots (padding tokens) are 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -50,6 +52,7 @@ def _store_index_k_kernel(
     BLOCK: tl.constexpr,
     TOKENS: tl.constexpr,
     IS_FP8: tl.constexpr,
+    ROUND_IN_SOFTWARE: tl.constexpr,
 ):
     # -- tokens of this program and their (page, offset) --
     tok = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)
@@ -67,7 +70,10 @@ def _store_index_k_kernel(
         # IEEE-rounded divisions: Triton's `/` is approximate on GPUs, torch's (the reference) is not
         scale = tl.where(amax > 0, tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), 1.0)
         xs = tl.math.div_rn(xf, tl.broadcast_to(scale[:, None], xf.shape))
-        q = _round_to_e4m3(tl.minimum(tl.maximum(xs, -448.0), 448.0))
+        xs = tl.minimum(tl.maximum(xs, -448.0), 448.0)
+        if ROUND_IN_SOFTWARE:  # the interpreter's float→e4m3 cast mis-rounds; GPUs round RNE
+            xs = _round_to_e4m3(xs)
+        q = xs
         tl.store(dst, q.to(cache_ptr.dtype.element_ty), mask=ok[:, None])
         tl.store(scale_ptr + page * stride_sp + off, scale, mask=ok)
     else:
@@ -134,5 +140,6 @@ def store_index_k(
         BLOCK=block,
         TOKENS=tokens,
         IS_FP8=is_fp8,
+        ROUND_IN_SOFTWARE=os.environ.get("TRITON_INTERPRET", "0") == "1",
         num_warps=4,
     )

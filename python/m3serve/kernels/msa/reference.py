@@ -40,7 +40,9 @@ def quantize_index_k_fp8(index_k: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     """Per-token FP8 e4m3 quantization: scale = amax / 448 (1 where the row is all zero)."""
     x = index_k.float()
     amax = x.abs().amax(dim=-1)
-    scale = torch.where(amax > 0, amax / FP8_E4M3_MAX, torch.ones_like(amax))
+    # divide by a tensor, not a Python float: on CUDA torch turns `t / 448.0` into t * (1/448),
+    # which is not the IEEE quotient (it flips e4m3 rounding ties against the fast kernel)
+    scale = torch.where(amax > 0, amax / torch.full_like(amax, FP8_E4M3_MAX), torch.ones_like(amax))
     q = (x / scale[:, None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
     return q, scale
 
