@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from m3serve.backend.dense_flashinfer import HEAD_DIMS, flashinfer_available
 from m3serve.backend.torch_attention import paged_attention
 from m3serve.kernels.msa import reference as ref
 
@@ -45,6 +46,8 @@ class MSAMetadata:
     is_decode: bool = False
     max_q_len: int = 0
     max_seq_len: int = 0
+    q_lens_host: list[int] | None = None  # per request, host copies (plans need no sync)
+    seq_lens_host: list[int] | None = None
 
 
 def _sglang_base() -> type:
@@ -112,11 +115,23 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
             and kbuf.dim() == 4  # the fast kernels read a real HND cache
             and self.index_dtype == torch.bfloat16
         )
+        # dense layers on CUDA: FlashInfer paged prefill / decode (M3SERVE_DENSE_IMPL=torch: SDPA)
+        self.dense_fast = (
+            os.environ.get("M3SERVE_DENSE_IMPL", "auto") != "torch"
+            and torch.device(self.device).type == "cuda"
+            and kbuf.dtype in (torch.bfloat16, torch.float16)
+            and flashinfer_available()
+        )
+        self.dense_layout = "HND" if kbuf.dim() == 4 else "NHD"
+        self._dense: Any = None
+        self._dense_plan_md: MSAMetadata | None = None
         self.forward_metadata: MSAMetadata | None = None
         logger.info(
-            "msa backend: block %d, top-k %d, %d sparse layers, %d pages, KV %s, kernels=%s",
+            "msa backend: block %d, top-k %d, %d sparse layers, %d pages, KV %s, kernels=%s, "
+            "dense=%s",
             self.block, self.topk, len(self.sparse_layers), self.num_pages,
             "HND" if kbuf.dim() == 4 else "NHD", "fast" if self.use_fast else "torch",
+            "flashinfer" if self.dense_fast else "torch",
         )  # fmt: skip
 
     # -- per-batch metadata -------------------------------------------------------------------
@@ -153,6 +168,12 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
             is_decode=bool(mode.is_decode_or_idle()),
             max_q_len=max(q_host, default=0),
             max_seq_len=max_len,
+            q_lens_host=[int(x) for x in q_host],
+            seq_lens_host=(
+                forward_batch.seq_lens_cpu.tolist()
+                if getattr(forward_batch, "seq_lens_cpu", None) is not None
+                else None
+            ),
         )
         if self.use_fast and seq_lens.numel():
             self._plan_fast(self.forward_metadata, forward_batch)
@@ -200,6 +221,25 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
             return self._decode_wrapper.run(q3, k_cache, v_cache, md.page_table, topk_ids, scale)
         return self._prefill_wrapper.run(q3, k_cache, v_cache, topk_ids, scale)
 
+    # -- dense layers on CUDA (FlashInfer) ----------------------------------------------------
+    def _dense_flashinfer(self, md: MSAMetadata, q3: torch.Tensor, layer: Any, k_cache, v_cache):
+        """Causal GQA over the paged cache; planned on the step's first dense layer."""
+        if self._dense is None:
+            from m3serve.backend.dense_flashinfer import DenseFlashInfer
+
+            self._dense = DenseFlashInfer(self.device, self.dense_layout)
+        if self._dense_plan_md is not md:
+            q_lens = md.q_lens_host or (md.cu_q[1:] - md.cu_q[:-1]).tolist()
+            seq_lens = md.seq_lens_host or md.seq_lens.tolist()
+            self._dense.plan(
+                q_lens, seq_lens, md.page_table, q3.shape[1], k_cache.shape[1], q3.shape[2],
+                self.block, layer.scaling, q3.dtype, k_cache.dtype, md.is_decode,
+            )  # fmt: skip
+            self._dense_plan_md = md
+        if self.dense_layout == "NHD":  # _paged_kv's HND views of token-major buffers
+            k_cache, v_cache = k_cache.transpose(1, 2), v_cache.transpose(1, 2)
+        return self._dense.run(q3, k_cache, v_cache)
+
     # -- attention ----------------------------------------------------------------------------
     def _paged_kv(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """[pages, H_kv, block, D] K and V: the pool's own buffers when it is HND
@@ -242,6 +282,13 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
         k_cache, v_cache = self._paged_kv(layer.layer_id)
         sparse = idx_q is not None
         if not sparse:
+            if (
+                getattr(self, "dense_fast", False)
+                and q3.dtype in (torch.bfloat16, torch.float16)
+                and d in HEAD_DIMS
+            ):
+                out = self._dense_flashinfer(md, q3, layer, k_cache, v_cache)
+                return out.reshape(q3.shape[0], hq * d)
             out = paged_attention(
                 q3, k_cache, v_cache, md.page_table, md.cu_q, md.prefix_lens, md.seq_lens,
                 layer.scaling,
