@@ -60,11 +60,16 @@ def main() -> int:
     ap.add_argument("--conc", default="1,8")
     ap.add_argument("--extra", default="", help="extra sglang args, space separated")
     ap.add_argument("--tag", default="msa")
+    ap.add_argument(
+        "--attention-backend", default="msa",
+        help="msa (ours) or a full-attention backend (e.g. triton): for a MiniMax sparse config "
+        "SGLang then wraps it in its in-tree MiniMaxHybridAttnBackend (the baseline)",
+    )  # fmt: skip
     args = ap.parse_args()
     out = Path(os.environ.get("OUT", "gpu-out"))
     out.mkdir(parents=True, exist_ok=True)
     extra = [
-        "--attention-backend", "msa", "--page-size", "128", "--sampling-backend", "pytorch",
+        "--attention-backend", args.attention_backend, "--page-size", "128", "--sampling-backend", "pytorch",
         "--mem-fraction-static", "0.85", "--context-length", str(args.input_len + 4096),
         "--trust-remote-code", "--cuda-graph-backend-prefill", "disabled", *args.extra.split(),
     ]  # fmt: skip
@@ -89,6 +94,14 @@ def main() -> int:
             print(rows[-1], flush=True)
     finally:
         server.stop()
+    # SGLang answers some errors inside a 200 stream (the client counts them as successes)
+    log_text = (out / f"server_{args.tag}.log").read_text(errors="replace")
+    n_err = log_text.count("[http_server] Error")
+    print(f"server log: {n_err} '[http_server] Error' lines", flush=True)
+    for r in rows:
+        r["server_errors"] = n_err
+        r["valid"] = bool(r["valid"]) and n_err == 0
+        r["attention_backend"] = args.attention_backend
     (out / f"e2e_{args.tag}.json").write_text(json.dumps(rows, indent=1))
     print("| tag | in | conc | out tok/s | total tok/s | TTFT p50 ms | TPOT p50 ms |")
     for r in rows:
