@@ -4,8 +4,8 @@ No tokenizer can be downloaded here, so tiny checkpoints carry one trained by th
 library on an embedded corpus. Training is deterministic (single thread, fixed corpus), so the
 same call writes the same bytes. The special tokens and the chat template follow MiniMax's
 format: ``]~!b[`` begins a conversation, ``]~b]ROLE\\n … [e~[\\n`` wraps a turn, and each image
-part becomes ``]<]start of image[>[]<]image[>[]<]end of image[>[`` (the processor then repeats
-the image token once per merged patch).
+part becomes one ``]<]image[>[``: the processor (transformers', SGLang's, the gateway's) replaces it
+by ``]<]start of image[>[`` + the image token once per merged patch + ``]<]end of image[>[``.
 """
 
 from __future__ import annotations
@@ -39,10 +39,8 @@ CHAT_TEMPLATE = (
     "{%- if message['content'] is string -%}{{- message['content'] -}}"
     "{%- else -%}{%- for part in message['content'] -%}"
     "{%- if part['type'] == 'text' -%}{{- part['text'] -}}"
-    "{%- elif part['type'] in ['image', 'image_url'] -%}"
-    "{{- ']<]start of image[>[]<]image[>[]<]end of image[>[' -}}"
-    "{%- elif part['type'] in ['video', 'video_url'] -%}"
-    "{{- ']<]start of video[>[]<]video[>[]<]end of video[>[' -}}"
+    "{%- elif part['type'] in ['image', 'image_url'] -%}{{- ']<]image[>[' -}}"
+    "{%- elif part['type'] in ['video', 'video_url'] -%}{{- ']<]video[>[' -}}"
     "{%- endif -%}{%- endfor -%}{%- endif -%}"
     "{{- '[e~[\n' -}}"
     "{%- endfor -%}"

@@ -73,9 +73,17 @@ def identity(content_hash: str) -> bytes:
 
 
 def expand_image_tokens(
-    ids: list[int], image_token_id: int, counts: list[int]
+    ids: list[int],
+    image_token_id: int,
+    counts: list[int],
+    start_id: int | None = None,
+    end_id: int | None = None,
 ) -> tuple[list[int], list[tuple[int, int]]]:
-    """Replace the i-th single image placeholder with counts[i] image tokens; inclusive runs."""
+    """Replace the i-th single image placeholder with counts[i] image tokens; inclusive runs.
+
+    As transformers' M3 processor does, each run is wrapped in the image start/end tokens; a
+    placeholder that already sits between them (ids built by hand) is not wrapped twice.
+    """
     slots = [i for i, t in enumerate(ids) if t == image_token_id]
     if len(slots) != len(counts):
         raise ValueError(f"the prompt has {len(slots)} image placeholders for {len(counts)} images")
@@ -84,8 +92,18 @@ def expand_image_tokens(
     prev = 0
     for slot, n in zip(slots, counts, strict=True):
         out.extend(ids[prev:slot])
+        wrap = (
+            start_id is not None
+            and end_id is not None
+            and not (slot > 0 and ids[slot - 1] == start_id)
+            and not (slot + 1 < len(ids) and ids[slot + 1] == end_id)
+        )
+        if wrap:
+            out.append(start_id)
         runs.append((len(out), len(out) + n - 1))
         out.extend([image_token_id] * n)
+        if wrap:
+            out.append(end_id)
         prev = slot + 1
     out.extend(ids[prev:])
     return out, runs
@@ -152,7 +170,11 @@ class M3MultimodalProcessor(BaseMultimodalProcessor):
                 *(asyncio.to_thread(preprocess.preprocess, image_bytes(it)) for it in items)
             )
             ids, runs = expand_image_tokens(
-                ids, self.image_token_id, [p.num_image_tokens for p in pre]
+                ids,
+                self.image_token_id,
+                [p.num_image_tokens for p in pre],
+                self.im_start_id,
+                self.im_end_id,
             )
             images = [(p.pixel_values, tuple(p.grid_thw), p.hash) for p in pre]
 
