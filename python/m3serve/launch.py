@@ -121,6 +121,11 @@ class SGLangServer:
             )
             # SGLang's compiled radix tree is built for a torch it may not run with here.
             env.setdefault("SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND", "python")
+        # the server imports m3serve (plugin, model, backend) from this tree, whatever clone the
+        # venv's editable install points at
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (env.get("PYTHONPATH", ""), str(REPO_ROOT / "python")) if p
+        )
         if self.device == "cpu":
             env["SGLANG_USE_CPU_ENGINE"] = "1"
         env.setdefault("PYTHONUNBUFFERED", "1")
