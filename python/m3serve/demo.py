@@ -46,8 +46,10 @@ def _chat_body(prompt: str, image_uri: str | None, max_tokens: int) -> dict:
 
 def _flatten(obj: object, prefix: str = "") -> list[tuple[str, float]]:
     """The gateway's timings JSON (numbers, per-image lists of stage dicts) as (name, ms) rows."""
-    if isinstance(obj, dict):
-        return [row for k, v in obj.items() for row in _flatten(v, f"{prefix}{k}.")]
+    if isinstance(obj, dict):  # grid_thw rides along with the timings; it is not a time
+        return [
+            row for k, v in obj.items() if k != "grid_thw" for row in _flatten(v, f"{prefix}{k}.")
+        ]
     if isinstance(obj, list):
         return [row for i, v in enumerate(obj) for row in _flatten(v, f"{prefix}{i}.")]
     if isinstance(obj, int | float):
@@ -96,7 +98,8 @@ def run_demo(family: str = "m3", workdir: str | None = None, prompt: str = "Hell
     out = r.json()
     usage = out.get("usage", {})
     stages = out.get("m3serve", {}).get("timings_ms", {})
-    print(f"[demo] image: {image_desc}")
+    grids = [im.get("grid_thw") for im in stages.get("per_image", []) if isinstance(im, dict)]
+    print(f"[demo] image: {image_desc}; patch grid (t, h, w): {grids}")
     print(f"[demo] prompt: {prompt!r}")
     print(f"[demo] answer (random weights, so not meaningful): {out['choices'][0]['message']['content']!r}")
     print(f"[demo] tokens: prompt {usage.get('prompt_tokens')}, completion {usage.get('completion_tokens')}")
