@@ -86,6 +86,13 @@ def _make_checkpoint(family: str, work: Path) -> Path:
 
 
 def run_demo(family: str = "m3", workdir: str | None = None, prompt: str = "Hello") -> int:
+    import signal
+    import sys
+
+    # SIGTERM/SIGHUP unwind the context managers, so the worker and gateway (own process groups)
+    # never outlive the demo
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
     from m3serve.gateway import start_gateway
 
     work = Path(workdir or tempfile.mkdtemp(prefix="m3serve-demo-"))
