@@ -174,10 +174,13 @@ class SGLangServer:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def stop(self) -> None:
-        """SIGTERM the whole process group; SIGKILL whatever is left after 20 s."""
+    def stop(self) -> bool:
+        """SIGTERM the whole process group; SIGKILL whatever is left after 20 s.
+
+        Returns whether no process of the group is left (True when nothing was running).
+        """
         if self.proc is None:
-            return
+            return True
         pgid = self.proc.pid
         for sig, grace in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 10.0)):
             try:
@@ -192,6 +195,7 @@ class SGLangServer:
             if _wait_group_gone(pgid, grace):
                 break
         self.proc = None
+        return not group_alive(pgid)
 
     def log_tail(self, lines: int = 80) -> str:
         return tail(self.log_path, lines)

@@ -46,13 +46,7 @@ def m3_server(m3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     )  # fmt: skip
     server.start()
     yield server
-    pgid = server.proc.pid
-    server.stop()
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return
-    raise AssertionError(f"SGLang server process group {pgid} still has live processes")
+    assert server.stop(), "SGLang server process group still has live processes"
 
 
 @pytest.fixture(scope="session")
