@@ -46,11 +46,12 @@ def _backend() -> Any:
     from m3serve.backend.msa_backend import MSAAttnBackend
 
     b = object.__new__(MSAAttnBackend)
-    b.device, b.block, b.topk, b.sparse_layers = "cuda", BLOCK, 16, set()
-    b.token_to_kv_pool = _Pool()
-    b.num_q_heads, b.num_kv_heads, b.q_dtype = HQ, HKV, torch.bfloat16
-    b.use_fast, b._prefill_wrapper, b._decode_wrapper = False, None, None
-    b.dense_fast, b.dense_layout, b._dense, b._dense_plan_md = True, "HND", None, None
+    b.setup(
+        device="cuda", kv_pool=_Pool(), req_to_token_pool=None, block=BLOCK, topk=16,
+        index_dim=128, sparse_layers=set(), num_q_heads=HQ, num_kv_heads=HKV,
+        q_dtype=torch.bfloat16, context_len=PAGES * BLOCK,
+    )  # fmt: skip
+    assert b.dense_fast and b.dense_layout == "HND"
     return b
 
 

@@ -46,17 +46,17 @@ class _Pool:
         self.v[layer.layer_id][p, :, o] = v.to(self.v[0].dtype)
 
 
-def _backend(device: str, dtype: torch.dtype, fast: bool) -> Any:
+def _backend(device: str, dtype: torch.dtype, fast: bool, index_dtype: str = "bf16") -> Any:
     from m3serve.backend.msa_backend import MSAAttnBackend
 
     b = object.__new__(MSAAttnBackend)
-    pages = 64
-    b.device, b.block, b.topk, b.sparse_layers = device, BLOCK, TOPK, {1}
-    b.token_to_kv_pool = _Pool(pages, device, dtype)
-    b.index_dtype = torch.bfloat16
-    b.index_k = {1: torch.zeros(pages, BLOCK, DI, device=device, dtype=torch.bfloat16)}
-    b.num_q_heads, b.num_kv_heads, b.q_dtype = HQ, HKV, dtype
-    b.use_fast, b._prefill_wrapper, b._decode_wrapper = fast, None, None
+    b.setup(
+        device=device, kv_pool=_Pool(64, device, dtype), req_to_token_pool=None, block=BLOCK,
+        topk=TOPK, index_dim=DI, sparse_layers={1}, num_q_heads=HQ, num_kv_heads=HKV,
+        q_dtype=dtype, context_len=64 * BLOCK, impl="auto" if fast else "reference",
+        index_dtype=index_dtype, dense_impl="torch",
+    )  # fmt: skip
+    assert b.use_fast == fast
     return b
 
 
@@ -79,13 +79,15 @@ def _batch(b: Any, q_lens: list[int], prefixes: list[int], decode: bool, table: 
                      is_decode=decode, max_q_len=max(q_lens), max_seq_len=max(seq))  # fmt: skip
     b.forward_metadata = md
     if b.use_fast:
-        b._plan_fast(md, SimpleNamespace(seq_lens_cpu=seq_t.cpu()))
+        b._plan_fast(md, seq_t.cpu())
     return md, SimpleNamespace(out_cache_loc=out_loc, out_cache_loc_is_physical=True)
 
 
-def _serve(device: str, fast: bool, dtype: torch.dtype = torch.bfloat16) -> list[torch.Tensor]:
+def _serve(
+    device: str, fast: bool, dtype: torch.dtype = torch.bfloat16, index_dtype: str = "bf16"
+) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    b = _backend(device, dtype, fast)
+    b = _backend(device, dtype, fast, index_dtype)
     table = torch.randperm(60, generator=g)[:40].view(2, 20).to(torch.int32).to(device)
     outs = []
     # prefill in two chunks, then one decode step; request lengths cross many blocks
@@ -111,7 +113,9 @@ def _serve(device: str, fast: bool, dtype: torch.dtype = torch.bfloat16) -> list
     return outs
 
 
-def _reference_serve(dtype: torch.dtype = torch.bfloat16) -> list[torch.Tensor]:
+def _reference_serve(
+    dtype: torch.dtype = torch.bfloat16, index_dtype: str = "bf16"
+) -> list[torch.Tensor]:
     """Same inputs, composed from the reference functions only."""
     import m3serve.backend.msa_backend as mb
 
@@ -122,17 +126,33 @@ def _reference_serve(dtype: torch.dtype = torch.bfloat16) -> list[torch.Tensor]:
         else ref.ref_sparse_attention(q, kc, vc, pt, cu, pre, sl, topk_ids, scale)
     ).to(q.dtype)
     try:
-        return _serve("cpu", fast=False, dtype=dtype)
+        return _serve("cpu", fast=False, dtype=dtype, index_dtype=index_dtype)
     finally:
         mb.paged_attention = saved
 
 
-def test_torch_path_matches_reference_composition() -> None:
-    for ours, want in zip(_serve("cpu", fast=False), _reference_serve(), strict=True):
+@pytest.mark.parametrize("index_dtype", ["bf16", "fp8"])
+def test_torch_path_matches_reference_composition(index_dtype: str) -> None:
+    ours_all = _serve("cpu", fast=False, index_dtype=index_dtype)
+    for ours, want in zip(ours_all, _reference_serve(index_dtype=index_dtype), strict=True):
         torch.testing.assert_close(ours, want, atol=2e-2, rtol=2e-2)
 
 
+def test_fp8_index_keys_are_stored_quantized() -> None:
+    """M3SERVE_INDEX_K_DTYPE=fp8: e4m3 caches with a per-token scale, written on store."""
+    b = _backend("cpu", torch.bfloat16, fast=False, index_dtype="fp8")
+    assert b.index_k[1].dtype == torch.float8_e4m3fn
+    assert b.index_k_scale[1].shape == b.index_k[1].shape[:2]
+    keys = torch.randn(5, 1, DI)
+    slots = torch.tensor([0, 17, 18, 40, 1023])
+    b._store_index_k(1, keys, slots)
+    got = ref.dequant_index_k(b.index_k[1], b.index_k_scale[1]).view(-1, DI)[slots]
+    torch.testing.assert_close(got, keys.view(5, DI), atol=0.0, rtol=0.07)  # e4m3: 3 mantissa bits
+
+
 @pytest.mark.gpu
-def test_fast_path_matches_reference_composition() -> None:
-    for ours, want in zip(_serve("cuda", fast=True), _reference_serve(), strict=True):
+@pytest.mark.parametrize("index_dtype", ["bf16", "fp8"])
+def test_fast_path_matches_reference_composition(index_dtype: str) -> None:
+    ours_all = _serve("cuda", fast=True, index_dtype=index_dtype)
+    for ours, want in zip(ours_all, _reference_serve(index_dtype=index_dtype), strict=True):
         torch.testing.assert_close(ours, want, atol=3e-2, rtol=3e-2)

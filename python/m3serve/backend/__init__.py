@@ -33,6 +33,15 @@ def _argv_selects_msa(argv: list[str]) -> bool:
     return False
 
 
+def _argv_value(argv: list[str], flag: str) -> str | None:
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
 def msa_selected() -> bool:
     """Whether this server runs the ``msa`` backend (runtime context first, then the env mark)."""
     try:
@@ -70,7 +79,9 @@ def _cell_size_with_index_k(
         s = msa_settings(kvc.model_config.hf_text_config)
     except (AttributeError, ValueError):
         return size
-    return int(size + len(s["sparse_layers"]) * s["index_dim"] * 2)
+    from m3serve.backend.msa_backend import index_k_bytes_per_token
+
+    return int(size + len(s["sparse_layers"]) * index_k_bytes_per_token(s["index_dim"]))
 
 
 def _create_msa_backend(runner: Any) -> Any:
@@ -89,16 +100,25 @@ def register() -> None:
 
     if _argv_selects_msa(sys.argv):
         os.environ[_ENV] = "1"
-        # page-major HND KV ([pages, H_kv, block, D] per layer): what the MSA kernels (and
-        # FlashInfer's one-head view) index; SGLang's MHA pool has this layout built in
-        os.environ.setdefault("SGLANG_USE_HND_KVCACHE", "1")
-        # The msa backend has no CUDA-graph capture yet (MSAAttnBackend.init_cuda_graph_state);
-        # launch_server parses sys.argv after loading plugins, so graphs are switched off here
-        # unless the command line already chose a graph backend.
-        for flag in ("--cuda-graph-backend-decode", "--cuda-graph-backend-prefill"):
+        from m3serve.backend.msa_backend import msa_impl
+
+        impl = msa_impl()
+        if impl != "sglang":
+            # page-major HND KV ([pages, H_kv, block, D] per layer): what the MSA kernels (and
+            # FlashInfer's one-head view) index; SGLang's MHA pool has this layout built in.
+            # SGLang's in-tree MSA ops (impl "sglang") read the default token-major pool.
+            os.environ.setdefault("SGLANG_USE_HND_KVCACHE", "1")
+        # launch_server parses sys.argv after loading plugins, so graph defaults are set here
+        # unless the command line already chose a graph backend: prefill graphs off (the backend
+        # captures decode only); decode graphs off too where the backend cannot capture (the
+        # torch reference path: CPU, or M3SERVE_MSA_IMPL=reference).
+        off = ["--cuda-graph-backend-prefill"]
+        if impl == "reference" or _argv_value(sys.argv, "--device") == "cpu":
+            off.append("--cuda-graph-backend-decode")
+        for flag in off:
             if not any(a == flag or a.startswith(flag + "=") for a in sys.argv):
                 sys.argv += [flag, "disabled"]
-                logger.warning("msa backend: %s disabled (no CUDA-graph capture yet)", flag)
+                logger.info("msa backend: %s disabled", flag)
     if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
         add_attention_backend_choices([BACKEND_NAME])
     register_attention_backend(BACKEND_NAME)(_create_msa_backend)

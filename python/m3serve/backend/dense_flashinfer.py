@@ -39,6 +39,39 @@ class DenseFlashInfer:
             self.workspace, kv_layout, use_tensor_cores=True
         )
         self.is_decode = False
+        self._graph_decode: dict[int, Any] = {}  # per captured batch size (fixed buffers)
+        self._graph_bufs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._active: Any = None
+
+    def reserve_graphs(self, max_bs: int, max_pages_per_req: int) -> None:
+        """Fixed plan buffers for CUDA-graph decode of up to ``max_bs`` requests; FlashInfer's
+        graph-mode wrappers read them at the addresses captured (one wrapper per batch size)."""
+        dev = self.device
+        self._graph_bufs = (
+            torch.zeros(max_bs + 1, dtype=torch.int32, device=dev),
+            torch.zeros(max_bs * max_pages_per_req, dtype=torch.int32, device=dev),
+            torch.ones(max_bs, dtype=torch.int32, device=dev),
+        )
+        self._graph_decode.clear()
+
+    def _graph_wrapper(self, bs: int) -> Any:
+        wrapper = self._graph_decode.get(bs)
+        if wrapper is None:
+            import flashinfer
+
+            assert self._graph_bufs is not None, "reserve_graphs() before graph plans"
+            indptr, indices, last = self._graph_bufs
+            wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                self.workspace,
+                self.kv_layout,
+                use_cuda_graph=True,
+                use_tensor_cores=True,
+                paged_kv_indptr_buffer=indptr[: bs + 1],
+                paged_kv_indices_buffer=indices,
+                paged_kv_last_page_len_buffer=last[:bs],
+            )
+            self._graph_decode[bs] = wrapper
+        return wrapper
 
     def plan(
         self,
@@ -53,8 +86,10 @@ class DenseFlashInfer:
         q_dtype: torch.dtype,
         kv_dtype: torch.dtype,
         is_decode: bool,
+        graph: bool = False,
     ) -> None:
-        """q_lens / seq_lens: host lists per request; page_table [B, max_pages] int32 on device."""
+        """q_lens / seq_lens: host lists per request; page_table [B, max_pages] int32 on device.
+        ``graph``: a decode step replayed from a CUDA graph (plan into the fixed buffers)."""
         npages = [(n + page_size - 1) // page_size for n in seq_lens]
         cols = page_table.shape[1]
         flat = torch.cat(
@@ -72,12 +107,14 @@ class DenseFlashInfer:
         kv_indptr_d, last_d = kv_indptr, last
         self.is_decode = is_decode
         if is_decode:
-            self.decode.plan(
+            self._active = self._graph_wrapper(len(seq_lens)) if graph else self.decode
+            self._active.plan(
                 kv_indptr_d, indices, last_d, num_q_heads, num_kv_heads, head_dim, page_size,
                 pos_encoding_mode="NONE", q_data_type=q_dtype, kv_data_type=kv_dtype,
                 sm_scale=sm_scale,
             )  # fmt: skip
             return
+        self._active = self.prefill
         qo_indptr = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
         qo_indptr[1:] = torch.cumsum(torch.tensor(q_lens, dtype=torch.int32), 0)
         self.prefill.plan(
@@ -88,5 +125,5 @@ class DenseFlashInfer:
 
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """q [T, Hq, D]; caches in this wrapper's layout. Returns [T, Hq, D] in q's dtype."""
-        w = self.decode if self.is_decode else self.prefill
-        return w.run(q.contiguous(), (k_cache, v_cache))
+        assert self._active is not None, "plan() before run()"
+        return self._active.run(q.contiguous(), (k_cache, v_cache))

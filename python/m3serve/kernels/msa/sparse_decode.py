@@ -94,6 +94,19 @@ class SparseDecodeWrapper:
         self.split_counters = torch.zeros(r, dtype=torch.int32, device=dev)  # fused-merge tickets
         self._fi_wrappers.clear()  # they hold views of the old buffers
 
+    def reserve(self, max_rows: int, topk: int, group: int, head_dim: int) -> None:
+        """Size every buffer (indices, split scratch, FlashInfer workspace) for plans of up to
+        ``max_rows`` rows. Call before capturing CUDA graphs: a later plan() then never
+        reallocates, so every captured graph keeps reading live buffers."""
+        self._ensure_capacity(max_rows, topk)
+        sms = max(self._num_sms, 1)
+        parts = max(num_splits_for(r, topk, sms) * r for r in range(1, max_rows + 1))
+        self._scratch(parts * group * head_dim, parts * group)
+        need = self._fi_workspace_bytes(max_rows, group, head_dim)
+        if self._fi_workspace is None or self._fi_workspace.numel() < need:
+            self._fi_workspace = torch.zeros(need, dtype=torch.uint8, device=self.device)
+            self._fi_wrappers.clear()
+
     def _scratch(self, numel_o: int, numel_lse: int) -> tuple[torch.Tensor, torch.Tensor]:
         if (
             self._o_part is None
