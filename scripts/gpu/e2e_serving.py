@@ -1,0 +1,212 @@
+"""Issue 8 serving benchmark on the GPU machine: our msa kernels vs SGLang's in-tree MSA ops.
+
+Starts one real ``python -m sglang.launch_server`` per implementation on the same card and the
+same M3-shaped checkpoint, concurrently (each with its share of GPU memory), then drives each with
+``python -m sglang.benchmark.serving`` for every workload and concurrency, alternating servers so
+that a time cut still leaves pairs. Implementations (the model, dense layers, MoE, sampler and
+traffic are identical; only the MSA layers differ):
+
+- ``ours``:   ``--attention-backend msa``, m3serve's kernels (M3SERVE_MSA_IMPL=auto);
+- ``sglang``: ``--attention-backend msa`` with M3SERVE_MSA_IMPL=sglang: SGLang 0.5.23's in-tree
+  ``minimax_sparse_prefill`` / ``minimax_sparse_decode`` (its in-tree M3 model cannot start
+  there: its layers call sgl_kernel ops, and sglang-kernel cannot be installed on that machine).
+
+Workloads: ``random:IN:OUT:C1,C2`` (random-ids, exact lengths) and ``gsp:PREFIX:Q:OUT:C1,C2``
+(generated-shared-prefix: one shared PREFIX-token system prompt, Q new tokens per request: the
+agentic shape, served through radix-cache hits). Writes $OUT/e2e_<tag>.json and prints a table
+with the ours/sglang ratio of output throughput. Usage:
+python scripts/gpu/e2e_serving.py CKPT --servers ours,sglang --workloads random:32768:512:1,8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from m3serve.launch import CPU_STANDIN_DIR, SGLangServer
+
+IMPL_ENV = {"ours": {"M3SERVE_MSA_IMPL": "auto"}, "sglang": {"M3SERVE_MSA_IMPL": "sglang"}}
+KEYS = ("output_throughput", "total_throughput", "median_ttft_ms", "p99_ttft_ms",
+        "median_tpot_ms", "p99_tpot_ms", "completed", "total_input_tokens")  # fmt: skip
+
+
+def parse_workload(spec: str) -> dict[str, Any]:
+    parts = spec.split(":")
+    if parts[0] == "random" and len(parts) == 4:
+        return {"kind": "random", "input": int(parts[1]), "output": int(parts[2]),
+                "conc": [int(c) for c in parts[3].split(",")]}  # fmt: skip
+    if parts[0] == "gsp" and len(parts) == 5:
+        return {"kind": "gsp", "prefix": int(parts[1]), "question": int(parts[2]),
+                "input": int(parts[1]) + int(parts[2]), "output": int(parts[3]),
+                "conc": [int(c) for c in parts[4].split(",")]}  # fmt: skip
+    raise SystemExit(f"bad workload {spec!r}: random:IN:OUT:C,... or gsp:PREFIX:Q:OUT:C,...")
+
+
+def bench(server: SGLangServer, ckpt: str, w: dict[str, Any], conc: int, out: Path, tag: str):
+    n = max(2 * conc, 4)
+    res = out / f"serving_{tag}.jsonl"
+    cmd = [
+        sys.executable, "-m", "sglang.benchmark.serving", "--backend", "sglang",
+        "--host", "127.0.0.1", "--port", str(server.port), "--tokenizer", ckpt,
+        "--num-prompts", str(n), "--max-concurrency", str(conc), "--output-file", str(res),
+        "--tokenize-prompt",  # send input_ids: exact lengths (text round-trips change them)
+    ]  # fmt: skip
+    if w["kind"] == "random":
+        cmd += ["--dataset-name", "random-ids", "--random-input-len", str(w["input"]),
+                "--random-output-len", str(w["output"]), "--random-range-ratio", "1.0"]  # fmt: skip
+    else:
+        cmd += ["--dataset-name", "generated-shared-prefix", "--gsp-num-groups", "1",
+                "--gsp-prompts-per-group", str(n), "--gsp-system-prompt-len", str(w["prefix"]),
+                "--gsp-question-len", str(w["question"]), "--gsp-output-len", str(w["output"])]  # fmt: skip
+    env = dict(os.environ)
+    standin = str(Path(__file__).resolve().parent / "bench_standin")
+    # the client imports sglang.srt too: it needs the sgl_kernel and datasets stand-ins
+    paths = (str(CPU_STANDIN_DIR), env.get("PYTHONPATH", ""), standin)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    t0 = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env)
+    if p.returncode:
+        print(p.stdout[-1500:], p.stderr[-2500:], flush=True)
+    row: dict[str, Any] = {"kind": w["kind"], "input_len": w["input"], "output_len": w["output"],
+                           "concurrency": conc, "num_prompts": n, "rc": p.returncode,
+                           "wall_s": round(time.time() - t0, 1)}  # fmt: skip
+    if w["kind"] == "gsp":
+        row["shared_prefix"] = w["prefix"]
+    if res.exists():
+        last = json.loads(res.read_text().strip().splitlines()[-1])
+        row.update({k: last.get(k) for k in KEYS})
+    row["valid"] = p.returncode == 0 and row.get("completed") == n
+    return row
+
+
+def warm_up(server: SGLangServer, tokens: int) -> float:
+    """Two requests (a long chunked prefill, then a short one) so JIT compiles leave the timings."""
+    t0 = time.time()
+    for n in (tokens, 300):
+        r = requests.post(server.url + "/generate", json={
+            "input_ids": [(7 * i) % 1000 + 10 for i in range(n)],
+            "sampling_params": {"max_new_tokens": 16, "temperature": 0}}, timeout=900)  # fmt: skip
+        r.raise_for_status()
+    return time.time() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("ckpt")
+    ap.add_argument("--servers", default="ours,sglang")
+    ap.add_argument("--workloads", nargs="+", default=["random:32768:512:1,8"])
+    ap.add_argument("--mem-fraction", type=float, default=0.42)
+    ap.add_argument("--context-length", type=int, default=0, help="0: longest workload + 4096")
+    ap.add_argument("--graphs", choices=("on", "off"), default="on")
+    ap.add_argument("--cuda-graph-max-bs", type=int, default=64)
+    ap.add_argument("--deadline", type=float, default=500, help="no new run starts after (s)")
+    ap.add_argument("--tag", default="e2e")
+    ap.add_argument("--extra", default="", help="extra sglang args, space separated")
+    args = ap.parse_args()
+    t_start = time.time()
+    out = Path(os.environ.get("OUT", "gpu-out"))
+    out.mkdir(parents=True, exist_ok=True)
+    workloads = [parse_workload(s) for s in args.workloads]
+    ctx = args.context_length or max(w["input"] + w["output"] for w in workloads) + 4096
+    graph_args = (
+        ["--cuda-graph-max-bs", str(args.cuda_graph_max_bs)]
+        if args.graphs == "on"
+        else ["--cuda-graph-backend-decode", "disabled"]
+    )
+    base = [
+        "--attention-backend", "msa", "--page-size", "128", "--sampling-backend", "pytorch",
+        "--mem-fraction-static", str(args.mem_fraction), "--context-length", str(ctx),
+        "--chunked-prefill-size", "8192", "--max-running-requests", "64",
+        "--trust-remote-code", *graph_args, *args.extra.split(),
+    ]  # fmt: skip
+    names = args.servers.split(",")
+    servers = {
+        name: SGLangServer(
+            args.ckpt,
+            device="cuda",
+            use_standin=True,
+            max_total_tokens=20_000_000,
+            extra_args=base,
+            env=IMPL_ENV[name],
+            log_path=out / f"server_{args.tag}_{name}.log",
+            startup_timeout=480,
+        )
+        for name in names
+    }
+    errors: dict[str, str] = {}
+    up: dict[str, float] = {}
+
+    def start(name: str) -> None:
+        t0 = time.time()
+        try:
+            servers[name].start()
+            up[name] = time.time() - t0
+        except Exception as e:  # report: the message holds the log tail
+            errors[name] = str(e)[-3000:]
+
+    threads = [threading.Thread(target=start, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rows: list[dict[str, Any]] = []
+    try:
+        for name, err in errors.items():
+            print(f"server {name} failed to start:\n{err}", flush=True)
+        live = [n for n in names if n not in errors]
+        for n in live:
+            print(f"server {n} up in {up[n]:.1f} s; warm-up {warm_up(servers[n], 9000):.1f} s",
+                  flush=True)  # fmt: skip
+        for w in workloads:
+            for c in w["conc"]:
+                for n in live:
+                    if time.time() - t_start > args.deadline:
+                        print(f"deadline: skipping {n} {w['kind']} {w['input']} c{c}", flush=True)
+                        continue
+                    tag = f"{args.tag}_{n}_{w['kind']}{w['input']}_c{c}"
+                    row = bench(servers[n], args.ckpt, w, c, out, tag)
+                    row["impl"] = n
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+    finally:
+        for s in servers.values():
+            s.stop()
+    for n in names:
+        log = out / f"server_{args.tag}_{n}.log"
+        text = log.read_text(errors="replace") if log.exists() else ""
+        n_err = text.count("[http_server] Error")  # errors SGLang answers inside a 200 stream
+        for r in rows:
+            if r["impl"] == n:
+                r["server_errors"] = n_err
+                r["valid"] = bool(r["valid"]) and n_err == 0
+    meta = {"card": subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                                   capture_output=True, text=True).stdout.strip(),
+            "server_args": base, "startup_s": up, "start_errors": errors}  # fmt: skip
+    (out / f"e2e_{args.tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"card: {meta['card']}")
+    print("| workload | in | conc | impl | out tok/s | total tok/s | TTFT p50 ms | TPOT p50 ms | "
+          "TPOT p99 ms | valid | ours/sglang out tok/s |")  # fmt: skip
+    for r in rows:
+        pair = [x for x in rows if x["impl"] == "sglang" and x["kind"] == r["kind"]
+                and x["input_len"] == r["input_len"] and x["concurrency"] == r["concurrency"]]  # fmt: skip
+        ratio = ""
+        if r["impl"] == "ours" and pair and pair[0].get("output_throughput"):
+            ratio = f"{(r.get('output_throughput') or 0) / pair[0]['output_throughput']:.2f}"
+        print(f"| {r['kind']} | {r['input_len']} | {r['concurrency']} | {r['impl']} | "
+              f"{r.get('output_throughput')} | {r.get('total_throughput')} | "
+              f"{r.get('median_ttft_ms')} | {r.get('median_tpot_ms')} | {r.get('p99_tpot_ms')} | "
+              f"{r['valid']} | {ratio} |")  # fmt: skip
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Issue 7/8 on the GPU machine, one call: install the carried wheels, run the GPU tests of the
+# backend (CUDA-graph replay, fast paths, FP8 index keys) and the MoE, then the serving benchmark
+# (scripts/gpu/e2e_serving.py: our kernels vs SGLang's in-tree MSA ops in the same server),
+# and print a short table last. Writes under $OUT.
+#
+# Carry: .dev-e2e/wheels (python scripts/gpu/make_wheelhouse.py: slim sglang + start-up deps +
+# flashinfer 0.6.18.post1) and .dev-index/index_topk_wheels (pytest and its deps).
+# Env: STAGES (default "tests e2e"; add "moe" for the MoE bench), TEST_S, E2E_S (stage limits),
+# E2E_ARGS (e2e_serving.py arguments after the checkpoint), CKPT_ARGS (checkpoint sizes).
+set -uo pipefail
+OUT="${OUT:-$PWD/gpu-out}"; mkdir -p "$OUT"
+SITE=/tmp/m3serve-site
+STAGES="${STAGES:-tests e2e}"
+t0=$(date +%s)
+if [ ! -f "$SITE/.done" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+        .dev-e2e/wheels/*.whl .dev-index/index_topk_wheels/*.whl > "$OUT/pip.log" 2>&1 \
+        || { tail -20 "$OUT/pip.log"; exit 1; }
+    # SGLang finds plugins through package metadata: declare m3serve's entry point (no Rust here)
+    mkdir -p "$SITE/m3serve-0.1.0.dist-info"
+    printf 'Metadata-Version: 2.1\nName: m3serve\nVersion: 0.1.0\n' > "$SITE/m3serve-0.1.0.dist-info/METADATA"
+    printf '[sglang.srt.plugins]\nm3serve = m3serve.plugin:register\n' > "$SITE/m3serve-0.1.0.dist-info/entry_points.txt"
+    touch "$SITE/.done"
+fi
+export PYTHONPATH="$SITE:$PWD/python" PYTHONUNBUFFERED=1
+export SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND=python
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/card.txt"
+python3 -c "import torch, triton, flashinfer, sglang; print('torch', torch.__version__, 'triton', triton.__version__, 'flashinfer', flashinfer.__version__, 'sglang', sglang.__version__)" 2>&1 | tail -1 | tee "$OUT/versions.txt"
+echo "[setup $(( $(date +%s) - t0 )) s]"
+
+if [[ " $STAGES " == *" tests "* ]]; then
+    echo "== GPU tests: backend (graphs, fast paths), MoE =="
+    PYTHONPATH="$PWD/tests/sgl_kernel_standin:$PYTHONPATH" timeout "${TEST_S:-240}" \
+        python3 -m pytest -q -m gpu tests/backend tests/model/test_moe.py ${TEST_ARGS:-} \
+        -p no:cacheprovider -x > "$OUT/gpu_tests.log" 2>&1
+    echo "gpu tests exit $?"; grep -E "Error|error:|assert|FAILED" "$OUT/gpu_tests.log" | head -30; tail -n 5 "$OUT/gpu_tests.log"
+fi
+if [[ " $STAGES " == *" moe "* ]] && [ -f benchmarks/bench_moe.py ]; then
+    echo "== MoE benchmark =="
+    timeout "${MOE_S:-120}" python3 benchmarks/bench_moe.py --out "$OUT" > "$OUT/moe_bench.log" 2>&1
+    echo "moe bench exit $?"; tail -n 25 "$OUT/moe_bench.log"
+fi
+if [[ " $STAGES " == *" e2e "* ]]; then
+    echo "== serving: ours vs SGLang's in-tree MSA ops =="
+    CKPT=/tmp/m3-gpu
+    [ -f "$CKPT/config.json" ] || python3 scripts/gpu/make_m3_gpu_checkpoint.py "$CKPT" ${CKPT_ARGS:-} || exit 1
+    timeout "${E2E_S:-480}" python3 scripts/gpu/e2e_serving.py "$CKPT" ${E2E_ARGS:-} > "$OUT/e2e.log" 2>&1
+    rc=$?
+    echo "e2e exit $rc"
+    if [ $rc -ne 0 ]; then
+        grep -E "Error|error|Traceback" "$OUT"/server_*.log | head -20
+        for f in "$OUT"/server_*.log; do echo "-- $f"; tail -n 25 "$f"; done
+    fi
+    grep -vE '^\{' "$OUT/e2e.log" | tail -n 40
+fi
+echo "[total $(( $(date +%s) - t0 )) s]"
