@@ -6,7 +6,7 @@
 #
 # Carry: .dev-e2e/wheels (python scripts/gpu/make_wheelhouse.py: slim sglang + start-up deps +
 # flashinfer 0.6.18.post1) and .dev-index/index_topk_wheels (pytest and its deps).
-# Env: STAGES (default "tests e2e"; add "moe" for the MoE bench), TEST_S, E2E_S (stage limits),
+# Env: STAGES (default "tests e2e"; "moe": the MoE bench; "long": the 1M-token request), TEST_S, E2E_S (stage limits),
 # E2E_ARGS (e2e_serving.py arguments after the checkpoint), CKPT_ARGS (checkpoint sizes).
 set -uo pipefail
 OUT="${OUT:-$PWD/gpu-out}"; mkdir -p "$OUT"
@@ -53,5 +53,15 @@ if [[ " $STAGES " == *" e2e "* ]]; then
         for f in "$OUT"/server_*.log; do echo "-- $f"; tail -n 25 "$f"; done
     fi
     grep -vE '^\{' "$OUT/e2e.log" | tail -n 40
+fi
+if [[ " $STAGES " == *" long "* ]]; then
+    echo "== one request at the context limit: ours vs SGLang's in-tree MSA ops =="
+    CKPT=/tmp/m3-gpu
+    [ -f "$CKPT/config.json" ] || python3 scripts/gpu/make_m3_gpu_checkpoint.py "$CKPT" ${CKPT_ARGS:-} || exit 1
+    timeout "${LONG_S:-540}" python3 scripts/gpu/long_request.py "$CKPT" ${LONG_ARGS:-} > "$OUT/long.log" 2>&1
+    rc=$?
+    echo "long exit $rc"
+    [ $rc -ne 0 ] && for f in "$OUT"/server_long_*.log; do echo "-- $f"; tail -n 25 "$f"; done
+    tail -n 12 "$OUT/long.log"
 fi
 echo "[total $(( $(date +%s) - t0 )) s]"
