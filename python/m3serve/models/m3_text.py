@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from m3serve.models.moe import moe_experts
 from m3serve.models.ops import GemmaRMSNorm, PartialRope, swigluoai
 
 logger = logging.getLogger(__name__)
@@ -83,9 +84,9 @@ class M3Experts(nn.Module):
     """Routed experts as stacked weights: w13 [E, 2·I/tp, H] ([gate | up]), w2 [E, H, I/tp].
 
     Tensor parallelism shards each expert's intermediate dimension (the output is a partial sum,
-    reduced once per layer together with the shared expert). The forward is the torch-native
-    grouped loop (only experts that received tokens run); the CUDA fast path is a future fused
-    kernel behind the same weights.
+    reduced once per layer together with the shared expert). The forward is
+    ``models.moe.moe_experts``: grouped GEMMs without a host sync on CUDA (bf16, sm90+), so decode
+    captures in a CUDA graph; the readable torch loop (``moe_experts_reference``) elsewhere.
     """
 
     def __init__(
@@ -114,22 +115,10 @@ class M3Experts(nn.Module):
     def forward(
         self, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor
     ) -> torch.Tensor:
-        out = torch.zeros(x.shape[0], self.hidden, dtype=torch.float32, device=x.device)
-        flat = topk_ids.flatten()
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        tokens = order // topk_ids.shape[1]
-        weights = topk_w.flatten()[order]
-        start = 0
-        for e, c in enumerate(counts):
-            if c == 0:
-                continue
-            idx = tokens[start : start + c]
-            h = swigluoai(x[idx] @ self.w13_weight[e].t(), self.alpha, self.limit)
-            y = (h @ self.w2_weight[e].t()).float() * weights[start : start + c, None]
-            out.index_add_(0, idx, y)
-            start += c
-        return out
+        """Float32 [T, H]: the weighted sum of each token's top-k expert outputs."""
+        return moe_experts(
+            x, self.w13_weight, self.w2_weight, topk_ids, topk_w, self.alpha, self.limit
+        )
 
 
 class M3SparseMoE(nn.Module):
