@@ -88,6 +88,11 @@ pub struct PreprocessedImage {
 }
 
 impl PreprocessedImage {
+    /// `patches` as native-endian bytes, without a copy.
+    pub fn patch_bytes(&self) -> &[u8] {
+        pulp::bytemuck::cast_slice(&self.patches)
+    }
+
     /// Placeholder tokens this image takes in the prompt: t·h·w / merge².
     pub fn num_image_tokens(&self) -> usize {
         let [t, h, w] = self.grid_thw;

@@ -97,14 +97,6 @@ fn numpy_array<'py>(
         .call_method1("reshape", (shape.to_vec(),))
 }
 
-fn u16_bytes(v: &[u16]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(v.len() * 2);
-    for x in v {
-        out.extend_from_slice(&x.to_ne_bytes());
-    }
-    out
-}
-
 /// Decode, resize, normalise and patchify one image (MiniMax-M3 processor semantics).
 #[pyfunction]
 #[pyo3(signature = (image, *, max_long_side_pixel=None, min_pixels=3136, max_pixels=451_584,
@@ -130,16 +122,13 @@ fn preprocess<'py>(
         max_input_pixels,
         max_input_bytes,
     );
-    let (out, raw) = with_bytes(py, image, |b| {
-        image::preprocess_image(b, &opts).map(|p| {
-            let raw = u16_bytes(&p.patches);
-            (p, raw)
-        })
-    })?;
+    let out = with_bytes(py, image, |b| image::preprocess_image(b, &opts))?;
     let d = PyDict::new(py);
+    // One copy of the native-endian bf16 bits into the bytearray numpy views.
+    let raw = out.patch_bytes();
     d.set_item(
         "patches",
-        numpy_array(py, &raw, "uint16", &[out.num_patches, image::PATCH_DIM])?,
+        numpy_array(py, raw, "uint16", &[out.num_patches, image::PATCH_DIM])?,
     )?;
     d.set_item(
         "grid_thw",

@@ -47,30 +47,52 @@ fn lut() -> [[u16; 256]; 3] {
 
 /// Patches (bf16 bits, `[gh·gw, 1176]`) and the grid `(gh, gw)` of a resized image whose sides
 /// are multiples of 28.
+///
+/// One band of 28 source rows (one merge-block row) at a time: the band is normalised once into
+/// three bf16 channel planes (table lookups, L2-resident), then the band's output rows are
+/// appended in order, so the output is written exactly once and never zero-filled first.
 pub fn normalize_patchify(img: &DecodedImage) -> (Vec<u16>, u32, u32) {
     let (w, h) = (img.width as usize, img.height as usize);
     let (gh, gw) = (h / PATCH, w / PATCH);
     let (bh_n, bw_n) = (gh / MERGE, gw / MERGE);
     let table = lut();
-    let mut out = vec![0u16; bh_n * MERGE * bw_n * MERGE * PATCH_DIM];
+    let band = MERGE * PATCH;
     let plane = PATCH * PATCH;
-    for y in 0..bh_n * MERGE * PATCH {
-        let (gy, py) = (y / PATCH, y % PATCH);
-        let (bh, mh) = (gy / MERGE, gy % MERGE);
-        let src_row = &img.rgb[y * w * 3..(y + 1) * w * 3];
-        for gx in 0..bw_n * MERGE {
-            let (bw, mw) = (gx / MERGE, gx % MERGE);
-            let r = ((bh * bw_n + bw) * MERGE + mh) * MERGE + mw;
-            let src = &src_row[gx * PATCH * 3..(gx + 1) * PATCH * 3];
-            let dst = &mut out[r * PATCH_DIM..(r + 1) * PATCH_DIM];
-            for (c, tc) in table.iter().enumerate() {
-                let base = c * TEMPORAL * plane + py * PATCH;
-                let mut vals = [0u16; PATCH];
-                for (v, px) in vals.iter_mut().zip(src.chunks_exact(3)) {
-                    *v = tc[usize::from(px[c])];
+    let mut out: Vec<u16> = Vec::with_capacity(bh_n * MERGE * bw_n * MERGE * PATCH_DIM);
+    // planes[c][yy * w + x] for the band's 28 rows.
+    let mut planes = vec![vec![0u16; band * w]; 3];
+    let mut row = [0u16; PATCH_DIM];
+    for bh in 0..bh_n {
+        let src = &img.rgb[bh * band * w * 3..(bh + 1) * band * w * 3];
+        let [pr, pg, pb] = &mut planes[..] else {
+            unreachable!("three planes")
+        };
+        for (((px, r), g), b) in src
+            .chunks_exact(3)
+            .zip(pr.iter_mut())
+            .zip(pg.iter_mut())
+            .zip(pb.iter_mut())
+        {
+            *r = table[0][usize::from(px[0])];
+            *g = table[1][usize::from(px[1])];
+            *b = table[2][usize::from(px[2])];
+        }
+        for bw in 0..bw_n {
+            for mh in 0..MERGE {
+                for mw in 0..MERGE {
+                    let x0 = (bw * MERGE + mw) * PATCH;
+                    for (c, pc) in planes.iter().enumerate() {
+                        let base = c * TEMPORAL * plane;
+                        for py in 0..PATCH {
+                            let o = (mh * PATCH + py) * w + x0;
+                            let vals = &pc[o..o + PATCH];
+                            let d = base + py * PATCH;
+                            row[d..d + PATCH].copy_from_slice(vals);
+                            row[d + plane..d + plane + PATCH].copy_from_slice(vals);
+                        }
+                    }
+                    out.extend_from_slice(&row);
                 }
-                dst[base..base + PATCH].copy_from_slice(&vals);
-                dst[base + plane..base + plane + PATCH].copy_from_slice(&vals);
             }
         }
     }
