@@ -1,7 +1,8 @@
 """The shared wire-format vectors (tests/wire_vectors/) checked from Python.
 
-A small reference receiver for ``m3serve.patches.v1`` (docs/wire-format.md): the worker-side
-processor must accept and reject exactly what this does, with the same codes.
+A small reference receiver for ``m3serve.patches.v1`` and ``v2`` (docs/wire-format.md): the
+worker-side processor must accept and reject exactly what this does, with the same codes. Decoded
+images are ``[N, 1176]`` rows (v2's single frame repeated for T = 2).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def check_item(it: Any) -> bytes | None:
         raise WireError("bad_schema")
     if not (_is_uint(it["offset"]) and _is_uint(it["length"]) and isinstance(it["hash"], str)):
         raise WireError("bad_schema")
-    if it["format"] != "m3serve.patches.v1":
+    cols = {"m3serve.patches.v1": 1176, "m3serve.patches.v2": 588}.get(it["format"])
+    if cols is None:
         raise WireError("bad_format")
     if it["dtype"] != "bfloat16":
         raise WireError("bad_dtype")
@@ -50,13 +52,13 @@ def check_item(it: Any) -> bytes | None:
     if t != 1 or h < 2 or w < 2 or h % 2 or w % 2:
         raise WireError("bad_grid")
     rows = h * w
-    if shape != [rows, 1176] or rows > 131072:
+    if shape != [rows, cols] or rows > 131072:
         raise WireError("bad_shape")
     if it["length"] != rows // 4:
         raise WireError("bad_length")
     if not HASH_RE.match(it["hash"]):
         raise WireError("bad_hash")
-    nbytes = rows * 1176 * 2
+    nbytes = rows * cols * 2
     has_data, has_shm = "data" in it, "shm" in it
     if has_data == has_shm:
         raise WireError("no_payload")
@@ -80,6 +82,8 @@ def check_item(it: Any) -> bytes | None:
         raise WireError("bad_data") from None
     if len(raw) != nbytes:
         raise WireError("bad_data")
+    if cols == 588:  # v2: each channel's 196 values (392 bytes) twice
+        raw = b"".join(raw[o : o + 392] * 2 for o in range(0, len(raw), 392))
     return raw
 
 
@@ -120,7 +124,7 @@ def test_there_are_vectors() -> None:
 @pytest.mark.parametrize("path", _vectors(), ids=lambda p: p.stem)
 def test_vector(path: Path) -> None:
     v = json.loads(path.read_text())
-    assert v["wire_format"] == "m3serve.patches.v1"
+    assert v["wire_format"] in ("m3serve.patches.v1", "m3serve.patches.v2")
     req = v["request"]
     if v["expect"]["valid"]:
         decoded = check_request(req["input_ids"], req["image_data"], v["image_token_id"])

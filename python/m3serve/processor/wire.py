@@ -1,4 +1,5 @@
-"""Worker side of the gateway → worker wire format ``m3serve.patches.v1`` (docs/wire-format.md).
+"""Worker side of the gateway → worker wire format (docs/wire-format.md): ``m3serve.patches.v2``
+(one temporal frame per row, ``[N, 588]``, what the gateway sends) and ``v1`` (``[N, 1176]``).
 
 ``parse_items`` validates every item and its placement in ``input_ids`` before any payload is
 decoded, then decodes the bf16 patches (inline base64 or a shared-memory file). Every rejection is
@@ -19,7 +20,10 @@ from typing import Any
 import torch
 
 FORMAT = "m3serve.patches.v1"
+FORMAT_V2 = "m3serve.patches.v2"
 PATCH_DIM = 1176  # 3 channels × 2 frames × 14 × 14
+FRAME_DIM = 588  # v2 rows: 3 channels × 14 × 14 (the two frames of a still image are equal)
+_COLS = {FORMAT: PATCH_DIM, FORMAT_V2: FRAME_DIM}
 MAX_ROWS = 131_072
 MERGE = 2
 _FIELDS = {"format", "dtype", "shape", "grid_thw", "hash", "offset", "length", "data", "shm"}
@@ -86,7 +90,8 @@ def _check_schema(i: int, item: Any) -> None:
 def validate_item(i: int, item: Any) -> None:
     """Everything checkable without touching the payload (vector codes 1–7, 9 w/o file)."""
     _check_schema(i, item)
-    if item["format"] != FORMAT:
+    cols = _COLS.get(item["format"])
+    if cols is None:
         raise WireFormatError("bad_format", f"item {i}: unknown format {item['format']!r}")
     if item["dtype"] != "bfloat16":
         raise WireFormatError("bad_dtype", f"item {i}: dtype {item['dtype']!r} (v1: bfloat16)")
@@ -94,7 +99,7 @@ def validate_item(i: int, item: Any) -> None:
     if t != 1 or h < 2 or w < 2 or h % MERGE or w % MERGE:
         raise WireFormatError("bad_grid", f"item {i}: grid_thw {item['grid_thw']}")
     rows = t * h * w
-    if item["shape"] != [rows, PATCH_DIM] or rows > MAX_ROWS:
+    if item["shape"] != [rows, cols] or rows > MAX_ROWS:
         raise WireFormatError(
             "bad_shape", f"item {i}: shape {item['shape']} for grid {item['grid_thw']}"
         )
@@ -106,7 +111,7 @@ def validate_item(i: int, item: Any) -> None:
         raise WireFormatError("bad_hash", f"item {i}: hash must be 1-128 of [A-Za-z0-9_:.-]")
     if ("data" in item) == ("shm" in item):
         raise WireFormatError("no_payload", f"item {i}: exactly one of data and shm is needed")
-    nbytes = rows * PATCH_DIM * 2
+    nbytes = rows * cols * 2
     if "data" in item and len(item["data"]) != 4 * math.ceil(nbytes / 3):
         raise WireFormatError("bad_data", f"item {i}: data has {len(item['data'])} characters")
     if "shm" in item:
@@ -141,7 +146,7 @@ def validate_placement(
 
 
 def _decode(i: int, item: dict[str, Any]) -> bytes:
-    nbytes = item["shape"][0] * PATCH_DIM * 2
+    nbytes = item["shape"][0] * item["shape"][1] * 2
     if "data" in item:
         try:
             raw = base64.b64decode(item["data"], validate=True)
@@ -169,7 +174,11 @@ def parse_items(items: list[Any], input_ids: list[int], image_token_id: int) -> 
     out = []
     for i, item in enumerate(items):
         raw = bytearray(_decode(i, item))  # writable: torch.frombuffer warns on read-only bytes
-        pixels = torch.frombuffer(raw, dtype=torch.bfloat16).view(item["shape"][0], PATCH_DIM)
+        rows = item["shape"][0]
+        pixels = torch.frombuffer(raw, dtype=torch.bfloat16)
+        if item["format"] == FORMAT_V2:  # repeat each channel's frame: T = 2 of a still image
+            pixels = pixels.view(rows, 3, 1, FRAME_DIM // 3).expand(rows, 3, 2, FRAME_DIM // 3)
+        pixels = pixels.reshape(rows, PATCH_DIM)
         out.append(
             WireImage(pixels, tuple(item["grid_thw"]), item["hash"], item["offset"], item["length"])
         )

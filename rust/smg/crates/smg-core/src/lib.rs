@@ -16,4 +16,4 @@ pub mod tokenize;
 pub mod wire;
 
 /// Version of the gateway → worker wire format implemented by this crate.
-pub const WIRE_FORMAT_VERSION: u32 = 1;
+pub const WIRE_FORMAT_VERSION: u32 = 2;

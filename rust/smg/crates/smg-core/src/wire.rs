@@ -1,4 +1,4 @@
-//! The gateway → worker wire format, version 1 (`m3serve.patches.v1`).
+//! The gateway → worker wire format: `m3serve.patches.v2` (sent) and `v1` (still accepted).
 //!
 //! docs/wire-format.md is the definition; this module is its Rust side: serde types, the
 //! inline (base64) and shared-memory encoders, and the validation both sides run. The test
@@ -7,6 +7,11 @@
 //! One [`ImageItem`] per image goes in SGLang's `/generate` `image_data` list, in prompt order.
 //! Raw image bytes never travel: only bf16 patches `[N, 1176]` plus the grid, a content hash
 //! and where the image's placeholder run sits in `input_ids`.
+//!
+//! v2 differs from v1 only in the payload: one temporal frame per row (`[N, 588]`, columns
+//! C → py → px) instead of the processor's two identical frames (`[N, 1176]`); the receiver
+//! repeats each channel's 196 values to rebuild the `[N, 1176]` rows. Half the bytes, same
+//! tensor.
 
 #![allow(clippy::doc_markdown)] // product names (SGLang, MiniMax, HF) in prose are not code
 
@@ -15,7 +20,11 @@ use serde::{Deserialize, Serialize};
 
 /// `format` of every version-1 item.
 pub const FORMAT_V1: &str = "m3serve.patches.v1";
-/// The only dtype of version 1.
+/// `format` of every version-2 item (one frame per row).
+pub const FORMAT_V2: &str = "m3serve.patches.v2";
+/// Columns of a v2 row: 3 channels × 14 × 14 (one temporal frame).
+pub const FRAME_DIM: usize = 588;
+/// The only dtype (v1 and v2).
 pub const DTYPE_BF16: &str = "bfloat16";
 /// Columns of a patch row: 3 channels × temporal 2 × 14 × 14.
 pub const PATCH_DIM: usize = 1176;
@@ -42,11 +51,11 @@ pub struct ShmRef {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ImageItem {
-    /// Always [`FORMAT_V1`].
+    /// [`FORMAT_V2`] (what the gateway sends) or [`FORMAT_V1`].
     pub format: String,
     /// Always [`DTYPE_BF16`].
     pub dtype: String,
-    /// `[N, 1176]`, N = t · h · w.
+    /// `[N, 1176]` (v1) or `[N, 588]` (v2), N = t · h · w.
     pub shape: [u64; 2],
     /// `[t, h, w]` in 14-pixel patches; h and w even.
     pub grid_thw: [u64; 3],
@@ -100,6 +109,43 @@ pub fn bf16_to_le_bytes(patches: &[u16]) -> Vec<u8> {
     out
 }
 
+/// v2 payload: little-endian bytes of one temporal frame per row (`[N, 588]`), taken from
+/// full `[N, 1176]` rows (whose two frames are equal for an image).
+pub fn frame_le_bytes(patches: &[u16]) -> Vec<u8> {
+    const PLANE: usize = PATCH_DIM / 6; // 14 × 14
+    let mut out = Vec::with_capacity(patches.len());
+    for row in patches.chunks_exact(PATCH_DIM) {
+        for c in 0..3 {
+            for v in &row[c * 2 * PLANE..(c * 2 + 1) * PLANE] {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+    }
+    out
+}
+
+/// `[N, 1176]` rows from v2 `[N, 588]` rows: each channel's frame repeated for T = 2.
+pub fn expand_frames(frames: &[u16]) -> Vec<u16> {
+    const PLANE: usize = PATCH_DIM / 6;
+    let mut out = Vec::with_capacity(frames.len() * 2);
+    for row in frames.chunks_exact(FRAME_DIM) {
+        for plane in row.chunks_exact(PLANE) {
+            out.extend_from_slice(plane);
+            out.extend_from_slice(plane);
+        }
+    }
+    out
+}
+
+/// Payload columns of a format (`None`: unknown format).
+fn payload_cols(format: &str) -> Option<usize> {
+    match format {
+        FORMAT_V1 => Some(PATCH_DIM),
+        FORMAT_V2 => Some(FRAME_DIM),
+        _ => None,
+    }
+}
+
 /// bf16 bit patterns from little-endian bytes (length must be even).
 pub fn le_bytes_to_bf16(bytes: &[u8]) -> Vec<u16> {
     bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()
@@ -128,7 +174,35 @@ fn header(meta: &ItemMeta<'_>, rows: usize) -> ImageItem {
     }
 }
 
-/// Build an inline item. `patches` is row-major `[N, 1176]` bf16 bits.
+/// Build a v2 inline item. `patches` is row-major `[N, 1176]` bf16 bits; one frame is sent.
+pub fn encode_inline_v2(patches: &[u16], meta: &ItemMeta<'_>) -> ImageItem {
+    let rows = patches.len() / PATCH_DIM;
+    let data = base64::engine::general_purpose::STANDARD.encode(frame_le_bytes(patches));
+    encode_inline_base64_v2(rows, data, meta)
+}
+
+/// Build a v2 inline item from the base64 of [`frame_le_bytes`] already computed.
+pub fn encode_inline_base64_v2(rows: usize, data: String, meta: &ItemMeta<'_>) -> ImageItem {
+    let mut item = header_v2(meta, rows);
+    item.data = Some(data);
+    item
+}
+
+/// Build a v2 shared-memory item for [`frame_le_bytes`] already written to `path`.
+pub fn encode_shm_v2(rows: usize, path: &str, meta: &ItemMeta<'_>) -> ImageItem {
+    let mut item = header_v2(meta, rows);
+    item.shm = Some(ShmRef { path: path.to_owned(), nbytes: (rows * FRAME_DIM * 2) as u64 });
+    item
+}
+
+fn header_v2(meta: &ItemMeta<'_>, rows: usize) -> ImageItem {
+    let mut item = header(meta, rows);
+    FORMAT_V2.clone_into(&mut item.format);
+    item.shape = [rows as u64, FRAME_DIM as u64];
+    item
+}
+
+/// Build a v1 inline item. `patches` is row-major `[N, 1176]` bf16 bits.
 pub fn encode_inline(patches: &[u16], meta: &ItemMeta<'_>) -> ImageItem {
     let mut item = header(meta, patches.len() / PATCH_DIM);
     item.data = Some(base64::engine::general_purpose::STANDARD.encode(bf16_to_le_bytes(patches)));
@@ -158,9 +232,9 @@ fn hash_ok(h: &str) -> bool {
 /// Check one item on its own (format, shapes, grid, hash, payload size). Does not decode
 /// `data` beyond its length, and does not open `shm`.
 pub fn validate_item(item: &ImageItem) -> Result<(), WireError> {
-    if item.format != FORMAT_V1 {
-        return Err(WireError::new("bad_format", format!("format {:?}, expected {FORMAT_V1:?}", item.format)));
-    }
+    let Some(cols) = payload_cols(&item.format) else {
+        return Err(WireError::new("bad_format", format!("format {:?}, expected {FORMAT_V2:?} or {FORMAT_V1:?}", item.format)));
+    };
     if item.dtype != DTYPE_BF16 {
         return Err(WireError::new("bad_dtype", format!("dtype {:?}, expected {DTYPE_BF16:?}", item.dtype)));
     }
@@ -169,10 +243,10 @@ pub fn validate_item(item: &ImageItem) -> Result<(), WireError> {
         return Err(WireError::new("bad_grid", format!("grid_thw {:?}: t must be 1, h and w even and >= 2", item.grid_thw)));
     }
     let rows = h.saturating_mul(w);
-    if item.shape != [rows, PATCH_DIM as u64] || rows > MAX_PATCHES as u64 {
+    if item.shape != [rows, cols as u64] || rows > MAX_PATCHES as u64 {
         return Err(WireError::new(
             "bad_shape",
-            format!("shape {:?}, expected [{rows}, {PATCH_DIM}] with at most {MAX_PATCHES} rows", item.shape),
+            format!("shape {:?}, expected [{rows}, {cols}] with at most {MAX_PATCHES} rows", item.shape),
         ));
     }
     if item.length != rows / MERGE as u64 {
@@ -181,7 +255,7 @@ pub fn validate_item(item: &ImageItem) -> Result<(), WireError> {
     if !hash_ok(&item.hash) {
         return Err(WireError::new("bad_hash", format!("hash must be 1..={MAX_HASH_LEN} chars of [A-Za-z0-9_:.-]")));
     }
-    let nbytes = rows * PATCH_DIM as u64 * 2;
+    let nbytes = rows * cols as u64 * 2;
     match (&item.data, &item.shm) {
         (Some(data), None) => {
             // Padded base64 of nbytes is exactly 4·ceil(nbytes/3) chars: check before decoding.
@@ -238,17 +312,18 @@ pub fn parse_items(image_data: &serde_json::Value) -> Result<Vec<ImageItem>, Wir
     serde_json::from_value(image_data.clone()).map_err(|e| WireError::new("bad_schema", e.to_string()))
 }
 
-/// Decode an inline item's patches (validates it first).
+/// Decode an inline item's patches (validates it first) as `[N, 1176]` rows (v2 expanded).
 pub fn decode_inline(item: &ImageItem) -> Result<Vec<u16>, WireError> {
     validate_item(item)?;
     let data = item.data.as_deref().ok_or_else(|| WireError::new("no_payload", "item has no inline data"))?;
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(data)
         .map_err(|e| WireError::new("bad_data", format!("invalid base64: {e}")))?;
-    if bytes.len() as u64 != item.shape[0] * PATCH_DIM as u64 * 2 {
-        return Err(WireError::new("bad_data", format!("decoded {} bytes, expected {}", bytes.len(), item.shape[0] * PATCH_DIM as u64 * 2)));
+    if bytes.len() as u64 != item.shape[0] * item.shape[1] * 2 {
+        return Err(WireError::new("bad_data", format!("decoded {} bytes, expected {}", bytes.len(), item.shape[0] * item.shape[1] * 2)));
     }
-    Ok(le_bytes_to_bf16(&bytes))
+    let rows = le_bytes_to_bf16(&bytes);
+    Ok(if item.format == FORMAT_V2 { expand_frames(&rows) } else { rows })
 }
 
 /// FNV-1a 64-bit of a byte string, hex: the checksum the test vectors use (trivial to

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use serde_json::{json, Value};
 use smg_core::wire::{
-    bf16_to_le_bytes, decode_inline, encode_inline, encode_shm, fnv1a64_hex, parse_items, validate_request, ItemMeta,
+    bf16_to_le_bytes, decode_inline, encode_inline, encode_inline_v2, encode_shm, encode_shm_v2, expand_frames, frame_le_bytes, le_bytes_to_bf16, fnv1a64_hex, parse_items, validate_request, ItemMeta,
     PATCH_DIM,
 };
 
@@ -59,7 +59,7 @@ fn expect_images(items: &[(Vec<u16>, [u32; 3])]) -> Value {
 fn vector(name: &str, description: &str, input_ids: &[u32], image_data: Value, expect: Value) -> (String, Value) {
     (
         name.to_owned(),
-        json!({"wire_format": "m3serve.patches.v1", "name": name, "description": description, "image_token_id": IMAGE,
+        json!({"wire_format": if image_data[0]["format"] == "m3serve.patches.v2" { "m3serve.patches.v2" } else { "m3serve.patches.v1" }, "name": name, "description": description, "image_token_id": IMAGE,
                "request": {"input_ids": input_ids, "image_data": image_data}, "expect": expect}),
     )
 }
@@ -93,7 +93,7 @@ fn generate() -> Vec<(String, Value)> {
         v
     };
     let bad = |name: &str, desc: &str, ids: &[u32], data: Value, code: &str| vector(name, desc, ids, data, json!({"valid": false, "error": code}));
-    out.push(bad("invalid_format_version", "Unknown format version.", &ids1, mutate(&|i| i["format"] = json!("m3serve.patches.v2")), "bad_format"));
+    out.push(bad("invalid_format_version", "Unknown format version.", &ids1, mutate(&|i| i["format"] = json!("m3serve.patches.v99")), "bad_format"));
     out.push(bad("invalid_dtype", "float32 is not a v1 dtype.", &ids1, mutate(&|i| i["dtype"] = json!("float32")), "bad_dtype"));
     out.push(bad("invalid_shape_cols", "Rows must have 1176 columns.", &ids1, mutate(&|i| i["shape"] = json!([4, 1024])), "bad_shape"));
     out.push(bad("invalid_shape_rows", "Rows must equal t*h*w.", &ids1, mutate(&|i| i["shape"] = json!([8, 1176])), "bad_shape"));
@@ -119,6 +119,25 @@ fn generate() -> Vec<(String, Value)> {
     out.push(bad("invalid_out_of_order", "Items must follow prompt order.", &ids2, serde_json::to_value(vec![&b, &a]).unwrap(), "bad_offset"));
     out.push(bad("invalid_unknown_field", "Unknown fields are rejected (bump the version instead).", &ids1, mutate(&|i| i["extra"] = json!(1)), "bad_schema"));
     out.push(bad("invalid_wrong_type", "shape must be an array of two integers.", &ids1, mutate(&|i| i["shape"] = json!("4x1176")), "bad_schema"));
+    // v2: one frame per row ([N, 588]); decodes to the same [N, 1176] rows.
+    // A still image's rows hold two equal frames; build such rows from p1's first frames.
+    let p1f = expand_frames(&le_bytes_to_bf16(&frame_le_bytes(&p1)));
+    let v2 = encode_inline_v2(&p1f, &ItemMeta { grid_thw: [1, 2, 2], hash: "sha256:00ab", offset: off1[0], length: 1 });
+    let one_v2 = serde_json::to_value(vec![&v2]).unwrap();
+    out.push(vector("valid_one_image_inline_v2", "v2: one temporal frame per row, [4, 588]; the receiver repeats each channel's 196 values (T = 2) to rebuild [4, 1176].", &ids1, one_v2.clone(),
+        json!({"valid": true, "images": expect_images(&[(p1f.clone(), [1, 2, 2])])})));
+    let s2 = encode_shm_v2(4, "/dev/shm/m3serve-123-0-00ab.bf16", &ItemMeta { grid_thw: [1, 2, 2], hash: "sha256:00ab", offset: off1[0], length: 1 });
+    out.push(vector("valid_one_image_shm_v2", "v2 shared-memory handle: nbytes = N*588*2.", &ids1,
+        serde_json::to_value(vec![&s2]).unwrap(), json!({"valid": true})));
+    let mut_v2 = |f: &dyn Fn(&mut Value)| {
+        let mut v = one_v2.clone();
+        f(&mut v[0]);
+        v
+    };
+    out.push(bad("invalid_v2_shape_cols", "v2 rows have 588 columns, not 1176.", &ids1, mut_v2(&|i| i["shape"] = json!([4, 1176])), "bad_shape"));
+    out.push(bad("invalid_v2_data_v1_length", "v2 with a v1-sized payload (N*1176*2 bytes).", &ids1, mut_v2(&|i| i["data"] = one[0]["data"].clone()), "bad_data"));
+    out.push(bad("invalid_v2_shm_nbytes", "v2 shm nbytes must be N*588*2.", &ids1,
+        serde_json::to_value(vec![{ let mut s = s2.clone(); if let Some(h) = s.shm.as_mut() { h.nbytes = 4 * 1176 * 2; } s }]).unwrap(), "bad_shm"));
     out.push(bad("invalid_negative_offset", "offset is a non-negative integer.", &ids1, mutate(&|i| i["offset"] = json!(-1)), "bad_schema"));
     out
 }

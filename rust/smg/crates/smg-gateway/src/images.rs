@@ -140,7 +140,7 @@ async fn prepare_one(image: &ImageUrl, ctx: &ImageContext) -> Result<ReadyImage,
             Payload::Patches(pre.patches)
         } else {
             use base64::Engine as _;
-            Payload::Base64(base64::engine::general_purpose::STANDARD.encode(smg_core::wire::bf16_to_le_bytes(&pre.patches)))
+            Payload::Base64(base64::engine::general_purpose::STANDARD.encode(smg_core::wire::frame_le_bytes(&pre.patches)))
         };
         Ok::<_, smg_core::image::ImageError>(ReadyImage {
             grid_thw: pre.grid_thw,

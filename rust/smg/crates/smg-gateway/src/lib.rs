@@ -3,7 +3,7 @@
 //! A request flows: limits + auth + timeout layers → [`routes`] parses the OpenAI body →
 //! [`images`] fetches and preprocesses images (blocking pool) → chat template + tokenizer +
 //! placeholder expansion (smg-core) → [`forward`] posts SGLang's `/generate` with `input_ids`
-//! and one `m3serve.patches.v1` item per image (docs/wire-format.md) to the least-loaded
+//! and one `m3serve.patches.v2` item per image (docs/wire-format.md) to the least-loaded
 //! healthy worker → the answer (JSON or SSE) is converted back to OpenAI shapes.
 
 // Product names (SGLang, OpenAI, MiniMax) and field names in prose are not code.

@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
-use smg_core::wire::{encode_inline_base64, encode_shm, ImageItem, ItemMeta};
+use smg_core::wire::{encode_inline_base64_v2, encode_shm_v2, ImageItem, ItemMeta};
 
 use crate::error::ApiError;
 use crate::forward::{self, Api, Forward};
@@ -132,14 +132,14 @@ async fn prepare(state: &Shared, ids: Vec<u32>, req: Option<&ChatRequest>, t_tok
     for (r, span) in ready.into_iter().zip(spans) {
         let meta = ItemMeta { grid_thw: r.grid_thw, hash: &r.hash, offset: span.offset, length: span.length };
         let item = match (r.payload, keep.as_mut()) {
-            (Payload::Base64(data), _) => encode_inline_base64(r.num_patches, data, &meta),
+            (Payload::Base64(data), _) => encode_inline_base64_v2(r.num_patches, data, &meta),
             (Payload::Patches(p), Some(files)) => {
                 let path = files
-                    .write(&r.hash, &smg_core::wire::bf16_to_le_bytes(&p))
+                    .write(&r.hash, &smg_core::wire::frame_le_bytes(&p))
                     .map_err(|e| ApiError::internal(format!("cannot write shared memory: {e}")))?;
-                encode_shm(r.num_patches, &path, &meta)
+                encode_shm_v2(r.num_patches, &path, &meta)
             }
-            (Payload::Patches(p), None) => smg_core::wire::encode_inline(&p, &meta),
+            (Payload::Patches(p), None) => smg_core::wire::encode_inline_v2(&p, &meta),
         };
         image_data.push(item);
     }
