@@ -240,7 +240,8 @@ async def payload_cases(gw: str, sizes: Any, shm_gw: str | None) -> list[dict]:
             _, items = sizes[-1]
             smg = rows * 1176 * 4 + len(raw)
             cases.append({
-                "case": f"payload per image, {w}x{h} JPEG ({rows} patch rows), inline base64 bf16",
+                "case": f"payload per image, {w}x{h} JPEG ({rows} patch rows), inline base64 bf16 "
+                        "(wire v2: one temporal frame per row)",
                 "ours": items[0], "baseline": "SMG: float32 pixel_values + raw image bytes",
                 "baseline_value": smg, "unit": "bytes", "ratio": round(smg / items[0], 3),
                 "roofline_fraction": None,
@@ -343,7 +344,10 @@ def _finish(cases: list[dict], args: argparse.Namespace) -> int:
     exe = find_smg_binary(build=False)
     note = (f"Worker: {kind}. Client: aiohttp in one process, keep-alive. smg binary: "
             f"{exe.parent.name} profile ({exe}). "
-            "Gateway, worker and client share the machine's cores.")
+            "Gateway, worker and client share the machine's cores (a 2-core box shared with other "
+            f"engineers' builds and tests; load average at the end: "
+            f"{' / '.join(f'{x:.1f}' for x in __import__('os').getloadavg())}), so latencies are "
+            "noisy; p99s are over n sequential requests of one run.")
     if args.merge and (RESULTS / "gateway_cpu.json").exists():
         old = json.loads((RESULTS / "gateway_cpu.json").read_text())
         tag = "real SGLang worker" if args.worker else "mock worker"
