@@ -25,9 +25,10 @@ def register() -> None:
     if os.environ.get("M3SERVE_DISABLE_PLUGIN", "") == "1":
         logger.info("m3serve plugin disabled by M3SERVE_DISABLE_PLUGIN=1")
         return
-    from m3serve import backend, models, processor
+    from m3serve import backend, models, processor, validation
 
     models.register()
     backend.register()
     processor.register()
+    validation.register()
     logger.info("m3serve plugin registered (pid %d)", os.getpid())

@@ -25,7 +25,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -93,7 +92,7 @@ def warm_up(server: SGLangServer, tokens: int) -> float:
     t0 = time.time()
     for n in (tokens, 300):
         r = requests.post(server.url + "/generate", json={
-            "input_ids": [(7 * i) % 1000 + 10 for i in range(n)],
+            "input_ids": [(7 * i) % 600 + 10 for i in range(n)],  # < the tiny vocab (640)
             "sampling_params": {"max_new_tokens": 16, "temperature": 0}}, timeout=900)  # fmt: skip
         r.raise_for_status()
     return time.time() - t0
@@ -104,7 +103,8 @@ def main() -> int:
     ap.add_argument("ckpt")
     ap.add_argument("--servers", default="ours,sglang")
     ap.add_argument("--workloads", nargs="+", default=["random:32768:512:1,8"])
-    ap.add_argument("--mem-fraction", type=float, default=0.42)
+    ap.add_argument("--mem-fraction", type=float, default=0.45, help="the first server's share")
+    ap.add_argument("--max-total-tokens", type=int, default=5_000_000, help="KV tokens per server")
     ap.add_argument("--context-length", type=int, default=0, help="0: longest workload + 4096")
     ap.add_argument("--graphs", choices=("on", "off"), default="on")
     ap.add_argument("--cuda-graph-max-bs", type=int, default=64)
@@ -118,29 +118,32 @@ def main() -> int:
     workloads = [parse_workload(s) for s in args.workloads]
     ctx = args.context_length or max(w["input"] + w["output"] for w in workloads) + 4096
     graph_args = (
-        ["--cuda-graph-max-bs", str(args.cuda_graph_max_bs)]
+        ["--cuda-graph-max-bs-decode", str(args.cuda_graph_max_bs)]
         if args.graphs == "on"
         else ["--cuda-graph-backend-decode", "disabled"]
     )
     base = [
         "--attention-backend", "msa", "--page-size", "128", "--sampling-backend", "pytorch",
-        "--mem-fraction-static", str(args.mem_fraction), "--context-length", str(ctx),
+        "--context-length", str(ctx),
         "--chunked-prefill-size", "8192", "--max-running-requests", "64",
         "--trust-remote-code", *graph_args, *args.extra.split(),
     ]  # fmt: skip
     names = args.servers.split(",")
+    # Same KV capacity for every server: an explicit --max-total-tokens below what each can
+    # profile. Servers start one after another (a server profiles the memory the ones before it
+    # hold): the first takes --mem-fraction of the card, later ones 0.9 of what remains.
     servers = {
         name: SGLangServer(
             args.ckpt,
             device="cuda",
             use_standin=True,
-            max_total_tokens=20_000_000,
-            extra_args=base,
+            max_total_tokens=args.max_total_tokens,
+            extra_args=[*base, "--mem-fraction-static", str(args.mem_fraction if i == 0 else 0.9)],
             env=IMPL_ENV[name],
             log_path=out / f"server_{args.tag}_{name}.log",
             startup_timeout=480,
         )
-        for name in names
+        for i, name in enumerate(names)
     }
     errors: dict[str, str] = {}
     up: dict[str, float] = {}
@@ -153,11 +156,8 @@ def main() -> int:
         except Exception as e:  # report: the message holds the log tail
             errors[name] = str(e)[-3000:]
 
-    threads = [threading.Thread(target=start, args=(n,)) for n in names]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    for n in names:
+        start(n)
     rows: list[dict[str, Any]] = []
     try:
         for name, err in errors.items():
@@ -188,6 +188,12 @@ def main() -> int:
             if r["impl"] == n:
                 r["server_errors"] = n_err
                 r["valid"] = bool(r["valid"]) and n_err == 0
+    for n in names:  # the KV capacity each server really got (must be equal)
+        log = out / f"server_{args.tag}_{n}.log"
+        text = log.read_text(errors="replace") if log.exists() else ""
+        got = [w for w in text.split() if w.startswith("max_total_num_tokens=")]
+        up[f"{n}_max_total_num_tokens"] = int(got[0].split("=")[1].rstrip(",")) if got else None
+        print(f"server {n}: {got[:1]}", flush=True)
     meta = {"card": subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
                                    capture_output=True, text=True).stdout.strip(),
             "server_args": base, "startup_s": up, "start_errors": errors}  # fmt: skip

@@ -119,7 +119,7 @@ def main() -> int:
         "--attention-backend", "msa", "--page-size", "128", "--sampling-backend", "pytorch",
         "--mem-fraction-static", str(args.mem_fraction), "--context-length", str(args.tokens),
         "--chunked-prefill-size", "8192", "--max-running-requests", "8",
-        "--cuda-graph-max-bs", "8", "--trust-remote-code", *args.extra.split(),
+        "--cuda-graph-max-bs-decode", "8", "--trust-remote-code", *args.extra.split(),
     ]  # fmt: skip
     names = args.servers.split(",")
     servers = {
@@ -148,13 +148,13 @@ def main() -> int:
         t.start()
     for t in threads:
         t.join()
-    prompt = [(1103515245 * i + 12345) % 2000 + 10 for i in range(args.tokens - args.output)]
+    prompt = [(1103515245 * i + 12345) % 600 + 10 for i in range(args.tokens - args.output)]
     results: dict[str, Any] = {}
     try:
         for n, e in errors.items():
             print(f"server {n} failed to start:\n{e}", flush=True)
         for n in [n for n in names if n not in errors]:
-            warm = [(7 * i) % 1500 + 20 for i in range(20000)]  # not a prefix of the prompt
+            warm = [(7 * i) % 580 + 20 for i in range(20000)]  # not a prefix of the prompt
             one_request(servers[n], warm, 4, 8)  # warm-up: JIT compiles, graphs
             results[n] = one_request(servers[n], prompt, args.output, args.logprob_tail)
             r = results[n]

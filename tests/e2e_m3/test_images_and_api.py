@@ -178,6 +178,18 @@ def test_bad_requests_get_400_and_server_stays_healthy(
     assert requests.get(m3_server.url + "/health_generate", timeout=120).status_code == 200
 
 
+@pytest.mark.parametrize("bad_id", [-1, 10**6])
+def test_out_of_vocab_input_ids_get_400_and_server_stays_healthy(
+    m3_server: Any, bad_id: int
+) -> None:
+    """Unchecked, an id past the vocabulary kills the scheduler (device assert on a GPU)."""
+    body = {"input_ids": [30, 31, bad_id, 32], "sampling_params": {"max_new_tokens": 2}}
+    r = _post(m3_server, "/generate", body)
+    assert r.status_code == 400, f"{r.status_code} {r.text[:300]}"
+    assert "input_ids[2]" in r.text and "vocabulary" in r.text, r.text[:300]
+    assert requests.get(m3_server.url + "/health_generate", timeout=120).status_code == 200
+
+
 def test_sixteen_concurrent_requests(m3_server: Any, m3_dir: Any) -> None:
     tok = _tok(m3_dir)
     pngs = [_png(56 + 28 * (i % 3), 84, seed=100 + i) for i in range(4)]
