@@ -109,6 +109,16 @@ class SGLangServer:
             *self.extra_args,
         ]  # fmt: skip
 
+    def tp_size(self) -> int:
+        args = self.extra_args
+        for i, a in enumerate(args):
+            for flag in ("--tp-size", "--tp"):
+                if a == flag and i + 1 < len(args):
+                    return int(args[i + 1])
+                if a.startswith(flag + "="):
+                    return int(a.split("=", 1)[1])
+        return 1
+
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
         if self.use_standin:
@@ -128,6 +138,21 @@ class SGLangServer:
         )
         if self.device == "cpu":
             env["SGLANG_USE_CPU_ENGINE"] = "1"
+            tp = self.tp_size()
+            if tp > 1:
+                # SGLang 0.5.23's CPU engine builds an NCCL communicator whenever libnccl loads
+                # (the CUDA torch wheel ships one) and it fails on CPU: point it at no library so
+                # it switches itself off and the TP all-reduce goes through gloo. And it asserts
+                # TP ≤ NUMA nodes unless every rank has an OMP binding (only sgl_kernel's CPU
+                # build applies it, so any cores do).
+                env.setdefault(
+                    "SGLANG_NCCL_SO_PATH",
+                    str(Path(tempfile.gettempdir()) / "m3serve-no-nccl" / "libnccl.so.2"),
+                )
+                env.setdefault(
+                    "SGLANG_CPU_OMP_THREADS_BIND",
+                    "|".join(str(r % (os.cpu_count() or 1)) for r in range(tp)),
+                )
         env.setdefault("PYTHONUNBUFFERED", "1")
         env.update(self.extra_env)
         return env

@@ -6,7 +6,8 @@ gloo). Prompts cross many MSA blocks (sparse selection from 65 tokens on), and a
 crosses block boundaries. Greedy tokens must be equal, logprobs equal up to float32 summation
 order (TP splits the o_proj/down_proj/expert reductions into per-rank partial sums + all-reduce).
 
-Two settings make SGLang 0.5.23's CPU engine run TP > 1 here (server environment only):
+Two settings make SGLang 0.5.23's CPU engine run TP > 1 here; m3serve.launch sets them for every
+CPU server with ``--tp-size`` > 1 (SGLangServer.environment), so this test relies on the launcher:
 - ``SGLANG_NCCL_SO_PATH`` pointing at no file. ``init_model_parallel_group`` consults the
   platform's ``supports_pynccl`` (False for CPU) only for out-of-tree platforms; on the in-tree CPU
   platform it builds a PyNcclCommunicator whenever libnccl.so.2 loads (the nvidia-nccl wheel the
@@ -42,13 +43,6 @@ NEW = 12
 ATOL = 1e-4
 
 
-def _server_env(tp: int, tmp: Path) -> dict[str, str]:
-    return {
-        "SGLANG_NCCL_SO_PATH": str(tmp / "no-nccl" / "libnccl.so.2"),
-        "SGLANG_CPU_OMP_THREADS_BIND": "|".join(str(r % (os.cpu_count() or 1)) for r in range(tp)),
-    }
-
-
 @pytest.fixture(scope="module")
 def servers(
     request: pytest.FixtureRequest, m3_dir: Path, tmp_path_factory: pytest.TempPathFactory
@@ -60,7 +54,6 @@ def servers(
         m3_dir,
         log_path=tmp / "server.log",
         startup_timeout=float(os.environ.get("M3SERVE_TEST_SERVER_TIMEOUT", "480")),
-        env=_server_env(TP, tmp),
         extra_args=[
             "--attention-backend", "msa",
             "--page-size", "16",
