@@ -42,10 +42,13 @@ class MemPoll(threading.Thread):
 
     @staticmethod
     def used() -> int:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
+        try:
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                capture_output=True, text=True, check=False,
+            )  # fmt: skip
+        except FileNotFoundError:  # a CPU dry run
+            return 0
         return int(out.stdout.split()[0]) if out.stdout.strip() else 0
 
     def run(self) -> None:
@@ -112,20 +115,24 @@ def main() -> int:
     ap.add_argument("--servers", default="ours,sglang")
     ap.add_argument("--mem-fraction", type=float, default=0.42)
     ap.add_argument("--extra", default="")
+    ap.add_argument("--device", default="cuda", help="cpu: a dry run of this script (tiny model)")
+    ap.add_argument("--page-size", type=int, default=128, help="= the checkpoint's MSA block")
     args = ap.parse_args()
     out = Path(os.environ.get("OUT", "gpu-out"))
     out.mkdir(parents=True, exist_ok=True)
     base = [
-        "--attention-backend", "msa", "--page-size", "128", "--sampling-backend", "pytorch",
-        "--mem-fraction-static", str(args.mem_fraction), "--context-length", str(args.tokens),
+        "--attention-backend", "msa", "--page-size", str(args.page_size),
+        "--sampling-backend", "pytorch", "--context-length", str(args.tokens + 64),  # SGLang keeps a few slots back
         "--chunked-prefill-size", "8192", "--max-running-requests", "8",
-        "--cuda-graph-max-bs-decode", "8", "--trust-remote-code", *args.extra.split(),
+        "--trust-remote-code", *args.extra.split(),
     ]  # fmt: skip
+    if args.device == "cuda":
+        base += ["--mem-fraction-static", str(args.mem_fraction), "--cuda-graph-max-bs-decode", "8"]
     names = args.servers.split(",")
     servers = {
         n: SGLangServer(
             args.ckpt,
-            device="cuda",
+            device=args.device,
             use_standin=True,
             max_total_tokens=args.tokens + 65536,
             extra_args=base,
@@ -154,7 +161,7 @@ def main() -> int:
         for n, e in errors.items():
             print(f"server {n} failed to start:\n{e}", flush=True)
         for n in [n for n in names if n not in errors]:
-            warm = [(7 * i) % 580 + 20 for i in range(20000)]  # not a prefix of the prompt
+            warm = [(7 * i) % 580 + 20 for i in range(min(20000, args.tokens // 2))]  # not a prefix
             one_request(servers[n], warm, 4, 8)  # warm-up: JIT compiles, graphs
             results[n] = one_request(servers[n], prompt, args.output, args.logprob_tail)
             r = results[n]
@@ -180,10 +187,12 @@ def main() -> int:
             "decode_ratio_ours_over_sglang": round(a["decode_tok_s"] / b["decode_tok_s"], 2),
         }
         print(json.dumps(check), flush=True)
-    card = subprocess.run(
-        ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-        text=True, check=False,
-    ).stdout.strip()  # fmt: skip
+    card = "cpu (dry run)"
+    if args.device == "cuda":
+        card = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+            text=True, check=False,
+        ).stdout.strip()  # fmt: skip
     (out / "long_request.json").write_text(json.dumps(
         {"card": card, "server_args": base, "tokens": args.tokens, "output": args.output,
          "results": results, "check": check, "start_errors": errors}, indent=1))  # fmt: skip
