@@ -41,27 +41,25 @@ if [[ " $STAGES " == *" moe "* ]] && [ -f benchmarks/bench_moe.py ]; then
     timeout "${MOE_S:-120}" python3 benchmarks/bench_moe.py --out "$OUT" > "$OUT/moe_bench.log" 2>&1
     echo "moe bench exit $?"; tail -n 25 "$OUT/moe_bench.log"
 fi
+# serve_stage NAME SCRIPT LIMIT ARGS LOGS_GLOB: run one serving script on the M3-shaped checkpoint
+serve_stage() {
+    local name=$1 script=$2 limit=$3 args=$4 logs=$5
+    CKPT=/tmp/m3-gpu
+    [ -f "$CKPT/config.json" ] || python3 scripts/gpu/make_m3_gpu_checkpoint.py "$CKPT" ${CKPT_ARGS:-} || return 1
+    timeout "$limit" python3 "$script" "$CKPT" $args > "$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "$name exit $rc"
+    if [ $rc -ne 0 ]; then
+        for f in $logs; do echo "-- $f"; grep -E "Error|Traceback" "$f" | head -5; tail -n 25 "$f"; done
+    fi
+    grep -vE '^\{' "$OUT/$name.log" | tail -n 40
+}
 if [[ " $STAGES " == *" e2e "* ]]; then
     echo "== serving: ours vs SGLang's in-tree MSA ops =="
-    CKPT=/tmp/m3-gpu
-    [ -f "$CKPT/config.json" ] || python3 scripts/gpu/make_m3_gpu_checkpoint.py "$CKPT" ${CKPT_ARGS:-} || exit 1
-    timeout "${E2E_S:-480}" python3 scripts/gpu/e2e_serving.py "$CKPT" ${E2E_ARGS:-} > "$OUT/e2e.log" 2>&1
-    rc=$?
-    echo "e2e exit $rc"
-    if [ $rc -ne 0 ]; then
-        grep -E "Error|error|Traceback" "$OUT"/server_*.log | head -20
-        for f in "$OUT"/server_*.log; do echo "-- $f"; tail -n 25 "$f"; done
-    fi
-    grep -vE '^\{' "$OUT/e2e.log" | tail -n 40
+    serve_stage e2e scripts/gpu/e2e_serving.py "${E2E_S:-480}" "${E2E_ARGS:-}" "$OUT/server_*.log"
 fi
 if [[ " $STAGES " == *" long "* ]]; then
     echo "== one request at the context limit: ours vs SGLang's in-tree MSA ops =="
-    CKPT=/tmp/m3-gpu
-    [ -f "$CKPT/config.json" ] || python3 scripts/gpu/make_m3_gpu_checkpoint.py "$CKPT" ${CKPT_ARGS:-} || exit 1
-    timeout "${LONG_S:-540}" python3 scripts/gpu/long_request.py "$CKPT" ${LONG_ARGS:-} > "$OUT/long.log" 2>&1
-    rc=$?
-    echo "long exit $rc"
-    [ $rc -ne 0 ] && for f in "$OUT"/server_long_*.log; do echo "-- $f"; tail -n 25 "$f"; done
-    tail -n 12 "$OUT/long.log"
+    serve_stage long scripts/gpu/long_request.py "${LONG_S:-540}" "${LONG_ARGS:-}" "$OUT/server_long_*.log"
 fi
 echo "[total $(( $(date +%s) - t0 )) s]"
