@@ -68,8 +68,8 @@ def _is_minimax_sparse_unless_msa(original: Callable[..., bool], *args: Any, **k
 def _cell_size_with_index_k(
     original: Callable[..., int], self: Any, kvc: Any, num_layers: int
 ) -> int:
-    """KV bytes per token plus the msa backend's index-K caches (one bf16 key per MSA layer),
-    so SGLang sizes the KV pool for the memory the backend really takes."""
+    """KV bytes per token plus the msa backend's index-K caches (one key per MSA layer, in the
+    backend's index dtype), so SGLang sizes the KV pool for the memory the backend really takes."""
     size = original(self, kvc, num_layers)
     if not msa_selected():
         return size
@@ -81,7 +81,8 @@ def _cell_size_with_index_k(
         return size
     from m3serve.backend.msa_backend import index_k_bytes_per_token
 
-    return int(size + len(s["sparse_layers"]) * index_k_bytes_per_token(s["index_dim"]))
+    per_layer = index_k_bytes_per_token(s["index_dim"], getattr(kvc, "kv_cache_dtype", None))
+    return int(size + len(s["sparse_layers"]) * per_layer)
 
 
 def _create_msa_backend(runner: Any) -> Any:

@@ -64,10 +64,14 @@ def index_k_dtype_choice() -> str:
     return choice
 
 
-def index_k_bytes_per_token(index_dim: int) -> int:
-    """Index-K bytes per token and MSA layer (the KV-pool sizing hook counts them)."""
-    if index_k_dtype_choice() == "fp8":
+def index_k_bytes_per_token(index_dim: int, kv_dtype: torch.dtype | None = None) -> int:
+    """Index-K bytes per token and MSA layer (the KV-pool sizing hook counts them); the dtype
+    rule is setup()'s: FP8 on request, float32 with a float32 KV cache, else bf16."""
+    choice = index_k_dtype_choice()
+    if choice == "fp8":
         return index_dim + 4  # e4m3 key + its float32 scale
+    if kv_dtype == torch.float32 and choice == "auto":
+        return 4 * index_dim
     return 2 * index_dim
 
 
