@@ -3,7 +3,7 @@
 Starts the same M3-shaped checkpoint twice on one card, concurrently: ``ours`` (msa backend,
 m3serve kernels) and ``sglang`` (msa backend with M3SERVE_MSA_IMPL=sglang: SGLang 0.5.23's in-tree
 MSA ops; its in-tree M3 model cannot start there, see e2e_serving.py). Each gets the same
-request: prompt = context limit − output tokens, greedy, streamed (TTFT, decode tok/s), with the
+request: prompt = context limit − output tokens − 2 (SGLang's reserve), greedy, streamed (TTFT, decode tok/s), with the
 prompt logprobs of the last positions. Peak GPU memory is polled with nvidia-smi during each
 request (both servers hold their static pools; the delta over the idle level is the request's).
 
@@ -109,7 +109,7 @@ def one_request(server: SGLangServer, ids: list[int], output: int, lp_tail: int)
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("ckpt")
-    ap.add_argument("--tokens", type=int, default=1_048_576, help="context limit = prompt + output")
+    ap.add_argument("--tokens", type=int, default=1_048_576, help="the context limit")
     ap.add_argument("--output", type=int, default=32)
     ap.add_argument("--logprob-tail", type=int, default=64)
     ap.add_argument("--servers", default="ours,sglang")
@@ -122,7 +122,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     base = [
         "--attention-backend", "msa", "--page-size", str(args.page_size),
-        "--sampling-backend", "pytorch", "--context-length", str(args.tokens + 64),  # SGLang keeps a few slots back
+        "--sampling-backend", "pytorch", "--context-length", str(args.tokens),
         "--chunked-prefill-size", "8192", "--max-running-requests", "8",
         "--trust-remote-code", *args.extra.split(),
     ]  # fmt: skip
@@ -155,7 +155,10 @@ def main() -> int:
         t.start()
     for t in threads:
         t.join()
-    prompt = [(1103515245 * i + 12345) % 600 + 10 for i in range(args.tokens - args.output)]
+    # SGLang generates at most context − prompt − 2 tokens; at 1M the limit is also MSA's (8192
+    # blocks of 128: the top-k kernels' MAX_BLOCKS), so the prompt leaves those two slots free
+    n_prompt = args.tokens - args.output - 2
+    prompt = [(1103515245 * i + 12345) % 600 + 10 for i in range(n_prompt)]
     results: dict[str, Any] = {}
     try:
         for n, e in errors.items():
