@@ -25,6 +25,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -130,8 +131,8 @@ def main() -> int:
     ]  # fmt: skip
     names = args.servers.split(",")
     # Same KV capacity for every server: an explicit --max-total-tokens below what each can
-    # profile. Servers start one after another (a server profiles the memory the ones before it
-    # hold): the first takes --mem-fraction of the card, later ones 0.9 of what remains.
+    # profile. A server profiles the memory the ones before it hold, so the first takes
+    # --mem-fraction of the card and later ones 0.9 (SGLang's fraction counts the whole card).
     servers = {
         name: SGLangServer(
             args.ckpt,
@@ -156,8 +157,21 @@ def main() -> int:
         except Exception as e:  # report: the message holds the log tail
             errors[name] = str(e)[-3000:]
 
+    # Overlap the start-ups without a profiling race: the next server starts once the one
+    # before it has allocated its KV pool (weights + pool are what the next one must see);
+    # graph capture and JIT compiles then run side by side.
+    threads: list[threading.Thread] = []
     for n in names:
-        start(n)
+        t = threading.Thread(target=start, args=(n,))
+        t.start()
+        threads.append(t)
+        log = out / f"server_{args.tag}_{n}.log"
+        while t.is_alive() and "Memory pool end" not in (
+            log.read_text(errors="replace") if log.exists() else ""
+        ):
+            time.sleep(1)
+    for t in threads:
+        t.join()
     rows: list[dict[str, Any]] = []
     try:
         for name, err in errors.items():
