@@ -235,3 +235,35 @@ class SGLangServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def start_staggered(servers: Sequence[SGLangServer]) -> dict[int, BaseException]:
+    """Start servers that share one GPU: each starts once the one before it has allocated its KV
+    pool (SGLang sizes the pool from the free memory it sees, so two profiling at once race),
+    then the rest of their start-ups (graph capture, JIT compiles) overlap. Returns the start
+    errors by index; the servers that started are up when this returns."""
+    import threading
+
+    errors: dict[int, BaseException] = {}
+
+    def run(i: int) -> None:
+        try:
+            servers[i].start()
+        except BaseException as e:  # reported to the caller
+            errors[i] = e
+
+    threads = []
+    for i, server in enumerate(servers):
+        t = threading.Thread(target=run, args=(i,), daemon=True)
+        t.start()
+        threads.append(t)
+        while t.is_alive():
+            try:
+                if "Memory pool end" in server.log_path.read_text(errors="replace"):
+                    break
+            except OSError:
+                pass
+            time.sleep(1)
+    for t in threads:
+        t.join()
+    return errors

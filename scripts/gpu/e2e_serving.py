@@ -25,14 +25,13 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import requests
 
-from m3serve.launch import CPU_STANDIN_DIR, SGLangServer
+from m3serve.launch import CPU_STANDIN_DIR, SGLangServer, start_staggered
 
 IMPL_ENV = {"ours": {"M3SERVE_MSA_IMPL": "auto"}, "sglang": {"M3SERVE_MSA_IMPL": "sglang"}}
 KEYS = ("output_throughput", "total_throughput", "median_ttft_ms", "p99_ttft_ms",
@@ -112,6 +111,8 @@ def main() -> int:
     ap.add_argument("--deadline", type=float, default=500, help="no new run starts after (s)")
     ap.add_argument("--tag", default="e2e")
     ap.add_argument("--extra", default="", help="extra sglang args, space separated")
+    ap.add_argument("--device", default="cuda", help="cpu: a dry run of this script (tiny model)")
+    ap.add_argument("--page-size", type=int, default=128, help="= the checkpoint's MSA block")
     args = ap.parse_args()
     t_start = time.time()
     out = Path(os.environ.get("OUT", "gpu-out"))
@@ -123,62 +124,49 @@ def main() -> int:
         if args.graphs == "on"
         else ["--cuda-graph-backend-decode", "disabled"]
     )
+    if args.device != "cuda":
+        graph_args = []
     base = [
-        "--attention-backend", "msa", "--page-size", "128", "--sampling-backend", "pytorch",
+        "--attention-backend", "msa", "--page-size", str(args.page_size),
+        "--sampling-backend", "pytorch",
         "--context-length", str(ctx),
         "--chunked-prefill-size", "8192", "--max-running-requests", "64",
         "--trust-remote-code", *graph_args, *args.extra.split(),
     ]  # fmt: skip
     names = args.servers.split(",")
+
+    def mem_args(i: int) -> list[str]:
+        if args.device != "cuda":
+            return []
+        return ["--mem-fraction-static", str(args.mem_fraction if i == 0 else 0.9)]
+
     # Same KV capacity for every server: an explicit --max-total-tokens below what each can
     # profile. A server profiles the memory the ones before it hold, so the first takes
     # --mem-fraction of the card and later ones 0.9 (SGLang's fraction counts the whole card).
     servers = {
         name: SGLangServer(
             args.ckpt,
-            device="cuda",
+            device=args.device,
             use_standin=True,
             max_total_tokens=args.max_total_tokens,
-            extra_args=[*base, "--mem-fraction-static", str(args.mem_fraction if i == 0 else 0.9)],
+            extra_args=[*base, *mem_args(i)],
             env=IMPL_ENV[name],
             log_path=out / f"server_{args.tag}_{name}.log",
             startup_timeout=480,
         )
         for i, name in enumerate(names)
     }
-    errors: dict[str, str] = {}
-    up: dict[str, float] = {}
-
-    def start(name: str) -> None:
-        t0 = time.time()
-        try:
-            servers[name].start()
-            up[name] = time.time() - t0
-        except Exception as e:  # report: the message holds the log tail
-            errors[name] = str(e)[-3000:]
-
-    # Overlap the start-ups without a profiling race: the next server starts once the one
-    # before it has allocated its KV pool (weights + pool are what the next one must see);
-    # graph capture and JIT compiles then run side by side.
-    threads: list[threading.Thread] = []
-    for n in names:
-        t = threading.Thread(target=start, args=(n,))
-        t.start()
-        threads.append(t)
-        log = out / f"server_{args.tag}_{n}.log"
-        while t.is_alive() and "Memory pool end" not in (
-            log.read_text(errors="replace") if log.exists() else ""
-        ):
-            time.sleep(1)
-    for t in threads:
-        t.join()
+    t0 = time.time()
+    failed = start_staggered([servers[n] for n in names])
+    errors = {names[i]: str(e)[-3000:] for i, e in failed.items()}
+    up: dict[str, float] = {n: round(time.time() - t0, 1) for n in names if n not in errors}
     rows: list[dict[str, Any]] = []
     try:
         for name, err in errors.items():
             print(f"server {name} failed to start:\n{err}", flush=True)
         live = [n for n in names if n not in errors]
         for n in live:
-            print(f"server {n} up in {up[n]:.1f} s; warm-up {warm_up(servers[n], 9000):.1f} s",
+            print(f"servers up {up[n]:.1f} s after the first start; {n} warm-up {warm_up(servers[n], min(9000, ctx // 2)):.1f} s",
                   flush=True)  # fmt: skip
         for w in workloads:
             for c in w["conc"]:
@@ -208,9 +196,11 @@ def main() -> int:
         got = [w for w in text.split() if w.startswith("max_total_num_tokens=")]
         up[f"{n}_max_total_num_tokens"] = int(got[0].split("=")[1].rstrip(",")) if got else None
         print(f"server {n}: {got[:1]}", flush=True)
-    meta = {"card": subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                                   capture_output=True, text=True).stdout.strip(),
-            "server_args": base, "startup_s": up, "start_errors": errors}  # fmt: skip
+    card = "cpu (dry run)"
+    if args.device == "cuda":
+        card = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                              capture_output=True, text=True, check=False).stdout.strip()  # fmt: skip
+    meta = {"card": card, "server_args": base, "startup_s": up, "start_errors": errors}
     (out / f"e2e_{args.tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"card: {meta['card']}")
     print("| workload | in | conc | impl | out tok/s | total tok/s | TTFT p50 ms | TPOT p50 ms | "

@@ -27,7 +27,7 @@ from typing import Any
 
 import requests
 
-from m3serve.launch import SGLangServer
+from m3serve.launch import SGLangServer, start_staggered
 
 IMPL_ENV = {"ours": {"M3SERVE_MSA_IMPL": "auto"}, "sglang": {"M3SERVE_MSA_IMPL": "sglang"}}
 
@@ -113,7 +113,7 @@ def main() -> int:
     ap.add_argument("--output", type=int, default=32)
     ap.add_argument("--logprob-tail", type=int, default=64)
     ap.add_argument("--servers", default="ours,sglang")
-    ap.add_argument("--mem-fraction", type=float, default=0.42)
+    ap.add_argument("--mem-fraction", type=float, default=0.45, help="the first server's share")
     ap.add_argument("--extra", default="")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of this script (tiny model)")
     ap.add_argument("--page-size", type=int, default=128, help="= the checkpoint's MSA block")
@@ -126,35 +126,31 @@ def main() -> int:
         "--chunked-prefill-size", "8192", "--max-running-requests", "8",
         "--trust-remote-code", *args.extra.split(),
     ]  # fmt: skip
-    if args.device == "cuda":
-        base += ["--mem-fraction-static", str(args.mem_fraction), "--cuda-graph-max-bs-decode", "8"]
     names = args.servers.split(",")
+
+    def gpu_args(i: int) -> list[str]:
+        """Servers start staggered (launch.start_staggered): the first takes --mem-fraction of
+        the card, later ones 0.9 (SGLang's fraction counts the whole card, incl. the others)."""
+        if args.device != "cuda":
+            return []
+        frac = args.mem_fraction if i == 0 else 0.9
+        return ["--mem-fraction-static", str(frac), "--cuda-graph-max-bs-decode", "8"]
+
     servers = {
         n: SGLangServer(
             args.ckpt,
             device=args.device,
             use_standin=True,
             max_total_tokens=args.tokens + 65536,
-            extra_args=base,
+            extra_args=[*base, *gpu_args(i)],
             env=IMPL_ENV[n],
             log_path=out / f"server_long_{n}.log",
             startup_timeout=480,
         )
-        for n in names
+        for i, n in enumerate(names)
     }
-    errors: dict[str, str] = {}
-
-    def start(n: str) -> None:
-        try:
-            servers[n].start()
-        except Exception as e:  # the message holds the log tail
-            errors[n] = str(e)[-3000:]
-
-    threads = [threading.Thread(target=start, args=(n,)) for n in names]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    failed = start_staggered([servers[n] for n in names])
+    errors = {names[i]: str(e)[-3000:] for i, e in failed.items()}
     # SGLang generates at most context − prompt − 2 tokens; at 1M the limit is also MSA's (8192
     # blocks of 128: the top-k kernels' MAX_BLOCKS), so the prompt leaves those two slots free
     n_prompt = args.tokens - args.output - 2
