@@ -76,6 +76,25 @@ fn bench_resize(c: &mut Criterion) {
     g.finish();
 }
 
+/// The two passes of the torch resize on their own at 1280×960 → M3's size: horizontal only
+/// (rows keep their count) and vertical only (on the horizontally resized width).
+fn bench_resize_passes(c: &mut Criterion) {
+    let opts = ImageOptions::default();
+    let mut g = c.benchmark_group("resize_pass");
+    g.sample_size(20);
+    let (w, h) = (1280, 960);
+    let (oh, ow) = sizing::target_size(h, w, &opts).expect("size");
+    let img = synthetic(w, h);
+    g.bench_function("horizontal_1280x960", |b| {
+        b.iter(|| resize::resize_torch_bicubic_aa(black_box(&img), ow, h));
+    });
+    let narrow = synthetic(ow, h);
+    g.bench_function("vertical_1280x960", |b| {
+        b.iter(|| resize::resize_torch_bicubic_aa(black_box(&narrow), ow, oh));
+    });
+    g.finish();
+}
+
 fn bench_patchify(c: &mut Criterion) {
     let opts = ImageOptions::default();
     let mut g = c.benchmark_group("normalize_patchify");
@@ -91,5 +110,11 @@ fn bench_patchify(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_decode, bench_resize, bench_patchify);
+criterion_group!(
+    benches,
+    bench_decode,
+    bench_resize,
+    bench_resize_passes,
+    bench_patchify
+);
 criterion_main!(benches);

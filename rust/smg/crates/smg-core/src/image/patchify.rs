@@ -3,7 +3,11 @@
 //! transformers' torchvision backend fuses rescale into normalise: mean and std become float32
 //! tensors multiplied by `1 / rescale_factor` (= 255.0 exactly), and each pixel is
 //! `(float32(x) - mean') / std'` in float32. Only 256 inputs exist per channel, so a lookup
-//! table of the bf16 (round-to-nearest-even) of that float32 value is exact.
+//! table of the bf16 (round-to-nearest-even) of that float32 value is exact (the portable path).
+//! With AVX2 + FMA the value is computed instead, 8 lanes at a time, as the fused
+//! `x · (1 / std') + (−mean' / std')` (both constants rounded to float32) then rounded to bf16:
+//! not the same float32 as the division for every x, but the same bf16 for all 3 × 256 inputs,
+//! which `tests::fma_form_equals_reference_for_every_input` checks exhaustively.
 //!
 //! Row order is the 2×2-merge-block-major order of the reference `patchify`: rows
 //! `(bh, bw, mh, mw)`, columns `C → T → py → px` with the single frame repeated for T = 2.
@@ -45,12 +49,149 @@ fn lut() -> [[u16; 256]; 3] {
     t
 }
 
+/// Per-channel `(scale, bias)` of the fused form `x · scale + bias` (see the module docs).
+fn fma_coefficients(c: usize) -> (f32, f32) {
+    let mean = CLIP_MEAN[c] * 255.0;
+    let std = CLIP_STD[c] * 255.0;
+    (1.0 / std, -mean / std)
+}
+
+/// Normalise interleaved RGB `src` into the three bf16 planes (table lookups).
+fn planes_lut(table: &[[u16; 256]; 3], src: &[u8], pr: &mut [u16], pg: &mut [u16], pb: &mut [u16]) {
+    for (((px, r), g), b) in src
+        .chunks_exact(3)
+        .zip(pr.iter_mut())
+        .zip(pg.iter_mut())
+        .zip(pb.iter_mut())
+    {
+        *r = table[0][usize::from(px[0])];
+        *g = table[1][usize::from(px[1])];
+        *b = table[2][usize::from(px[2])];
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    //! The plane fill with AVX2 + FMA (pulp's safe intrinsics): 16 pixels per step,
+    //! deinterleaved with `pshufb`, widened to f32, one FMA, rounded to bf16 in integer lanes.
+    #![allow(clippy::inline_always)] // compiled inside pulp's #[target_feature] entry point
+
+    use core::arch::x86_64::{__m128i, __m256, __m256i};
+
+    use pulp::bytemuck::cast;
+    use pulp::x86::V3;
+
+    /// `pshufb` masks taking channel c of 16 RGB pixels from the three 16-byte loads.
+    #[allow(clippy::needless_range_loop)] // k picks both the output byte and the source byte
+    fn masks() -> [[[i8; 16]; 3]; 3] {
+        let mut m = [[[-128i8; 16]; 3]; 3];
+        for (c, mc) in m.iter_mut().enumerate() {
+            for k in 0..16 {
+                let i = 3 * k + c;
+                mc[i / 16][k] = (i % 16) as i8;
+            }
+        }
+        m
+    }
+
+    /// bf16 bits (round to nearest even) of 8 f32 lanes, in the low 16 bits of i32 lanes.
+    #[inline(always)]
+    fn bf16_bits(simd: V3, v: __m256) -> __m256i {
+        let avx2 = simd.avx2;
+        let b = simd.avx._mm256_castps_si256(v);
+        let odd = avx2._mm256_and_si256(
+            avx2._mm256_srli_epi32::<16>(b),
+            simd.avx._mm256_set1_epi32(1),
+        );
+        let r = avx2._mm256_add_epi32(
+            b,
+            avx2._mm256_add_epi32(odd, simd.avx._mm256_set1_epi32(0x7FFF)),
+        );
+        avx2._mm256_srli_epi32::<16>(r)
+    }
+
+    /// 16 u8 → 16 bf16 of `x · a + b`.
+    #[inline(always)]
+    fn channel16(simd: V3, v: __m128i, a: __m256, b: __m256) -> [u16; 16] {
+        let (avx, avx2, fma) = (simd.avx, simd.avx2, simd.fma);
+        let lo = avx._mm256_cvtepi32_ps(avx2._mm256_cvtepu8_epi32(v));
+        let hi =
+            avx._mm256_cvtepi32_ps(avx2._mm256_cvtepu8_epi32(simd.sse2._mm_srli_si128::<8>(v)));
+        let lo = bf16_bits(simd, fma._mm256_fmadd_ps(lo, a, b));
+        let hi = bf16_bits(simd, fma._mm256_fmadd_ps(hi, a, b));
+        // packus is per 128-bit lane: [lo0-3 hi0-3 | lo4-7 hi4-7] → reorder the 64-bit quarters
+        cast(avx2._mm256_permute4x64_epi64::<0b11_01_10_00>(avx2._mm256_packus_epi32(lo, hi)))
+    }
+
+    #[inline(always)]
+    pub fn planes(
+        simd: V3,
+        table: &[[u16; 256]; 3],
+        src: &[u8],
+        pr: &mut [u16],
+        pg: &mut [u16],
+        pb: &mut [u16],
+    ) {
+        let m = masks();
+        let coef: [(__m256, __m256); 3] = core::array::from_fn(|c| {
+            let (a, b) = super::fma_coefficients(c);
+            (cast([a; 8]), cast([b; 8]))
+        });
+        let full = src.len() / 48;
+        for (i, px) in src.chunks_exact(48).enumerate() {
+            let v: [__m128i; 3] = core::array::from_fn(|j| {
+                let b: [u8; 16] = px[16 * j..16 * j + 16].try_into().expect("16 bytes");
+                cast(b)
+            });
+            for (c, plane) in [&mut *pr, &mut *pg, &mut *pb].into_iter().enumerate() {
+                let (ssse3, sse2) = (simd.ssse3, simd.sse2);
+                let part = |j: usize| ssse3._mm_shuffle_epi8(v[j], cast(m[c][j]));
+                let ch = sse2._mm_or_si128(sse2._mm_or_si128(part(0), part(1)), part(2));
+                let out = channel16(simd, ch, coef[c].0, coef[c].1);
+                plane[16 * i..16 * i + 16].copy_from_slice(&out);
+            }
+        }
+        let d = full * 16;
+        super::planes_lut(
+            table,
+            &src[d * 3..],
+            &mut pr[d..],
+            &mut pg[d..],
+            &mut pb[d..],
+        );
+    }
+}
+
+/// Fills the bf16 planes with the best instruction set this CPU has.
+struct FillPlanes<'a> {
+    table: &'a [[u16; 256]; 3],
+    src: &'a [u8],
+    planes: &'a mut [Vec<u16>],
+}
+
+impl pulp::WithSimd for FillPlanes<'_> {
+    type Output = ();
+
+    #[allow(clippy::inline_always)] // carries the target features into the kernel
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _simd: S) {
+        let [pr, pg, pb] = self.planes else {
+            unreachable!("three planes")
+        };
+        #[cfg(target_arch = "x86_64")]
+        if let Some(simd) = pulp::x86::V3::try_new() {
+            return avx2::planes(simd, self.table, self.src, pr, pg, pb);
+        }
+        planes_lut(self.table, self.src, pr, pg, pb);
+    }
+}
+
 /// Patches (bf16 bits, `[gh·gw, 1176]`) and the grid `(gh, gw)` of a resized image whose sides
 /// are multiples of 28.
 ///
 /// One band of 28 source rows (one merge-block row) at a time: the band is normalised once into
-/// three bf16 channel planes (table lookups, L2-resident), then the band's output rows are
-/// appended in order, so the output is written exactly once and never zero-filled first.
+/// three bf16 channel planes (L2-resident), then the band's output rows are appended in order,
+/// so the output is written exactly once and never zero-filled first.
 pub fn normalize_patchify(img: &DecodedImage) -> (Vec<u16>, u32, u32) {
     let (w, h) = (img.width as usize, img.height as usize);
     let (gh, gw) = (h / PATCH, w / PATCH);
@@ -62,21 +203,14 @@ pub fn normalize_patchify(img: &DecodedImage) -> (Vec<u16>, u32, u32) {
     // planes[c][yy * w + x] for the band's 28 rows.
     let mut planes = vec![vec![0u16; band * w]; 3];
     let mut row = [0u16; PATCH_DIM];
+    let arch = pulp::Arch::new();
     for bh in 0..bh_n {
         let src = &img.rgb[bh * band * w * 3..(bh + 1) * band * w * 3];
-        let [pr, pg, pb] = &mut planes[..] else {
-            unreachable!("three planes")
-        };
-        for (((px, r), g), b) in src
-            .chunks_exact(3)
-            .zip(pr.iter_mut())
-            .zip(pg.iter_mut())
-            .zip(pb.iter_mut())
-        {
-            *r = table[0][usize::from(px[0])];
-            *g = table[1][usize::from(px[1])];
-            *b = table[2][usize::from(px[2])];
-        }
+        arch.dispatch(FillPlanes {
+            table: &table,
+            src,
+            planes: &mut planes,
+        });
         for bw in 0..bw_n {
             for mh in 0..MERGE {
                 for mw in 0..MERGE {
@@ -97,4 +231,46 @@ pub fn normalize_patchify(img: &DecodedImage) -> (Vec<u16>, u32, u32) {
         }
     }
     (out, (bh_n * MERGE) as u32, (bw_n * MERGE) as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fused form rounds to the reference's bf16 for every channel and every uint8 input.
+    #[test]
+    fn fma_form_equals_reference_for_every_input() {
+        for c in 0..3 {
+            let (a, b) = fma_coefficients(c);
+            for x in 0..=255u8 {
+                let fused = f32_to_bf16(f32::from(x).mul_add(a, b));
+                assert_eq!(
+                    fused,
+                    f32_to_bf16(normalize_f32(x, c)),
+                    "channel {c}, x = {x}"
+                );
+            }
+        }
+    }
+
+    /// The dispatched (AVX2 where available) path equals the table on every value, including
+    /// the tail pixels that are not a multiple of 16.
+    #[test]
+    fn simd_planes_match_table() {
+        let table = lut();
+        let n = 16 * 50 + 7;
+        let src: Vec<u8> = (0..n * 3).map(|i| ((i * 97 + i / 7) % 256) as u8).collect();
+        let mut planes = vec![vec![0u16; n]; 3];
+        pulp::Arch::new().dispatch(FillPlanes {
+            table: &table,
+            src: &src,
+            planes: &mut planes,
+        });
+        let mut want = vec![vec![0u16; n]; 3];
+        let [r, g, b] = &mut want[..] else {
+            unreachable!()
+        };
+        planes_lut(&table, &src, r, g, b);
+        assert_eq!(planes, want);
+    }
 }

@@ -358,8 +358,7 @@ impl pulp::WithSimd for ResizeTorchV3<'_> {
         let rows: &[u8] = if ow == in_w {
             &img.rgb
         } else {
-            h_out = avx2::horizontal(simd, &img.rgb, in_h, in_w, &hx, &hw)
-                .unwrap_or_else(|| horizontal(&img.rgb, in_h, in_w, &hx, &hw));
+            h_out = avx2::horizontal(simd, &img.rgb, in_h, in_w, &hx, &hw);
             &h_out
         };
         let rgb = if oh == in_h {

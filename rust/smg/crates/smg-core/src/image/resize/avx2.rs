@@ -2,15 +2,16 @@
 //!
 //! Same arithmetic as the portable kernels in `resize.rs` (i32 sums of `w_i · x_i`, exact in
 //! any tap order, then `clamp((half + Σ) >> p, 0, 255)`), laid out for `vpmaddwd`:
-//! - horizontal: one 16-byte load covers 4 consecutive RGB taps (12 bytes); broadcast to both
-//!   128-bit lanes, `vpshufb` puts taps 0,1 (low lane) and 2,3 (high lane) as zero-extended i16
-//!   pairs `[R0 R1 G0 G1 B0 B1 _ _]`, and `vpmaddwd` with the matching weight pairs yields
-//!   `[R G B _]` partial sums. No transpose, no scalar write-back: 4 output pixels are packed
-//!   to 12 bytes with `packs`/`packus` (which saturate exactly as the clamp does) and a shuffle.
+//! - horizontal: strips of 16 rows are transposed (16×16 byte blocks) so each byte column
+//!   (`3x + c`) of the strip is one vector of 16 rows; tap pairs are then zero-extended,
+//!   interleaved to i16 pairs and multiplied with the broadcast weight pair, as the vertical
+//!   pass does down rows, and the results are transposed back. Every multiply lane is useful
+//!   and nothing crosses 128-bit lanes in the inner loop.
 //! - vertical: rows k and k+1 are byte-interleaved (`vpunpck*bw`) and widened so one `vpmaddwd`
 //!   applies two taps to 16 pixels; the in-lane unpack order is undone by the final packs.
 //!
-//! Reads past a row's end hit either the next row or zero padding and always carry weight 0.
+//! Vertical reads past a row's end hit either the next row or zero padding and always carry
+//! weight 0.
 //!
 //! Every function is `inline(always)` so it is compiled inside pulp's `#[target_feature]` entry
 //! point (see "Speed" in `resize.rs`); closures would not inherit the features, hence none here.
@@ -24,40 +25,6 @@ use pulp::x86::V3;
 
 use super::AxisWeights;
 
-/// Per output pixel, weight quads as i16 pairs: low lane `[w0 w1]×4`, high lane `[w2 w3]×4`.
-struct QuadWeights {
-    precision: u32,
-    start: Vec<usize>,
-    max_quads: usize,
-    w: Vec<[i16; 16]>,
-}
-
-fn quad_weights(ax: &AxisWeights, w16: &[i16]) -> QuadWeights {
-    let out = ax.start.len();
-    let max_quads = ax.len.iter().map(|&n| n.div_ceil(4)).max().unwrap_or(0);
-    let mut w = vec![[0i16; 16]; out * max_quads];
-    for x in 0..out {
-        let taps = &w16[x * ax.stride..x * ax.stride + ax.len[x]];
-        let nq = taps.len().div_ceil(4);
-        for q in 0..nq {
-            let t = |k: usize| taps.get(4 * q + k).copied().unwrap_or(0);
-            let v = &mut w[x * max_quads + q];
-            for j in 0..4 {
-                v[2 * j] = t(0);
-                v[2 * j + 1] = t(1);
-                v[8 + 2 * j] = t(2);
-                v[8 + 2 * j + 1] = t(3);
-            }
-        }
-    }
-    QuadWeights {
-        precision: ax.precision,
-        start: ax.start.clone(),
-        max_quads,
-        w,
-    }
-}
-
 #[inline(always)]
 fn load16(s: &[u8], off: usize) -> __m128i {
     let a: [u8; 16] = s[off..off + 16].try_into().expect("16 bytes");
@@ -70,41 +37,33 @@ fn load32(s: &[u8], off: usize) -> __m256i {
     cast(a)
 }
 
-/// `[R G B _]` i32 sums (without the rounding half) of one output pixel in two rows (low lane:
-/// row `a`, high lane: row `b`), over `N` weight quads (zero-padded to the axis' maximum so the
-/// loop has a fixed trip count).
+/// Rows per strip of the horizontal pass: one byte lane per row in a 16-byte vector.
+const STRIP: usize = 16;
+
+/// 16×16 byte transpose: four rounds of `out[2i] = lo(in[i], in[i+8])`,
+/// `out[2i+1] = hi(in[i], in[i+8])`. Each round rotates the 8-bit (vector, byte) index left by
+/// one bit, so four rounds swap vector and byte index.
 #[inline(always)]
-fn h_pixel2<const N: usize>(
-    simd: V3,
-    a: &[u8],
-    b: &[u8],
-    s: usize,
-    w: &[[i16; 16]],
-    shuf: __m256i,
-) -> __m256i {
-    let avx2 = simd.avx2;
-    let (a, b) = (&a[s * 3..s * 3 + 12 * N + 4], &b[s * 3..s * 3 + 12 * N + 4]);
-    let w = &w[..N];
-    let mut acc_a = simd.avx._mm256_setzero_si256();
-    let mut acc_b = acc_a;
-    for (q, &wq) in w.iter().enumerate() {
-        let wq: __m256i = cast(wq);
-        let va =
-            avx2._mm256_shuffle_epi8(avx2._mm256_broadcastsi128_si256(load16(a, 12 * q)), shuf);
-        let vb =
-            avx2._mm256_shuffle_epi8(avx2._mm256_broadcastsi128_si256(load16(b, 12 * q)), shuf);
-        acc_a = avx2._mm256_add_epi32(acc_a, avx2._mm256_madd_epi16(va, wq));
-        acc_b = avx2._mm256_add_epi32(acc_b, avx2._mm256_madd_epi16(vb, wq));
+fn transpose16(simd: V3, mut a: [__m128i; 16]) -> [__m128i; 16] {
+    let sse2 = simd.sse2;
+    for _ in 0..4 {
+        let mut b = a;
+        for i in 0..8 {
+            b[2 * i] = sse2._mm_unpacklo_epi8(a[i], a[i + 8]);
+            b[2 * i + 1] = sse2._mm_unpackhi_epi8(a[i], a[i + 8]);
+        }
+        a = b;
     }
-    // [a.lo | b.lo] + [a.hi | b.hi]
-    avx2._mm256_add_epi32(
-        avx2._mm256_permute2x128_si256::<0x20>(acc_a, acc_b),
-        avx2._mm256_permute2x128_si256::<0x31>(acc_a, acc_b),
-    )
+    a
 }
 
-/// Horizontal pass: `src` is `h × in_w × 3` interleaved RGB; result `h × out_w × 3`. `None`
-/// past 64 taps per output pixel (downscales beyond ~16×), left to the portable kernel.
+/// Horizontal pass: `src` is `h × in_w × 3` interleaved RGB; result `h × out_w × 3`.
+///
+/// Strips of 16 rows are transposed (16×16 byte blocks) so that each byte column of the strip
+/// (`3x + c`: pixel x, channel c) is one 16-byte vector holding that byte of all 16 rows. The
+/// filter then runs down these vectors as the vertical pass runs down rows: tap pairs
+/// zero-extended and interleaved into i16 pairs, one `vpmaddwd` with the broadcast weight pair
+/// per 8 rows, every lane useful. The 16 results per output byte column are transposed back.
 #[inline(always)]
 pub fn horizontal(
     simd: V3,
@@ -113,112 +72,102 @@ pub fn horizontal(
     in_w: usize,
     ax: &AxisWeights,
     w16: &[i16],
-) -> Option<Vec<u8>> {
-    let qw = quad_weights(ax, w16);
-    Some(match qw.max_quads {
-        1 => horizontal_n::<1>(simd, src, h, in_w, &qw),
-        2 => horizontal_n::<2>(simd, src, h, in_w, &qw),
-        3 => horizontal_n::<3>(simd, src, h, in_w, &qw),
-        4 => horizontal_n::<4>(simd, src, h, in_w, &qw),
-        5 => horizontal_n::<5>(simd, src, h, in_w, &qw),
-        6 => horizontal_n::<6>(simd, src, h, in_w, &qw),
-        7 => horizontal_n::<7>(simd, src, h, in_w, &qw),
-        8 => horizontal_n::<8>(simd, src, h, in_w, &qw),
-        9..=16 => horizontal_n::<16>(simd, src, h, in_w, &qw.padded(16)),
-        _ => return None,
-    })
-}
-
-impl QuadWeights {
-    /// The same weights with `n` quads per pixel (zero quads appended).
-    fn padded(&self, n: usize) -> Self {
-        assert!(
-            n >= self.max_quads,
-            "{n} quads cannot hold {}",
-            self.max_quads
-        );
-        let mut w = vec![[0i16; 16]; self.start.len() * n];
-        for (x, chunk) in self.w.chunks_exact(self.max_quads).enumerate() {
-            w[x * n..x * n + self.max_quads].copy_from_slice(chunk);
-        }
-        Self {
-            precision: self.precision,
-            start: self.start.clone(),
-            max_quads: n,
-            w,
-        }
-    }
-}
-
-#[inline(always)]
-fn horizontal_n<const N: usize>(
-    simd: V3,
-    src: &[u8],
-    h: usize,
-    in_w: usize,
-    qw: &QuadWeights,
 ) -> Vec<u8> {
-    let out_w = qw.start.len();
-    let row_len = in_w * 3;
-    // Loads reach 12·N + 4 bytes past a pixel's first tap, at most that far past the row end.
-    let pad = 12 * N + 4;
-    let mut out = vec![0u8; h * out_w * 3];
-    let (avx2, sse2) = (simd.avx2, simd.sse2);
-    // Low lane: taps 0,1 of the 4 loaded; high lane: taps 2,3 (bytes 6..12).
-    let z = -128i8; // 0x80: vpshufb writes zero
-    let shuf: [i8; 32] = [
-        0, z, 3, z, 1, z, 4, z, 2, z, 5, z, z, z, z, z, //
-        6, z, 9, z, 7, z, 10, z, 8, z, 11, z, z, z, z, z,
-    ];
-    let shuf: __m256i = cast(shuf);
-    // Per lane, four [R G B _] pixels packed to u8 (x0 x1 x2 x3) → 12 contiguous bytes.
-    let compact: [i8; 32] = [
-        0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, z, z, z, z, //
-        0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, z, z, z, z,
-    ];
-    let compact: __m256i = cast(compact);
-    let half = simd.avx._mm256_set1_epi32(1 << (qw.precision - 1));
-    let shift = sse2._mm_cvtsi32_si128(qw.precision as i32);
-    // Rows near the end of `src` are read from zero-padded copies.
-    let mut pa = vec![0u8; row_len + pad];
-    let mut pb = vec![0u8; row_len + pad];
-    let mut y = 0;
-    while y < h {
-        let y1 = (y + 1).min(h - 1); // an odd last row is computed twice, stored once
-        let a: &[u8] = if src.len() - y * row_len >= row_len + pad {
-            &src[y * row_len..]
-        } else {
-            pa[..row_len].copy_from_slice(&src[y * row_len..(y + 1) * row_len]);
-            &pa
-        };
-        let b: &[u8] = if src.len() - y1 * row_len >= row_len + pad {
-            &src[y1 * row_len..]
-        } else {
-            pb[..row_len].copy_from_slice(&src[y1 * row_len..(y1 + 1) * row_len]);
-            &pb
-        };
-        let mut x = 0;
-        while x < out_w {
-            let n = (out_w - x).min(4);
-            let mut p = [half; 4];
-            for (i, pi) in p.iter_mut().enumerate().take(n) {
-                let xi = x + i;
-                let w = &qw.w[xi * qw.max_quads..(xi + 1) * qw.max_quads];
-                let v = h_pixel2::<N>(simd, a, b, qw.start[xi], w, shuf);
-                *pi = avx2._mm256_sra_epi32(avx2._mm256_add_epi32(v, half), shift);
-            }
-            let lo = avx2._mm256_packs_epi32(p[0], p[1]);
-            let hi = avx2._mm256_packs_epi32(p[2], p[3]);
-            let v = avx2._mm256_shuffle_epi8(avx2._mm256_packus_epi16(lo, hi), compact);
-            let v: [u8; 32] = cast(v);
-            let len = n * 3;
-            out[(y * out_w + x) * 3..][..len].copy_from_slice(&v[..len]);
-            if y1 != y {
-                out[(y1 * out_w + x) * 3..][..len].copy_from_slice(&v[16..16 + len]);
-            }
-            x += 4;
+    let (avx, avx2, sse2) = (simd.avx, simd.avx2, simd.sse2);
+    let out_w = ax.start.len();
+    let (in_row, out_row) = (in_w * 3, out_w * 3);
+    let (in_groups, out_groups) = (in_row.div_ceil(16), out_row.div_ceil(16));
+    // Tap pairs of every output pixel as (first byte column, second byte column, i16 weight
+    // pair); byte column 3k is pixel k's R. A lone last tap pairs with itself at weight 0.
+    let mut pairs: Vec<(u32, u32, i32)> = Vec::new();
+    let mut ranges = Vec::with_capacity(out_w + 1);
+    ranges.push(0usize);
+    for x in 0..out_w {
+        let s = ax.start[x];
+        let taps = &w16[x * ax.stride..x * ax.stride + ax.len[x]];
+        for (j, p) in taps.chunks(2).enumerate() {
+            let k = s + 2 * j;
+            let (k1, w1) = if p.len() == 2 { (k + 1, p[1]) } else { (k, 0) };
+            let wp = (i32::from(w1) << 16) | i32::from(p[0] as u16);
+            pairs.push((3 * k as u32, 3 * k1 as u32, wp));
         }
-        y += 2;
+        ranges.push(pairs.len());
+    }
+    let zero = avx._mm256_setzero_si256();
+    let half = avx._mm256_set1_epi32(1 << (ax.precision - 1));
+    let shift = sse2._mm_cvtsi32_si128(ax.precision as i32);
+    let mut out = vec![0u8; h * out_row];
+    let mut cols: Vec<[u8; 16]> = vec![[0; 16]; in_groups * 16];
+    let mut res: Vec<[u8; 16]> = vec![[0; 16]; out_groups * 16];
+    let mut y0 = 0;
+    while y0 < h {
+        let rows = STRIP.min(h - y0);
+        // -- transpose the strip: cols[b] = byte b of each of the 16 rows (missing rows 0) --
+        for g in 0..in_groups {
+            let n = (in_row - 16 * g).min(16);
+            let mut blk = [sse2._mm_setzero_si128(); 16];
+            for (r, v) in blk.iter_mut().enumerate().take(rows) {
+                let off = (y0 + r) * in_row + 16 * g;
+                *v = if n == 16 {
+                    load16(src, off)
+                } else {
+                    let mut b = [0u8; 16];
+                    b[..n].copy_from_slice(&src[off..off + n]);
+                    cast(b)
+                };
+            }
+            for (dst, v) in cols[16 * g..16 * g + 16]
+                .iter_mut()
+                .zip(transpose16(simd, blk))
+            {
+                *dst = cast(v);
+            }
+        }
+        // -- filter: the 3 byte columns of one output pixel, 16 rows each --
+        for (x, dst) in res.chunks_exact_mut(3).take(out_w).enumerate() {
+            let mut acc = [half; 6];
+            for &(k0, k1, wp) in &pairs[ranges[x]..ranges[x + 1]] {
+                let wv = avx._mm256_set1_epi32(wp);
+                let a3 = &cols[k0 as usize..k0 as usize + 3];
+                let b3 = &cols[k1 as usize..k1 as usize + 3];
+                for c in 0..3 {
+                    let a = avx2._mm256_cvtepu8_epi16(cast(a3[c]));
+                    let b = avx2._mm256_cvtepu8_epi16(cast(b3[c]));
+                    // lo: rows 0-3 | 8-11, hi: rows 4-7 | 12-15 (in-lane unpacks)
+                    let lo = avx2._mm256_madd_epi16(avx2._mm256_unpacklo_epi16(a, b), wv);
+                    let hi = avx2._mm256_madd_epi16(avx2._mm256_unpackhi_epi16(a, b), wv);
+                    acc[2 * c] = avx2._mm256_add_epi32(acc[2 * c], lo);
+                    acc[2 * c + 1] = avx2._mm256_add_epi32(acc[2 * c + 1], hi);
+                }
+            }
+            for (c, d) in dst.iter_mut().enumerate() {
+                let v = avx2._mm256_packs_epi32(
+                    avx2._mm256_sra_epi32(acc[2 * c], shift),
+                    avx2._mm256_sra_epi32(acc[2 * c + 1], shift),
+                ); // rows 0-7 | 8-15 as i16
+                let v = avx2._mm256_packus_epi16(v, zero);
+                let v = sse2._mm_unpacklo_epi64(
+                    avx._mm256_castsi256_si128(v),
+                    avx2._mm256_extracti128_si256::<1>(v),
+                );
+                *d = cast(v);
+            }
+        }
+        // -- transpose back into the strip's output rows --
+        for g in 0..out_groups {
+            let n = (out_row - 16 * g).min(16);
+            let blk: [__m128i; 16] = core::array::from_fn(|i| cast(res[16 * g + i]));
+            for (r, v) in transpose16(simd, blk).into_iter().enumerate().take(rows) {
+                let b: [u8; 16] = cast(v);
+                let off = (y0 + r) * out_row + 16 * g;
+                if n == 16 {
+                    out[off..off + 16].copy_from_slice(&b);
+                } else {
+                    out[off..off + n].copy_from_slice(&b[..n]);
+                }
+            }
+        }
+        y0 += rows;
     }
     out
 }
