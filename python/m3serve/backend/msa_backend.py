@@ -168,6 +168,7 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
         on_cuda = torch.device(device).type == "cuda"
         kbuf = kv_pool.get_key_buffer(min(self.sparse_layers | {0}))
         self.kv_is_hnd = kbuf.dim() == 4
+        self.head_dim, self.kv_dtype = kbuf.shape[-1], kbuf.dtype  # every layer's alike
         tokens = kbuf.shape[0] * (kbuf.shape[2] if self.kv_is_hnd else 1)
         self.num_pages = (tokens + block - 1) // block
         impl = impl or msa_impl()
@@ -311,14 +312,14 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
             "cu_q": torch.arange(max_bs + 1, dtype=torch.int32, device=dev),
             "page_table": torch.zeros(max_bs, max_pages, dtype=torch.int32, device=dev),
         }
-        d = self.token_to_kv_pool.get_key_buffer(min(self.sparse_layers | {0})).shape[-1]
         if self.use_fast:
             from m3serve.kernels.msa.sparse_decode import SparseDecodeWrapper
 
             g["decode"] = SparseDecodeWrapper(self.device)
             g["decode"].reserve(
-                max_bs * self.num_kv_heads, self.topk, self.num_q_heads // self.num_kv_heads, d
-            )
+                max_bs * self.num_kv_heads, self.topk, self.num_q_heads // self.num_kv_heads,
+                self.head_dim,
+            )  # fmt: skip
         if self.dense_fast:
             if self._dense is None:
                 from m3serve.backend.dense_flashinfer import DenseFlashInfer
@@ -361,18 +362,12 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
             in_graph=True,
         )
         if self.use_fast and bs:
-            g["decode"].plan(
-                seq_host, 1, self.num_q_heads, self.num_kv_heads,
-                self.token_to_kv_pool.get_key_buffer(min(self.sparse_layers)).shape[-1],
-                self.block, self.topk, self.q_dtype,
-                self.token_to_kv_pool.get_key_buffer(min(self.sparse_layers)).dtype,
-            )  # fmt: skip
+            self._plan_decode(g["decode"], seq_host)
         if self.dense_fast and bs:
             # planned here, not lazily in the first dense layer: a plan copies host data, which
             # must not happen inside a capture; M3's dense layers use the default scale 1/√D
-            kbuf = self.token_to_kv_pool.get_key_buffer(0)
-            self._plan_dense(md, self.num_q_heads, self.num_kv_heads, kbuf.shape[-1],
-                             kbuf.shape[-1] ** -0.5, self.q_dtype, kbuf.dtype)  # fmt: skip
+            self._plan_dense(md, self.num_q_heads, self.num_kv_heads, self.head_dim,
+                             self.head_dim**-0.5, self.q_dtype, self.kv_dtype)  # fmt: skip
         self.forward_metadata = md
 
     def init_forward_metadata_in_graph(self, forward_batch: Any) -> None:
@@ -384,22 +379,24 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
         from m3serve.kernels.msa.sparse_decode import SparseDecodeWrapper
         from m3serve.kernels.msa.sparse_prefill import SparsePrefillWrapper
 
-        kbuf = self.token_to_kv_pool.get_key_buffer(min(self.sparse_layers))
-        hkv, d = self.num_kv_heads, kbuf.shape[-1]
         if md.is_decode:
             if self._decode_wrapper is None:
                 self._decode_wrapper = SparseDecodeWrapper(self.device)
-            self._decode_wrapper.plan(
-                seq_lens_cpu, 1, self.num_q_heads, hkv, d, self.block, self.topk,
-                self.q_dtype, kbuf.dtype,
-            )  # fmt: skip
+            self._plan_decode(self._decode_wrapper, seq_lens_cpu)
         else:
             if self._prefill_wrapper is None:
                 self._prefill_wrapper = SparsePrefillWrapper()
             self._prefill_wrapper.plan(
-                md.cu_q, md.prefix_lens, md.seq_lens, md.page_table, self.num_q_heads, hkv, d,
-                self.block, self.topk, device=self.device,
+                md.cu_q, md.prefix_lens, md.seq_lens, md.page_table, self.num_q_heads,
+                self.num_kv_heads, self.head_dim, self.block, self.topk, device=self.device,
             )  # fmt: skip
+
+    def _plan_decode(self, wrapper: Any, seq_lens_cpu: Any) -> None:
+        """One query per request (eager steps and graph replays plan alike)."""
+        wrapper.plan(
+            seq_lens_cpu, 1, self.num_q_heads, self.num_kv_heads, self.head_dim, self.block,
+            self.topk, self.q_dtype, self.kv_dtype,
+        )  # fmt: skip
 
     def _select_fast(
         self, md: MSAMetadata, idx_q: torch.Tensor, cache: torch.Tensor, scale: Any
@@ -557,14 +554,14 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
         if save_kv_cache and idx_k is not None:
             self._store_index_k(layer.layer_id, idx_k, md.out_cache_loc)
         cache, scale = self.index_k[layer.layer_id], self.index_k_scale[layer.layer_id]
+        # FP8 keys are scored against bf16 queries; other caches take the queries in their dtype
+        iq = idx_q if scale is not None else idx_q.to(cache.dtype)
         if self.sparse_impl == "sglang":
-            return None, self._sglang_sparse(md, q3, layer, idx_q.to(cache.dtype), forward_batch)
+            return None, self._sglang_sparse(md, q3, layer, iq, forward_batch)
         if self.sparse_impl == "fast":
-            iq = idx_q if scale is not None else idx_q.to(cache.dtype)
             topk_ids = self._select_fast(md, iq, cache, scale)
             out = self._attend_fast(md, q3, k_cache, v_cache, topk_ids, layer.scaling)
             return None, out.view(q3.shape[0], hq, d)
-        iq = idx_q if scale is not None else idx_q.to(cache.dtype)
         topk_ids = ref.ref_select_blocks(
             iq, cache, scale, md.page_table, md.cu_q, md.prefix_lens, md.seq_lens, self.topk
         )
