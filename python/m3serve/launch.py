@@ -21,6 +21,8 @@ from types import TracebackType
 
 import requests
 
+from m3serve.argv import argv_values
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CPU_STANDIN_DIR = REPO_ROOT / "tests" / "sgl_kernel_standin"
 
@@ -110,14 +112,7 @@ class SGLangServer:
         ]  # fmt: skip
 
     def tp_size(self) -> int:
-        args = self.extra_args
-        for i, a in enumerate(args):
-            for flag in ("--tp-size", "--tp"):
-                if a == flag and i + 1 < len(args):
-                    return int(args[i + 1])
-                if a.startswith(flag + "="):
-                    return int(a.split("=", 1)[1])
-        return 1
+        return int((argv_values(self.extra_args, "--tp-size", "--tp") or ["1"])[0])
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)

@@ -16,6 +16,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from m3serve.argv import argv_has, argv_values
+
 logger = logging.getLogger(__name__)
 
 BACKEND_NAME = "msa"
@@ -24,22 +26,7 @@ _ENV = "M3SERVE_ATTENTION_BACKEND_IS_MSA"  # set in the launcher, inherited by S
 
 def _argv_selects_msa(argv: list[str]) -> bool:
     flags = ("--attention-backend", "--prefill-attention-backend", "--decode-attention-backend")
-    for i, a in enumerate(argv):
-        for f in flags:
-            if a == f and i + 1 < len(argv) and argv[i + 1] == BACKEND_NAME:
-                return True
-            if a == f"{f}={BACKEND_NAME}":
-                return True
-    return False
-
-
-def _argv_value(argv: list[str], flag: str) -> str | None:
-    for i, a in enumerate(argv):
-        if a == flag and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith(flag + "="):
-            return a.split("=", 1)[1]
-    return None
+    return BACKEND_NAME in argv_values(argv, *flags)
 
 
 def msa_selected() -> bool:
@@ -114,10 +101,10 @@ def register() -> None:
         # captures decode only); decode graphs off too where the backend cannot capture (the
         # torch reference path: CPU, or M3SERVE_MSA_IMPL=reference).
         off = ["--cuda-graph-backend-prefill"]
-        if impl == "reference" or _argv_value(sys.argv, "--device") == "cpu":
+        if impl == "reference" or argv_values(sys.argv, "--device")[:1] == ["cpu"]:
             off.append("--cuda-graph-backend-decode")
         for flag in off:
-            if not any(a == flag or a.startswith(flag + "=") for a in sys.argv):
+            if not argv_has(sys.argv, flag):
                 sys.argv += [flag, "disabled"]
                 logger.info("msa backend: %s disabled", flag)
     if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
