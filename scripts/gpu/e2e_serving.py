@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from serving_common import card_name, side_by_side_servers
 
 from m3serve.launch import CPU_STANDIN_DIR, SGLangServer, start_staggered
 
-IMPL_ENV = {"ours": {"M3SERVE_MSA_IMPL": "auto"}, "sglang": {"M3SERVE_MSA_IMPL": "sglang"}}
 KEYS = ("output_throughput", "total_throughput", "median_ttft_ms", "p99_ttft_ms",
         "median_tpot_ms", "p99_tpot_ms", "completed", "total_input_tokens")  # fmt: skip
 
@@ -134,28 +134,10 @@ def main() -> int:
         "--trust-remote-code", *graph_args, *args.extra.split(),
     ]  # fmt: skip
     names = args.servers.split(",")
-
-    def mem_args(i: int) -> list[str]:
-        if args.device != "cuda":
-            return []
-        return ["--mem-fraction-static", str(args.mem_fraction if i == 0 else 0.9)]
-
-    # Same KV capacity for every server: an explicit --max-total-tokens below what each can
-    # profile. A server profiles the memory the ones before it hold, so the first takes
-    # --mem-fraction of the card and later ones 0.9 (SGLang's fraction counts the whole card).
-    servers = {
-        name: SGLangServer(
-            args.ckpt,
-            device=args.device,
-            use_standin=True,
-            max_total_tokens=args.max_total_tokens,
-            extra_args=[*base, *mem_args(i)],
-            env=IMPL_ENV[name],
-            log_path=out / f"server_{args.tag}_{name}.log",
-            startup_timeout=480,
-        )
-        for i, name in enumerate(names)
-    }
+    servers = side_by_side_servers(
+        args.ckpt, names, base, device=args.device, max_total_tokens=args.max_total_tokens,
+        first_mem_fraction=args.mem_fraction, log_prefix=out / f"server_{args.tag}",
+    )  # fmt: skip
     t0 = time.time()
     failed = start_staggered([servers[n] for n in names])
     errors = {names[i]: str(e)[-3000:] for i, e in failed.items()}
@@ -196,10 +178,7 @@ def main() -> int:
         got = [w for w in text.split() if w.startswith("max_total_num_tokens=")]
         up[f"{n}_max_total_num_tokens"] = int(got[0].split("=")[1].rstrip(",")) if got else None
         print(f"server {n}: {got[:1]}", flush=True)
-    card = "cpu (dry run)"
-    if args.device == "cuda":
-        card = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                              capture_output=True, text=True, check=False).stdout.strip()  # fmt: skip
+    card = card_name(args.device)
     meta = {"card": card, "server_args": base, "startup_s": up, "start_errors": errors}
     (out / f"e2e_{args.tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"card: {meta['card']}")

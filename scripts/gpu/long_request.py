@@ -26,10 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from serving_common import card_name, side_by_side_servers
 
 from m3serve.launch import SGLangServer, start_staggered
-
-IMPL_ENV = {"ours": {"M3SERVE_MSA_IMPL": "auto"}, "sglang": {"M3SERVE_MSA_IMPL": "sglang"}}
 
 
 class MemPoll(threading.Thread):
@@ -127,28 +126,11 @@ def main() -> int:
         "--trust-remote-code", *args.extra.split(),
     ]  # fmt: skip
     names = args.servers.split(",")
-
-    def gpu_args(i: int) -> list[str]:
-        """Servers start staggered (launch.start_staggered): the first takes --mem-fraction of
-        the card, later ones 0.9 (SGLang's fraction counts the whole card, incl. the others)."""
-        if args.device != "cuda":
-            return []
-        frac = args.mem_fraction if i == 0 else 0.9
-        return ["--mem-fraction-static", str(frac), "--cuda-graph-max-bs-decode", "8"]
-
-    servers = {
-        n: SGLangServer(
-            args.ckpt,
-            device=args.device,
-            use_standin=True,
-            max_total_tokens=args.tokens + 65536,
-            extra_args=[*base, *gpu_args(i)],
-            env=IMPL_ENV[n],
-            log_path=out / f"server_long_{n}.log",
-            startup_timeout=480,
-        )
-        for i, n in enumerate(names)
-    }
+    servers = side_by_side_servers(
+        args.ckpt, names, base, device=args.device, max_total_tokens=args.tokens + 65536,
+        first_mem_fraction=args.mem_fraction, log_prefix=out / "server_long",
+        gpu_args=["--cuda-graph-max-bs-decode", "8"],
+    )  # fmt: skip
     failed = start_staggered([servers[n] for n in names])
     errors = {names[i]: str(e)[-3000:] for i, e in failed.items()}
     # SGLang generates at most context − prompt − 2 tokens; at 1M the limit is also MSA's (8192
@@ -186,12 +168,7 @@ def main() -> int:
             "decode_ratio_ours_over_sglang": round(a["decode_tok_s"] / b["decode_tok_s"], 2),
         }
         print(json.dumps(check), flush=True)
-    card = "cpu (dry run)"
-    if args.device == "cuda":
-        card = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-            text=True, check=False,
-        ).stdout.strip()  # fmt: skip
+    card = card_name(args.device)
     (out / "long_request.json").write_text(json.dumps(
         {"card": card, "server_args": base, "tokens": args.tokens, "output": args.output,
          "results": results, "check": check, "start_errors": errors}, indent=1))  # fmt: skip

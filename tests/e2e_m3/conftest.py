@@ -11,7 +11,7 @@ float rounding (block selection has no near-ties to flip).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +27,11 @@ def m3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny(tmp_path_factory.mktemp("tiny-m3"))
 
 
-@pytest.fixture(scope="session")
-def m3_server(m3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+def _m3_cpu_server(m3_dir: Path, log: Path, *extra: str) -> Any:
+    """A (not yet started) CPU server of the tiny M3 with the flags every e2e test shares."""
     from m3serve.launch import SGLangServer
 
-    log = tmp_path_factory.mktemp("m3-server") / "server.log"
-    server = SGLangServer(
+    return SGLangServer(
         m3_dir,
         log_path=log,
         startup_timeout=float(os.environ.get("M3SERVE_TEST_SERVER_TIMEOUT", "480")),
@@ -41,9 +40,21 @@ def m3_server(m3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             "--page-size", "16",
             "--dtype", "float32",
             "--chunked-prefill-size", str(CHUNK),
-            "--enable-cache-report",
+            *extra,
         ],
     )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def m3_cpu_server() -> Callable[..., Any]:
+    """The factory of the session server's siblings (same flags plus extras, e.g. --tp-size)."""
+    return _m3_cpu_server
+
+
+@pytest.fixture(scope="session")
+def m3_server(m3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    log = tmp_path_factory.mktemp("m3-server") / "server.log"
+    server = _m3_cpu_server(m3_dir, log, "--enable-cache-report")
     server.start()
     yield server
     assert server.stop(), "SGLang server process group still has live processes"

@@ -26,9 +26,8 @@ tests/model/test_tp_kv_replication.py checks the replication rank by rank instea
 
 from __future__ import annotations
 
-import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,6 @@ import requests
 import torch
 
 TP = 2
-CHUNK = 64  # as the session's m3_server (tests/e2e_m3/conftest.py)
 LENGTHS = [40, 150, 333]
 NEW = 12
 ATOL = 1e-4
@@ -45,23 +43,13 @@ ATOL = 1e-4
 
 @pytest.fixture(scope="module")
 def servers(
-    request: pytest.FixtureRequest, m3_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    m3_dir: Path,
+    m3_cpu_server: Callable[..., Any],
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[Any, Any]]:
-    from m3serve.launch import SGLangServer
-
     tmp = tmp_path_factory.mktemp(f"m3-tp{TP}")
-    tp2 = SGLangServer(
-        m3_dir,
-        log_path=tmp / "server.log",
-        startup_timeout=float(os.environ.get("M3SERVE_TEST_SERVER_TIMEOUT", "480")),
-        extra_args=[
-            "--attention-backend", "msa",
-            "--page-size", "16",
-            "--dtype", "float32",
-            "--chunked-prefill-size", str(CHUNK),
-            "--tp-size", str(TP),
-        ],
-    )  # fmt: skip
+    tp2 = m3_cpu_server(m3_dir, tmp / "server.log", "--tp-size", str(TP))
     # start TP 2 while the session's TP 1 server starts (or is already up): start-up is mostly
     # imports and waiting, so the two overlap even on two cores
     errors: list[BaseException] = []
