@@ -38,7 +38,6 @@ class DenseFlashInfer:
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self.workspace, kv_layout, use_tensor_cores=True
         )
-        self.is_decode = False
         self._graph_decode: dict[int, Any] = {}  # per captured batch size (fixed buffers)
         self._graph_bufs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._active: Any = None
@@ -104,12 +103,10 @@ class DenseFlashInfer:
             dtype=torch.int32,
         )
         # indptrs / last-page lengths stay on the host: FlashInfer plans from host copies anyway
-        kv_indptr_d, last_d = kv_indptr, last
-        self.is_decode = is_decode
         if is_decode:
             self._active = self._graph_wrapper(len(seq_lens)) if graph else self.decode
             self._active.plan(
-                kv_indptr_d, indices, last_d, num_q_heads, num_kv_heads, head_dim, page_size,
+                kv_indptr, indices, last, num_q_heads, num_kv_heads, head_dim, page_size,
                 pos_encoding_mode="NONE", q_data_type=q_dtype, kv_data_type=kv_dtype,
                 sm_scale=sm_scale,
             )  # fmt: skip
@@ -118,7 +115,7 @@ class DenseFlashInfer:
         qo_indptr = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
         qo_indptr[1:] = torch.cumsum(torch.tensor(q_lens, dtype=torch.int32), 0)
         self.prefill.plan(
-            qo_indptr, kv_indptr_d, indices, last_d,
+            qo_indptr, kv_indptr, indices, last,
             num_q_heads, num_kv_heads, head_dim, page_size, causal=True, sm_scale=sm_scale,
             q_data_type=q_dtype, kv_data_type=kv_dtype,
         )  # fmt: skip
