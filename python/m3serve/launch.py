@@ -232,11 +232,14 @@ class SGLangServer:
         self.stop()
 
 
-def start_staggered(servers: Sequence[SGLangServer]) -> dict[int, BaseException]:
-    """Start servers that share one GPU: each starts once the one before it has allocated its KV
-    pool (SGLang sizes the pool from the free memory it sees, so two profiling at once race),
-    then the rest of their start-ups (graph capture, JIT compiles) overlap. Returns the start
-    errors by index; the servers that started are up when this returns."""
+def start_staggered(
+    servers: Sequence[SGLangServer], *, share_gpu: bool = True
+) -> dict[int, BaseException]:
+    """Start servers concurrently. With ``share_gpu`` (they share one GPU) each starts once the one
+    before it has allocated its KV pool (SGLang sizes the pool from the free memory it sees, so two
+    profiling at once race), then the rest of their start-ups (graph capture, JIT compiles)
+    overlap; servers on GPUs of their own start at once. Returns the start errors by index; the
+    servers that started are up when this returns."""
     import threading
 
     errors: dict[int, BaseException] = {}
@@ -252,7 +255,7 @@ def start_staggered(servers: Sequence[SGLangServer]) -> dict[int, BaseException]
         t = threading.Thread(target=run, args=(i,), daemon=True)
         t.start()
         threads.append(t)
-        while t.is_alive():
+        while share_gpu and t.is_alive():
             try:
                 if "Memory pool end" in server.log_path.read_text(errors="replace"):
                     break

@@ -1,9 +1,11 @@
 """Issue 8 serving benchmark on the GPU machine: our msa kernels vs SGLang's in-tree MSA ops.
 
-Starts one real ``python -m sglang.launch_server`` per implementation on the same card and the
-same M3-shaped checkpoint, concurrently (each with its share of GPU memory), then drives each with
-``python -m sglang.benchmark.serving`` for every workload and concurrency, alternating servers so
-that a time cut still leaves pairs. Implementations (the model, dense layers, MoE, sampler and
+Starts one real ``python -m sglang.launch_server`` per implementation on the same M3-shaped
+checkpoint, concurrently: on the same card (each with its share of GPU memory), or with ``--gpus``
+on one card each (the cards' GEMM and copy speeds are measured first and recorded, to show they
+are alike), then drives each with ``python -m sglang.benchmark.serving`` for every workload and
+concurrency: in turn on one card, at the same time on cards of their own, so that a time cut
+still leaves pairs. Implementations (the model, dense layers, MoE, sampler and
 traffic are identical; only the MSA layers differ):
 
 - ``ours``:   ``--attention-backend msa``, m3serve's kernels (M3SERVE_MSA_IMPL=auto);
@@ -26,11 +28,12 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import requests
-from serving_common import card_name, side_by_side_servers
+from serving_common import card_name, card_parity, side_by_side_servers
 
 from m3serve.launch import CPU_STANDIN_DIR, SGLangServer, start_staggered
 
@@ -50,8 +53,16 @@ def parse_workload(spec: str) -> dict[str, Any]:
     raise SystemExit(f"bad workload {spec!r}: random:IN:OUT:C,... or gsp:PREFIX:Q:OUT:C,...")
 
 
-def bench(server: SGLangServer, ckpt: str, w: dict[str, Any], conc: int, out: Path, tag: str):
-    n = max(2 * conc, 4)
+def bench(
+    server: SGLangServer,
+    ckpt: str,
+    w: dict[str, Any],
+    conc: int,
+    out: Path,
+    tag: str,
+    per_conc: float = 2.0,
+):
+    n = max(round(per_conc * conc), 4)
     res = out / f"serving_{tag}.jsonl"
     cmd = [
         sys.executable, "-m", "sglang.benchmark.serving", "--backend", "sglang",
@@ -113,7 +124,15 @@ def main() -> int:
     ap.add_argument("--extra", default="", help="extra sglang args, space separated")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of this script (tiny model)")
     ap.add_argument("--page-size", type=int, default=128, help="= the checkpoint's MSA block")
+    ap.add_argument("--gpus", default="", help="one CUDA device id per server (e.g. 0,1)")
+    ap.add_argument(
+        "--prompts-per-conc",
+        type=float,
+        default=2.0,
+        help="requests per run = max(this x concurrency, 4)",
+    )
     args = ap.parse_args()
+    gpus = [g for g in args.gpus.split(",") if g]
     t_start = time.time()
     out = Path(os.environ.get("OUT", "gpu-out"))
     out.mkdir(parents=True, exist_ok=True)
@@ -136,10 +155,13 @@ def main() -> int:
     names = args.servers.split(",")
     servers = side_by_side_servers(
         args.ckpt, names, base, device=args.device, max_total_tokens=args.max_total_tokens,
-        first_mem_fraction=args.mem_fraction, log_prefix=out / f"server_{args.tag}",
+        first_mem_fraction=args.mem_fraction, log_prefix=out / f"server_{args.tag}", gpus=gpus,
     )  # fmt: skip
+    parity = card_parity(gpus) if gpus and args.device == "cuda" else []
+    for row in parity:
+        print(f"card parity: {json.dumps(row)}", flush=True)
     t0 = time.time()
-    failed = start_staggered([servers[n] for n in names])
+    failed = start_staggered([servers[n] for n in names], share_gpu=not gpus)
     errors = {names[i]: str(e)[-3000:] for i, e in failed.items()}
     up: dict[str, float] = {n: round(time.time() - t0, 1) for n in names if n not in errors}
     rows: list[dict[str, Any]] = []
@@ -147,20 +169,30 @@ def main() -> int:
         for name, err in errors.items():
             print(f"server {name} failed to start:\n{err}", flush=True)
         live = [n for n in names if n not in errors]
-        for n in live:
-            print(f"servers up {up[n]:.1f} s after the first start; {n} warm-up {warm_up(servers[n], min(9000, ctx // 2)):.1f} s",
-                  flush=True)  # fmt: skip
+        pool = ThreadPoolExecutor(max(len(live), 1))
+
+        def warm(n: str) -> str:
+            return f"{n}: up {up[n]:.1f} s after the first start, warm-up {warm_up(servers[n], min(9000, ctx // 2)):.1f} s"
+
+        def one(n: str, w: dict[str, Any], c: int) -> dict[str, Any]:
+            tag = f"{args.tag}_{n}_{w['kind']}{w['input']}_c{c}"
+            row = bench(servers[n], args.ckpt, w, c, out, tag, args.prompts_per_conc)
+            row["impl"] = n
+            row["gpu"] = gpus[names.index(n)] if gpus else None
+            print(json.dumps(row), flush=True)
+            return row
+
+        for line in pool.map(warm, live) if gpus else map(warm, live):
+            print(line, flush=True)
         for w in workloads:
             for c in w["conc"]:
-                for n in live:
-                    if time.time() - t_start > args.deadline:
-                        print(f"deadline: skipping {n} {w['kind']} {w['input']} c{c}", flush=True)
-                        continue
-                    tag = f"{args.tag}_{n}_{w['kind']}{w['input']}_c{c}"
-                    row = bench(servers[n], args.ckpt, w, c, out, tag)
-                    row["impl"] = n
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
+                if time.time() - t_start > args.deadline:
+                    print(f"deadline: skipping {w['kind']} {w['input']} c{c}", flush=True)
+                    continue
+                if gpus:  # a card each: both run this cell at the same time
+                    rows += list(pool.map(lambda n, w=w, c=c: one(n, w, c), live))
+                else:
+                    rows += [one(n, w, c) for n in live]
     finally:
         for s in servers.values():
             s.stop()
@@ -179,7 +211,14 @@ def main() -> int:
         up[f"{n}_max_total_num_tokens"] = int(got[0].split("=")[1].rstrip(",")) if got else None
         print(f"server {n}: {got[:1]}", flush=True)
     card = card_name(args.device)
-    meta = {"card": card, "server_args": base, "startup_s": up, "start_errors": errors}
+    meta = {
+        "card": card,
+        "server_args": base,
+        "startup_s": up,
+        "start_errors": errors,
+        "gpus": dict(zip(names, gpus, strict=False)),
+        "card_parity": parity,
+    }
     (out / f"e2e_{args.tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"card: {meta['card']}")
     print("| workload | in | conc | impl | out tok/s | total tok/s | TTFT p50 ms | TPOT p50 ms | "

@@ -6,8 +6,10 @@
 #
 # Carry: .dev-e2e/wheels (python scripts/gpu/make_wheelhouse.py: slim sglang + start-up deps +
 # flashinfer 0.6.18.post1) and .dev-index/index_topk_wheels (pytest and its deps).
-# Env: STAGES (default "tests e2e"; "moe": the MoE bench; "long": the 1M-token request), TEST_S, E2E_S (stage limits),
-# E2E_ARGS (e2e_serving.py arguments after the checkpoint), CKPT_ARGS (checkpoint sizes).
+# Env: STAGES (default "tests e2e"; "setup": install + checkpoint only; "moe": the MoE bench; "long": the 1M-token request; "tp": tensor
+# parallel, scripts/gpu/tp_serving.py), TEST_S, E2E_S, LONG_S, TP_S (stage limits), E2E_ARGS,
+# LONG_ARGS, TP_ARGS (the scripts' arguments after the checkpoint), CKPT_ARGS (checkpoint sizes).
+# NCCL_NVLS_ENABLE=0 etc. (NVLink multicast off) come from the machine's environment and are kept.
 set -uo pipefail
 OUT="${OUT:-$PWD/gpu-out}"; mkdir -p "$OUT"
 SITE=/tmp/m3serve-site
@@ -42,10 +44,14 @@ if [[ " $STAGES " == *" moe "* ]] && [ -f benchmarks/bench_moe.py ]; then
     echo "moe bench exit $?"; tail -n 25 "$OUT/moe_bench.log"
 fi
 # serve_stage NAME SCRIPT LIMIT ARGS LOGS_GLOB: run one serving script on the M3-shaped checkpoint
+CKPT=/tmp/m3-gpu
+make_ckpt() { [ -f "$CKPT/config.json" ] || python3 scripts/gpu/make_m3_gpu_checkpoint.py "$CKPT" ${CKPT_ARGS:-}; }
+# "setup" alone: install + checkpoint, so that several runs of this script can then go in parallel
+# (each with its own OUT and --gpus) without racing on either
+if [[ " $STAGES " == *" setup "* ]]; then make_ckpt || exit 1; fi
 serve_stage() {
     local name=$1 script=$2 limit=$3 args=$4 logs=$5
-    CKPT=/tmp/m3-gpu
-    [ -f "$CKPT/config.json" ] || python3 scripts/gpu/make_m3_gpu_checkpoint.py "$CKPT" ${CKPT_ARGS:-} || return 1
+    make_ckpt || return 1
     timeout "$limit" python3 "$script" "$CKPT" $args > "$OUT/$name.log" 2>&1
     local rc=$?
     echo "$name exit $rc"
@@ -61,5 +67,9 @@ fi
 if [[ " $STAGES " == *" long "* ]]; then
     echo "== one request at the context limit: ours vs SGLang's in-tree MSA ops =="
     serve_stage long scripts/gpu/long_request.py "${LONG_S:-540}" "${LONG_ARGS:-}" "$OUT/server_long_*.log"
+fi
+if [[ " $STAGES " == *" tp "* ]]; then
+    echo "== tensor parallel: greedy tokens vs TP 1, throughput =="
+    serve_stage tp scripts/gpu/tp_serving.py "${TP_S:-540}" "${TP_ARGS:-}" "$OUT/server_tp_*.log"
 fi
 echo "[total $(( $(date +%s) - t0 )) s]"

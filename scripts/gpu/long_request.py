@@ -1,11 +1,13 @@
 """Issue 8 item 3: one request at M3's context limit (1,048,576 tokens) served end to end.
 
-Starts the same M3-shaped checkpoint twice on one card, concurrently: ``ours`` (msa backend,
+Starts the same M3-shaped checkpoint twice, concurrently, on one card or (``--gpus 0,1``) on a card
+each: ``ours`` (msa backend,
 m3serve kernels) and ``sglang`` (msa backend with M3SERVE_MSA_IMPL=sglang: SGLang 0.5.23's in-tree
 MSA ops; its in-tree M3 model cannot start there, see e2e_serving.py). Each gets the same
 request: prompt = context limit − output tokens − 2 (SGLang's reserve), greedy, streamed (TTFT, decode tok/s), with the
 prompt logprobs of the last positions. Peak GPU memory is polled with nvidia-smi during each
-request (both servers hold their static pools; the delta over the idle level is the request's).
+request (on the server's card; the servers hold their static pools, so the delta over the idle
+level is the request's). On cards of their own the two requests run at the same time.
 
 The reference for the answer is the other implementation of the same model: SGLang's in-tree MSA
 ops, run chunk by chunk by the same server code (chunked prefill, 8192-token chunks). The script
@@ -22,6 +24,7 @@ import os
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -34,16 +37,17 @@ from m3serve.launch import SGLangServer, start_staggered
 class MemPoll(threading.Thread):
     """Peak nvidia-smi memory.used (MiB) while running."""
 
-    def __init__(self) -> None:
+    def __init__(self, gpu: str = "0") -> None:
         super().__init__(daemon=True)
+        self.gpu = gpu
         self.peak = 0
         self.stop_flag = threading.Event()
 
     @staticmethod
-    def used() -> int:
+    def used(gpu: str = "0") -> int:
         try:
             out = subprocess.run(
-                ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                ["nvidia-smi", "-i", gpu, "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
                 capture_output=True, text=True, check=False,
             )  # fmt: skip
         except FileNotFoundError:  # a CPU dry run
@@ -52,11 +56,13 @@ class MemPoll(threading.Thread):
 
     def run(self) -> None:
         while not self.stop_flag.is_set():
-            self.peak = max(self.peak, self.used())
+            self.peak = max(self.peak, self.used(self.gpu))
             time.sleep(0.5)
 
 
-def one_request(server: SGLangServer, ids: list[int], output: int, lp_tail: int) -> dict[str, Any]:
+def one_request(
+    server: SGLangServer, ids: list[int], output: int, lp_tail: int, gpu: str = "0"
+) -> dict[str, Any]:
     body = {
         "input_ids": ids,
         "sampling_params": {"max_new_tokens": output, "temperature": 0, "ignore_eos": True},
@@ -64,8 +70,8 @@ def one_request(server: SGLangServer, ids: list[int], output: int, lp_tail: int)
         "return_logprob": True,
         "logprob_start_len": len(ids) - lp_tail,
     }
-    idle = MemPoll.used()
-    poll = MemPoll()
+    idle = MemPoll.used(gpu)
+    poll = MemPoll(gpu)
     poll.start()
     t0 = time.time()
     first = None
@@ -116,7 +122,9 @@ def main() -> int:
     ap.add_argument("--extra", default="")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of this script (tiny model)")
     ap.add_argument("--page-size", type=int, default=128, help="= the checkpoint's MSA block")
+    ap.add_argument("--gpus", default="", help="one CUDA device id per server (e.g. 0,1)")
     args = ap.parse_args()
+    gpus = [g for g in args.gpus.split(",") if g]
     out = Path(os.environ.get("OUT", "gpu-out"))
     out.mkdir(parents=True, exist_ok=True)
     base = [
@@ -129,9 +137,9 @@ def main() -> int:
     servers = side_by_side_servers(
         args.ckpt, names, base, device=args.device, max_total_tokens=args.tokens + 65536,
         first_mem_fraction=args.mem_fraction, log_prefix=out / "server_long",
-        gpu_args=["--cuda-graph-max-bs-decode", "8"],
+        gpu_args=["--cuda-graph-max-bs-decode", "8"], gpus=gpus,
     )  # fmt: skip
-    failed = start_staggered([servers[n] for n in names])
+    failed = start_staggered([servers[n] for n in names], share_gpu=not gpus)
     errors = {names[i]: str(e)[-3000:] for i, e in failed.items()}
     # SGLang generates at most context − prompt − 2 tokens; at 1M the limit is also MSA's (8192
     # blocks of 128: the top-k kernels' MAX_BLOCKS), so the prompt leaves those two slots free
@@ -141,14 +149,23 @@ def main() -> int:
     try:
         for n, e in errors.items():
             print(f"server {n} failed to start:\n{e}", flush=True)
-        for n in [n for n in names if n not in errors]:
+
+        def serve(n: str) -> None:
+            gpu = gpus[names.index(n)] if gpus else "0"
             warm = [(7 * i) % 580 + 20 for i in range(min(20000, args.tokens // 2))]  # not a prefix
-            one_request(servers[n], warm, 4, 8)  # warm-up: JIT compiles, graphs
-            results[n] = one_request(servers[n], prompt, args.output, args.logprob_tail)
-            r = results[n]
+            one_request(servers[n], warm, 4, 8, gpu)  # warm-up: JIT compiles, graphs
+            results[n] = r = one_request(servers[n], prompt, args.output, args.logprob_tail, gpu)
+            r["gpu"] = gpu
             print(f"{n}: prompt {r['prompt_tokens']} TTFT {r['ttft_s']} s, decode "
                   f"{r['decode_tok_s']} tok/s, peak GPU {r['gpu_mem_peak_mib']} MiB "
                   f"(idle {r['gpu_mem_idle_mib']})", flush=True)  # fmt: skip
+
+        live = [n for n in names if n not in errors]
+        if gpus:  # a card each: both requests at the same time
+            list(ThreadPoolExecutor(len(live) or 1).map(serve, live))
+        else:
+            for n in live:
+                serve(n)
     finally:
         for s in servers.values():
             s.stop()

@@ -1,11 +1,15 @@
-"""What e2e_serving.py and long_request.py share: the two implementations compared, the servers
-that serve them side by side on one card, and the card's name."""
+"""What e2e_serving.py, long_request.py and tp_serving.py share: the two implementations
+compared, the servers that serve them side by side (on one card, or one card each), a check that
+those cards are alike, and the card's name."""
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from m3serve.launch import SGLangServer
 
@@ -23,17 +27,27 @@ def side_by_side_servers(
     first_mem_fraction: float,
     log_prefix: Path,
     gpu_args: Sequence[str] = (),
+    gpus: Sequence[str] = (),
 ) -> dict[str, SGLangServer]:
-    """One server per implementation, to start with launch.start_staggered. Each profiles the
-    memory the ones before it hold, so the first takes ``first_mem_fraction`` of the card and
-    later ones 0.9 (SGLang's fraction counts the whole card); the same ``max_total_tokens``
-    gives them equal KV capacity."""
+    """One server per implementation, to start with launch.start_staggered.
+
+    Without ``gpus`` they share the visible card: each profiles the memory the ones before it
+    hold, so the first takes ``first_mem_fraction`` of the card and later ones 0.9 (SGLang's
+    fraction counts the whole card). With ``gpus`` (one CUDA device id per server) each has a
+    card of its own and takes 0.85 of it. Either way the same ``max_total_tokens`` gives them
+    equal KV capacity."""
+    if gpus and len(gpus) < len(names):
+        raise SystemExit(f"--gpus lists {len(gpus)} cards for {len(names)} servers")
 
     def share(i: int) -> list[str]:
         if device != "cuda":  # a CPU dry run
             return []
-        frac = first_mem_fraction if i == 0 else 0.9
+        frac = 0.85 if gpus else first_mem_fraction if i == 0 else 0.9
         return ["--mem-fraction-static", str(frac), *gpu_args]
+
+    def env(i: int, n: str) -> dict[str, str]:
+        pin = {"CUDA_VISIBLE_DEVICES": gpus[i]} if gpus and device == "cuda" else {}
+        return {**IMPL_ENV[n], **pin}
 
     return {
         n: SGLangServer(
@@ -42,7 +56,7 @@ def side_by_side_servers(
             use_standin=True,
             max_total_tokens=max_total_tokens,
             extra_args=[*base_args, *share(i)],
-            env=IMPL_ENV[n],
+            env=env(i, n),
             log_path=Path(f"{log_prefix}_{n}.log"),
             startup_timeout=480,
         )
@@ -50,9 +64,39 @@ def side_by_side_servers(
     }
 
 
+_PARITY = r"""
+import json, sys, torch
+torch.cuda.set_device(int(sys.argv[1]))
+a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16); b = torch.randn_like(a)
+x = torch.empty(1 << 28, device="cuda", dtype=torch.float32); y = torch.empty_like(x)
+def t(f, n):
+    f(); torch.cuda.synchronize(); s = torch.cuda.Event(True); e = torch.cuda.Event(True)
+    s.record(); [f() for _ in range(n)]; e.record(); torch.cuda.synchronize()
+    return s.elapsed_time(e) / n / 1e3
+mm = t(lambda: a @ b, 20); cp = t(lambda: y.copy_(x), 20)
+print(json.dumps({"gpu": int(sys.argv[1]), "name": torch.cuda.get_device_name(),
+    "bf16_gemm_tflops": round(2 * 8192**3 / mm / 1e12, 1), "copy_gbps": round(2 * x.numel() * 4 / cp / 1e9)}))
+"""
+
+
+def card_parity(gpus: Sequence[str]) -> list[dict[str, Any]]:
+    """bf16 GEMM TFLOP/s and device-copy GB/s of each card, so a comparison that puts each
+    implementation on a card of its own shows the cards are alike (one subprocess each)."""
+    rows = []
+    for g in gpus:
+        p = subprocess.run([sys.executable, "-c", _PARITY, g], capture_output=True, text=True,
+                           check=False, timeout=120)  # fmt: skip
+        line = p.stdout.strip().splitlines()[-1:] or [""]
+        rows.append(
+            json.loads(line[0]) if p.returncode == 0 else {"gpu": g, "error": p.stderr[-500:]}
+        )
+    return rows
+
+
 def card_name(device: str) -> str:
     if device != "cuda":
         return "cpu (dry run)"
     out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
                          capture_output=True, text=True, check=False)  # fmt: skip
-    return out.stdout.strip()
+    names = out.stdout.strip().splitlines()
+    return f"{len(names)}x {names[0]}" if len(names) > 1 else (names[0] if names else "?")
