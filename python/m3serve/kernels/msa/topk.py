@@ -1,23 +1,29 @@
 """Exact, exp-free MSA block top-k (k = 16 over up to 8192 blocks per row) in Triton.
 
-Algorithm: *packed keys, then k − 1 rounds of (row max, knock out)*.
-Each block score s (float32) becomes one int64 key ``ordered(s) << 32 | (0x7FFFFFFF − id)``, where
-ordered() flips the magnitude bits of negatives so that signed integer order is float order (−0.0
-is first made +0.0, as the reference's float sort ties them). One int64 max over the row then gives
-the best score *and*, among equal scores, the lower block id: no argmax, no softmax, and keys are
-unique, so the winner is knocked out exactly and the max repeats. Each row is read once into
-registers ([ROWS, BLOCK_N] tile); the local block fills the last slot.
+Two exact kernels share this launcher (``launch_topk_rows``; pick one with ``variant=`` or the
+``M3SERVE_TOPK`` environment variable, default ``DEFAULT_VARIANT``):
 
-Optional FILTER (off by default): bound the (k−1)-th key by the (k−1)-th largest of 2k
-interleaved group maxima, compact the ~20 candidates (cumsum + scatter to scratch) and rank only
-those. Exact too, but on H200 it was slower (0.48 vs 0.35 ms on [32768 × 1024], 0.034 vs 0.024 ms
-on [256 × 8192]; benchmarks/results/index_topk.json): the scans and the scatter cost more than
-the k − 1 register-resident max rounds they save.
+- "slots" (``topk_slots.py``): each row streams once through W per-slot sorted lists of depth C
+  (float32 compares, one insertion per block), then k − 1 rounds over the W list heads; rows the
+  lists cannot decide exactly (a slot ran dry, NaN, −inf ranking) are re-ranked by an exact
+  streamed pass. Its docstring has the algorithm and the cost per block.
+- "rounds" (below): *packed keys, then k − 1 rounds of (row max, knock out)*. Each block score s
+  becomes one int64 key ``ordered(s) << 32 | (0x7FFFFFFF − id)`` (``topk_slots.ordered32``: signed
+  integer order = the reference sort's float order, −0.0 == +0.0, NaN above +inf). One int64 max
+  over the row gives the best score *and*, among equal scores, the lower block id; keys are unique,
+  so the winner is knocked out exactly and the max repeats. Each row is read once into registers
+  ([ROWS, BLOCK_N] tile). H200, [32768 × 1024]: 0.351 ms = 2.75× torch.topk.
+- "filter": "rounds" after a bound — the (k−1)-th largest of 2k interleaved group maxima — and a
+  compaction of the ~20 candidates (cumsum + scatter to scratch). Exact too, but on H200 it was
+  slower (0.48 vs 0.35 ms on [32768 × 1024], 0.034 vs 0.024 ms on [256 × 8192]): the scans and the
+  scatter cost more than the k − 1 register-resident max rounds they save.
 
 Rules (DESIGN.md, "MSA — the exact math"; reference: ``reference.ref_topk_from_scores``):
 row r ranks blocks 0 .. local[r] − 1 by score desc, id asc into slots 0 .. k − 2, slot k − 1 holds
-local[r]; if local[r] + 1 ≤ k the row is 0 .. local[r] ascending then −1. Scores of blocks ≥ local
-are never read, so callers may leave them unwritten.
+local[r]; if local[r] + 1 ≤ k the row is 0 .. local[r] ascending then −1. NaN policy: the
+reference's ``torch.sort`` ranks every NaN (either sign) above +inf, ties to the lower id, and
+−0.0 ties +0.0; all variants follow it. Scores of blocks ≥ local are never read, so callers may
+leave them unwritten.
 """
 
 from __future__ import annotations
@@ -30,19 +36,36 @@ import triton
 import triton.language as tl
 
 from . import reference as ref
+from .topk_slots import SlotsConfig, launch_topk_slots, ordered32
 
 MAX_BLOCKS = 8192  # 1M tokens at block 128; a row of 8192 int64 keys still fits in registers
-FILTER_DEFAULT = False  # bound + compact first: exact, measured slower on H200 (see docstring)
+VARIANTS = ("slots", "rounds", "filter")
+# the shipped default; flip it (or set M3SERVE_TOPK) after timing all variants on the card
+DEFAULT_VARIANT = os.environ.get("M3SERVE_TOPK", "rounds")
+FILTER_DEFAULT = DEFAULT_VARIANT == "filter"  # kept for callers that read it
 FILTER_CAP = 64  # candidates kept after the bound; more → that program ranks whole rows
 _FILTER_BROKEN: list[str] = []  # set if the filtered kernel ever fails to compile
+_SLOTS_BROKEN: list[str] = []  # set if the slot-list kernel ever fails to compile
+# slot-list launch shapes: prefill-sized batches (many rows: one warp per row, ~25-32 rows per SM)
+# and decode-sized ones (≤ 1024 rows, up to 8192 blocks each: four warps share a row)
+SLOTS_MANY_ROWS = SlotsConfig(slots=64, depth=3, unroll=8, num_warps=1)
+SLOTS_FEW_ROWS = SlotsConfig(slots=128, depth=3, unroll=4, num_warps=4)
+SLOTS_INTERPRET = SlotsConfig(slots=64, depth=3, unroll=2, num_warps=1, rows=64)
+
+
+def _slots_env() -> SlotsConfig | None:
+    """M3SERVE_TOPK_SLOTS="W,C,U,NW" overrides both GPU launch shapes (benchmark sweeps)."""
+    spec = os.environ.get("M3SERVE_TOPK_SLOTS")
+    if not spec:
+        return None
+    w, c, u, nw = (int(v) for v in spec.split(","))
+    return SlotsConfig(slots=w, depth=c, unroll=u, num_warps=nw)
 
 
 @triton.jit
 def _packed_keys(s, ids):
     """float32 scores + int32 ids → int64 keys ordered by (score desc, id asc) under signed max."""
-    bits = s.to(tl.int32, bitcast=True)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    return (ordered.to(tl.int64) << 32) | (0x7FFFFFFF - ids).to(tl.int64)
+    return (ordered32(s).to(tl.int64) << 32) | (0x7FFFFFFF - ids).to(tl.int64)
 
 
 @triton.jit
@@ -89,12 +112,11 @@ def _topk_rows_kernel(
     GS: tl.constexpr = BLOCK_N // NG
     cols = tl.arange(0, GS)[None, :, None] * NG + tl.arange(0, NG)[None, None, :]
 
-    # -- load the visible earlier blocks once, as packed keys (−0.0 ties +0.0, like the sort) --
+    # -- load the visible earlier blocks once, as packed keys --
     visible = (cols < loc[:, None, None]) & (cols < n_cols) & row_ok[:, None, None]
     s = tl.load(
         scores_ptr + rows[:, None, None].to(tl.int64) * stride_sr + cols, mask=visible, other=0.0
     )
-    s = tl.where(s == 0.0, 0.0, s)
     sentinel = -9223372036854775807 - 1
     keys = tl.where(visible, _packed_keys(s, cols), sentinel)
     ranked = tl.full([ROWS, K_PAD], -1, tl.int32)
@@ -164,11 +186,14 @@ def launch_topk_rows(
     groups: int,
     n_cols: int | None = None,
     filter: bool | None = None,
+    variant: str | None = None,
+    slots_cfg: SlotsConfig | None = None,
 ) -> torch.Tensor:
     """Top-k of rows r of ``scores`` into ``out[r % groups, r // groups]`` (``out`` is [G, T, k]).
 
-    Graph-safe: grid and constexprs depend only on shapes. Row-packing keeps ~4K keys per program
-    (one register tile) so short rows (prefill at 32K–128K: 256–1024 blocks) share a program.
+    ``variant``: "slots", "rounds" or "filter" (default ``DEFAULT_VARIANT``; ``filter=True`` is the
+    old spelling of "filter"); ``slots_cfg`` overrides the slot-list launch shape. Graph-safe: grid
+    and constexprs depend only on shapes.
     """
     assert scores.dim() == 2 and scores.dtype == torch.float32, (
         f"scores must be [R, nb] float32, got {tuple(scores.shape)} {scores.dtype}"
@@ -187,8 +212,24 @@ def launch_topk_rows(
     n_rows, width = scores.shape
     n_cols = width if n_cols is None else min(n_cols, width)
     assert n_cols <= MAX_BLOCKS, f"{n_cols} blocks per row > {MAX_BLOCKS} (1M tokens)"
+    if variant is None:
+        variant = "filter" if filter else DEFAULT_VARIANT
+    assert variant in VARIANTS, f"top-k variant must be one of {VARIANTS}, got {variant!r}"
     if n_rows == 0:
         return out
+    if variant == "slots" and not _SLOTS_BROKEN:
+        if slots_cfg is None:
+            if _interpreting():  # programs run one after another there: several rows each
+                slots_cfg = SLOTS_INTERPRET
+            else:
+                slots_cfg = _slots_env() or (SLOTS_FEW_ROWS if n_rows <= 1024 else SLOTS_MANY_ROWS)
+        try:
+            return launch_topk_slots(scores, local, out, topk, groups, n_cols, slots_cfg)
+        except Exception as e:  # compile/resource failure on a Triton we have not run: stay exact
+            if _interpreting():
+                raise
+            _SLOTS_BROKEN.append(repr(e))
+            warnings.warn(f"slot-list top-k failed to compile, using rounds: {e}", stacklevel=2)
     k_pad = max(2, triton.next_power_of_2(topk))
     block_n = max(16, 2 * k_pad, triton.next_power_of_2(max(n_cols, 1)))
     rows = max(1, min(16, 4096 // block_n))
@@ -198,8 +239,7 @@ def launch_topk_rows(
         rows = max(1, min(256, 65536 // block_n))
     num_warps = 4 if rows * block_n <= 2048 else 8
     programs = triton.cdiv(n_rows, rows)
-    use_filter = FILTER_DEFAULT if filter is None else filter
-    use_filter = use_filter and topk >= 3 and not _FILTER_BROKEN  # the bound needs k − 2 ≥ 1
+    use_filter = variant == "filter" and topk >= 3 and not _FILTER_BROKEN  # bound needs k − 2 ≥ 1
 
     def launch(use_filter: bool) -> None:
         scratch = torch.empty(
