@@ -11,14 +11,17 @@ eager launch overhead would otherwise dominate a 10–50 µs selection; prefill 
       page_size 128, init 0 / local 1 block, its Triton two-stage top-k).
       Bytes formula (the floor any exact selection must read): B · N · 256 B (bf16 keys, 1 × 128
       dims × 2 B) or B · N · 132 B (FP8 keys 128 B + float32 scale); GB/s = bytes / time.
-  (b) top-k alone over [32768 rows × 1024 blocks] (an 8K chunk × 4 groups at 128K) vs torch.topk.
+  (b) top-k alone over [32768 rows × 1024 blocks] (an 8K chunk × 4 groups at 128K), [256 × 8192]
+      and [32 × 1024] vs torch.topk: every variant (slots, rounds, filter) and a sweep of slot-list
+      launch shapes, each with its ratio; "ours" is the default variant (M3SERVE_TOPK).
   (c) prefill, the last 8K-query chunk at 32K and 128K context: ours vs SGLang 0.5.23's
       flash_prefill_with_topk_index (block_size_q 1, disable_index_value). FLOP formula:
       2 · G · d · Σ_t (pos_t + 1) (the causal token scores); TFLOP/s = FLOPs / time.
 Results: benchmarks/results/index_topk.{json,md} (DESIGN.md format; ratio > 1: ours faster).
 
 Usage: PYTHONPATH=python:.dev-index/index_topk_sglang python benchmarks/bench_index_topk.py
-       [--out DIR] [--quick]
+       [--out DIR] [--quick] [--only topk] [--skip decode,prefill]
+  M3SERVE_TOPK=slots|rounds|filter picks the variant the select_* paths and "ours" use.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from m3serve.kernels.msa.index_select import (
     select_blocks_prefill,
 )
 from m3serve.kernels.msa.topk import launch_topk_rows
+from m3serve.kernels.msa.topk_slots import SlotsConfig
 
 BLOCK, G, D, TOPK = 128, 4, 128, 16
 L2_ROTATE_BYTES = 256 << 20  # working set per timed call ≥ 256 MB: several copies for small cases
@@ -280,49 +284,77 @@ def run_decode(cases, ceiling, gen, quick: bool):
             torch.cuda.empty_cache()
 
 
-def run_topk_alone(cases, gen):
-    rows, nb = 32768, 1024
-    copies = 4
+# slot-list launch shapes timed beside the shipped choice (W slots, depth C, unroll U, warps)
+TOPK_SLOT_SWEEP = [
+    SlotsConfig(slots=64, depth=3, unroll=8, num_warps=1),
+    SlotsConfig(slots=64, depth=3, unroll=16, num_warps=1),
+    SlotsConfig(slots=32, depth=4, unroll=16, num_warps=1),
+    SlotsConfig(slots=64, depth=4, unroll=8, num_warps=1),
+    SlotsConfig(slots=128, depth=3, unroll=8, num_warps=4),
+    SlotsConfig(slots=256, depth=3, unroll=4, num_warps=8),
+]
+
+
+def _cfg_tag(c: SlotsConfig) -> str:
+    return f"slots_W{c.slots}_C{c.depth}_U{c.unroll}_NW{c.num_warps}"
+
+
+def topk_case(cases, gen, rows: int, nb: int, copies: int, tag: str) -> None:
+    """Every top-k variant and slot-list shape vs torch.topk on one [rows × nb] shape, same run.
+
+    Bytes formula: rows · nb · 4 (each float32 score read once); GB/s = bytes / time."""
     scores = torch.randn(copies, rows, nb, device="cuda", generator=gen)
     local = torch.full((rows,), nb - 1, dtype=torch.int32, device="cuda")
     out = torch.empty(1, rows, TOPK, dtype=torch.int32, device="cuda")
-    t_ours = bench_graph(lambda i: launch_topk_rows(scores[i], local, out, TOPK, 1), copies)
-    t_filter = bench_graph(
-        lambda i: launch_topk_rows(scores[i], local, out, TOPK, 1, filter=True), copies
-    )
     t_torch = bench_graph(lambda i: scores[i].topk(TOPK, dim=-1), copies)
-    launch_topk_rows(scores[0], local, out, TOPK, 1)
-    theirs = scores[0, :, : nb - 1].topk(TOPK - 1, dim=-1).indices.to(torch.int32)
+    expect = scores[0, :, : nb - 1].topk(TOPK - 1, dim=-1).indices.to(torch.int32)
+    runs = {f"variant_{v}": dict(variant=v) for v in topk_mod.VARIANTS}
+    runs.update({_cfg_tag(c): dict(variant="slots", slots_cfg=c) for c in TOPK_SLOT_SWEEP})
+    times = {}
+    for name, kw in runs.items():
+        try:
+            out.fill_(-7)
+            launch_topk_rows(scores[0], local, out, TOPK, 1, **kw)
+            same = bool(torch.equal(out[0, :, : TOPK - 1], expect))  # random rows: no ties
+            ms = bench_graph(
+                lambda i, kw=kw: launch_topk_rows(scores[i], local, out, TOPK, 1, **kw), copies
+            )
+            times[name] = ms
+            print(
+                f"  {tag} {name:34s} {ms:8.4f} ms  {t_torch / ms:6.2f}x torch.topk"
+                f"  same_as_torch={same}",
+                flush=True,
+            )
+        except Exception:
+            traceback.print_exc()
+    if topk_mod._SLOTS_BROKEN:
+        print(f"  slots kernel fell back to rounds: {topk_mod._SLOTS_BROKEN}", flush=True)
+    ours = f"variant_{topk_mod.DEFAULT_VARIANT}"
+    if ours not in times:
+        return
     gb = rows * nb * 4 / 1e9
+    best = min(times, key=times.get)
     cases.append(
         case(
-            "topk [32768 x 1024] k16",
-            t_ours,
+            f"topk [{rows} x {nb}] k16{tag and ' ' + tag}",
+            times[ours],
             "torch.topk",
             t_torch,
-            ours_GBps=round(gb / (t_ours * 1e-3)),
-            filter_variant_ms=round(t_filter, 5),
-            agree=round(agreement(out[0, :, : TOPK - 1], theirs), 4),
+            default_variant=topk_mod.DEFAULT_VARIANT,
+            ours_GBps=round(gb / (times[ours] * 1e-3)),
+            best=best,
+            best_ms=round(times[best], 5),
+            best_ratio=round(t_torch / times[best], 3),
+            **{f"{k}_ms": round(v, 5) for k, v in times.items() if k != ours},
         )
     )
-    rows, nb = 256, 8192
-    s2 = torch.randn(copies * 16, rows, nb, device="cuda", generator=gen)
-    local2 = torch.full((rows,), nb - 1, dtype=torch.int32, device="cuda")
-    out2 = torch.empty(1, rows, TOPK, dtype=torch.int32, device="cuda")
-    t_ours = bench_graph(lambda i: launch_topk_rows(s2[i], local2, out2, TOPK, 1), copies * 16)
-    t_filter = bench_graph(
-        lambda i: launch_topk_rows(s2[i], local2, out2, TOPK, 1, filter=True), copies * 16
-    )
-    t_torch = bench_graph(lambda i: s2[i].topk(TOPK, dim=-1), copies * 16)
-    cases.append(
-        case(
-            "topk [256 x 8192] k16 (1M ctx)",
-            t_ours,
-            "torch.topk",
-            t_torch,
-            filter_variant_ms=round(t_filter, 5),
-        )
-    )
+
+
+def run_topk_alone(cases, gen):
+    # an 8K-query prefill chunk × 4 groups at 128K context; one decode batch at 1M context
+    topk_case(cases, gen, 32768, 1024, 4, "")
+    topk_case(cases, gen, 256, 8192, 64, "(1M ctx)")
+    topk_case(cases, gen, 32, 1024, 512, "(decode B8 128K)")
 
 
 def prefill_case(cases, gen, chunk: int, ctx: int) -> None:
@@ -446,6 +478,7 @@ def write_results(cases, out_dir: Path, ceiling: float, quiet: bool = False):
         "copy_ceiling_GBps": round(ceiling),
         "kernel_fallbacks": {
             "topk_filter": list(topk_mod._FILTER_BROKEN),
+            "topk_slots": list(topk_mod._SLOTS_BROKEN),
         },
         "cases": cases,
     }
@@ -476,8 +509,11 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--quick", action="store_true", help="a few decode cases only")
     ap.add_argument("--skip", default="", help="comma list of: decode,topk,prefill")
+    ap.add_argument("--only", default="", help="comma list of: decode,topk,prefill (the rest skip)")
     a = ap.parse_args()
     skip = set(a.skip.split(",")) if a.skip else set()
+    if a.only:
+        skip |= {"decode", "topk", "prefill"} - set(a.only.split(","))
     gen = torch.Generator(device="cuda").manual_seed(0)
     ceiling = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy ceiling {ceiling:.0f} GB/s", flush=True)

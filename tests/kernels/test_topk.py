@@ -246,9 +246,9 @@ GPU_SLOT_CONFIGS = [
     SlotsConfig(slots=64, depth=3, unroll=8),
     SlotsConfig(slots=32, depth=4, unroll=16),
     SlotsConfig(slots=64, depth=4, unroll=8),
-    SlotsConfig(slots=128, depth=3, unroll=4, num_warps=4),
+    SlotsConfig(slots=128, depth=3, unroll=8, num_warps=4),
     SlotsConfig(slots=256, depth=3, unroll=4, num_warps=8),
-]
+]  # the benchmark's sweep uses the same shapes, so the kernels compile once per run
 
 
 @gpu

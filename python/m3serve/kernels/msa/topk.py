@@ -49,7 +49,7 @@ _SLOTS_BROKEN: list[str] = []  # set if the slot-list kernel ever fails to compi
 # slot-list launch shapes: prefill-sized batches (many rows: one warp per row, ~25-32 rows per SM)
 # and decode-sized ones (≤ 1024 rows, up to 8192 blocks each: four warps share a row)
 SLOTS_MANY_ROWS = SlotsConfig(slots=64, depth=3, unroll=8, num_warps=1)
-SLOTS_FEW_ROWS = SlotsConfig(slots=128, depth=3, unroll=4, num_warps=4)
+SLOTS_FEW_ROWS = SlotsConfig(slots=128, depth=3, unroll=8, num_warps=4)
 SLOTS_INTERPRET = SlotsConfig(slots=64, depth=3, unroll=2, num_warps=1, rows=64)
 
 
