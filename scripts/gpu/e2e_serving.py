@@ -77,6 +77,10 @@ def bench(
         cmd += ["--dataset-name", "generated-shared-prefix", "--gsp-num-groups", "1",
                 "--gsp-prompts-per-group", str(n), "--gsp-system-prompt-len", str(w["prefix"]),
                 "--gsp-question-len", str(w["question"]), "--gsp-output-len", str(w["output"])]  # fmt: skip
+    # each run starts from an empty radix cache: the client's seeded prompts repeat from run to run,
+    # so a later run would otherwise hit the KV an earlier one left (a shared prefix is still
+    # computed once per run, by its first request)
+    requests.post(server.url + "/flush_cache", timeout=60).raise_for_status()
     env = dict(os.environ)
     standin = str(Path(__file__).resolve().parent / "bench_standin")
     # the client imports sglang.srt too: it needs the sgl_kernel and datasets stand-ins
@@ -88,7 +92,7 @@ def bench(
         print(p.stdout[-1500:], p.stderr[-2500:], flush=True)
     row: dict[str, Any] = {"kind": w["kind"], "input_len": w["input"], "output_len": w["output"],
                            "concurrency": conc, "num_prompts": n, "rc": p.returncode,
-                           "wall_s": round(time.time() - t0, 1)}  # fmt: skip
+                           "wall_s": round(time.time() - t0, 1), "radix_flushed_before": True}  # fmt: skip
     if w["kind"] == "gsp":
         row["shared_prefix"] = w["prefix"]
     if res.exists():

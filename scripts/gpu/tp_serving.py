@@ -30,9 +30,12 @@ from m3serve.launch import SGLangServer
 LENGTHS = (700, 4099, 9000, 16500, 33000)
 
 
-def greedy(server: SGLangServer, ids: list[int], new: int) -> dict[str, Any]:
+def greedy(server: SGLangServer, ids: list[int], new: int, tail: int = 64) -> dict[str, Any]:
+    """Greedy tokens with their logprobs and top-2 margins, and the prompt's last ``tail``
+    logprobs (teacher-forced: the same tokens on every configuration)."""
     r = requests.post(server.url + "/generate", json={
         "input_ids": ids, "return_logprob": True, "top_logprobs_num": 2,
+        "logprob_start_len": max(len(ids) - tail, 0),
         "sampling_params": {"max_new_tokens": new, "temperature": 0, "ignore_eos": True}},
         timeout=900)  # fmt: skip
     r.raise_for_status()
@@ -42,12 +45,15 @@ def greedy(server: SGLangServer, ids: list[int], new: int) -> dict[str, Any]:
         "tokens": [t[1] for t in meta["output_token_logprobs"]],
         "logprobs": [t[0] for t in meta["output_token_logprobs"]],
         "top2_margin": [(s[0][0] - s[1][0]) if s and len(s) > 1 else None for s in top],
+        "prompt_logprobs": [t[0] for t in meta.get("input_token_logprobs") or []],
     }
 
 
 def compare(ref: list[dict[str, Any]], got: list[dict[str, Any]]) -> dict[str, Any]:
-    parts, lp = [], []
+    parts, lp, plp = [], [], []
     for a, b in zip(ref, got, strict=True):
+        plp += [abs(x - y) for x, y in zip(a.get("prompt_logprobs", []), b.get("prompt_logprobs", []),
+                                           strict=False) if x is not None and y is not None]  # fmt: skip
         n = next(
             (i for i, (x, y) in enumerate(zip(a["tokens"], b["tokens"], strict=True)) if x != y),
             None,
@@ -62,12 +68,30 @@ def compare(ref: list[dict[str, Any]], got: list[dict[str, Any]]) -> dict[str, A
         "greedy_tokens_identical": not parts,
         "diverged": parts,
         "logprob_max_abs_diff_before_divergence": max(lp) if lp else None,
+        "prompt_logprob_max_abs_diff": max(plp) if plp else None,
+        "prompt_logprob_mean_abs_diff": sum(plp) / len(plp) if plp else None,
+        "prompt_positions_compared": len(plp),
     }
+
+
+def compare_files(paths: list[str]) -> int:
+    """Runs from several tp_<tag>.json files (e.g. configurations served at the same time on
+    different cards), each checked against the first file's first run."""
+    runs = [r for p in paths for r in json.loads(Path(p).read_text())["runs"] if "greedy" in r]
+    if not runs:
+        raise SystemExit("no run with greedy tokens in " + ", ".join(paths))
+    ref = runs[0]
+    print(f"reference: {ref['impl']} TP{ref['tp']}")
+    for r in runs[1:]:
+        print(f"{r['impl']} TP{r['tp']}: {json.dumps(compare(ref['greedy'], r['greedy']))}")
+    return 0
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("ckpt")
+    ap.add_argument("ckpt", help="the checkpoint, or with --compare the tp_<tag>.json files")
+    ap.add_argument("more", nargs="*", help="with --compare: more tp_<tag>.json files")
+    ap.add_argument("--compare", action="store_true", help="only compare earlier runs' tokens")
     ap.add_argument("--gpus", default="0,1")
     ap.add_argument("--configs", default="ours:1,ours:2,sglang:2", help="IMPL:TP,...")
     ap.add_argument("--workloads", nargs="*", default=["random:32768:512:8"])
@@ -80,6 +104,8 @@ def main() -> int:
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of this script (tiny model)")
     ap.add_argument("--page-size", type=int, default=128)
     args = ap.parse_args()
+    if args.compare:
+        return compare_files([args.ckpt, *args.more])
     t_start = time.time()
     out = Path(os.environ.get("OUT", "gpu-out"))
     out.mkdir(parents=True, exist_ok=True)
@@ -143,14 +169,16 @@ def main() -> int:
     (out / f"tp_{args.tag}.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
     print(f"card: {card}")
     print("| config | startup s | greedy vs first | diverged (step, ref top-2 margin) | "
-          "max |dlogprob| before | error |")  # fmt: skip
+          "max |dlogprob| before | prompt logprobs max / mean |d| | error |")  # fmt: skip
     for r in runs:
         v = r.get("vs_first", {})
         same = f"{v['prompts_identical']}/{v['prompts']}" if v else "(reference)"
         div = ", ".join(f"({d['step']}, {d['ref_top2_margin']})" for d in v.get("diverged", []))
         print(
             f"| {r['impl']} TP{r['tp']} | {r.get('startup_s')} | {same} | {div} | "
-            f"{v.get('logprob_max_abs_diff_before_divergence')} | {r.get('error', '')[:80]} |"
+            f"{v.get('logprob_max_abs_diff_before_divergence')} | "
+            f"{v.get('prompt_logprob_max_abs_diff')} / {v.get('prompt_logprob_mean_abs_diff')} | "
+            f"{r.get('error', '')[:80]} |"
         )
     print(
         "| config | workload | conc | out tok/s | out tok/s per GPU | TTFT p50 ms | TPOT p50 ms | valid |"

@@ -73,7 +73,7 @@ def _step(b: Any, table: torch.Tensor, q_lens: list[int], prefixes: list[int], d
     b.forward_metadata = md
     fb = SimpleNamespace(out_cache_loc=loc, out_cache_loc_is_physical=True)
     t = sum(q_lens)
-    layer = SimpleNamespace(layer_id=0, tp_q_head_num=HQ, head_dim=D, scaling=D**-0.5)
+    layer = SimpleNamespace(layer_id=0, tp_q_head_num=HQ, tp_k_head_num=HKV, head_dim=D, scaling=D**-0.5)
     q = torch.randn(t, HQ * D, generator=g, device="cuda").to(torch.bfloat16)
     k = torch.randn(t, HKV, D, generator=g, device="cuda").to(torch.bfloat16)
     v = torch.randn(t, HKV, D, generator=g, device="cuda").to(torch.bfloat16)

@@ -97,7 +97,7 @@ def _serve(
         t = sum(q_lens)
         for layer_id in (0, 1):
             layer = SimpleNamespace(
-                layer_id=layer_id, tp_q_head_num=HQ, head_dim=D, scaling=D**-0.5
+                layer_id=layer_id, tp_q_head_num=HQ, tp_k_head_num=HKV, head_dim=D, scaling=D**-0.5
             )
             q = torch.randn(t, HQ * D, generator=g).to(device, dtype)
             k = torch.randn(t, HKV, D, generator=g).to(device, dtype)
@@ -156,3 +156,18 @@ def test_fast_path_matches_reference_composition(index_dtype: str) -> None:
     ours_all = _serve("cuda", fast=True, index_dtype=index_dtype)
     for ours, want in zip(ours_all, _reference_serve(index_dtype=index_dtype), strict=True):
         torch.testing.assert_close(ours, want, atol=3e-2, rtol=3e-2)
+
+
+def test_rank_heads_must_match_the_plan() -> None:
+    """A layer whose per-rank head counts differ from what the backend planned (e.g. heads not
+    divided by the TP size) is refused with the numbers, not served with a mis-shaped plan."""
+    b = _backend("cpu", torch.float32, fast=False)
+    table = torch.arange(20, dtype=torch.int32).view(1, 20)
+    _md, fb = _batch(b, [20], [0], False, table)
+    layer = SimpleNamespace(
+        layer_id=0, tp_q_head_num=2 * HQ, tp_k_head_num=HKV, head_dim=D, scaling=D**-0.5
+    )
+    q = torch.randn(20, 2 * HQ * D)
+    k, v = torch.randn(20, HKV, D), torch.randn(20, HKV, D)
+    with pytest.raises(ValueError, match=rf"{2 * HQ} q / {HKV} KV heads .* planned {HQ} / {HKV}"):
+        b._run(q, k, v, layer, fb, True, None, None)

@@ -107,8 +107,8 @@ def _inputs(bs: int, seed: int) -> dict[str, torch.Tensor]:
 
 
 def _layers(b: Any, fb: Any, x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    dense = SimpleNamespace(layer_id=0, tp_q_head_num=HQ, head_dim=D, scaling=D**-0.5)
-    sparse = SimpleNamespace(layer_id=1, tp_q_head_num=HQ, head_dim=D, scaling=D**-0.5)
+    dense = SimpleNamespace(layer_id=0, tp_q_head_num=HQ, tp_k_head_num=HKV, head_dim=D, scaling=D**-0.5)
+    sparse = SimpleNamespace(layer_id=1, tp_q_head_num=HQ, tp_k_head_num=HKV, head_dim=D, scaling=D**-0.5)
     o0 = b._run(x["q"], x["k"], x["v"], dense, fb, True, None, None)
     o1 = b._run(x["q"].view(-1, HQ, D), x["k"], x["v"], sparse, fb, True, x["iq"], x["ik"])[1]
     return o0.view(-1, HQ, D), o1

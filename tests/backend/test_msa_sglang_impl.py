@@ -87,7 +87,7 @@ def _step(backends: list[Any], r2t: torch.Tensor, q_lens: list[int], prefixes: l
         return torch.randn(*shape, device="cuda", generator=g).bfloat16()
 
     q, k, v, iq, ik = r(t, HQ, D), r(t, HKV, D), r(t, HKV, D), r(t, HKV, DI), r(t, 1, DI)
-    layer = SimpleNamespace(layer_id=0, tp_q_head_num=HQ, head_dim=D, scaling=D**-0.5)
+    layer = SimpleNamespace(layer_id=0, tp_q_head_num=HQ, tp_k_head_num=HKV, head_dim=D, scaling=D**-0.5)
     outs = []
     for b in backends:
         b.init_forward_metadata(fb)

@@ -110,6 +110,17 @@ def msa_settings(hf_text_config: Any) -> dict[str, Any]:
     }
 
 
+def _tp_size(model_runner: Any) -> int:
+    """The tensor-parallel size the model splits its heads by (SGLang 0.5.23's ModelRunner has no
+    ``tp_size`` attribute: the process's parallel context holds it)."""
+    try:
+        from sglang.srt.runtime_context import get_parallel
+
+        return max(1, int(get_parallel().tp_size))
+    except (ImportError, AttributeError, AssertionError, RuntimeError):
+        return max(1, int(getattr(model_runner.server_args, "tp_size", 1)))
+
+
 class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
     """SGLang AttentionBackend for M3: dense layers and MSA layers in one backend."""
 
@@ -123,7 +134,7 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
                 f"got page size {page_size}"
             )
         text = model_runner.model_config.hf_text_config
-        tp = max(1, int(getattr(model_runner, "tp_size", 1)))
+        tp = _tp_size(model_runner)
         self.setup(
             device=model_runner.device,
             kv_pool=model_runner.token_to_kv_pool,
@@ -536,9 +547,14 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
     ) -> Any:
         md = self.forward_metadata
         assert md is not None, "init_forward_metadata was not called"
+        hq, d = layer.tp_q_head_num, layer.head_dim
+        if (hq, layer.tp_k_head_num) != (self.num_q_heads, self.num_kv_heads):
+            raise ValueError(
+                f"layer {layer.layer_id} has {hq} q / {layer.tp_k_head_num} KV heads on this rank; "
+                f"the msa backend planned {self.num_q_heads} / {self.num_kv_heads}"
+            )
         if save_kv_cache and k is not None:
             self._save_kv(layer, forward_batch, k, v)
-        hq, d = layer.tp_q_head_num, layer.head_dim
         q3 = q.view(-1, hq, d)
         k_cache, v_cache = self._paged_kv(layer.layer_id)
         if idx_q is None:  # a dense layer
