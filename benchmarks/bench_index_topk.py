@@ -11,9 +11,13 @@ eager launch overhead would otherwise dominate a 10–50 µs selection; prefill 
       page_size 128, init 0 / local 1 block, its Triton two-stage top-k).
       Bytes formula (the floor any exact selection must read): B · N · 256 B (bf16 keys, 1 × 128
       dims × 2 B) or B · N · 132 B (FP8 keys 128 B + float32 scale); GB/s = bytes / time.
-  (b) top-k alone over [32768 rows × 1024 blocks] (an 8K chunk × 4 groups at 128K), [256 × 8192]
-      and [32 × 1024] vs torch.topk: every variant (slots, rounds, filter) and a sweep of slot-list
-      launch shapes, each with its ratio; "ours" is the default variant (M3SERVE_TOPK).
+  (b) top-k alone over [32768 rows × 1024 blocks] (an 8K chunk × 4 groups at 128K), [256 × 8192],
+      [32 × 1024], and [4096 × 1024] / [8192 × 2048] (the edges of the "auto" dispatch) vs
+      torch.topk: every variant (auto, slots, rounds, filter) and a sweep of slot-list launch
+      shapes, each with its ratio; "ours" is the default variant (M3SERVE_TOPK, else "auto").
+      Exactness: each result must equal the reference order (stable descending sort, ties to the
+      lower id) bit for bit; torch.topk may order equal scores either way, so rows that differ
+      from it are counted and must all be rows with a tie among its top k scores.
   (c) prefill, the last 8K-query chunk at 32K and 128K context: ours vs SGLang 0.5.23's
       flash_prefill_with_topk_index (block_size_q 1, disable_index_value). FLOP formula:
       2 · G · d · Σ_t (pos_t + 1) (the causal token scores); TFLOP/s = FLOPs / time.
@@ -21,7 +25,7 @@ Results: benchmarks/results/index_topk.{json,md} (DESIGN.md format; ratio > 1: o
 
 Usage: PYTHONPATH=python:.dev-index/index_topk_sglang python benchmarks/bench_index_topk.py
        [--out DIR] [--quick] [--only topk] [--skip decode,prefill]
-  M3SERVE_TOPK=slots|rounds|filter picks the variant the select_* paths and "ours" use.
+  M3SERVE_TOPK=auto|slots|rounds|filter picks the variant the select_* paths and "ours" use.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from pathlib import Path
 import torch
 import triton
 
+from m3serve.kernels.msa import reference as ref
 from m3serve.kernels.msa import topk as topk_mod
 from m3serve.kernels.msa.index_cache import store_index_k
 from m3serve.kernels.msa.index_select import (
@@ -284,19 +289,36 @@ def run_decode(cases, ceiling, gen, quick: bool):
             torch.cuda.empty_cache()
 
 
-# slot-list launch shapes timed beside the shipped choice (W slots, depth C, unroll U, warps)
+# slot-list launch shapes timed beside the shipped choice (W slots, depth C, unroll U, warps):
+# depth 3 (the old default) vs 4 (the new one) vs 5 / 6 (almost no fallback rows, more selects
+# per block), W = 128 at one warp, and the few-rows shape; seven keep topk_check.sh near 90 s
 TOPK_SLOT_SWEEP = [
     SlotsConfig(slots=64, depth=3, unroll=8, num_warps=1),
-    SlotsConfig(slots=64, depth=3, unroll=16, num_warps=1),
-    SlotsConfig(slots=32, depth=4, unroll=16, num_warps=1),
     SlotsConfig(slots=64, depth=4, unroll=8, num_warps=1),
-    SlotsConfig(slots=128, depth=3, unroll=8, num_warps=4),
-    SlotsConfig(slots=256, depth=3, unroll=4, num_warps=8),
+    SlotsConfig(slots=64, depth=4, unroll=16, num_warps=1),
+    SlotsConfig(slots=64, depth=5, unroll=8, num_warps=1),
+    SlotsConfig(slots=32, depth=6, unroll=16, num_warps=1),
+    SlotsConfig(slots=128, depth=4, unroll=4, num_warps=1),
+    SlotsConfig(slots=256, depth=4, unroll=4, num_warps=8),
 ]
 
 
 def _cfg_tag(c: SlotsConfig) -> str:
     return f"slots_W{c.slots}_C{c.depth}_U{c.unroll}_NW{c.num_warps}"
+
+
+def reference_ids(scores: torch.Tensor, local: int, check_rows: int = 4) -> torch.Tensor:
+    """The reference order for rows that all share one local block ≥ k, vectorised: a stable
+    descending sort of blocks 0 .. local − 1 (ties to the lower id, NaN first), the k − 1 first.
+    Spot-checked against reference.ref_topk_from_scores (a loop over rows) on a few rows."""
+    ids = torch.sort(scores[:, :local], dim=-1, descending=True, stable=True).indices
+    ids = ids[:, : TOPK - 1].to(torch.int32)
+    head = scores[:check_rows].cpu()
+    loc = torch.full((head.shape[0],), local)
+    assert torch.equal(
+        ref.ref_topk_from_scores(head, loc, TOPK)[:, : TOPK - 1], ids[:check_rows].cpu()
+    )
+    return ids
 
 
 def topk_case(cases, gen, rows: int, nb: int, copies: int, tag: str) -> None:
@@ -307,26 +329,42 @@ def topk_case(cases, gen, rows: int, nb: int, copies: int, tag: str) -> None:
     local = torch.full((rows,), nb - 1, dtype=torch.int32, device="cuda")
     out = torch.empty(1, rows, TOPK, dtype=torch.int32, device="cuda")
     t_torch = bench_graph(lambda i: scores[i].topk(TOPK, dim=-1), copies)
-    expect = scores[0, :, : nb - 1].topk(TOPK - 1, dim=-1).indices.to(torch.int32)
+    # -- exactness: the reference order; torch.topk agrees except where scores tie --
+    visible = scores[0, :, : nb - 1]
+    expect = reference_ids(scores[0], nb - 1)
+    tvals, tids = visible.topk(TOPK, dim=-1)  # one past k − 1: a tie at the cut shows too
+    tie_rows = (tvals[:, 1:] == tvals[:, :-1]).any(-1)
+    tids = tids[:, : TOPK - 1].to(torch.int32)
     runs = {f"variant_{v}": dict(variant=v) for v in topk_mod.VARIANTS}
     runs.update({_cfg_tag(c): dict(variant="slots", slots_cfg=c) for c in TOPK_SLOT_SWEEP})
-    times = {}
+    times, exact_all, differ_rows = {}, True, 0
     for name, kw in runs.items():
         try:
             out.fill_(-7)
             launch_topk_rows(scores[0], local, out, TOPK, 1, **kw)
-            same = bool(torch.equal(out[0, :, : TOPK - 1], expect))  # random rows: no ties
+            got = out[0, :, : TOPK - 1]
+            exact = bool(torch.equal(got, expect)) and bool((out[0, :, -1] == nb - 1).all())
+            differ = (got != tids).any(-1)
+            n_differ = int(differ.sum())
+            only_ties = not bool((differ & ~tie_rows).any())
+            exact_all &= exact and only_ties
+            differ_rows = max(differ_rows, n_differ)
             ms = bench_graph(
                 lambda i, kw=kw: launch_topk_rows(scores[i], local, out, TOPK, 1, **kw), copies
             )
             times[name] = ms
             print(
                 f"  {tag} {name:34s} {ms:8.4f} ms  {t_torch / ms:6.2f}x torch.topk"
-                f"  same_as_torch={same}",
+                f"  exact={exact}  rows_differing_from_torch={n_differ}"
+                f" (all tied: {only_ties})",
                 flush=True,
             )
         except Exception:
             traceback.print_exc()
+    print(
+        f"  {tag} rows with a tie among torch.topk's top {TOPK}: {int(tie_rows.sum())} of {rows}",
+        flush=True,
+    )
     if topk_mod._SLOTS_BROKEN:
         print(f"  slots kernel fell back to rounds: {topk_mod._SLOTS_BROKEN}", flush=True)
     ours = f"variant_{topk_mod.DEFAULT_VARIANT}"
@@ -341,10 +379,14 @@ def topk_case(cases, gen, rows: int, nb: int, copies: int, tag: str) -> None:
             "torch.topk",
             t_torch,
             default_variant=topk_mod.DEFAULT_VARIANT,
+            auto_picks=topk_mod.pick_variant(rows, nb),
             ours_GBps=round(gb / (times[ours] * 1e-3)),
             best=best,
             best_ms=round(times[best], 5),
             best_ratio=round(t_torch / times[best], 3),
+            exact=exact_all,
+            tie_rows=int(tie_rows.sum()),
+            rows_differing_from_torch=differ_rows,
             **{f"{k}_ms": round(v, 5) for k, v in times.items() if k != ours},
         )
     )
@@ -355,6 +397,9 @@ def run_topk_alone(cases, gen):
     topk_case(cases, gen, 32768, 1024, 4, "")
     topk_case(cases, gen, 256, 8192, 64, "(1M ctx)")
     topk_case(cases, gen, 32, 1024, 512, "(decode B8 128K)")
+    # the edges of "auto": fewer rows (a 1K chunk × 4 groups) and wider rows (2K chunk at 256K)
+    topk_case(cases, gen, 4096, 1024, 16, "(1K chunk 128K)")
+    topk_case(cases, gen, 8192, 2048, 4, "(2K chunk 256K)")
 
 
 def prefill_case(cases, gen, chunk: int, ctx: int) -> None:

@@ -1,8 +1,15 @@
 """Exact, exp-free MSA block top-k (k = 16 over up to 8192 blocks per row) in Triton.
 
-Two exact kernels share this launcher (``launch_topk_rows``; pick one with ``variant=`` or the
-``M3SERVE_TOPK`` environment variable, default ``DEFAULT_VARIANT``):
+Three exact kernels share this launcher (``launch_topk_rows``; pick one with ``variant=`` or the
+``M3SERVE_TOPK`` environment variable, default ``DEFAULT_VARIANT`` = "auto"):
 
+- "auto" (the shipped default): a dispatch by shape to the fastest kernel measured on H200
+  (torch 2.11, triton 3.6, ``scripts/gpu/topk_check.sh``; benchmarks/results/index_topk.md):
+  "slots" at W = 64, C = 4, one warp when there are ≥ ``SLOTS_MIN_ROWS`` rows of ≤
+  ``SLOTS_MAX_COLS`` blocks ([32768 × 1024]: 0.122 ms vs rounds 0.362 ms, torch.topk 0.967 ms),
+  "rounds" otherwise — few rows leave SMs idle, and one warp streaming an 8192-block row is
+  latency bound ([256 × 8192]: rounds 0.025 ms, slots ≥ 0.115 ms; [32 × 1024]: 0.0062 vs
+  0.0087 ms). Every kernel is exact, so the dispatch changes speed, never the ids.
 - "slots" (``topk_slots.py``): each row streams once through W per-slot sorted lists of depth C
   (float32 compares, one insertion per block), then k − 1 rounds over the W list heads; rows the
   lists cannot decide exactly (a slot ran dry, NaN, −inf ranking) are re-ranked by an exact
@@ -12,10 +19,10 @@ Two exact kernels share this launcher (``launch_topk_rows``; pick one with ``var
   integer order = the reference sort's float order, −0.0 == +0.0, NaN above +inf). One int64 max
   over the row gives the best score *and*, among equal scores, the lower block id; keys are unique,
   so the winner is knocked out exactly and the max repeats. Each row is read once into registers
-  ([ROWS, BLOCK_N] tile). H200, [32768 × 1024]: 0.351 ms = 2.75× torch.topk.
+  ([ROWS, BLOCK_N] tile). H200, [32768 × 1024]: 0.362 ms = 2.67× torch.topk.
 - "filter": "rounds" after a bound — the (k−1)-th largest of 2k interleaved group maxima — and a
   compaction of the ~20 candidates (cumsum + scatter to scratch). Exact too, but on H200 it was
-  slower (0.48 vs 0.35 ms on [32768 × 1024], 0.034 vs 0.024 ms on [256 × 8192]): the scans and the
+  slower (0.482 vs 0.362 ms on [32768 × 1024], 0.034 vs 0.025 ms on [256 × 8192]): the scans and the
   scatter cost more than the k − 1 register-resident max rounds they save.
 
 Rules (DESIGN.md, "MSA — the exact math"; reference: ``reference.ref_topk_from_scores``):
@@ -39,18 +46,33 @@ from . import reference as ref
 from .topk_slots import SlotsConfig, launch_topk_slots, ordered32
 
 MAX_BLOCKS = 8192  # 1M tokens at block 128; a row of 8192 int64 keys still fits in registers
-VARIANTS = ("slots", "rounds", "filter")
-# the shipped default; flip it (or set M3SERVE_TOPK) after timing all variants on the card
-DEFAULT_VARIANT = os.environ.get("M3SERVE_TOPK", "rounds")
+VARIANTS = ("auto", "slots", "rounds", "filter")
+# the shipped default: "auto" dispatches by shape (pick_variant); M3SERVE_TOPK pins one variant
+DEFAULT_VARIANT = os.environ.get("M3SERVE_TOPK", "auto")
+# "auto" takes the slot lists for ≥ SLOTS_MIN_ROWS rows of ≤ SLOTS_MAX_COLS blocks (a prefill
+# chunk's rows; one warp per row needs ~30 rows per SM to hide its load latency), the knock-out
+# rounds otherwise. H200: slots 7.9× torch.topk on [32768 × 1024]; rounds won [256 × 8192] and
+# [32 × 1024]. The bench times [4096 × 1024] and [8192 × 2048] to place the two edges.
+SLOTS_MIN_ROWS = 4096
+SLOTS_MAX_COLS = 2048
 FILTER_DEFAULT = DEFAULT_VARIANT == "filter"  # kept for callers that read it
 FILTER_CAP = 64  # candidates kept after the bound; more → that program ranks whole rows
 _FILTER_BROKEN: list[str] = []  # set if the filtered kernel ever fails to compile
 _SLOTS_BROKEN: list[str] = []  # set if the slot-list kernel ever fails to compile
-# slot-list launch shapes: prefill-sized batches (many rows: one warp per row, ~25-32 rows per SM)
-# and decode-sized ones (≤ 1024 rows, up to 8192 blocks each: four warps share a row)
-SLOTS_MANY_ROWS = SlotsConfig(slots=64, depth=3, unroll=8, num_warps=1)
-SLOTS_FEW_ROWS = SlotsConfig(slots=128, depth=3, unroll=8, num_warps=4)
-SLOTS_INTERPRET = SlotsConfig(slots=64, depth=3, unroll=2, num_warps=1, rows=64)
+# slot-list launch shapes: prefill-sized batches (many rows: one warp per row, ~25-32 rows per SM;
+# depth 4 because at depth 3 ~8 % of random 1023-block rows need the exact fallback, 0.3 % at 4:
+# H200 0.122 vs 0.239 ms) and decode-sized ones (≤ 1024 rows, up to 8192 blocks each: eight warps
+# share a row; only reached with variant="slots", "auto" takes rounds there)
+SLOTS_MANY_ROWS = SlotsConfig(slots=64, depth=4, unroll=8, num_warps=1)
+SLOTS_FEW_ROWS = SlotsConfig(slots=256, depth=4, unroll=4, num_warps=8)
+SLOTS_INTERPRET = SlotsConfig(slots=64, depth=4, unroll=2, num_warps=1, rows=64)
+
+
+def pick_variant(n_rows: int, n_cols: int) -> str:
+    """The kernel "auto" runs for [n_rows × n_cols] (see SLOTS_MIN_ROWS)."""
+    if n_rows >= SLOTS_MIN_ROWS and n_cols <= SLOTS_MAX_COLS:
+        return "slots"
+    return "rounds"
 
 
 def _slots_env() -> SlotsConfig | None:
@@ -191,9 +213,10 @@ def launch_topk_rows(
 ) -> torch.Tensor:
     """Top-k of rows r of ``scores`` into ``out[r % groups, r // groups]`` (``out`` is [G, T, k]).
 
-    ``variant``: "slots", "rounds" or "filter" (default ``DEFAULT_VARIANT``; ``filter=True`` is the
-    old spelling of "filter"); ``slots_cfg`` overrides the slot-list launch shape. Graph-safe: grid
-    and constexprs depend only on shapes.
+    ``variant``: "auto", "slots", "rounds" or "filter" (default ``DEFAULT_VARIANT``; ``filter=True``
+    is the old spelling of "filter"); "auto" picks by shape (``pick_variant``); ``slots_cfg``
+    overrides the slot-list launch shape. Graph-safe: the kernel, grid and constexprs depend only
+    on shapes.
     """
     assert scores.dim() == 2 and scores.dtype == torch.float32, (
         f"scores must be [R, nb] float32, got {tuple(scores.shape)} {scores.dtype}"
@@ -217,6 +240,8 @@ def launch_topk_rows(
     assert variant in VARIANTS, f"top-k variant must be one of {VARIANTS}, got {variant!r}"
     if n_rows == 0:
         return out
+    if variant == "auto":
+        variant = pick_variant(n_rows, n_cols)
     if variant == "slots" and not _SLOTS_BROKEN:
         if slots_cfg is None:
             if _interpreting():  # programs run one after another there: several rows each
