@@ -1,5 +1,9 @@
 //! Min-of-N wall time of the image stages (robust on a shared box): `cargo run --release -p
 //! smg-core --example stage_min`.
+//!
+//! `stage_min <hpass|vpass|resize|patchify|whole> <w>x<h> <iters>` runs one stage only, for CPU-time
+//! counters that ignore time spent preempted: `perf stat -e task-clock target/release/examples/
+//! stage_min hpass 1280x960 200` (task-clock / iters ≈ CPU ms per call, plus set-up).
 use std::time::Instant;
 
 use smg_core::image::{patchify, resize, sizing, DecodedImage, ImageOptions};
@@ -32,7 +36,71 @@ fn min_ms<T>(n: usize, mut f: impl FnMut() -> T) -> f64 {
     best
 }
 
+/// One stage `iters` times (see the module docs).
+fn one_stage(stage: &str, size: &str, iters: usize) {
+    let opts = ImageOptions::default();
+    let (w, h) = size.split_once('x').expect("<w>x<h>");
+    let (w, h): (u32, u32) = (w.parse().expect("width"), h.parse().expect("height"));
+    let (oh, ow) = sizing::target_size(h, w, &opts).unwrap();
+    let img = match stage {
+        "vpass" => synthetic(ow, h),
+        "patchify" => synthetic(ow, oh),
+        _ => synthetic(w, h),
+    };
+    let full = synthetic(w, h);
+    let jpeg = turbojpeg::compress(
+        turbojpeg::Image {
+            pixels: full.rgb.as_slice(),
+            width: w as usize,
+            pitch: w as usize * 3,
+            height: h as usize,
+            format: turbojpeg::PixelFormat::RGB,
+        },
+        90,
+        turbojpeg::Subsamp::Sub2x2,
+    )
+    .expect("jpeg encode");
+    let t = Instant::now();
+    let mut runs = Vec::new();
+    for _ in 0..iters {
+        match stage {
+            "whole" => {
+                let t1 = Instant::now();
+                let p = smg_core::image::preprocess_image(&jpeg, &opts).expect("preprocess");
+                let total = t1.elapsed().as_secs_f64() * 1e3;
+                let tm = p.timings;
+                let ms = |us: u64| us as f64 / 1e3;
+                runs.push([
+                    total,
+                    ms(tm.decode_us),
+                    ms(tm.resize_us),
+                    ms(tm.normalize_patchify_us),
+                ]);
+            }
+            "hpass" => drop(std::hint::black_box(resize::resize_torch_bicubic_aa(&img, ow, h))),
+            "vpass" | "resize" => {
+                drop(std::hint::black_box(resize::resize_torch_bicubic_aa(&img, ow, oh)));
+            }
+            "patchify" => drop(std::hint::black_box(patchify::normalize_patchify(&img))),
+            _ => panic!("stage: hpass, vpass, resize or patchify"),
+        }
+    }
+    let ms = t.elapsed().as_secs_f64() * 1e3 / iters as f64;
+    println!("{stage} {w}x{h} -> {ow}x{oh}: {ms:.3} ms wall per call");
+    if !runs.is_empty() {
+        for (i, name) in ["total", "decode", "resize", "normalize_patchify"].iter().enumerate() {
+            let mut v: Vec<f64> = runs.iter().map(|r| r[i]).collect();
+            v.sort_by(f64::total_cmp);
+            println!("  {name}: min {:.3} p50 {:.3} ms", v[0], v[v.len() / 2]);
+        }
+    }
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let [_, stage, size, iters] = &args[..] {
+        return one_stage(stage, size, iters.parse().expect("iters"));
+    }
     let opts = ImageOptions::default();
     for (w, h) in [(640u32, 480u32), (1280, 960), (4032, 3024)] {
         let img = synthetic(w, h);

@@ -15,6 +15,7 @@
 // Prose names (SGLang, TurboJPEG, OpenAI) need no backticks; w/h/x/y/c are image math.
 #![allow(clippy::doc_markdown, clippy::many_single_char_names)]
 
+pub mod buffers;
 pub mod decode;
 pub mod exif;
 pub mod patchify;
@@ -193,13 +194,80 @@ pub fn resize_for_model(
     let (h, w) = sizing::target_size(img.height, img.width, opts)?;
     let out = if (h, w) == (img.height, img.width) {
         img
-    } else if opts.max_long_side_pixel.is_some() {
-        resize::resize_pillow_bicubic(&img, w, h)
     } else {
-        resize::resize_torch_bicubic_aa(&img, w, h)
+        let out = if opts.max_long_side_pixel.is_some() {
+            resize::resize_pillow_bicubic(&img, w, h)
+        } else {
+            resize::resize_torch_bicubic_aa(&img, w, h)
+        };
+        buffers::give(img.rgb);
+        out
     };
     timings.resize_us = micros_since(t1);
     Ok((out, timings))
+}
+
+/// One image decoded, resized and hashed: everything but normalise + patchify, which writes
+/// the output and so can go straight into a caller's buffer ([`Self::patchify_into`]).
+#[derive(Debug)]
+pub struct ResizedImage {
+    /// The model-size uint8 RGB pixels.
+    pub image: DecodedImage,
+    /// Hex SHA-256 content hash (see [`crate::hash`]).
+    pub hash: String,
+    /// Decode and resize times (`normalize_patchify_us` is 0 until patchified).
+    pub timings: StageTimings,
+}
+
+impl ResizedImage {
+    /// `[t, h, w]` in 14-pixel patches.
+    pub fn grid_thw(&self) -> [u32; 3] {
+        let (gh, gw) = patchify::grid(&self.image);
+        [1, gh, gw]
+    }
+
+    /// Rows of the patch matrix.
+    pub fn num_patches(&self) -> usize {
+        let [t, h, w] = self.grid_thw();
+        t as usize * h as usize * w as usize
+    }
+
+    /// Normalise + patchify into `out` (native-endian bf16 bits, `num_patches · 1176 · 2`
+    /// bytes); returns the stage timings. The pixel buffer goes back to this thread's pool.
+    pub fn patchify_into(self, out: &mut [u8]) -> StageTimings {
+        let mut timings = self.timings;
+        let t = Instant::now();
+        patchify::normalize_patchify_into(&self.image, out);
+        timings.normalize_patchify_us = micros_since(t);
+        buffers::give(self.image.rgb);
+        timings
+    }
+
+    /// Normalise + patchify into a new [`PreprocessedImage`].
+    pub fn patchify(self) -> PreprocessedImage {
+        let mut timings = self.timings;
+        let t = Instant::now();
+        let (patches, grid_h, grid_w) = patchify::normalize_patchify(&self.image);
+        timings.normalize_patchify_us = micros_since(t);
+        buffers::give(self.image.rgb);
+        PreprocessedImage {
+            num_patches: (grid_h * grid_w) as usize,
+            patches,
+            grid_thw: [1, grid_h, grid_w],
+            hash: self.hash,
+            timings,
+        }
+    }
+}
+
+/// Decode, orient, convert, size, resize and hash one image (see [`ResizedImage`]).
+pub fn resize_and_hash(bytes: &[u8], opts: &ImageOptions) -> Result<ResizedImage, ImageError> {
+    let (image, timings) = resize_for_model(bytes, opts)?;
+    Ok(ResizedImage {
+        image,
+        hash: crate::hash::image_hash(bytes, opts),
+        timings,
+    })
 }
 
 /// Decode, orient, convert, size, resize, normalise and patchify one image.
@@ -207,16 +275,5 @@ pub fn preprocess_image(
     bytes: &[u8],
     opts: &ImageOptions,
 ) -> Result<PreprocessedImage, ImageError> {
-    let (img, mut timings) = resize_for_model(bytes, opts)?;
-    let t2 = Instant::now();
-    let (patches, grid_h, grid_w) = patchify::normalize_patchify(&img);
-    timings.normalize_patchify_us = micros_since(t2);
-    let hash = crate::hash::image_hash(bytes, opts);
-    Ok(PreprocessedImage {
-        num_patches: (grid_h * grid_w) as usize,
-        patches,
-        grid_thw: [1, grid_h, grid_w],
-        hash,
-        timings,
-    })
+    Ok(resize_and_hash(bytes, opts)?.patchify())
 }

@@ -122,24 +122,32 @@ fn preprocess<'py>(
         max_input_pixels,
         max_input_bytes,
     );
-    let out = with_bytes(py, image, |b| image::preprocess_image(b, &opts))?;
+    let resized = with_bytes(py, image, |b| image::resize_and_hash(b, &opts))?;
+    let (num_patches, grid_thw) = (resized.num_patches(), resized.grid_thw());
+    let hash = resized.hash.clone();
+    // The patches are written straight into the bytearray numpy views (GIL released while
+    // they are computed): no second copy of the ~5 MB of bf16.
+    let mut timings = image::StageTimings::default();
+    let buf = PyByteArray::new_with(py, num_patches * image::PATCH_DIM * 2, |dst| {
+        timings = py.detach(|| resized.patchify_into(dst));
+        Ok(())
+    })?;
+    let np = py.import("numpy")?;
+    let patches = np
+        .call_method1("frombuffer", (buf, "uint16"))?
+        .call_method1("reshape", ((num_patches, image::PATCH_DIM),))?;
     let d = PyDict::new(py);
-    // One copy of the native-endian bf16 bits into the bytearray numpy views.
-    let raw = out.patch_bytes();
+    d.set_item("patches", patches)?;
+    d.set_item("grid_thw", (grid_thw[0], grid_thw[1], grid_thw[2]))?;
+    d.set_item("hash", hash)?;
     d.set_item(
-        "patches",
-        numpy_array(py, raw, "uint16", &[out.num_patches, image::PATCH_DIM])?,
+        "num_image_tokens",
+        num_patches / (image::patchify::MERGE * image::patchify::MERGE),
     )?;
-    d.set_item(
-        "grid_thw",
-        (out.grid_thw[0], out.grid_thw[1], out.grid_thw[2]),
-    )?;
-    d.set_item("hash", &out.hash)?;
-    d.set_item("num_image_tokens", out.num_image_tokens())?;
     let t = PyDict::new(py);
-    t.set_item("decode", out.timings.decode_us)?;
-    t.set_item("resize", out.timings.resize_us)?;
-    t.set_item("normalize_patchify", out.timings.normalize_patchify_us)?;
+    t.set_item("decode", timings.decode_us)?;
+    t.set_item("resize", timings.resize_us)?;
+    t.set_item("normalize_patchify", timings.normalize_patchify_us)?;
     d.set_item("timings_us", t)?;
     Ok(d)
 }

@@ -138,7 +138,8 @@ fn decode_jpeg(bytes: &[u8], opts: &ImageOptions) -> Result<(DecodedImage, u16),
         _ => {}
     }
     let (w, h) = (header.width, header.height);
-    let mut rgb = vec![0u8; w * h * 3];
+    // From the per-thread pool (see `buffers`): the decoder writes every byte.
+    let mut rgb = super::buffers::take(w * h * 3);
     let out = turbojpeg::Image {
         pixels: rgb.as_mut_slice(),
         width: w,

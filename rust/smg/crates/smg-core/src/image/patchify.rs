@@ -188,21 +188,49 @@ impl pulp::WithSimd for FillPlanes<'_> {
 
 /// Patches (bf16 bits, `[gh·gw, 1176]`) and the grid `(gh, gw)` of a resized image whose sides
 /// are multiples of 28.
+pub fn normalize_patchify(img: &DecodedImage) -> (Vec<u16>, u32, u32) {
+    let (gh, gw) = grid(img);
+    let mut out: Vec<u16> = Vec::with_capacity(gh as usize * gw as usize * PATCH_DIM);
+    patch_rows(img, |vals| out.extend_from_slice(vals));
+    (out, gh, gw)
+}
+
+/// [`normalize_patchify`] into a caller's buffer of native-endian bf16 bytes (e.g. Python's
+/// bytearray, so the patches are written once and never copied); `out` must be
+/// `gh · gw · 1176 · 2` bytes. Returns the grid.
+pub fn normalize_patchify_into(img: &DecodedImage, out: &mut [u8]) -> (u32, u32) {
+    let (gh, gw) = grid(img);
+    assert_eq!(
+        out.len(),
+        gh as usize * gw as usize * PATCH_DIM * 2,
+        "patch buffer size"
+    );
+    let mut pos = 0;
+    patch_rows(img, |vals| {
+        out[pos..pos + 2 * PATCH].copy_from_slice(pulp::bytemuck::cast_slice(vals));
+        pos += 2 * PATCH;
+    });
+    (gh, gw)
+}
+
+/// Patch grid `(gh, gw)` of a resized image: sides in 14-pixel patches, whole 2×2 merge blocks.
+pub fn grid(img: &DecodedImage) -> (u32, u32) {
+    let (gh, gw) = (img.height as usize / PATCH, img.width as usize / PATCH);
+    ((gh / MERGE * MERGE) as u32, (gw / MERGE * MERGE) as u32)
+}
+
+/// Emits the patch matrix in memory order, 14 values (one patch row of one channel) at a time.
 ///
 /// One band of 28 source rows (one merge-block row) at a time: the band is normalised once into
-/// three bf16 channel planes (L2-resident), then the band's output rows are appended in order,
+/// three bf16 channel planes (L2-resident), then the band's output rows are emitted in order,
 /// so the output is written exactly once and never zero-filled first.
-pub fn normalize_patchify(img: &DecodedImage) -> (Vec<u16>, u32, u32) {
+fn patch_rows(img: &DecodedImage, mut emit: impl FnMut(&[u16; PATCH])) {
     let (w, h) = (img.width as usize, img.height as usize);
-    let (gh, gw) = (h / PATCH, w / PATCH);
-    let (bh_n, bw_n) = (gh / MERGE, gw / MERGE);
+    let (bh_n, bw_n) = (h / PATCH / MERGE, w / PATCH / MERGE);
     let table = lut();
     let band = MERGE * PATCH;
-    let plane = PATCH * PATCH;
-    let mut out: Vec<u16> = Vec::with_capacity(bh_n * MERGE * bw_n * MERGE * PATCH_DIM);
     // planes[c][yy * w + x] for the band's 28 rows.
     let mut planes = vec![vec![0u16; band * w]; 3];
-    let mut row = [0u16; PATCH_DIM];
     let arch = pulp::Arch::new();
     for bh in 0..bh_n {
         let src = &img.rgb[bh * band * w * 3..(bh + 1) * band * w * 3];
@@ -214,23 +242,20 @@ pub fn normalize_patchify(img: &DecodedImage) -> (Vec<u16>, u32, u32) {
         for bw in 0..bw_n {
             for mh in 0..MERGE {
                 for mw in 0..MERGE {
+                    // Columns C → T → py → px (the frame repeated for T = 2).
                     let x0 = (bw * MERGE + mw) * PATCH;
-                    for (c, pc) in planes.iter().enumerate() {
-                        let base = c * TEMPORAL * plane;
-                        for py in 0..PATCH {
-                            let o = (mh * PATCH + py) * w + x0;
-                            let vals = &pc[o..o + PATCH];
-                            let d = base + py * PATCH;
-                            row[d..d + PATCH].copy_from_slice(vals);
-                            row[d + plane..d + plane + PATCH].copy_from_slice(vals);
+                    for pc in &planes {
+                        for _ in 0..TEMPORAL {
+                            for py in 0..PATCH {
+                                let o = (mh * PATCH + py) * w + x0;
+                                emit(pc[o..o + PATCH].try_into().expect("one patch row"));
+                            }
                         }
                     }
-                    out.extend_from_slice(&row);
                 }
             }
         }
     }
-    (out, (bh_n * MERGE) as u32, (bw_n * MERGE) as u32)
 }
 
 #[cfg(test)]
@@ -251,6 +276,22 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The byte-buffer entry writes exactly the bytes of the `Vec` one.
+    #[test]
+    fn into_bytes_matches_vec() {
+        let (w, h) = (84u32, 56u32);
+        let rgb = (0..w * h * 3).map(|i| (i * 31 % 251) as u8).collect();
+        let img = DecodedImage {
+            width: w,
+            height: h,
+            rgb,
+        };
+        let (want, gh, gw) = normalize_patchify(&img);
+        let mut got = vec![0xAAu8; want.len() * 2];
+        assert_eq!(normalize_patchify_into(&img, &mut got), (gh, gw));
+        assert_eq!(got, pulp::bytemuck::cast_slice::<u16, u8>(&want));
     }
 
     /// The dispatched (AVX2 where available) path equals the table on every value, including

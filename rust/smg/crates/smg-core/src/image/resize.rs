@@ -13,11 +13,10 @@
 //! away from zero, which is what both reference kernels compute (in any tap order: the sum is
 //! exact in i32).
 
-use super::DecodedImage;
+use super::{buffers, DecodedImage};
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
-
 /// Keys' cubic convolution kernel with a = −0.5 (Pillow's `bicubic_filter`, torch's
 /// `aa_filter` for bicubic), same operation order so the f64 results are identical.
 fn cubic(x: f64) -> f64 {
@@ -354,18 +353,24 @@ impl pulp::WithSimd for ResizeTorchV3<'_> {
         let hx = axis_weights(in_w, ow, Precision::TorchInt16);
         let vy = axis_weights(in_h, oh, Precision::TorchInt16);
         let (hw, vw) = (narrow(&hx)?, narrow(&vy)?);
-        let h_out;
+        // Both outputs come from the per-thread pool: every byte is written, no zeroing.
+        let mut h_out = Vec::new();
         let rows: &[u8] = if ow == in_w {
             &img.rgb
         } else {
-            h_out = avx2::horizontal(simd, &img.rgb, in_h, in_w, &hx, &hw);
+            h_out = buffers::take(in_h * ow * 3);
+            avx2::horizontal(simd, &img.rgb, in_h, in_w, &hx, &hw, &mut h_out);
             &h_out
         };
         let rgb = if oh == in_h {
             rows.to_vec()
         } else {
-            avx2::vertical(simd, rows, ow * 3, &vy, &vw, vertical_strip::<i16, V_CHUNK>)
+            let mut rgb = buffers::take(oh * ow * 3);
+            let tail = vertical_strip::<i16, V_CHUNK>;
+            avx2::vertical(simd, rows, ow * 3, &vy, &vw, tail, &mut rgb);
+            rgb
         };
+        buffers::give(h_out);
         Some(DecodedImage {
             width: out_w,
             height: out_h,

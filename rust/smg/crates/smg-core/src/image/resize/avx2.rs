@@ -57,7 +57,8 @@ fn transpose16(simd: V3, mut a: [__m128i; 16]) -> [__m128i; 16] {
     a
 }
 
-/// Horizontal pass: `src` is `h × in_w × 3` interleaved RGB; result `h × out_w × 3`.
+/// Horizontal pass: `src` is `h × in_w × 3` interleaved RGB; writes all of `out`
+/// (`h × out_w × 3`).
 ///
 /// Strips of 16 rows are transposed (16×16 byte blocks) so that each byte column of the strip
 /// (`3x + c`: pixel x, channel c) is one 16-byte vector holding that byte of all 16 rows. The
@@ -72,7 +73,8 @@ pub fn horizontal(
     in_w: usize,
     ax: &AxisWeights,
     w16: &[i16],
-) -> Vec<u8> {
+    out: &mut [u8],
+) {
     let (avx, avx2, sse2) = (simd.avx, simd.avx2, simd.sse2);
     let out_w = ax.start.len();
     let (in_row, out_row) = (in_w * 3, out_w * 3);
@@ -96,7 +98,7 @@ pub fn horizontal(
     let zero = avx._mm256_setzero_si256();
     let half = avx._mm256_set1_epi32(1 << (ax.precision - 1));
     let shift = sse2._mm_cvtsi32_si128(ax.precision as i32);
-    let mut out = vec![0u8; h * out_row];
+    assert_eq!(out.len(), h * out_row, "horizontal: output size");
     let mut cols: Vec<[u8; 16]> = vec![[0; 16]; in_groups * 16];
     let mut res: Vec<[u8; 16]> = vec![[0; 16]; out_groups * 16];
     let mut y0 = 0;
@@ -169,11 +171,10 @@ pub fn horizontal(
         }
         y0 += rows;
     }
-    out
 }
 
-/// Vertical pass: `src` is rows of `row_len` bytes; result `ax.start.len()` rows. Columns past
-/// the last full 32-byte chunk go through `tail` (the portable strip).
+/// Vertical pass: `src` is rows of `row_len` bytes; writes all of `out` (`ax.start.len()`
+/// rows). Columns past the last full 32-byte chunk go through `tail` (the portable strip).
 #[inline(always)]
 pub fn vertical(
     simd: V3,
@@ -182,9 +183,9 @@ pub fn vertical(
     ax: &AxisWeights,
     w16: &[i16],
     tail: impl Fn(&[u8], usize, usize, usize, &[i16], u32, &mut [u8]),
-) -> Vec<u8> {
-    let out_h = ax.start.len();
-    let mut out = vec![0u8; out_h * row_len];
+    out: &mut [u8],
+) {
+    assert_eq!(out.len(), ax.start.len() * row_len, "vertical: output size");
     let avx2 = simd.avx2;
     let zero = simd.avx._mm256_setzero_si256();
     let half = simd.avx._mm256_set1_epi32(1 << (ax.precision - 1));
@@ -253,5 +254,4 @@ pub fn vertical(
             );
         }
     }
-    out
 }
