@@ -126,6 +126,8 @@ impl AppState {
         let client = reqwest::Client::builder()
             .pool_max_idle_per_host(256)
             .tcp_nodelay(true)
+            // A worker never redirects; skipping the policy layer saves work per request.
+            .redirect(reqwest::redirect::Policy::none())
             .read_timeout(cfg.upstream_timeout)
             .build()
             .map_err(|e| e.to_string())?;
