@@ -5,8 +5,8 @@ Three exact kernels share this launcher (``launch_topk_rows``; pick one with ``v
 
 - "auto" (the shipped default): a dispatch by shape to the fastest kernel measured on H200
   (torch 2.11, triton 3.6, ``scripts/gpu/topk_check.sh``; benchmarks/results/index_topk.md):
-  "slots" at W = 64, C = 4, one warp when there are ≥ ``SLOTS_MIN_ROWS`` rows of ≤
-  ``SLOTS_MAX_COLS`` blocks ([32768 × 1024]: 0.122 ms vs rounds 0.362 ms, torch.topk 0.967 ms),
+  "slots" at W = 64, C = 5, one warp when there are ≥ ``SLOTS_MIN_ROWS`` rows of ≤
+  ``SLOTS_MAX_COLS`` blocks ([32768 × 1024]: 0.093 ms vs rounds 0.362 ms, torch.topk 0.967 ms),
   "rounds" otherwise — few rows leave SMs idle, and one warp streaming an 8192-block row is
   latency bound ([256 × 8192]: rounds 0.025 ms, slots ≥ 0.115 ms; [32 × 1024]: 0.0062 vs
   0.0087 ms). Every kernel is exact, so the dispatch changes speed, never the ids.
@@ -62,8 +62,10 @@ _SLOTS_BROKEN: list[str] = []  # set if the slot-list kernel ever fails to compi
 # slot-list launch shapes: prefill-sized batches (many rows: one warp per row, ~25-32 rows per SM;
 # depth 4 because at depth 3 ~8 % of random 1023-block rows need the exact fallback, 0.3 % at 4:
 # H200 0.122 vs 0.239 ms) and decode-sized ones (≤ 1024 rows, up to 8192 blocks each: eight warps
-# share a row; only reached with variant="slots", "auto" takes rounds there)
-SLOTS_MANY_ROWS = SlotsConfig(slots=64, depth=4, unroll=8, num_warps=1)
+# share a row; only reached with variant="slots", "auto" takes rounds there). Second H200 run
+# (restart fallback): depth 5 beat 4 on every many-row shape — [32768 × 1024] 0.093 vs 0.101 ms,
+# [4096 × 1024] 0.016 vs 0.029, [8192 × 2048] 0.043 vs 0.075 — all exact.
+SLOTS_MANY_ROWS = SlotsConfig(slots=64, depth=5, unroll=8, num_warps=1)
 SLOTS_FEW_ROWS = SlotsConfig(slots=256, depth=4, unroll=4, num_warps=8)
 SLOTS_INTERPRET = SlotsConfig(slots=64, depth=4, unroll=2, num_warps=1, rows=64)
 
@@ -258,7 +260,11 @@ def launch_topk_rows(
     k_pad = max(2, triton.next_power_of_2(topk))
     block_n = max(16, 2 * k_pad, triton.next_power_of_2(max(n_cols, 1)))
     rows = max(1, min(16, 4096 // block_n))
-    if n_rows <= 1024:  # decode-sized batches: one row per program spreads them over more SMs
+    # decode-sized batches: one row per program spreads them over more SMs. Rows of 2048 blocks
+    # also take one per program: the [2, 2048] tile ranked every row of [8192 × 2048] wrong on an
+    # H200 with Triton 3.6 (benchmarks/results/index_topk.md, 2026-11-26), while [1, N] tiles
+    # (N ≤ 8192) and [4, 1024] were exact on every shape measured.
+    if n_rows <= 1024 or block_n >= 2048:
         rows = 1
     if _interpreting():  # programs run one after another there: fewer, wider ones are faster
         rows = max(1, min(256, 65536 // block_n))
