@@ -309,3 +309,28 @@ def test_gpu_cuda_graph_replay_matches_eager(backend, config):
         _, ck, cv, cpt, csel, cseq = case
         want = oracle(out, ck, cv, cpt, csel, cseq, qn, scale)
         torch.testing.assert_close(got.float().cpu(), want, atol=2e-2, rtol=2e-2)
+
+
+def test_row_layout_python_path_equals_torch_path(monkeypatch):
+    """Small batches take the plain-Python layout (host time per decode step), larger ones the
+    vectorised torch one: both give the same tensors."""
+    import m3serve.kernels.msa.sparse_decode_indices as sdi
+
+    g = torch.Generator().manual_seed(3)
+    for _ in range(30):
+        qn = int(torch.randint(1, 17, (1,), generator=g))
+        b = int(torch.randint(1, 40, (1,), generator=g))
+        seq = (torch.randint(0, 300_000, (b,), generator=g) + qn).tolist()
+        args = (
+            int(torch.randint(1, 9, (1,), generator=g)),
+            128,
+            int(torch.randint(1, 33, (1,), generator=g)),
+        )
+        py = sdi.decode_row_layout(seq, qn, *args)
+        monkeypatch.setattr(sdi, "_PY_ROWS", 0)
+        vec = sdi.decode_row_layout(torch.tensor(seq), qn, *args)
+        monkeypatch.setattr(sdi, "_PY_ROWS", 4096)
+        for a, v in zip(py, vec, strict=True):
+            assert a.dtype == v.dtype == torch.int32 and torch.equal(a, v)
+    with pytest.raises(AssertionError):
+        sdi.decode_row_layout([3, 1], 2, 1, 128, 16)

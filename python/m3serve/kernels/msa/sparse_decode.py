@@ -180,7 +180,8 @@ class SparseDecodeWrapper:
         assert 1 <= q_per_req <= 16, f"q_per_req must be in 1..16, got {q_per_req}"
         lens_host = torch.as_tensor(seq_lens).to("cpu", torch.int32).flatten()
         batch = lens_host.numel()
-        indptr, last, _ = decode_row_layout(lens_host, q_per_req, num_kv_heads, block, topk)
+        layout_lens = seq_lens if isinstance(seq_lens, list) else lens_host  # lists skip a tolist()
+        indptr, last, _ = decode_row_layout(layout_lens, q_per_req, num_kv_heads, block, topk)
         rows = batch * q_per_req * num_kv_heads
         self._ensure_capacity(max(rows, batch), topk)
         backend = self.auto_pick(rows)

@@ -16,6 +16,9 @@ What depends on the layer (per layer, on device, no host sync): the page ids, wr
 
 from __future__ import annotations
 
+import array
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -27,9 +30,16 @@ def decode_row_layout(
     """Host-side plan: (kv_indptr [R+1], last_page_len [R], row_pages [R]) int32 on CPU.
 
     Rows are ordered (request, query, KV head). Raises if a request has fewer than Q tokens.
+    Runs once per decode step on the host, so batches of up to ``_PY_ROWS`` rows take plain
+    Python integers (a few tensor constructions instead of ~10 small torch ops: ~10× less host
+    time, which a ~2 ms batch-1 step cannot hide); larger ones the vectorised torch path.
     """
-    lens = torch.as_tensor(seq_lens, dtype=torch.int64, device="cpu").flatten()
     assert q_per_req >= 1, f"q_per_req must be >= 1, got {q_per_req}"
+    if isinstance(seq_lens, torch.Tensor):
+        seq_lens = seq_lens.flatten().tolist()
+    if len(seq_lens) * q_per_req * num_kv_heads <= _PY_ROWS:
+        return _row_layout_py([int(x) for x in seq_lens], q_per_req, num_kv_heads, block, topk)
+    lens = torch.as_tensor(seq_lens, dtype=torch.int64, device="cpu").flatten()
     assert bool((lens >= q_per_req).all()), (
         "every seq_len must be >= q_per_req (queries are in the cache)"
     )
@@ -41,6 +51,30 @@ def decode_row_layout(
     indptr = torch.zeros(pages.numel() + 1, dtype=torch.int32)
     torch.cumsum(pages, 0, out=indptr[1:])
     return indptr, last, pages
+
+
+_PY_ROWS = 4096
+
+
+def _row_layout_py(
+    lens: list[int], q_per_req: int, num_kv_heads: int, block: int, topk: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """decode_row_layout on Python ints (same result)."""
+    assert all(n >= q_per_req for n in lens), (
+        "every seq_len must be >= q_per_req (queries are in the cache)"
+    )
+    pages: list[int] = []
+    last: list[int] = []
+    for n in lens:
+        for pos in range(n - q_per_req, n):
+            pages += [min(pos // block + 1, topk)] * num_kv_heads
+            last += [pos % block + 1] * num_kv_heads
+    indptr = [0, *itertools.accumulate(pages)]
+    # frombuffer over an int32 array: ~4× faster than torch.tensor(list); the tensor keeps the
+    # array alive
+    return tuple(
+        torch.frombuffer(array.array("i", v), dtype=torch.int32) for v in (indptr, last, pages)
+    )  # type: ignore[return-value]
 
 
 def ref_rewrite_kv_indices(
