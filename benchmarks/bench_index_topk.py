@@ -289,18 +289,8 @@ def run_decode(cases, ceiling, gen, quick: bool):
             torch.cuda.empty_cache()
 
 
-# slot-list launch shapes timed beside the shipped choice (W slots, depth C, unroll U, warps):
-# depth 3 (the old default) vs 4 (the new one) vs 5 / 6 (almost no fallback rows, more selects
-# per block), W = 128 at one warp, and the few-rows shape; seven keep topk_check.sh near 90 s
-TOPK_SLOT_SWEEP = [
-    SlotsConfig(slots=64, depth=3, unroll=8, num_warps=1),
-    SlotsConfig(slots=64, depth=4, unroll=8, num_warps=1),
-    SlotsConfig(slots=64, depth=4, unroll=16, num_warps=1),
-    SlotsConfig(slots=64, depth=5, unroll=8, num_warps=1),
-    SlotsConfig(slots=32, depth=6, unroll=16, num_warps=1),
-    SlotsConfig(slots=128, depth=4, unroll=4, num_warps=1),
-    SlotsConfig(slots=256, depth=4, unroll=4, num_warps=8),
-]
+# slot-list launch shapes timed beside the shipped choice (seven keep topk_check.sh near 90 s)
+TOPK_SLOT_SWEEP = list(topk_mod.SLOTS_SWEEP)
 
 
 def _cfg_tag(c: SlotsConfig) -> str:

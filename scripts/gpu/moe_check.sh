@@ -6,16 +6,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-$PWD/gpu-out}"
-mkdir -p "$OUT"
-if ! python3 -c "import pytest" 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/m3serve-pytest .dev-index/index_topk_wheels/*.whl >/dev/null 2>&1 \
-        || echo "no pytest and no .dev-index/index_topk_wheels: GPU tests will fail"
-    export PYTHONPATH="/tmp/m3serve-pytest:${PYTHONPATH:-}"
-fi
-export PYTHONPATH="$PWD/python:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+. scripts/gpu/pytest_env.sh
 
 echo "== GPU tests (tests/model/test_moe.py -m gpu) =="
 timeout "${TEST_S:-300}" python3 -m pytest -q -m gpu tests/model/test_moe.py -p no:cacheprovider \

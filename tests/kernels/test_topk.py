@@ -295,16 +295,7 @@ def test_grouped_output_layout(variant):
     assert torch.equal(out.cpu(), expect.transpose(0, 1))
 
 
-GPU_SLOT_CONFIGS = [
-    None,  # the launcher's own choice for the shape
-    SlotsConfig(slots=64, depth=3, unroll=8),
-    SlotsConfig(slots=64, depth=4, unroll=8),
-    SlotsConfig(slots=64, depth=4, unroll=16),
-    SlotsConfig(slots=64, depth=5, unroll=8),
-    SlotsConfig(slots=32, depth=6, unroll=16),
-    SlotsConfig(slots=128, depth=4, unroll=4),
-    SlotsConfig(slots=256, depth=4, unroll=4, num_warps=8),
-]  # = bench_index_topk.TOPK_SLOT_SWEEP, so the kernels compile once per run (Triton's disk cache)
+GPU_SLOT_CONFIGS = [None, *topk_mod.SLOTS_SWEEP]  # None: the launcher's own choice for the shape
 
 
 @gpu

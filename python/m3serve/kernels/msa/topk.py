@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from . import reference as ref
-from .topk_slots import SlotsConfig, launch_topk_slots, ordered32
+from .topk_slots import SlotsConfig, launch_topk_slots, ordered32, store_ranked
 
 MAX_BLOCKS = 8192  # 1M tokens at block 128; a row of 8192 int64 keys still fits in registers
 VARIANTS = ("auto", "slots", "rounds", "filter")
@@ -68,6 +68,18 @@ _SLOTS_BROKEN: list[str] = []  # set if the slot-list kernel ever fails to compi
 SLOTS_MANY_ROWS = SlotsConfig(slots=64, depth=5, unroll=8, num_warps=1)
 SLOTS_FEW_ROWS = SlotsConfig(slots=256, depth=4, unroll=4, num_warps=8)
 SLOTS_INTERPRET = SlotsConfig(slots=64, depth=4, unroll=2, num_warps=1, rows=64)
+# slot-list launch shapes the benchmark times beside the shipped ones and the GPU tests check (one
+# list, so a GPU run compiles each once: Triton's disk cache): depth 3 vs 4 vs 5 / 6 (fewer fallback
+# rows, more selects per block), W = 128 at one warp, and the few-rows shape
+SLOTS_SWEEP = (
+    SlotsConfig(slots=64, depth=3, unroll=8, num_warps=1),
+    SlotsConfig(slots=64, depth=4, unroll=8, num_warps=1),
+    SlotsConfig(slots=64, depth=4, unroll=16, num_warps=1),
+    SlotsConfig(slots=64, depth=5, unroll=8, num_warps=1),
+    SlotsConfig(slots=32, depth=6, unroll=16, num_warps=1),
+    SlotsConfig(slots=128, depth=4, unroll=4, num_warps=1),
+    SlotsConfig(slots=256, depth=4, unroll=4, num_warps=8),
+)
 
 
 def pick_variant(n_rows: int, n_cols: int) -> str:
@@ -176,21 +188,9 @@ def _topk_rows_kernel(
             ranked = _max_knockout(tl.reshape(keys, [ROWS, BLOCK_N]), ranked, slots, TOPK)
     else:
         ranked = _max_knockout(tl.reshape(keys, [ROWS, BLOCK_N]), ranked, slots, TOPK)
-    ranked = tl.where(slots[None, :] == TOPK - 1, loc[:, None], ranked)
-
-    # -- ≤ k visible blocks: all of them ascending, −1 after --
-    dense = tl.where(slots[None, :] <= loc[:, None], slots[None, :], -1)
-    res = tl.where((loc + 1 <= TOPK)[:, None], dense, ranked)
-
-    g = rows % G
-    t = rows // G
-    out_ptrs = (
-        out_ptr
-        + g[:, None].to(tl.int64) * stride_og
-        + t[:, None].to(tl.int64) * stride_ot
-        + slots[None, :] * stride_ok
+    store_ranked(
+        out_ptr, rows, row_ok, loc, ranked, slots, stride_og, stride_ot, stride_ok, G, TOPK
     )
-    tl.store(out_ptrs, res, mask=row_ok[:, None] & (slots[None, :] < TOPK))
 
 
 def _interpreting() -> bool:

@@ -69,6 +69,27 @@ def ordered32(s):
 
 
 @triton.jit
+def store_ranked(
+    out_ptr, rows, row_ok, loc, ranked, slots, stride_og, stride_ot, stride_ok,
+    G: tl.constexpr, TOPK: tl.constexpr,
+):  # fmt: skip
+    """The epilogue every top-k kernel shares: the local block into the last slot; a row with
+    ≤ k visible blocks lists all of them ascending, −1 after; row r → out[r % G, r // G, :]."""
+    ranked = tl.where(slots[None, :] == TOPK - 1, loc[:, None], ranked)
+    dense = tl.where(slots[None, :] <= loc[:, None], slots[None, :], -1)
+    res = tl.where((loc + 1 <= TOPK)[:, None], dense, ranked)
+    g = rows % G
+    t = rows // G
+    out_ptrs = (
+        out_ptr
+        + g[:, None].to(tl.int64) * stride_og
+        + t[:, None].to(tl.int64) * stride_ot
+        + slots[None, :] * stride_ok
+    )
+    tl.store(out_ptrs, res, mask=row_ok[:, None] & (slots[None, :] < TOPK))
+
+
+@triton.jit
 def _insert(x, col, v0, i0, v1, i1, v2, i2, v3, i3, v4, i4, v5, i5, C: tl.constexpr):
     """Insert scores x (ids col, above every id already listed) into each slot's sorted list of
     depth C (levels ≥ C are unused and left alone)."""
@@ -253,19 +274,9 @@ def _topk_slots_kernel(
             fixed = _stream_exact(row_ptr, tl.where(bad, nvis, 0), start, ranked, slots, TOPK, W)
             ranked = tl.where(bad[:, None], fixed, ranked)
 
-    # -- local block last; ≤ k visible blocks: all of them ascending, −1 after --
-    ranked = tl.where(slots[None, :] == TOPK - 1, loc[:, None], ranked)
-    dense = tl.where(slots[None, :] <= loc[:, None], slots[None, :], -1)
-    res = tl.where((loc + 1 <= TOPK)[:, None], dense, ranked)
-    g = rows % G
-    t = rows // G
-    out_ptrs = (
-        out_ptr
-        + g[:, None].to(tl.int64) * stride_og
-        + t[:, None].to(tl.int64) * stride_ot
-        + slots[None, :] * stride_ok
+    store_ranked(
+        out_ptr, rows, row_ok, loc, ranked, slots, stride_og, stride_ot, stride_ok, G, TOPK
     )
-    tl.store(out_ptrs, res, mask=row_ok[:, None] & (slots[None, :] < TOPK))
 
 
 def launch_topk_slots(
