@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
-from serving_common import card_name, card_parity, side_by_side_servers
+from serving_common import card_name, card_parity, server_args, side_by_side_servers
 
 from m3serve.launch import CPU_STANDIN_DIR, SGLangServer, start_staggered
 
@@ -149,13 +149,7 @@ def main() -> int:
     )
     if args.device != "cuda":
         graph_args = []
-    base = [
-        "--attention-backend", "msa", "--page-size", str(args.page_size),
-        "--sampling-backend", "pytorch",
-        "--context-length", str(ctx),
-        "--chunked-prefill-size", "8192", "--max-running-requests", "64",
-        "--trust-remote-code", *graph_args, *args.extra.split(),
-    ]  # fmt: skip
+    base = [*server_args(args.page_size, ctx, 64), *graph_args, *args.extra.split()]
     names = args.servers.split(",")
     servers = side_by_side_servers(
         args.ckpt, names, base, device=args.device, max_total_tokens=args.max_total_tokens,

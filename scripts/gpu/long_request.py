@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
-from serving_common import card_name, side_by_side_servers
+from serving_common import card_name, server_args, side_by_side_servers
 
 from m3serve.launch import SGLangServer, start_staggered
 
@@ -85,6 +85,9 @@ def one_request(
             if first is None:
                 first = time.time()
             meta = json.loads(line[5:]).get("meta_info", {})
+            fin = meta.get("finish_reason") or {}
+            if isinstance(fin, dict) and fin.get("type") == "abort":  # SGLang streams errors as 200
+                raise RuntimeError(f"request aborted by the server: {fin.get('message')}")
             for key, have in lists.items():  # chunks carry cumulative or incremental lists
                 got = meta.get(key) or []
                 if len(got) >= len(have) and got[: len(have)] == have:
@@ -127,12 +130,7 @@ def main() -> int:
     gpus = [g for g in args.gpus.split(",") if g]
     out = Path(os.environ.get("OUT", "gpu-out"))
     out.mkdir(parents=True, exist_ok=True)
-    base = [
-        "--attention-backend", "msa", "--page-size", str(args.page_size),
-        "--sampling-backend", "pytorch", "--context-length", str(args.tokens),
-        "--chunked-prefill-size", "8192", "--max-running-requests", "8",
-        "--trust-remote-code", *args.extra.split(),
-    ]  # fmt: skip
+    base = server_args(args.page_size, args.tokens, 8, args.extra)
     names = args.servers.split(",")
     servers = side_by_side_servers(
         args.ckpt, names, base, device=args.device, max_total_tokens=args.tokens + 65536,

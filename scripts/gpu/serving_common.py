@@ -17,6 +17,20 @@ from m3serve.launch import SGLangServer
 IMPL_ENV = {"ours": {"M3SERVE_MSA_IMPL": "auto"}, "sglang": {"M3SERVE_MSA_IMPL": "sglang"}}
 
 
+def server_args(
+    page_size: int, context_length: int, max_running: int, extra: str = ""
+) -> list[str]:
+    """The launch_server flags every serving script shares (msa backend, page = MSA block, the
+    pytorch sampler (sgl_kernel's is not there), 8K prefill chunks), plus ``extra`` (space
+    separated)."""
+    return [
+        "--attention-backend", "msa", "--page-size", str(page_size),
+        "--sampling-backend", "pytorch", "--context-length", str(context_length),
+        "--chunked-prefill-size", "8192", "--max-running-requests", str(max_running),
+        "--trust-remote-code", *extra.split(),
+    ]  # fmt: skip
+
+
 def side_by_side_servers(
     ckpt: str,
     names: Sequence[str],

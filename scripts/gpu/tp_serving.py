@@ -23,7 +23,7 @@ from typing import Any
 
 import requests
 from e2e_serving import bench, parse_workload, warm_up
-from serving_common import IMPL_ENV, card_name
+from serving_common import IMPL_ENV, card_name, server_args
 
 from m3serve.launch import SGLangServer
 
@@ -115,12 +115,7 @@ def main() -> int:
     prompts = [[(1103515245 * (i + 7919 * k) + 12345) % 600 + 10 for i in range(n)]
                for k, n in enumerate(LENGTHS) if n + args.new_tokens < args.context_length]  # fmt: skip
     cuda = args.device == "cuda"
-    base = [
-        "--attention-backend", "msa", "--page-size", str(args.page_size),
-        "--sampling-backend", "pytorch", "--context-length", str(args.context_length),
-        "--chunked-prefill-size", "8192", "--max-running-requests", "64",
-        "--trust-remote-code", *args.extra.split(),
-    ]  # fmt: skip
+    base = server_args(args.page_size, args.context_length, 64, args.extra)
     if cuda:
         base += ["--mem-fraction-static", "0.85", "--cuda-graph-max-bs-decode", "64",
                  "--disable-custom-all-reduce"]  # fmt: skip
