@@ -18,9 +18,12 @@ eager launch overhead would otherwise dominate a 10–50 µs selection; prefill 
       Exactness: each result must equal the reference order (stable descending sort, ties to the
       lower id) bit for bit; torch.topk may order equal scores either way, so rows that differ
       from it are counted and must all be rows with a tie among its top k scores.
-  (c) prefill, the last 8K-query chunk at 32K and 128K context: ours vs SGLang 0.5.23's
-      flash_prefill_with_topk_index (block_size_q 1, disable_index_value). FLOP formula:
-      2 · G · d · Σ_t (pos_t + 1) (the causal token scores); TFLOP/s = FLOPs / time.
+  (c) prefill, the last 8K-query chunk at 32K and 128K context: ours (bf16 keys; FP8 keys; FP8
+      keys + FP8 queries, q_fp8=True: e4m3 × e4m3 tensor-core scoring, the M3SERVE_INDEX_Q_FP8
+      option) vs SGLang 0.5.23's flash_prefill_with_topk_index (block_size_q 1,
+      disable_index_value), all in one run. FLOP formula: 2 · G · d · Σ_t (pos_t + 1) (the
+      causal token scores); TFLOP/s = FLOPs / time. The FP8-query case also reports how often its
+      selections agree with ours bf16 (it may differ at near-ties).
 Results: benchmarks/results/index_topk.{json,md} (DESIGN.md format; ratio > 1: ours faster).
 
 Usage: PYTHONPATH=python:.dev-index/index_topk_sglang python benchmarks/bench_index_topk.py
@@ -404,7 +407,7 @@ def prefill_case(cases, gen, chunk: int, ctx: int) -> None:
     pre = seq - chunk
     out = torch.empty(G, chunk, TOPK, dtype=torch.int32, device="cuda")
 
-    def ours(c=cache, s=None, k_major=False):
+    def ours(c=cache, s=None, k_major=False, q_fp8=False):
         return select_blocks_prefill(
             iq,
             c,
@@ -418,19 +421,24 @@ def prefill_case(cases, gen, chunk: int, ctx: int) -> None:
             max_seq_len=ctx,
             out=out,
             k_major=k_major,
+            q_fp8=q_fp8,
         )
 
     mine = ours().clone()
+    mine_q8 = ours(cache8, scale8, q_fp8=True).clone()
     t_bf16 = bench(ours, warmup=5, rep=40)
     t_fp8 = bench(lambda: ours(cache8, scale8), warmup=5, rep=40)
     t_fp8_ka = bench(lambda: ours(cache8, scale8, True), warmup=5, rep=40)
+    t_q8 = bench(lambda: ours(cache8, scale8, q_fp8=True), warmup=5, rep=40)
     print(f"  fp8 keys-as-A orientation {t_fp8_ka:.3f} ms", flush=True)
     pos = torch.arange(ctx - chunk, ctx, dtype=torch.float64)
     flops = 2 * G * D * float((pos + 1).sum())
     tag = f"prefill 8K chunk ctx{ctx // 1024}K"
     print(
         f"  {tag}: ours bf16 {t_bf16:.3f} ms ({flops / t_bf16 / 1e9:.0f} TFLOP/s), "
-        f"fp8 {t_fp8:.3f} ms",
+        f"fp8 {t_fp8:.3f} ms, fp8 keys + fp8 q {t_q8:.3f} ms "
+        f"({flops / t_q8 / 1e9:.0f} TFLOP/s, {t_bf16 / t_q8:.2f}x ours bf16, "
+        f"agree with ours bf16 {agreement(mine_q8, mine):.4f})",
         flush=True,
     )
     if HAVE_SGLANG:
@@ -485,6 +493,19 @@ def prefill_case(cases, gen, chunk: int, ctx: int) -> None:
                     "sglang-0.5.23 prefill select",
                     t_sgl,
                     fp8_keys_as_A_ms=round(t_fp8_ka, 5),
+                )
+            )
+            cases.append(
+                case(
+                    f"{tag} fp8 q+k vs sglang bf16",
+                    t_q8,
+                    "sglang-0.5.23 prefill select",
+                    t_sgl,
+                    ours_TFLOPs=round(flops / t_q8 / 1e9, 1),
+                    ours_bf16_ms=round(t_bf16, 5),
+                    vs_ours_bf16=round(t_bf16 / t_q8, 3),
+                    agree_ours_bf16=round(agreement(mine_q8, mine), 4),
+                    agree_sglang=round(agreement(mine_q8, idx), 4),
                 )
             )
         except Exception:

@@ -150,6 +150,18 @@ def test_fp8_index_keys_are_stored_quantized() -> None:
     torch.testing.assert_close(got, keys.view(5, DI), atol=0.0, rtol=0.07)  # e4m3: 3 mantissa bits
 
 
+def test_index_q_fp8_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """M3SERVE_INDEX_Q_FP8=1: FP8 queries, only over FP8 index keys; default off; bad values named."""
+    assert _backend("cpu", torch.bfloat16, fast=False, index_dtype="fp8").index_q_fp8 is False
+    monkeypatch.setenv("M3SERVE_INDEX_Q_FP8", "1")
+    assert _backend("cpu", torch.bfloat16, fast=False, index_dtype="fp8").index_q_fp8 is True
+    with pytest.raises(ValueError, match="M3SERVE_INDEX_K_DTYPE=fp8"):
+        _backend("cpu", torch.bfloat16, fast=False, index_dtype="bf16")
+    monkeypatch.setenv("M3SERVE_INDEX_Q_FP8", "yes")
+    with pytest.raises(ValueError, match="must be 0 or 1"):
+        _backend("cpu", torch.bfloat16, fast=False, index_dtype="fp8")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("index_dtype", ["bf16", "fp8"])
 def test_fast_path_matches_reference_composition(index_dtype: str) -> None:

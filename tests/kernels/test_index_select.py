@@ -21,6 +21,7 @@ if not torch.cuda.is_available():  # before the kernels are imported: triton.jit
 from m3serve.kernels.msa import reference as ref
 from m3serve.kernels.msa.index_select import (
     DecodeSelectWorkspace,
+    prefill_block_scores,
     select_blocks_decode,
     select_blocks_prefill,
 )
@@ -154,11 +155,15 @@ def test_gate_accepts_exact_and_tie_swaps_rejects_wrong_selections():
 # -- CPU (interpreter) and GPU fuzz -------------------------------------------------------------
 
 
-def _check(got, index_q, cache, scale, page_table, cu_q, prefix, seq, topk, tol=TOL):
-    expect = ref.ref_select_blocks(index_q, cache, scale, page_table, cu_q, prefix, seq, topk)
+def _check(got, index_q, cache, scale, page_table, cu_q, prefix, seq, topk, tol=TOL, q_fp8=False):
+    expect = ref.ref_select_blocks(
+        index_q, cache, scale, page_table, cu_q, prefix, seq, topk, q_fp8=q_fp8
+    )
     assert got.shape == expect.shape and got.dtype == torch.int32
     if torch.equal(got.cpu(), expect.cpu()):
         return
+    if q_fp8:  # the gate ranks the scores of the queries the kernel scored
+        index_q = ref.dequant_index_q_fp8(index_q)
     scores, local = reference_rows(index_q, cache, scale, page_table, cu_q, prefix, seq)
     groups = index_q.shape[1]
     bad = gate_violations(got.flatten(0, 1), scores.flatten(0, 1), local.repeat(groups), topk, tol)
@@ -321,3 +326,126 @@ def test_gpu_prefill_chunk_at_32k(fp8):
         out = torch.full((groups, int(cu_q[-1]), topk), 12345, dtype=torch.int32, device="cuda")
         got = select_blocks_prefill(*args, topk, out=out, k_major=k_major)
         _check(got, *args, topk)
+
+
+# -- opt-in FP8 queries (q_fp8=True: e4m3 × e4m3 scoring against an FP8 key cache) ------------
+#
+# The kernel quantizes each (token, group) query row exactly as the reference does, and every
+# e4m3 × e4m3 product is exact in float32: block scores may differ from the reference's only by
+# summation order (and Hopper's FP8 MMA accumulation on GPUs), so they are compared within a
+# tight tolerance and the selections exactly, except where reference scores tie within it.
+
+Q8_SCORE_TOL = 1e-4  # block-score error on the reference's 1/sqrt(d) scale (relative above 1)
+
+
+def _q8_batch(gen, reqs, groups, d, block=128):
+    seq_lens = [n for n, _ in reqs]
+    q_lens = [q for _, q in reqs]
+    cache, scale, pt = make_paged_index_cache(seq_lens, block, d, gen, fp8=True)
+    cu_q = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    seq = torch.tensor(seq_lens, dtype=torch.int32)
+    prefix = seq - torch.tensor(q_lens, dtype=torch.int32)
+    iq = torch.randn(int(cu_q[-1]), groups, d, generator=gen)
+    iq[0, 0] = 0.0  # an all-zero row: scale 1
+    iq[-1, -1] *= 30.0  # a row far from O(1): its own scale
+    return iq.to(torch.bfloat16), cache, scale, pt, cu_q, prefix, seq
+
+
+def _q8_scores_check(scores_k, local_k, iq, cache, scale, pt, cu_q, prefix, seq, tol):
+    """Kernel block scores (unscaled, [T·G, nb]) vs the reference's (/sqrt(d)) on the columns the
+    kernel writes (blocks before each row's local block)."""
+    d = iq.shape[-1]
+    groups = iq.shape[1]
+    ref_s, ref_local = reference_rows(
+        ref.dequant_index_q_fp8(iq), cache, scale, pt, cu_q, prefix, seq
+    )
+    want = ref_s.transpose(0, 1).flatten(0, 1)  # [T·G, nb] rows t·G + g
+    local = ref_local.repeat_interleave(groups)
+    assert torch.equal(local_k.long().cpu(), local.cpu())
+    nb = min(want.shape[1], scores_k.shape[1])
+    cols = torch.arange(nb, device=want.device)
+    valid = cols[None, :] < local[:, None].to(want.device)
+    got = scores_k[:, :nb].to(want.device).double() / d**0.5
+    want = want[:, :nb].double()
+    err = ((got - want).abs() / want.abs().clamp(min=1.0))[valid]  # relative above 1
+    assert valid.any() and float(err.max()) <= tol, float(err.max())
+
+
+def test_quantize_index_q_fp8_is_the_key_rule_per_row():
+    gen = torch.Generator().manual_seed(31)
+    iq = torch.randn(5, 4, 64, generator=gen).to(torch.bfloat16)
+    iq[2, 1] = 0.0
+    q8, s = ref.quantize_index_q_fp8(iq)
+    assert q8.shape == iq.shape and q8.dtype == torch.float8_e4m3fn and s.shape == (5, 4)
+    k8, ks = ref.quantize_index_k_fp8(iq.view(20, 64))
+    assert torch.equal(q8.view(20, 64).view(torch.uint8), k8.view(torch.uint8))
+    assert torch.equal(s.view(20), ks)
+    assert float(s[2, 1]) == 1.0 and (q8[2, 1].float() == 0).all()
+    deq = ref.dequant_index_q_fp8(iq)
+    torch.testing.assert_close(deq, iq.float(), atol=0.0, rtol=0.07)  # e4m3: 3 mantissa bits
+
+
+@pytest.mark.parametrize("topk", [4, 16])
+def test_prefill_q_fp8_matches_reference(topk):
+    gen = torch.Generator().manual_seed(41 + topk)
+    reqs = [(333, 45), (1111, 20), (4099, 5), (1, 1), (129, 2), (128, 17)]
+    batch = _q8_batch(gen, reqs, groups=4, d=64)
+    args = _to(DEV, *batch)
+    got = select_blocks_prefill(*args, topk, q_fp8=True)
+    _check(got, *args, topk, tol=Q8_SCORE_TOL, q_fp8=True)
+    scores, local = prefill_block_scores(*args, topk, q_fp8=True)
+    _q8_scores_check(scores, local, *args, tol=Q8_SCORE_TOL)
+
+
+@pytest.mark.parametrize("q_per_req", [1, 3])
+def test_decode_q_fp8_matches_reference(q_per_req):
+    gen = torch.Generator().manual_seed(43 + q_per_req)
+    reqs = [(max(n, q_per_req), q_per_req) for n in LENGTHS]
+    iq, cache, scale, pt, cu_q, prefix, seq = _to(DEV, *_q8_batch(gen, reqs, groups=4, d=64))
+    topk = 4 if q_per_req == 3 else 16
+    batch = pt.shape[0]
+    ws = DecodeSelectWorkspace(batch * q_per_req * 4, pt.shape[1], DEV)
+    got = select_blocks_decode(iq, cache, scale, pt, seq, q_per_req, topk, workspace=ws, q_fp8=True)
+    _check(got, iq, cache, scale, pt, cu_q, prefix, seq, topk, tol=Q8_SCORE_TOL, q_fp8=True)
+    rows = batch * q_per_req * 4
+    _q8_scores_check(
+        ws.scores[:rows], ws.local[:rows], iq, cache, scale, pt, cu_q, prefix, seq, Q8_SCORE_TOL
+    )
+
+
+def test_q_fp8_needs_fp8_keys_and_queries_as_a():
+    gen = torch.Generator().manual_seed(47)
+    iq, cache, scale, pt, cu_q, prefix, seq = _q8_batch(gen, [(300, 2)], groups=2, d=32)
+    bf16 = cache.float().bfloat16()
+    with pytest.raises(ValueError, match="float8_e4m3fn index-K cache"):
+        select_blocks_prefill(iq, bf16, None, pt, cu_q, prefix, seq, 4, q_fp8=True)
+    with pytest.raises(ValueError, match="float8_e4m3fn index-K cache"):
+        select_blocks_decode(iq, bf16, None, pt, seq, 2, 4, q_fp8=True)
+    with pytest.raises(ValueError, match="queries-as-A"):
+        select_blocks_prefill(iq, cache, scale, pt, cu_q, prefix, seq, 4, k_major=True, q_fp8=True)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_q_fp8_prefill_and_decode_long_contexts():
+    """FP8 queries at 32K–256K: block scores within the tolerance, selections exact or gated."""
+    gen = torch.Generator().manual_seed(49)
+    tol = 1e-3  # Hopper's FP8 MMA accumulates with fewer than 24 mantissa bits
+    reqs = [(32768 + 129, 1024), (131072, 64), (4099, 4099), (333, 1)]
+    args = _to("cuda", *_q8_batch(gen, reqs, groups=4, d=128))
+    topk = 16
+    out = torch.full((4, int(args[4][-1]), topk), 12345, dtype=torch.int32, device="cuda")
+    got = select_blocks_prefill(*args, topk, out=out, q_fp8=True)
+    _check(got, *args, topk, tol=tol, q_fp8=True)
+    scores, local = prefill_block_scores(*args, topk, q_fp8=True)
+    _q8_scores_check(scores, local, *args, tol=tol)
+    # decode, Q = 2, up to 256K
+    reqs = [(32768 + 77, 2), (131072, 2), (262144 - 5, 2), (2, 2)]
+    iq, cache, scale, pt, cu_q, prefix, seq = _to("cuda", *_q8_batch(gen, reqs, groups=4, d=128))
+    ws = DecodeSelectWorkspace(len(reqs) * 2 * 4, pt.shape[1], "cuda")
+    got = select_blocks_decode(iq, cache, scale, pt, seq, 2, topk, workspace=ws, q_fp8=True)
+    _check(got, iq, cache, scale, pt, cu_q, prefix, seq, topk, tol=tol, q_fp8=True)
+    rows = len(reqs) * 2 * 4
+    _q8_scores_check(
+        ws.scores[:rows], ws.local[:rows], iq, cache, scale, pt, cu_q, prefix, seq, tol
+    )

@@ -14,7 +14,9 @@ SGLANG_USE_HND_KVCACHE=1 (what the fast kernels read), else token-major [slots, 
 as HND for the torch paths; what SGLang's in-tree MSA ops read). Index-K caches are this
 backend's own, one per sparse layer, [pages, block, d_index]: bf16 by default, FP8 e4m3 with a
 per-token float32 scale when ``M3SERVE_INDEX_K_DTYPE=fp8`` (half the index bytes decode reads),
-float32 when the model runs in float32 (exact reference runs).
+float32 when the model runs in float32 (exact reference runs). ``M3SERVE_INDEX_Q_FP8=1`` (FP8 keys
+only) also quantizes each index-query row to e4m3 and scores on FP8 tensor cores (opt-in: it
+changes which blocks win at near-ties; the reference path quantizes the same way).
 
 Implementations of the sparse layers (``M3SERVE_MSA_IMPL``):
 - ``auto``: m3serve's fast kernels (m3serve.kernels.msa) on CUDA, the torch references on CPU;
@@ -62,6 +64,14 @@ def index_k_dtype_choice() -> str:
     if choice not in INDEX_DTYPES:
         raise ValueError(f"M3SERVE_INDEX_K_DTYPE must be one of {INDEX_DTYPES}, got {choice!r}")
     return choice
+
+
+def index_q_fp8_choice() -> bool:
+    """``M3SERVE_INDEX_Q_FP8`` (default 0): select blocks with e4m3 index queries (FP8 keys only)."""
+    choice = os.environ.get("M3SERVE_INDEX_Q_FP8", "0")
+    if choice not in ("0", "1"):
+        raise ValueError(f"M3SERVE_INDEX_Q_FP8 must be 0 or 1, got {choice!r}")
+    return choice == "1"
 
 
 def index_k_bytes_per_token(index_dim: int, kv_dtype: torch.dtype | None = None) -> int:
@@ -166,9 +176,11 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
         impl: str | None = None,
         index_dtype: str | None = None,
         dense_impl: str | None = None,
+        index_q_fp8: bool | None = None,
     ) -> None:
         """Everything the backend needs, without a model runner (tests build it this way).
-        ``impl`` / ``index_dtype`` / ``dense_impl`` default to the environment switches."""
+        ``impl`` / ``index_dtype`` / ``dense_impl`` / ``index_q_fp8`` default to the environment
+        switches."""
         self.device = device
         self.token_to_kv_pool = kv_pool
         self.req_to_token_pool = req_to_token_pool
@@ -205,6 +217,12 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
             )
             for layer in self.sparse_layers
         }
+        self.index_q_fp8 = index_q_fp8_choice() if index_q_fp8 is None else index_q_fp8
+        if self.index_q_fp8 and self.index_dtype != torch.float8_e4m3fn:
+            raise ValueError(
+                "M3SERVE_INDEX_Q_FP8=1 scores e4m3 queries against e4m3 keys: it needs "
+                "M3SERVE_INDEX_K_DTYPE=fp8"
+            )
         # -- sparse-layer implementation
         if impl == "sglang":
             if not on_cuda:
@@ -418,11 +436,11 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
             # graphs: the grid spans the whole page table (the context limit), as captured
             return select_blocks_decode(
                 idx_q, cache, scale, md.page_table, md.seq_lens, 1, self.topk,
-                max_seq_len=None if md.in_graph else md.max_seq_len,
+                max_seq_len=None if md.in_graph else md.max_seq_len, q_fp8=self.index_q_fp8,
             )  # fmt: skip
         return select_blocks_prefill(
             idx_q, cache, scale, md.page_table, md.cu_q, md.prefix_lens, md.seq_lens, self.topk,
-            max_q_len=md.max_q_len, max_seq_len=md.max_seq_len,
+            max_q_len=md.max_q_len, max_seq_len=md.max_seq_len, q_fp8=self.index_q_fp8,
         )  # fmt: skip
 
     def _attend_fast(self, md, q3, k_cache, v_cache, topk_ids, scale) -> torch.Tensor:
@@ -579,8 +597,9 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
             out = self._attend_fast(md, q3, k_cache, v_cache, topk_ids, layer.scaling)
             return None, out.view(q3.shape[0], hq, d)
         topk_ids = ref.ref_select_blocks(
-            iq, cache, scale, md.page_table, md.cu_q, md.prefix_lens, md.seq_lens, self.topk
-        )
+            iq, cache, scale, md.page_table, md.cu_q, md.prefix_lens, md.seq_lens, self.topk,
+            q_fp8=self.index_q_fp8,
+        )  # fmt: skip
         out = paged_attention(
             q3, k_cache, v_cache, md.page_table, md.cu_q, md.prefix_lens, md.seq_lens,
             layer.scaling, topk_ids,

@@ -7,6 +7,11 @@ Algorithm (both phases): *block-max scoring, then packed-key top-k*.
    the per-token scale applied after the MMA), runs one tensor-core dot [rows × d] · [d × 128] for
    every row at once, and keeps only the row max. The [q × N] token-score matrix never exists; only one float per (row, block) is written
    (4 B per 128 keys read: 0.05 % of the key bytes in decode).
+   Opt-in FP8 queries (``q_fp8=True``, FP8 keys only): each query row (one token, one group) is
+   quantized in-kernel to e4m3 with its own scale (the index-K cache's per-token rule) and the
+   dot runs e4m3 × e4m3 on the FP8 tensor cores (2× the bf16 rate on Hopper), fp32 accumulate;
+   the row max is then × the row's scale. It changes which blocks win at near-ties (the queries
+   lose precision), so it is an option, not the default.
 2. Top-k: ``topk.launch_topk_rows`` (exact, exp-free, ties to the lower id) reads that row once.
 
 Only blocks strictly before a row's local block are ranked, and those are fully visible
@@ -28,6 +33,7 @@ import triton
 import triton.language as tl
 
 from . import reference as ref
+from .index_cache import _round_to_e4m3
 from .topk import _interpreting, launch_topk_rows, use_triton
 
 # -- prefill autotune: the tile is (BM queries × G groups) rows against one 128-key page; bigger
@@ -61,6 +67,25 @@ def _prep_q(q, IS_FP8: tl.constexpr, DOT_F32: tl.constexpr, K_MAJOR: tl.constexp
 
 
 @triton.jit
+def _quant_q_fp8(q, DOT_F32: tl.constexpr):
+    """Each query row to e4m3 with its own scale → (q8 [rows, D], scale [rows] float32).
+
+    The index-K cache's rule (index_cache.py, reference.quantize_index_q_fp8): scale = amax / 448
+    (1 for an all-zero row, masked rows included), IEEE divisions, clamp, round to nearest even.
+    Under the interpreter q8 stays float32 holding the e4m3 values (software RNE: the
+    interpreter's float→e4m3 cast mis-rounds); the float32 dot of them is the same math.
+    """
+    qf = q.to(tl.float32)
+    amax = tl.max(tl.abs(qf), axis=1)
+    scale = tl.where(amax > 0, tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), 1.0)
+    xs = tl.math.div_rn(qf, tl.broadcast_to(scale[:, None], qf.shape))
+    xs = tl.minimum(tl.maximum(xs, -448.0), 448.0)
+    # GPU: cvt.rn (round to nearest even), as the index-K store
+    q8 = _round_to_e4m3(xs) if DOT_F32 else xs.to(tl.float8e4nv)
+    return q8, scale
+
+
+@triton.jit
 def _score_block(
     q,
     k_ptr,
@@ -75,6 +100,8 @@ def _score_block(
     K_MAJOR: tl.constexpr,
 ):
     """Per-row max of q · K[page]^T over the page's tokens (FP8: × the per-token scale first).
+    e4m3 queries (FP8-query mode) meet the e4m3 keys unconverted: an FP8 × FP8 MMA, keys
+    [BLOCK, D] D-contiguous = the K-major operand Hopper's FP8 wgmma takes.
 
     K_MAJOR computes S^T = K · q^T instead (widened FP8 keys as the register operand). Kept as a
     knob: on H200 it was 1.5–1.7× slower for FP8 decode and 1.2× for FP8 prefill.
@@ -92,7 +119,7 @@ def _score_block(
         return tl.max(s, axis=1)
 
 
-@triton.autotune(configs=_PREFILL_CONFIGS, key=["G", "D", "IS_FP8", "K_MAJOR"])
+@triton.autotune(configs=_PREFILL_CONFIGS, key=["G", "D", "IS_FP8", "K_MAJOR", "Q_FP8"])
 @triton.jit
 def _prefill_block_scores_kernel(
     q_ptr,  # [T, G, D] index queries
@@ -116,6 +143,7 @@ def _prefill_block_scores_kernel(
     IS_FP8: tl.constexpr,
     DOT_F32: tl.constexpr,
     K_MAJOR: tl.constexpr,
+    Q_FP8: tl.constexpr,
     BM: tl.constexpr,
 ):
     # -- this program: queries [start, start + BM) of request b, all G groups --
@@ -139,7 +167,10 @@ def _prefill_block_scores_kernel(
             mask=row_ok[:, None],
             other=0.0,
         )
-        q = _prep_q(q, IS_FP8, DOT_F32, K_MAJOR)
+        if Q_FP8:
+            q, q_scale = _quant_q_fp8(q, DOT_F32)
+        else:
+            q = _prep_q(q, IS_FP8, DOT_F32, K_MAJOR)
         # -- walk the blocks the tile's last query may rank (< its local block) --
         lmax = (pre + tl.minimum(start + BM, q1) - 1 - q0) // BLOCK
         pt_row = pt_ptr + b.to(tl.int64) * stride_pt
@@ -149,6 +180,9 @@ def _prefill_block_scores_kernel(
             m = _score_block(
                 q, k_ptr, ks_ptr, page, stride_kp, stride_kb, stride_sp, tok, d, IS_FP8, K_MAJOR
             )
+            if Q_FP8:
+                # a positive per-row factor commutes with the max (rounding is monotone)
+                m = m * q_scale
             tl.store(sc_row + j, m, mask=row_ok & (j < loc))
 
 
@@ -177,6 +211,7 @@ def _decode_block_scores_kernel(
     IS_FP8: tl.constexpr,
     DOT_F32: tl.constexpr,
     K_MAJOR: tl.constexpr,
+    Q_FP8: tl.constexpr,
 ):
     # -- program (b, split): blocks [split * blocks_per_prog, ...) of request b, all Q·G rows --
     b = tl.program_id(0)
@@ -202,7 +237,10 @@ def _decode_block_scores_kernel(
             mask=row_ok[:, None],
             other=0.0,
         )
-        q = _prep_q(q, IS_FP8, DOT_F32, K_MAJOR)
+        if Q_FP8:
+            q, q_scale = _quant_q_fp8(q, DOT_F32)
+        else:
+            q = _prep_q(q, IS_FP8, DOT_F32, K_MAJOR)
         pt_row = pt_ptr + b.to(tl.int64) * stride_pt
         sc_row = sc_ptr + row * stride_sc
         for j in tl.range(j0, j1):
@@ -210,6 +248,9 @@ def _decode_block_scores_kernel(
             m = _score_block(
                 q, k_ptr, ks_ptr, page, stride_kp, stride_kb, stride_sp, tok, d, IS_FP8, K_MAJOR
             )
+            if Q_FP8:
+                # a positive per-row factor commutes with the max (rounding is monotone)
+                m = m * q_scale
             tl.store(sc_row + j, m, mask=row_ok)
 
 
@@ -251,6 +292,18 @@ def _check_common(index_q, index_k_cache, index_k_scale, page_table, seq_lens, t
     return groups, d, block, is_fp8
 
 
+def _check_q_fp8(q_fp8: bool, index_k_cache: torch.Tensor, k_major: bool) -> None:
+    if not q_fp8:
+        return
+    if index_k_cache.dtype != torch.float8_e4m3fn:
+        raise ValueError(
+            "q_fp8=True scores e4m3 queries against e4m3 keys (FP8 tensor cores): it needs a "
+            f"float8_e4m3fn index-K cache (M3SERVE_INDEX_K_DTYPE=fp8), got {index_k_cache.dtype}"
+        )
+    if k_major:
+        raise ValueError("q_fp8=True runs the queries-as-A MMA only: pass k_major=False")
+
+
 def select_blocks_prefill(
     index_q: torch.Tensor,
     index_k_cache: torch.Tensor,
@@ -264,6 +317,7 @@ def select_blocks_prefill(
     max_seq_len: int | None = None,
     out: torch.Tensor | None = None,
     k_major: bool = False,
+    q_fp8: bool = False,
 ) -> torch.Tensor:
     """MSA block selection for a ragged (chunked) prefill batch → topk_ids [G, T, topk] int32.
 
@@ -271,25 +325,77 @@ def select_blocks_prefill(
     ``max_seq_len`` (host ints) size the grid and the block-score buffer; when omitted they are
     read from cu_q / seq_lens (one host sync). Block scores [T·G, ⌈max_seq_len/block⌉] float32
     are the only intermediate (128 MB for an 8K chunk at 128K). ``k_major``: keys-as-A MMA
-    orientation (a benchmark knob; queries-as-A by default).
+    orientation (a benchmark knob; queries-as-A by default). ``q_fp8``: FP8 keys only; quantize
+    each query row to e4m3 in-kernel and score on the FP8 tensor cores (module docstring;
+    reference: ``ref_select_blocks(..., q_fp8=True)``).
     """
-    groups, d, block, is_fp8 = _check_common(
-        index_q, index_k_cache, index_k_scale, page_table, seq_lens, topk
-    )
+    args = (index_q, index_k_cache, index_k_scale, page_table, cu_q, prefix_lens, seq_lens)
+    groups, _, _, _ = _check_prefill(*args, topk, k_major, q_fp8)
     total_q = index_q.shape[0]
-    batch = page_table.shape[0]
-    assert cu_q.shape == (batch + 1,) and prefix_lens.shape == (batch,), (
-        f"cu_q must be [B+1] and prefix_lens [B] with B = {batch}"
-    )
     if not use_triton(index_q):
-        return ref.ref_select_blocks(
-            index_q, index_k_cache, index_k_scale, page_table, cu_q, prefix_lens, seq_lens, topk
-        )
+        return ref.ref_select_blocks(*args, topk, q_fp8=q_fp8)
     if out is None:
         out = torch.empty(groups, total_q, topk, dtype=torch.int32, device=index_q.device)
     assert out.shape == (groups, total_q, topk) and out.dtype == torch.int32, "bad out buffer"
     if total_q == 0:
         return out
+    scores, local = _prefill_scores(*args, topk, max_q_len, max_seq_len, k_major, q_fp8)
+    return launch_topk_rows(scores, local, out, topk, groups)
+
+
+def prefill_block_scores(
+    index_q: torch.Tensor,
+    index_k_cache: torch.Tensor,
+    index_k_scale: torch.Tensor | None,
+    page_table: torch.Tensor,
+    cu_q: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    seq_lens: torch.Tensor,
+    topk: int,
+    max_q_len: int | None = None,
+    max_seq_len: int | None = None,
+    k_major: bool = False,
+    q_fp8: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 1 of ``select_blocks_prefill`` alone → (block scores [T·G, nb] float32, local [T·G]).
+
+    Row t·G + g; column j is written for j < local only (the ranked blocks), unscaled (no
+    1/sqrt(d)). Tests compare these scores with the reference's. Needs T ≥ 1 and the kernels
+    (CUDA or the interpreter).
+    """
+    args = (index_q, index_k_cache, index_k_scale, page_table, cu_q, prefix_lens, seq_lens)
+    _check_prefill(*args, topk, k_major, q_fp8)
+    assert index_q.shape[0] > 0 and use_triton(index_q), "needs queries and the Triton kernels"
+    return _prefill_scores(*args, topk, max_q_len, max_seq_len, k_major, q_fp8)
+
+
+_T = torch.Tensor
+
+
+def _check_prefill(
+    index_q: _T, index_k_cache: _T, index_k_scale: _T | None, page_table: _T, cu_q: _T,
+    prefix_lens: _T, seq_lens: _T, topk: int, k_major: bool, q_fp8: bool,
+) -> tuple[int, int, int, bool]:  # fmt: skip
+    checked = _check_common(index_q, index_k_cache, index_k_scale, page_table, seq_lens, topk)
+    batch = page_table.shape[0]
+    assert cu_q.shape == (batch + 1,) and prefix_lens.shape == (batch,), (
+        f"cu_q must be [B+1] and prefix_lens [B] with B = {batch}"
+    )
+    _check_q_fp8(q_fp8, index_k_cache, k_major)
+    return checked
+
+
+def _prefill_scores(
+    index_q: _T, index_k_cache: _T, index_k_scale: _T | None, page_table: _T, cu_q: _T,
+    prefix_lens: _T, seq_lens: _T, topk: int, max_q_len: int | None, max_seq_len: int | None,
+    k_major: bool, q_fp8: bool,
+) -> tuple[_T, _T]:  # fmt: skip
+    """Launch the scoring kernel (inputs checked) → (scores [T·G, nb], local [T·G])."""
+    _, groups, d = index_q.shape
+    block = index_k_cache.shape[1]
+    is_fp8 = index_k_cache.dtype == torch.float8_e4m3fn
+    total_q = index_q.shape[0]
+    batch = page_table.shape[0]
     if max_q_len is None:
         max_q_len = int((cu_q[1:] - cu_q[:-1]).max())
     if max_seq_len is None:
@@ -325,8 +431,9 @@ def select_blocks_prefill(
         IS_FP8=is_fp8,
         DOT_F32=_interpreting(),
         K_MAJOR=bool(k_major),
+        Q_FP8=bool(q_fp8),
     )
-    return launch_topk_rows(scores, local, out, topk, groups)
+    return scores, local
 
 
 class DecodeSelectWorkspace:
@@ -357,6 +464,7 @@ def select_blocks_decode(
     max_seq_len: int | None = None,
     workspace: DecodeSelectWorkspace | None = None,
     k_major: bool = False,
+    q_fp8: bool = False,
 ) -> torch.Tensor:
     """MSA block selection for decode / MTP verify → topk_ids [G, B·Q, topk] int32.
 
@@ -365,10 +473,13 @@ def select_blocks_decode(
     width (or the host int ``max_seq_len`` of the graph bucket), so CUDA graphs can capture it
     (pass ``out`` and ``workspace`` to keep fixed addresses). ``k_major``: keys-as-A MMA
     orientation (a benchmark knob; queries-as-A, the default, measured faster for FP8 too).
+    ``q_fp8``: as in ``select_blocks_prefill`` (FP8 keys only; e4m3 × e4m3 scoring). The block
+    scores stay in ``workspace.scores`` (columns below each row's local block).
     """
     groups, d, block, is_fp8 = _check_common(
         index_q, index_k_cache, index_k_scale, page_table, seq_lens, topk
     )
+    _check_q_fp8(q_fp8, index_k_cache, k_major)
     batch = page_table.shape[0]
     qn = q_per_req
     assert 1 <= qn <= 16, f"q_per_req must be in 1..16, got {qn}"
@@ -378,8 +489,9 @@ def select_blocks_decode(
     if not use_triton(index_q):
         cu_q = torch.arange(batch + 1, dtype=torch.int32, device=index_q.device) * qn
         return ref.ref_select_blocks(
-            index_q, index_k_cache, index_k_scale, page_table, cu_q, seq_lens - qn, seq_lens, topk
-        )
+            index_q, index_k_cache, index_k_scale, page_table, cu_q, seq_lens - qn, seq_lens, topk,
+            q_fp8=q_fp8,
+        )  # fmt: skip
     if out is None:
         out = torch.empty(groups, batch * qn, topk, dtype=torch.int32, device=index_q.device)
     assert out.shape == (groups, batch * qn, topk) and out.dtype == torch.int32, (
@@ -428,6 +540,7 @@ def select_blocks_decode(
         IS_FP8=is_fp8,
         DOT_F32=_interpreting(),
         K_MAJOR=bool(k_major),
+        Q_FP8=bool(q_fp8),
         num_warps=4,
         num_stages=3,
     )

@@ -43,8 +43,21 @@ def quantize_index_k_fp8(index_k: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     # divide by a tensor, not a Python float: on CUDA torch turns `t / 448.0` into t * (1/448),
     # which is not the IEEE quotient (it flips e4m3 rounding ties against the fast kernel)
     scale = torch.where(amax > 0, amax / torch.full_like(amax, FP8_E4M3_MAX), torch.ones_like(amax))
-    q = (x / scale[:, None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    q = (x / scale[..., None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
     return q, scale
+
+
+def quantize_index_q_fp8(index_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index queries [T, G, d] → e4m3 [T, G, d] and float32 scale [T, G]: every (token, group)
+    row quantized on its own by the key rule (``quantize_index_k_fp8``). The opt-in FP8-query
+    selection (``q_fp8=True``) scores these against FP8 keys on FP8 tensor cores."""
+    return quantize_index_k_fp8(index_q)
+
+
+def dequant_index_q_fp8(index_q: torch.Tensor) -> torch.Tensor:
+    """The index queries as the FP8-query selection sees them: quantized, then float32 again."""
+    q, scale = quantize_index_q_fp8(index_q)
+    return q.float() * scale[..., None]
 
 
 def ref_store_index_k(
@@ -117,9 +130,15 @@ def ref_select_blocks(
     prefix_lens: torch.Tensor,
     seq_lens: torch.Tensor,
     topk: int,
+    q_fp8: bool = False,
 ) -> torch.Tensor:
-    """MSA block selection for a ragged batch: index_q [T, G, d] → topk_ids [G, T, k] int32."""
+    """MSA block selection for a ragged batch: index_q [T, G, d] → topk_ids [G, T, k] int32.
+
+    ``q_fp8``: score e4m3-quantized queries (``dequant_index_q_fp8``) instead, in float32 (every
+    e4m3 × e4m3 product is exact in float32, so a fast kernel differs only in summation order)."""
     block = index_k_cache.shape[1]
+    if q_fp8:
+        index_q = dequant_index_q_fp8(index_q)
     total_q, groups, _ = index_q.shape
     keys_all = dequant_index_k(index_k_cache, index_k_scale)
     out = torch.full((groups, total_q, topk), -1, dtype=torch.int32, device=index_q.device)
