@@ -45,6 +45,7 @@ import torch
 from m3serve.backend.dense_flashinfer import HEAD_DIMS, flashinfer_available
 from m3serve.backend.torch_attention import paged_attention
 from m3serve.kernels.msa import reference as ref
+from m3serve.parallel import tp_rank_size
 
 logger = logging.getLogger(__name__)
 
@@ -120,17 +121,6 @@ def msa_settings(hf_text_config: Any) -> dict[str, Any]:
     }
 
 
-def _tp_size(model_runner: Any) -> int:
-    """The tensor-parallel size the model splits its heads by (SGLang 0.5.23's ModelRunner has no
-    ``tp_size`` attribute: the process's parallel context holds it)."""
-    try:
-        from sglang.srt.runtime_context import get_parallel
-
-        return max(1, int(get_parallel().tp_size))
-    except (ImportError, AttributeError, AssertionError, RuntimeError):
-        return max(1, int(getattr(model_runner.server_args, "tp_size", 1)))
-
-
 class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
     """SGLang AttentionBackend for M3: dense layers and MSA layers in one backend."""
 
@@ -144,7 +134,7 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
                 f"got page size {page_size}"
             )
         text = model_runner.model_config.hf_text_config
-        tp = _tp_size(model_runner)
+        tp = tp_rank_size()[1]  # the model's own split (m3serve.parallel)
         self.setup(
             device=model_runner.device,
             kv_pool=model_runner.token_to_kv_pool,

@@ -23,6 +23,7 @@ from torch import nn
 
 from m3serve.models.moe import moe_experts
 from m3serve.models.ops import GemmaRMSNorm, PartialRope, swigluoai
+from m3serve.parallel import tp_rank_size
 
 logger = logging.getLogger(__name__)
 
@@ -39,15 +40,8 @@ def moe_layer_ids(config: Any) -> set[int]:
     return {i for i, f in enumerate(freq) if f}
 
 
-def _tp() -> tuple[int, int]:
-    from sglang.srt.runtime_context import get_parallel
-
-    p = get_parallel()
-    return int(p.tp_rank), int(p.tp_size)
-
-
 def _all_reduce(x: torch.Tensor) -> torch.Tensor:
-    if _tp()[1] == 1:
+    if tp_rank_size()[1] == 1:
         return x
     from sglang.srt.distributed.communication_op import tensor_model_parallel_all_reduce
 
@@ -93,7 +87,7 @@ class M3Experts(nn.Module):
         self, num_experts: int, hidden: int, intermediate: int, alpha: float, limit: float
     ):
         super().__init__()
-        rank, size = _tp()
+        rank, size = tp_rank_size()
         assert intermediate % size == 0, f"expert FFN {intermediate} not divisible by TP {size}"
         self.num_experts, self.hidden, self.local_inter = num_experts, hidden, intermediate // size
         self.tp_rank = rank
@@ -163,7 +157,7 @@ class M3Attention(nn.Module):
         from sglang.srt.layers.linear import QKVParallelLinear, ReplicatedLinear, RowParallelLinear
         from sglang.srt.layers.radix_attention import RadixAttention
 
-        rank, size = _tp()
+        rank, size = tp_rank_size()
         self.total_heads = config.num_attention_heads
         self.total_kv = config.num_key_value_heads
         self.head_dim = config.head_dim

@@ -10,25 +10,11 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use smg_core::image::{decode, patchify, resize, sizing, DecodedImage, ImageOptions};
 
-const SIZES: [(u32, u32); 3] = [(640, 480), (1280, 960), (4032, 3024)];
+#[path = "common/synthetic.rs"]
+mod synthetic;
+use synthetic::synthetic;
 
-fn synthetic(w: u32, h: u32) -> DecodedImage {
-    let mut rgb = Vec::with_capacity(w as usize * h as usize * 3);
-    for y in 0..h {
-        for x in 0..w {
-            let n = (x.wrapping_mul(2_654_435_761) ^ y.wrapping_mul(40_503)).rotate_left(7);
-            let noise = (n >> 27) as u8;
-            rgb.push(((x * 255 / w) as u8).wrapping_add(noise));
-            rgb.push(((y * 255 / h) as u8).wrapping_add(noise / 2));
-            rgb.push((((x + y) * 127 / (w + h)) as u8).wrapping_add(noise));
-        }
-    }
-    DecodedImage {
-        width: w,
-        height: h,
-        rgb,
-    }
-}
+const SIZES: [(u32, u32); 3] = [(640, 480), (1280, 960), (4032, 3024)];
 
 fn jpeg(img: &DecodedImage) -> Vec<u8> {
     let image = turbojpeg::Image {

@@ -6,25 +6,11 @@
 //! stage_min hpass 1280x960 200` (task-clock / iters ≈ CPU ms per call, plus set-up).
 use std::time::Instant;
 
-use smg_core::image::{patchify, resize, sizing, DecodedImage, ImageOptions};
+use smg_core::image::{patchify, resize, sizing, ImageOptions};
 
-fn synthetic(w: u32, h: u32) -> DecodedImage {
-    let mut rgb = Vec::with_capacity(w as usize * h as usize * 3);
-    for y in 0..h {
-        for x in 0..w {
-            let n = (x.wrapping_mul(2_654_435_761) ^ y.wrapping_mul(40_503)).rotate_left(7);
-            let noise = (n >> 27) as u8;
-            rgb.push(((x * 255 / w) as u8).wrapping_add(noise));
-            rgb.push(((y * 255 / h) as u8).wrapping_add(noise / 2));
-            rgb.push((((x + y) * 127 / (w + h)) as u8).wrapping_add(noise));
-        }
-    }
-    DecodedImage {
-        width: w,
-        height: h,
-        rgb,
-    }
-}
+#[path = "../benches/common/synthetic.rs"]
+mod synthetic;
+use synthetic::synthetic;
 
 fn min_ms<T>(n: usize, mut f: impl FnMut() -> T) -> f64 {
     let mut best = f64::MAX;
