@@ -102,3 +102,36 @@ def test_bad_chat_request_is_400_and_server_stays_healthy(llama_server: SGLangSe
     assert "error" in err or "message" in err or "detail" in err, err
     assert requests.get(llama_server.url + "/health_generate", timeout=60).status_code == 200
     assert llama_server.alive()
+
+
+def test_free_port_is_below_the_ephemeral_range() -> None:
+    from m3serve.launch import PORT_RANGE, free_port
+
+    ports = {free_port() for _ in range(20)}
+    assert all(PORT_RANGE[0] <= p <= PORT_RANGE[1] for p in ports), ports
+    assert len(ports) > 1  # drawn at random, not one fixed port
+
+
+def test_server_moves_to_another_port_when_its_port_is_taken(tiny_llama_dir, tmp_path) -> None:
+    """The race CI once lost: the port picked for a server is bound by someone else before the
+    server binds it. The start must notice the bind error (the process does not always exit) and
+    start again on a fresh port, leaving the holder of the first port alone."""
+    import socket
+
+    from m3serve.launch import SGLangServer
+
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    taken = holder.getsockname()[1]
+    server = SGLangServer(tiny_llama_dir, log_path=tmp_path / "server.log", startup_timeout=480)
+    server.port = taken  # as if the port had been taken between free_port() and the bind
+    try:
+        server.start()
+        assert server.port != taken
+        assert requests.get(server.url + "/health_generate", timeout=60).status_code == 200
+        assert "could not bind" not in server.log_tail()  # the log is the second start's
+    finally:
+        assert server.stop()
+        holder.close()

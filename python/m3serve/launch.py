@@ -9,6 +9,7 @@ behind, and its log goes to a file that is shown when start-up fails.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -31,11 +32,35 @@ class ServerStartError(RuntimeError):
     """The SGLang server exited or did not become healthy in time; the message holds its log."""
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
+# Ports for servers we start are drawn below the kernel's ephemeral range (32768+ by default, which
+# bind(0) and every outgoing connection draw from, so a port found free there can be taken before
+# the server binds it: CI lost a run to that) and below 22000-29999, where SGLang draws its own
+# internal ports.
+PORT_RANGE = (12000, 21999)
+
+
+def _bindable(port: int) -> bool:
+    for host in ("0.0.0.0", "127.0.0.1"):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                return False
+    return True
+
+
+def free_port(attempts: int = 64) -> int:
+    """A TCP port that was free a moment ago, outside the ephemeral range when possible."""
+    low, high = PORT_RANGE
+    for port in random.sample(range(low, high + 1), attempts):
+        if _bindable(port):
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+BIND_ERROR = "error while attempting to bind on address"
 
 
 def tail(path: Path, lines: int = 80) -> str:
@@ -80,6 +105,7 @@ class SGLangServer:
         use_standin: bool | None = None,
     ) -> None:
         self.model_path = str(model_path)
+        self.auto_port = not port
         self.port = port or free_port()
         self.device = device
         self.max_total_tokens = max_total_tokens
@@ -152,7 +178,20 @@ class SGLangServer:
         env.update(self.extra_env)
         return env
 
-    def start(self) -> SGLangServer:
+    def start(self, bind_attempts: int = 3) -> SGLangServer:
+        """Start the server and wait until it is healthy. When the port was picked here and was
+        taken before the server bound it, it starts again on another port (``bind_attempts`` in
+        all)."""
+        for attempt in range(bind_attempts):
+            try:
+                return self._start_once()
+            except ServerStartError as e:
+                if not (self.auto_port and BIND_ERROR in str(e)) or attempt + 1 == bind_attempts:
+                    raise
+                self.port = free_port()
+        raise AssertionError("not reached")
+
+    def _start_once(self) -> SGLangServer:
         log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             self.command(),
@@ -180,6 +219,12 @@ class SGLangServer:
                     f"SGLang server exited with code {code} during start-up; log "
                     f"{self.log_path}:\n{tail(self.log_path)}"
                 )
+            if self._log_has(BIND_ERROR):
+                # uvicorn could not bind the port; the process does not always exit by itself
+                raise ServerStartError(
+                    f"SGLang server could not bind port {self.port}; log "
+                    f"{self.log_path}:\n{tail(self.log_path)}"
+                )
             try:
                 if requests.get(self.url + "/health_generate", timeout=30).status_code == 200:
                     return
@@ -190,6 +235,12 @@ class SGLangServer:
             f"SGLang server not healthy after {self.startup_timeout:.0f} s; log "
             f"{self.log_path}:\n{tail(self.log_path)}"
         )
+
+    def _log_has(self, text: str) -> bool:
+        try:
+            return text in self.log_path.read_text(errors="replace")
+        except OSError:
+            return False
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -214,6 +265,9 @@ class SGLangServer:
             # the leader is gone; wait for its children (scheduler, detokenizer) too
             if _wait_group_gone(pgid, grace):
                 break
+        if self.proc.poll() is None:  # reap the leader whatever happened above
+            self.proc.kill()
+            self.proc.wait()
         self.proc = None
         return not group_alive(pgid)
 
