@@ -8,7 +8,8 @@
 # flashinfer 0.6.18.post1) and .dev-index/index_topk_wheels (pytest and its deps).
 # Env: STAGES (default "tests e2e"; "setup": install + checkpoint only; "moe": the MoE bench; "long": the 1M-token request; "tp": tensor
 # parallel, scripts/gpu/tp_serving.py), TEST_S, E2E_S, LONG_S, TP_S (stage limits), E2E_ARGS,
-# LONG_ARGS, TP_ARGS (the scripts' arguments after the checkpoint), CKPT_ARGS (checkpoint sizes).
+# LONG_ARGS, TP_ARGS (the scripts' arguments after the checkpoint), CKPT_ARGS (checkpoint sizes),
+# CKPT (checkpoint path, default /tmp/m3-gpu).
 # NCCL_NVLS_ENABLE=0 etc. (NVLink multicast off) come from the machine's environment and are kept.
 set -uo pipefail
 OUT="${OUT:-$PWD/gpu-out}"; mkdir -p "$OUT"
@@ -44,7 +45,7 @@ if [[ " $STAGES " == *" moe "* ]] && [ -f benchmarks/bench_moe.py ]; then
     echo "moe bench exit $?"; tail -n 25 "$OUT/moe_bench.log"
 fi
 # serve_stage NAME SCRIPT LIMIT ARGS LOGS_GLOB: run one serving script on the M3-shaped checkpoint
-CKPT=/tmp/m3-gpu
+CKPT="${CKPT:-/tmp/m3-gpu}"  # a different CKPT_ARGS needs its own CKPT path
 make_ckpt() { [ -f "$CKPT/config.json" ] || python3 scripts/gpu/make_m3_gpu_checkpoint.py "$CKPT" ${CKPT_ARGS:-}; }
 # "setup" alone: install + checkpoint, so that several runs of this script can then go in parallel
 # (each with its own OUT and --gpus) without racing on either
