@@ -46,9 +46,12 @@ def _chat_body(prompt: str, image_uri: str | None, max_tokens: int) -> dict:
 
 def _flatten(obj: object, prefix: str = "") -> list[tuple[str, float]]:
     """The gateway's timings JSON (numbers, per-image lists of stage dicts) as (name, ms) rows."""
-    if isinstance(obj, dict):  # grid_thw rides along with the timings; it is not a time
+    if isinstance(obj, dict):  # grid_thw and wire_bytes ride along with the timings; not times
         return [
-            row for k, v in obj.items() if k != "grid_thw" for row in _flatten(v, f"{prefix}{k}.")
+            row
+            for k, v in obj.items()
+            if k not in ("grid_thw", "wire_bytes")
+            for row in _flatten(v, f"{prefix}{k}.")
         ]
     if isinstance(obj, list):
         return [row for i, v in enumerate(obj) for row in _flatten(v, f"{prefix}{i}.")]

@@ -4,10 +4,27 @@
 //! {"type": "stop"|"length"|"abort", ...} | null, "prompt_tokens", "completion_tokens", ...}}`;
 //! streamed, each `data:` event carries the text so far (or only the new text when the worker
 //! runs with `--incremental-streaming-output`: both are handled).
+//!
+//! The gateway's own time per forwarded request ("overhead": the `smg_gateway_overhead_seconds`
+//! histogram, and the `x-smg-overhead-us` / `x-smg-upstream-us` headers of non-streamed
+//! answers) is its wall time on the request minus the time it waited on the worker. The wall
+//! time starts at [`RequestStart`](crate::RequestStart) (request headers parsed, body not read);
+//! the wait starts just before the `/generate` call (its first attempt, when a dead worker is
+//! skipped).
+//! - not streamed: the wall time ends with the OpenAI answer built and its headers set; the
+//!   wait ends with the worker's whole body received.
+//! - streamed: the wall time ends when the first chunk converted from the worker's first body
+//!   chunk is handed to the server (or when that chunk is converted, if it gave no output); the
+//!   wait ends with the worker's first body chunk read.
+//!
+//! The wait includes reqwest's own work on the call (writing the request, parsing the answer's
+//! headers, reading the body), so the overhead leaves that out; and both leave out what the
+//! server does before `RequestStart` (reading the request headers) and after the handler
+//! (writing the response): a client sees a little more than overhead + upstream.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -28,6 +45,16 @@ pub enum Api {
     Completion,
 }
 
+impl Api {
+    /// The route this API is served on (the metrics label).
+    pub fn route(self) -> &'static str {
+        match self {
+            Api::Chat => "/v1/chat/completions",
+            Api::Completion => "/v1/completions",
+        }
+    }
+}
+
 /// One request ready to forward.
 #[derive(Debug)]
 pub struct Forward {
@@ -42,6 +69,25 @@ pub struct Forward {
     pub timings: Value,
     /// Shared-memory files the worker reads; deleted when the answer is complete.
     pub keep: Option<ShmFiles>,
+    /// When the gateway took the request ([`RequestStart`](crate::RequestStart)).
+    pub start: Instant,
+}
+
+/// Header names of the non-streamed answer's overhead and upstream time (integer µs).
+pub const OVERHEAD_HEADER: &str = "x-smg-overhead-us";
+pub const UPSTREAM_HEADER: &str = "x-smg-upstream-us";
+
+fn micros(d: Duration) -> HeaderValue {
+    HeaderValue::from(u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// The streamed request's overhead clock, consumed when the overhead is recorded.
+struct StreamClock {
+    start: Instant,
+    sent: Instant,
+    /// The worker's first body chunk (read by the gateway).
+    first_chunk: Option<Instant>,
+    api: Api,
 }
 
 pub fn now_secs() -> u64 {
@@ -268,9 +314,18 @@ struct StreamState {
     worker: String,
     _lease: Lease,
     _keep: Option<ShmFiles>,
+    clock: Option<StreamClock>,
 }
 
 impl StreamState {
+    /// Record the overhead once the worker's first chunk was read and converted.
+    fn record_overhead(&mut self) {
+        let Some(c) = self.clock.take_if(|c| c.first_chunk.is_some()) else { return };
+        let upstream = c.first_chunk.map_or(Duration::ZERO, |t| t - c.sent);
+        let overhead = c.start.elapsed().saturating_sub(upstream);
+        self.state.metrics.record_overhead(c.api.route(), true, overhead.as_secs_f64());
+    }
+
     fn error(&mut self, msg: &str) {
         self.state.metrics.record_worker_error(&self.worker);
         self.queue.push_back(sse(&json!({"error": {"message": msg, "type": "upstream_error", "param": null, "code": "worker_error"}})));
@@ -322,6 +377,7 @@ fn timings_header(v: &Value) -> Option<HeaderValue> {
 /// Forward and answer: JSON or an SSE stream.
 pub async fn run(state: Shared, f: Forward) -> Result<Response, ApiError> {
     let created = now_secs();
+    let sent = Instant::now();
     let (resp, lease) = send(&state, &f).await?;
     let worker = lease.worker().url.clone();
     if !f.stream {
@@ -333,6 +389,7 @@ pub async fn run(state: Shared, f: Forward) -> Result<Response, ApiError> {
                 ApiError::bad_gateway(format!("reading worker answer: {e}"))
             }
         })?;
+        let upstream = sent.elapsed();
         drop(f.keep);
         drop(lease);
         let out: Value = serde_json::from_slice(&body).map_err(|e| {
@@ -346,6 +403,10 @@ pub async fn run(state: Shared, f: Forward) -> Result<Response, ApiError> {
         if let Some(h) = timings_header(&f.timings) {
             r.headers_mut().insert("x-m3serve-timings", h);
         }
+        let overhead = f.start.elapsed().saturating_sub(upstream);
+        state.metrics.record_overhead(f.api.route(), false, overhead.as_secs_f64());
+        r.headers_mut().insert(OVERHEAD_HEADER, micros(overhead));
+        r.headers_mut().insert(UPSTREAM_HEADER, micros(upstream));
         return Ok(r);
     }
     let conv = SseConverter::new(f.api, f.id.clone(), created, f.model.clone(), f.include_usage);
@@ -361,19 +422,29 @@ pub async fn run(state: Shared, f: Forward) -> Result<Response, ApiError> {
         worker,
         _lease: lease,
         _keep: f.keep,
+        clock: Some(StreamClock { start: f.start, sent, first_chunk: None, api: f.api }),
     };
     let stream = futures_util::stream::unfold(st, |mut st| async move {
         loop {
             if let Some(b) = st.queue.pop_front() {
+                st.record_overhead();
                 return Some((Ok::<_, Infallible>(b), st));
             }
             if st.done {
+                st.record_overhead();
                 return None;
             }
             match st.up.next().await {
                 Some(Ok(chunk)) => {
+                    if let Some(c) = st.clock.as_mut() {
+                        c.first_chunk.get_or_insert_with(Instant::now);
+                    }
                     st.buf.extend_from_slice(&chunk);
                     st.drain_events();
+                    if st.queue.is_empty() {
+                        // Nothing to relay from this chunk: the gateway's part ends here.
+                        st.record_overhead();
+                    }
                 }
                 Some(Err(e)) => st.error(&format!("worker stream failed: {e}")),
                 None => {

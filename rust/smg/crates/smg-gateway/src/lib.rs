@@ -152,15 +152,21 @@ impl AppState {
     }
 }
 
+/// When the gateway took the request (its headers parsed, the route matched, the body not yet
+/// read): the start of the wall time in the gateway's overhead (see [`forward::run`]).
+#[derive(Debug, Clone, Copy)]
+pub struct RequestStart(pub Instant);
+
 /// Count requests by route and status, time them to the response headers, and keep the
 /// in-flight gauge up until the body (an SSE stream) ends.
-async fn track(State(state): State<Shared>, req: Request, next: Next) -> Response {
+async fn track(State(state): State<Shared>, mut req: Request, next: Next) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let guard = state.metrics.in_flight();
     let t0 = Instant::now();
+    req.extensions_mut().insert(RequestStart(t0));
     let resp = next.run(req).await;
     state.metrics.record_request(&route, resp.status().as_u16(), t0.elapsed().as_secs_f64());
     let streaming = resp

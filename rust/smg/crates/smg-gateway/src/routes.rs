@@ -3,20 +3,20 @@
 use std::time::Instant;
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, OriginalUri, Request, State};
+use axum::extract::{Extension, FromRequest, OriginalUri, Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
-use smg_core::wire::{encode_inline_base64_v2, encode_shm_v2, ImageItem, ItemMeta};
+use smg_core::wire::{encode_inline_base64_v2, encode_inline_v2, encode_shm_v2, ImageItem, ItemMeta};
 
 use crate::error::ApiError;
 use crate::forward::{self, Api, Forward};
 use crate::images::{self, Payload, ReadyImage};
 use crate::openai::{image_refs, template_messages, ChatRequest, CompletionRequest};
 use crate::shm::ShmFiles;
-use crate::Shared;
+use crate::{RequestStart, Shared};
 
 /// A JSON body read under the body size limit and the body timeout, with every failure
 /// (slow client, too large, not JSON, wrong types, missing fields) an OpenAI-style 4xx.
@@ -104,7 +104,7 @@ async fn prepare(state: &Shared, ids: Vec<u32>, req: Option<&ChatRequest>, t_tok
     let ready = images::prepare_all(&refs, &state.images).await?;
     timings.insert("images".into(), json!(ms(t_img)));
     record_image_metrics(state, &ready);
-    let per_image: Vec<Value> = ready
+    let mut per_image: Vec<Value> = ready
         .iter()
         .map(|r| {
             json!({"fetch": r.fetch_us as f64 / 1e3, "decode": r.timings.decode_us as f64 / 1e3,
@@ -112,7 +112,6 @@ async fn prepare(state: &Shared, ids: Vec<u32>, req: Option<&ChatRequest>, t_tok
                    "grid_thw": r.grid_thw})
         })
         .collect();
-    timings.insert("per_image".into(), Value::Array(per_image));
     let total_pixels: u64 = ready.iter().map(|r| r.num_patches as u64 * 196).sum();
     if total_pixels > cfg.max_total_pixels {
         return Err(ApiError::bad_request(format!(
@@ -129,9 +128,9 @@ async fn prepare(state: &Shared, ids: Vec<u32>, req: Option<&ChatRequest>, t_tok
     }
     let mut keep = cfg.shm.then(ShmFiles::default);
     let mut image_data = Vec::with_capacity(ready.len());
-    for (r, span) in ready.into_iter().zip(spans) {
+    for ((r, span), info) in ready.into_iter().zip(spans).zip(&mut per_image) {
         let meta = ItemMeta { grid_thw: r.grid_thw, hash: &r.hash, offset: span.offset, length: span.length };
-        let item = match (r.payload, keep.as_mut()) {
+        let mut item = match (r.payload, keep.as_mut()) {
             (Payload::Base64(data), _) => encode_inline_base64_v2(r.num_patches, data, &meta),
             (Payload::Patches(p), Some(files)) => {
                 let path = files
@@ -139,11 +138,24 @@ async fn prepare(state: &Shared, ids: Vec<u32>, req: Option<&ChatRequest>, t_tok
                     .map_err(|e| ApiError::internal(format!("cannot write shared memory: {e}")))?;
                 encode_shm_v2(r.num_patches, &path, &meta)
             }
-            (Payload::Patches(p), None) => smg_core::wire::encode_inline_v2(&p, &meta),
+            (Payload::Patches(p), None) => encode_inline_v2(&p, &meta),
         };
+        info["wire_bytes"] = json!(wire_bytes(&mut item));
         image_data.push(item);
     }
+    timings.insert("per_image".into(), Value::Array(per_image));
     Ok(Prepared { input_ids, image_data, keep, timings })
+}
+
+/// Bytes of `item` in the `/generate` body (reported per image as `wire_bytes`): its compact JSON
+/// without `data`, plus the `,"data":"…"` member (base64 needs no escaping), so the multi-MB
+/// string is not serialized twice.
+fn wire_bytes(item: &mut ImageItem) -> usize {
+    let data = item.data.take();
+    let rest = serde_json::to_vec(&*item).map_or(0, |v| v.len());
+    let data_len = data.as_ref().map_or(0, |d| r#","data":"""#.len() + d.len());
+    item.data = data;
+    rest + data_len
 }
 
 fn too_long(n: usize, max: usize) -> ApiError {
@@ -161,7 +173,11 @@ fn generate_body(rid: &str, p: &Prepared, params: &Value, stream: bool) -> Resul
 }
 
 /// POST /v1/chat/completions
-pub async fn chat_completions(State(state): State<Shared>, JsonBody(req): JsonBody<ChatRequest>) -> Result<Response, ApiError> {
+pub async fn chat_completions(
+    State(state): State<Shared>,
+    Extension(RequestStart(start)): Extension<RequestStart>,
+    JsonBody(req): JsonBody<ChatRequest>,
+) -> Result<Response, ApiError> {
     let t0 = Instant::now();
     if req.messages.is_empty() {
         return Err(ApiError::bad_request("messages must not be empty").with_param("messages"));
@@ -197,13 +213,18 @@ pub async fn chat_completions(State(state): State<Shared>, JsonBody(req): JsonBo
             include_usage: req.sampling.include_usage(),
             timings: Value::Object(timings),
             keep: p.keep,
+            start,
         },
     )
     .await
 }
 
 /// POST /v1/completions (text only).
-pub async fn completions(State(state): State<Shared>, JsonBody(req): JsonBody<CompletionRequest>) -> Result<Response, ApiError> {
+pub async fn completions(
+    State(state): State<Shared>,
+    Extension(RequestStart(start)): Extension<RequestStart>,
+    JsonBody(req): JsonBody<CompletionRequest>,
+) -> Result<Response, ApiError> {
     let t0 = Instant::now();
     let params = req.sampling.to_sglang(state.cfg.default_max_tokens, state.cfg.max_max_tokens)?;
     let prompt = req.prompt.single()?;
@@ -230,6 +251,7 @@ pub async fn completions(State(state): State<Shared>, JsonBody(req): JsonBody<Co
             include_usage: req.sampling.include_usage(),
             timings: Value::Object(timings),
             keep: p.keep,
+            start,
         },
     )
     .await
@@ -266,4 +288,22 @@ pub async fn not_found(OriginalUri(uri): OriginalUri) -> ApiError {
 
 pub async fn method_not_allowed() -> ApiError {
     ApiError::method_not_allowed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_bytes_is_the_serialized_length() {
+        let patches = vec![0x3f80_u16; 8 * smg_core::wire::PATCH_DIM];
+        let meta = ItemMeta { grid_thw: [2, 2, 2], hash: "ab\"c", offset: 3, length: 2 };
+        let inline = encode_inline_v2(&patches, &meta);
+        let shm = encode_shm_v2(8, "/dev/shm/m3serve-x", &meta);
+        for mut item in [inline, shm] {
+            let want = serde_json::to_vec(&item).unwrap().len();
+            assert_eq!(wire_bytes(&mut item), want);
+            assert_eq!(serde_json::to_vec(&item).unwrap().len(), want, "item left as it was");
+        }
+    }
 }

@@ -121,6 +121,8 @@ async fn chat_with_image_sends_patches() {
     let items = smg_core::wire::parse_items(&body["image_data"]).unwrap();
     assert_eq!(items.len(), 1);
     smg_core::wire::validate_request(&ids, &items, IMAGE_TOKEN_ID).unwrap();
+    let wire = serde_json::to_vec(&body["image_data"][0]).unwrap().len();
+    assert_eq!(v["m3serve"]["timings_ms"]["per_image"][0]["wire_bytes"], json!(wire), "bytes the worker got for the image");
     let off = usize::try_from(items[0].offset).unwrap();
     assert_eq!(ids[off - 1], 6, "start-of-image token before the run");
     assert_eq!(ids[off + usize::try_from(items[0].length).unwrap()], 7, "end-of-image token after the run");
@@ -214,6 +216,40 @@ async fn failover_and_metrics() {
     // The probe brings a worker back when it answers again; here it stays dead.
     st.workers.probe_all(&reqwest::Client::new(), Duration::from_millis(300)).await;
     assert!(!st.workers.snapshot().iter().find(|w| w.0 == dead).unwrap().1);
+}
+
+fn header_us(resp: &axum::response::Response, name: &str) -> u64 {
+    resp.headers().get(name).unwrap_or_else(|| panic!("no {name}")).to_str().unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn overhead_header_and_histogram() {
+    let (router, _) = setup("overhead").await;
+    let req = || {
+        Request::builder()
+            .method("POST")
+            .uri("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(Body::from(json!({"messages": [{"role": "user", "content": "hello"}], "max_tokens": 2}).to_string()))
+            .unwrap()
+    };
+    for _ in 0..2 {
+        let t0 = std::time::Instant::now();
+        let resp = router.clone().oneshot(req()).await.unwrap();
+        let wall = u64::try_from(t0.elapsed().as_micros()).unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let (overhead, upstream) = (header_us(&resp, "x-smg-overhead-us"), header_us(&resp, "x-smg-upstream-us"));
+        assert!(upstream > 0, "a call over a socket takes time");
+        assert!(overhead + upstream <= wall, "{overhead} + {upstream} µs within the {wall} µs the router took");
+    }
+    // A streamed request: no headers (they leave before the worker answers), a histogram entry.
+    let (s, _) = call(&router, "POST", "/v1/chat/completions", json!({"messages": [{"role": "user", "content": "hi"}], "stream": true}).to_string(), &[]).await;
+    assert_eq!(s, StatusCode::OK);
+    let (_, b) = call(&router, "GET", "/metrics", Body::empty(), &[]).await;
+    let text = String::from_utf8(b).unwrap();
+    assert!(text.contains("smg_gateway_overhead_seconds_count{route=\"/v1/chat/completions\",stream=\"false\"} 2"), "{text}");
+    assert!(text.contains("smg_gateway_overhead_seconds_count{route=\"/v1/chat/completions\",stream=\"true\"} 1"), "{text}");
+    assert!(text.contains("smg_gateway_overhead_seconds_bucket{route=\"/v1/chat/completions\",stream=\"false\",le=\"0.000025\"}"), "{text}");
 }
 
 #[tokio::test]
