@@ -1,5 +1,6 @@
 //! Criterion benches of the image stages on one thread: decode (JPEG), the torch-exact
-//! antialiased bicubic resize to M3's `smart_resize` size, and normalise + patchify.
+//! antialiased bicubic resize to M3's `smart_resize` size, normalise + patchify, and the fused
+//! resize + normalise + patchify that `preprocess` runs.
 //!
 //! `cargo bench -p smg-core --bench preprocess` (add `-- resize` to run one group).
 //! Inputs are synthetic but photo-like (smooth gradients plus hashed noise) so JPEG decode does
@@ -8,7 +9,7 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use smg_core::image::{decode, patchify, resize, sizing, DecodedImage, ImageOptions};
+use smg_core::image::{decode, fused, patchify, resize, sizing, DecodedImage, ImageOptions};
 
 #[path = "common/synthetic.rs"]
 mod synthetic;
@@ -96,11 +97,29 @@ fn bench_patchify(c: &mut Criterion) {
     g.finish();
 }
 
+/// Resize + normalise + patchify from the decoded image, as `preprocess` runs it: the fused
+/// path (torch resampler streamed into normalise + patchify, `image::fused`).
+fn bench_fused(c: &mut Criterion) {
+    let opts = ImageOptions::default();
+    let mut g = c.benchmark_group("resize_normalize_patchify_fused");
+    g.sample_size(20);
+    for (w, h) in SIZES {
+        let (oh, ow) = sizing::target_size(h, w, &opts).expect("size");
+        let img = synthetic(w, h);
+        g.throughput(Throughput::Elements(u64::from(w) * u64::from(h)));
+        g.bench_with_input(BenchmarkId::from_parameter(label(w, h)), &img, |b, img| {
+            b.iter(|| fused::resize_normalize_patchify(black_box(img), ow, oh));
+        });
+    }
+    g.finish();
+}
+
 criterion_group!(
     benches,
     bench_decode,
     bench_resize,
     bench_resize_passes,
-    bench_patchify
+    bench_patchify,
+    bench_fused
 );
 criterion_main!(benches);

@@ -1,12 +1,12 @@
 //! Min-of-N wall time of the image stages (robust on a shared box): `cargo run --release -p
 //! smg-core --example stage_min`.
 //!
-//! `stage_min <hpass|vpass|resize|patchify|whole> <w>x<h> <iters>` runs one stage only, for CPU-time
+//! `stage_min <hpass|vpass|resize|patchify|fused|whole> <w>x<h> <iters>` runs one stage only, for CPU-time
 //! counters that ignore time spent preempted: `perf stat -e task-clock target/release/examples/
 //! stage_min hpass 1280x960 200` (task-clock / iters ≈ CPU ms per call, plus set-up).
 use std::time::Instant;
 
-use smg_core::image::{patchify, resize, sizing, ImageOptions};
+use smg_core::image::{buffers, fused, patchify, resize, sizing, ImageOptions};
 
 #[path = "../benches/common/synthetic.rs"]
 mod synthetic;
@@ -68,7 +68,8 @@ fn one_stage(stage: &str, size: &str, iters: usize) {
                 drop(std::hint::black_box(resize::resize_torch_bicubic_aa(&img, ow, oh)));
             }
             "patchify" => drop(std::hint::black_box(patchify::normalize_patchify(&img))),
-            _ => panic!("stage: hpass, vpass, resize or patchify"),
+            "fused" => drop(std::hint::black_box(fused::resize_normalize_patchify(&img, ow, oh))),
+            _ => panic!("stage: hpass, vpass, resize, patchify, fused or whole"),
         }
     }
     let ms = t.elapsed().as_secs_f64() * 1e3 / iters as f64;
@@ -82,8 +83,49 @@ fn one_stage(stage: &str, size: &str, iters: usize) {
     }
 }
 
+/// `stage_min ab <w>x<h> <rounds>`: unfused (resize, then normalise + patchify), fused resize +
+/// normalise + patchify into a `Vec`, and fused into a zero-filled byte buffer (what the
+/// Python binding does) alternated call by call, so all see the same box load; prints min and p25.
+fn ab(size: &str, rounds: usize) {
+    let opts = ImageOptions::default();
+    let (w, h) = size.split_once('x').expect("<w>x<h>");
+    let (w, h): (u32, u32) = (w.parse().expect("width"), h.parse().expect("height"));
+    let (oh, ow) = sizing::target_size(h, w, &opts).unwrap();
+    let img = synthetic(w, h);
+    let (gh, gw) = patchify::grid_of(ow, oh);
+    let mut bytes = vec![0u8; gh as usize * gw as usize * smg_core::image::PATCH_DIM * 2];
+    let (mut unfused, mut fused_vec, mut fused_into) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        // As the PyO3 binding: a zero-filled buffer, then the patches written into it.
+        bytes.fill(0);
+        fused_into.push(min_ms(1, || {
+            fused::resize_normalize_patchify_into(&img, ow, oh, &mut bytes)
+        }));
+        unfused.push(min_ms(1, || {
+            let resized = resize::resize_torch_bicubic_aa(&img, ow, oh);
+            let patches = patchify::normalize_patchify(&resized);
+            buffers::give(resized.rgb);
+            patches
+        }));
+        fused_vec.push(min_ms(1, || fused::resize_normalize_patchify(&img, ow, oh)));
+    }
+    for (name, v) in [
+        ("unfused", &mut unfused),
+        ("fused", &mut fused_vec),
+        ("fused_into", &mut fused_into),
+    ] {
+        v.sort_by(f64::total_cmp);
+        println!("{name}: min {:.3} p25 {:.3} ms", v[0], v[v.len() / 4]);
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if let [_, mode, size, rounds] = &args[..] {
+        if mode == "ab" {
+            return ab(size, rounds.parse().expect("rounds"));
+        }
+    }
     if let [_, stage, size, iters] = &args[..] {
         return one_stage(stage, size, iters.parse().expect("iters"));
     }
@@ -99,5 +141,14 @@ fn main() {
         let small = synthetic(ow, oh);
         let pat = min_ms(n, || patchify::normalize_patchify(&small));
         println!("{w}x{h} -> {ow}x{oh}: resize {full:.3} ms (h-only {hor:.3}, v-only {ver:.3}), normalize_patchify {pat:.3} ms");
+        // Resize + normalise + patchify end to end: unfused vs fused (what preprocess runs).
+        let unfused = min_ms(n, || {
+            let r = resize::resize_torch_bicubic_aa(&img, ow, oh);
+            let p = patchify::normalize_patchify(&r);
+            buffers::give(r.rgb); // as preprocess does
+            p
+        });
+        let fused = min_ms(n, || fused::resize_normalize_patchify(&img, ow, oh));
+        println!("  resize+normalize+patchify: unfused {unfused:.3} ms, fused {fused:.3} ms");
     }
 }

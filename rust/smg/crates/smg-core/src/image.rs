@@ -10,7 +10,9 @@
 //!
 //! Stages: [`decode`] (format sniffing, header-size guard, PIL-equal decode and RGB conversion),
 //! [`exif`] (orientation), [`sizing`] (target size), [`resize`] (the two resamplers),
-//! [`patchify`] (normalise + bf16 + merge-block-major flattening).
+//! [`patchify`] (normalise + bf16 + merge-block-major flattening), [`fused`] (the torch
+//! resampler streamed straight into normalise + patchify, what [`preprocess_image`] and
+//! [`ResizedImage`] run where AVX2 is available).
 
 // Prose names (SGLang, TurboJPEG, OpenAI) need no backticks; w/h/x/y/c are image math.
 #![allow(clippy::doc_markdown, clippy::many_single_char_names)]
@@ -18,6 +20,7 @@
 pub mod buffers;
 pub mod decode;
 pub mod exif;
+pub mod fused;
 pub mod patchify;
 pub mod resize;
 pub mod sizing;
@@ -67,9 +70,12 @@ impl Default for ImageOptions {
 pub struct StageTimings {
     /// Header parse, decode, EXIF orientation and RGB conversion.
     pub decode_us: u64,
-    /// Resampling to the target size (0 when the size is unchanged).
+    /// Resampling to the target size (0 when the size is unchanged). When the torch
+    /// resampler runs fused with normalise + patchify ([`fused`]), only the sizing: the
+    /// resampling is then counted in `normalize_patchify_us`.
     pub resize_us: u64,
-    /// Rescale + normalise + bf16 + patch flattening.
+    /// Rescale + normalise + bf16 + patch flattening; with [`fused`], also the resampling (the
+    /// sum of the two fields is always the whole resize + normalise + patchify).
     pub normalize_patchify_us: u64,
 }
 
@@ -192,37 +198,59 @@ pub fn resize_for_model(
 
     let t1 = Instant::now();
     let (h, w) = sizing::target_size(img.height, img.width, opts)?;
-    let out = if (h, w) == (img.height, img.width) {
-        img
-    } else {
-        let out = if opts.max_long_side_pixel.is_some() {
-            resize::resize_pillow_bicubic(&img, w, h)
-        } else {
-            resize::resize_torch_bicubic_aa(&img, w, h)
-        };
-        buffers::give(img.rgb);
-        out
-    };
+    let out = resize_decoded(img, w, h, opts);
     timings.resize_us = micros_since(t1);
     Ok((out, timings))
 }
 
-/// One image decoded, resized and hashed: everything but normalise + patchify, which writes
-/// the output and so can go straight into a caller's buffer ([`Self::patchify_into`]).
+/// `img` resized to `w × h` with the resampler `opts` selects (the decoded buffer goes back to
+/// this thread's pool).
+fn resize_decoded(img: DecodedImage, w: u32, h: u32, opts: &ImageOptions) -> DecodedImage {
+    if (h, w) == (img.height, img.width) {
+        return img;
+    }
+    let out = if opts.max_long_side_pixel.is_some() {
+        resize::resize_pillow_bicubic(&img, w, h)
+    } else {
+        resize::resize_torch_bicubic_aa(&img, w, h)
+    };
+    buffers::give(img.rgb);
+    out
+}
+
+/// One image decoded, sized (resized unless the fused path will do it) and hashed: everything
+/// but normalise + patchify, which writes the output and so can go straight into a caller's
+/// buffer ([`Self::patchify_into`]).
 #[derive(Debug)]
 pub struct ResizedImage {
-    /// The model-size uint8 RGB pixels.
-    pub image: DecodedImage,
+    pixels: Pixels,
     /// Hex SHA-256 content hash (see [`crate::hash`]).
     pub hash: String,
     /// Decode and resize times (`normalize_patchify_us` is 0 until patchified).
     pub timings: StageTimings,
 }
 
+/// What the resize stage hands to normalise + patchify.
+#[derive(Debug)]
+enum Pixels {
+    /// The model-size uint8 RGB image.
+    Rgb(DecodedImage),
+    /// The decoded image, to be resized to `width × height` by the torch resampler fused with
+    /// normalise + patchify ([`fused`]).
+    Fused {
+        img: DecodedImage,
+        width: u32,
+        height: u32,
+    },
+}
+
 impl ResizedImage {
     /// `[t, h, w]` in 14-pixel patches.
     pub fn grid_thw(&self) -> [u32; 3] {
-        let (gh, gw) = patchify::grid(&self.image);
+        let (gh, gw) = match &self.pixels {
+            Pixels::Rgb(img) => patchify::grid(img),
+            Pixels::Fused { width, height, .. } => patchify::grid_of(*width, *height),
+        };
         [1, gh, gw]
     }
 
@@ -237,9 +265,23 @@ impl ResizedImage {
     pub fn patchify_into(self, out: &mut [u8]) -> StageTimings {
         let mut timings = self.timings;
         let t = Instant::now();
-        patchify::normalize_patchify_into(&self.image, out);
+        match self.pixels {
+            Pixels::Rgb(img) => {
+                patchify::normalize_patchify_into(&img, out);
+                buffers::give(img.rgb);
+            }
+            Pixels::Fused { img, width, height } => {
+                if fused::resize_normalize_patchify_into(&img, width, height, out).is_none() {
+                    // Not reached (resize_and_hash checked fused::applies); the unfused path
+                    // gives the same patches.
+                    let resized = resize::resize_torch_bicubic_aa(&img, width, height);
+                    patchify::normalize_patchify_into(&resized, out);
+                    buffers::give(resized.rgb);
+                }
+                buffers::give(img.rgb);
+            }
+        }
         timings.normalize_patchify_us = micros_since(t);
-        buffers::give(self.image.rgb);
         timings
     }
 
@@ -247,9 +289,26 @@ impl ResizedImage {
     pub fn patchify(self) -> PreprocessedImage {
         let mut timings = self.timings;
         let t = Instant::now();
-        let (patches, grid_h, grid_w) = patchify::normalize_patchify(&self.image);
+        let (patches, grid_h, grid_w) = match self.pixels {
+            Pixels::Rgb(img) => {
+                let out = patchify::normalize_patchify(&img);
+                buffers::give(img.rgb);
+                out
+            }
+            Pixels::Fused { img, width, height } => {
+                let out =
+                    fused::resize_normalize_patchify(&img, width, height).unwrap_or_else(|| {
+                        // Not reached (see patchify_into).
+                        let resized = resize::resize_torch_bicubic_aa(&img, width, height);
+                        let out = patchify::normalize_patchify(&resized);
+                        buffers::give(resized.rgb);
+                        out
+                    });
+                buffers::give(img.rgb);
+                out
+            }
+        };
         timings.normalize_patchify_us = micros_since(t);
-        buffers::give(self.image.rgb);
         PreprocessedImage {
             num_patches: (grid_h * grid_w) as usize,
             patches,
@@ -260,11 +319,29 @@ impl ResizedImage {
     }
 }
 
-/// Decode, orient, convert, size, resize and hash one image (see [`ResizedImage`]).
+/// Decode, orient, convert, size, resize and hash one image (see [`ResizedImage`]). Where the
+/// torch resampler can run fused with normalise + patchify ([`fused::applies`]), the resize is
+/// left to [`ResizedImage::patchify`] / [`ResizedImage::patchify_into`].
 pub fn resize_and_hash(bytes: &[u8], opts: &ImageOptions) -> Result<ResizedImage, ImageError> {
-    let (image, timings) = resize_for_model(bytes, opts)?;
+    let mut timings = StageTimings::default();
+    let t0 = Instant::now();
+    let img = decode::decode_rgb(bytes, opts)?;
+    timings.decode_us = micros_since(t0);
+
+    let t1 = Instant::now();
+    let (h, w) = sizing::target_size(img.height, img.width, opts)?;
+    let pixels = if opts.max_long_side_pixel.is_none() && fused::applies(&img, w, h) {
+        Pixels::Fused {
+            img,
+            width: w,
+            height: h,
+        }
+    } else {
+        Pixels::Rgb(resize_decoded(img, w, h, opts))
+    };
+    timings.resize_us = micros_since(t1);
     Ok(ResizedImage {
-        image,
+        pixels,
         hash: crate::hash::image_hash(bytes, opts),
         timings,
     })

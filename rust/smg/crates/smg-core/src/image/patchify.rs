@@ -50,7 +50,7 @@ fn lut() -> [[u16; 256]; 3] {
 }
 
 /// Per-channel `(scale, bias)` of the fused form `x · scale + bias` (see the module docs).
-fn fma_coefficients(c: usize) -> (f32, f32) {
+pub(crate) fn fma_coefficients(c: usize) -> (f32, f32) {
     let mean = CLIP_MEAN[c] * 255.0;
     let std = CLIP_STD[c] * 255.0;
     (1.0 / std, -mean / std)
@@ -191,7 +191,7 @@ impl pulp::WithSimd for FillPlanes<'_> {
 pub fn normalize_patchify(img: &DecodedImage) -> (Vec<u16>, u32, u32) {
     let (gh, gw) = grid(img);
     let mut out: Vec<u16> = Vec::with_capacity(gh as usize * gw as usize * PATCH_DIM);
-    patch_rows(img, |vals| out.extend_from_slice(vals));
+    patch_rows(img, &mut out);
     (out, gh, gw)
 }
 
@@ -200,33 +200,112 @@ pub fn normalize_patchify(img: &DecodedImage) -> (Vec<u16>, u32, u32) {
 /// `gh · gw · 1176 · 2` bytes. Returns the grid.
 pub fn normalize_patchify_into(img: &DecodedImage, out: &mut [u8]) -> (u32, u32) {
     let (gh, gw) = grid(img);
-    assert_eq!(
-        out.len(),
-        gh as usize * gw as usize * PATCH_DIM * 2,
-        "patch buffer size"
-    );
-    let mut pos = 0;
-    patch_rows(img, |vals| {
-        out[pos..pos + 2 * PATCH].copy_from_slice(pulp::bytemuck::cast_slice(vals));
-        pos += 2 * PATCH;
-    });
+    let mut sink = PatchSink::new(out, gh, gw);
+    patch_rows(img, &mut sink);
+    sink.finish();
     (gh, gw)
 }
 
 /// Patch grid `(gh, gw)` of a resized image: sides in 14-pixel patches, whole 2×2 merge blocks.
 pub fn grid(img: &DecodedImage) -> (u32, u32) {
-    let (gh, gw) = (img.height as usize / PATCH, img.width as usize / PATCH);
+    grid_of(img.width, img.height)
+}
+
+/// Patch grid `(gh, gw)` of a `w × h` resized image (see [`grid`]).
+pub fn grid_of(w: u32, h: u32) -> (u32, u32) {
+    let (gh, gw) = (h as usize / PATCH, w as usize / PATCH);
     ((gh / MERGE * MERGE) as u32, (gw / MERGE * MERGE) as u32)
 }
 
-/// Emits the patch matrix in memory order, 14 values (one patch row of one channel) at a time.
+/// Where [`emit_band`] writes patches: each call of `next` hands out the next patch's
+/// `[u16; 1176]` to fill in place.
+pub(crate) trait PatchOut {
+    fn next(&mut self) -> &mut [u16; PATCH_DIM];
+}
+
+/// Appends to a `Vec` (reserved up front; each new patch is zero-filled in L1, then written).
+impl PatchOut for Vec<u16> {
+    fn next(&mut self) -> &mut [u16; PATCH_DIM] {
+        let n = self.len();
+        self.resize(n + PATCH_DIM, 0);
+        (&mut self[n..]).try_into().expect("one patch")
+    }
+}
+
+/// Writes whole patches, in order, straight into a caller's byte buffer of `gh · gw` patches
+/// (through an L1 buffer only if the bytes are not 2-byte aligned).
+pub(crate) struct PatchSink<'a> {
+    out: core::slice::ChunksExactMut<'a, u8>,
+    pending: Option<&'a mut [u8]>,
+    buf: [u16; PATCH_DIM],
+}
+
+impl<'a> PatchSink<'a> {
+    pub(crate) fn new(out: &'a mut [u8], gh: u32, gw: u32) -> Self {
+        assert_eq!(
+            out.len(),
+            gh as usize * gw as usize * PATCH_DIM * 2,
+            "patch buffer size"
+        );
+        Self {
+            out: out.chunks_exact_mut(PATCH_DIM * 2),
+            pending: None,
+            buf: [0; PATCH_DIM],
+        }
+    }
+
+    /// Copies out the patch written into the L1 buffer (the unaligned case); call once at the end.
+    pub(crate) fn finish(&mut self) {
+        if let Some(dst) = self.pending.take() {
+            dst.copy_from_slice(pulp::bytemuck::cast_slice(&self.buf));
+        }
+    }
+}
+
+impl PatchOut for PatchSink<'_> {
+    fn next(&mut self) -> &mut [u16; PATCH_DIM] {
+        self.finish();
+        let dst = self.out.next().expect("patch buffer holds every patch");
+        if pulp::bytemuck::try_cast_slice::<u8, u16>(dst).is_ok() {
+            let dst: &mut [u16] = pulp::bytemuck::cast_slice_mut(dst);
+            return dst.try_into().expect("one patch");
+        }
+        self.pending = Some(dst);
+        &mut self.buf
+    }
+}
+
+/// Writes the patches of one band of 28 rows (one merge-block row), in memory order, from its
+/// three bf16 channel planes (`planes[c][yy * w + x]`) to `out`, each in place: columns
+/// C → T → py → px, the frame repeated for T = 2.
+pub(crate) fn emit_band(planes: &[Vec<u16>], w: usize, out: &mut impl PatchOut) {
+    const FRAME: usize = PATCH * PATCH;
+    for i in 0..w / PATCH / MERGE * MERGE * MERGE {
+        // Patch i of the band is merge block bw = i / 4, sub-patch (mh, mw).
+        let (bw, mh, mw) = (i / (MERGE * MERGE), i / MERGE % MERGE, i % MERGE);
+        let x0 = (bw * MERGE + mw) * PATCH;
+        let patch = out.next();
+        for (pc, dst) in planes.iter().zip(patch.chunks_exact_mut(TEMPORAL * FRAME)) {
+            let (first, rest) = dst.split_at_mut(FRAME);
+            for (py, run) in first.chunks_exact_mut(PATCH).enumerate() {
+                let o = (mh * PATCH + py) * w + x0;
+                run.copy_from_slice(&pc[o..o + PATCH]);
+            }
+            for frame in rest.chunks_exact_mut(FRAME) {
+                frame.copy_from_slice(first);
+            }
+        }
+    }
+}
+
+/// Emits the patch matrix in memory order, one patch at a time.
 ///
 /// One band of 28 source rows (one merge-block row) at a time: the band is normalised once into
-/// three bf16 channel planes (L2-resident), then the band's output rows are emitted in order,
-/// so the output is written exactly once and never zero-filled first.
-fn patch_rows(img: &DecodedImage, mut emit: impl FnMut(&[u16; PATCH])) {
+/// three bf16 channel planes (L2-resident), then the band's patches are emitted in order, so
+/// the output is written exactly once and never zero-filled first.
+fn patch_rows(img: &DecodedImage, out: &mut impl PatchOut) {
     let (w, h) = (img.width as usize, img.height as usize);
-    let (bh_n, bw_n) = (h / PATCH / MERGE, w / PATCH / MERGE);
+    let bh_n = h / PATCH / MERGE;
     let table = lut();
     let band = MERGE * PATCH;
     // planes[c][yy * w + x] for the band's 28 rows.
@@ -239,22 +318,7 @@ fn patch_rows(img: &DecodedImage, mut emit: impl FnMut(&[u16; PATCH])) {
             src,
             planes: &mut planes,
         });
-        for bw in 0..bw_n {
-            for mh in 0..MERGE {
-                for mw in 0..MERGE {
-                    // Columns C → T → py → px (the frame repeated for T = 2).
-                    let x0 = (bw * MERGE + mw) * PATCH;
-                    for pc in &planes {
-                        for _ in 0..TEMPORAL {
-                            for py in 0..PATCH {
-                                let o = (mh * PATCH + py) * w + x0;
-                                emit(pc[o..o + PATCH].try_into().expect("one patch row"));
-                            }
-                        }
-                    }
-                }
-            }
-        }
+        emit_band(&planes, w, out);
     }
 }
 
@@ -278,6 +342,24 @@ mod tests {
         }
     }
 
+    /// No channel's FMA form lands exactly halfway between two bf16 values for any uint8
+    /// input, so rounding half up (`(bits + 0x8000) >> 16`, what the fused kernel of
+    /// `resize/avx2.rs` does) equals round-to-nearest-even on every input.
+    #[test]
+    fn fma_form_has_no_bf16_ties() {
+        for c in 0..3 {
+            let (a, b) = fma_coefficients(c);
+            for x in 0..=255u8 {
+                let bits = f32::from(x).mul_add(a, b).to_bits();
+                assert_ne!(bits & 0xFFFF, 0x8000, "channel {c}, x = {x}: a tie");
+                assert_eq!(
+                    ((bits + 0x8000) >> 16) as u16,
+                    f32_to_bf16(f32::from_bits(bits))
+                );
+            }
+        }
+    }
+
     /// The byte-buffer entry writes exactly the bytes of the `Vec` one.
     #[test]
     fn into_bytes_matches_vec() {
@@ -289,9 +371,47 @@ mod tests {
             rgb,
         };
         let (want, gh, gw) = normalize_patchify(&img);
-        let mut got = vec![0xAAu8; want.len() * 2];
-        assert_eq!(normalize_patchify_into(&img, &mut got), (gh, gw));
-        assert_eq!(got, pulp::bytemuck::cast_slice::<u16, u8>(&want));
+        // In place (aligned) and through the L1 patch buffer (odd offset).
+        let mut got = vec![0xAAu8; want.len() * 2 + 1];
+        for skip in [0, 1] {
+            let dst = &mut got[skip..skip + want.len() * 2];
+            assert_eq!(normalize_patchify_into(&img, dst), (gh, gw));
+            assert_eq!(*dst, *pulp::bytemuck::cast_slice::<u16, u8>(&want));
+        }
+    }
+
+    /// Patch order against the reference's index formula, element by element: row
+    /// `((bh · gw/2 + bw) · 2 + mh) · 2 + mw`, column `c · 392 + t · 196 + py · 14 + px`, on an
+    /// image with a partial merge block on both sides (dropped).
+    #[test]
+    fn patch_order_matches_index_formula() {
+        let (w, h) = (98u32, 71u32);
+        let rgb: Vec<u8> = (0..w * h * 3).map(|i| (i * 37 % 253) as u8).collect();
+        let img = DecodedImage {
+            width: w,
+            height: h,
+            rgb: rgb.clone(),
+        };
+        let (got, gh, gw) = normalize_patchify(&img);
+        assert_eq!((gh, gw), (4, 6));
+        let (gh, gw) = (gh as usize, gw as usize);
+        assert_eq!(got.len(), gh * gw * PATCH_DIM);
+        let table = lut();
+        for (bh, bw, mh, mw) in (0..gh / 2).flat_map(|bh| {
+            (0..gw / 2).flat_map(move |bw| (0..4).map(move |m| (bh, bw, m / 2, m % 2)))
+        }) {
+            let row = ((bh * gw / 2 + bw) * 2 + mh) * 2 + mw;
+            for (c, t, py, px) in (0..3).flat_map(|c| {
+                (0..TEMPORAL).flat_map(move |t| {
+                    (0..PATCH).flat_map(move |py| (0..PATCH).map(move |px| (c, t, py, px)))
+                })
+            }) {
+                let (y, x) = ((bh * 2 + mh) * PATCH + py, (bw * 2 + mw) * PATCH + px);
+                let v = rgb[(y * w as usize + x) * 3 + c];
+                let col = c * 392 + t * 196 + py * PATCH + px;
+                assert_eq!(got[row * PATCH_DIM + col], table[c][usize::from(v)]);
+            }
+        }
     }
 
     /// The dispatched (AVX2 where available) path equals the table on every value, including

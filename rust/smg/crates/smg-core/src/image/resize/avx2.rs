@@ -18,7 +18,7 @@
 
 #![allow(clippy::inline_always)]
 
-use core::arch::x86_64::{__m128i, __m256i};
+use core::arch::x86_64::{__m128i, __m256, __m256i};
 
 use pulp::bytemuck::cast;
 use pulp::x86::V3;
@@ -38,7 +38,7 @@ fn load32(s: &[u8], off: usize) -> __m256i {
 }
 
 /// Rows per strip of the horizontal pass: one byte lane per row in a 16-byte vector.
-const STRIP: usize = 16;
+pub const STRIP: usize = 16;
 
 /// 16×16 byte transpose: four rounds of `out[2i] = lo(in[i], in[i+8])`,
 /// `out[2i+1] = hi(in[i], in[i+8])`. Each round rotates the 8-bit (vector, byte) index left by
@@ -58,13 +58,7 @@ fn transpose16(simd: V3, mut a: [__m128i; 16]) -> [__m128i; 16] {
 }
 
 /// Horizontal pass: `src` is `h × in_w × 3` interleaved RGB; writes all of `out`
-/// (`h × out_w × 3`).
-///
-/// Strips of 16 rows are transposed (16×16 byte blocks) so that each byte column of the strip
-/// (`3x + c`: pixel x, channel c) is one 16-byte vector holding that byte of all 16 rows. The
-/// filter then runs down these vectors as the vertical pass runs down rows: tap pairs
-/// zero-extended and interleaved into i16 pairs, one `vpmaddwd` with the broadcast weight pair
-/// per 8 rows, every lane useful. The 16 results per output byte column are transposed back.
+/// (`h × out_w × 3`) as interleaved RGB rows (see [`Horizontal`]).
 #[inline(always)]
 pub fn horizontal(
     simd: V3,
@@ -75,37 +69,102 @@ pub fn horizontal(
     w16: &[i16],
     out: &mut [u8],
 ) {
-    let (avx, avx2, sse2) = (simd.avx, simd.avx2, simd.sse2);
-    let out_w = ax.start.len();
-    let (in_row, out_row) = (in_w * 3, out_w * 3);
-    let (in_groups, out_groups) = (in_row.div_ceil(16), out_row.div_ceil(16));
-    // Tap pairs of every output pixel as (first byte column, second byte column, i16 weight
-    // pair); byte column 3k is pixel k's R. A lone last tap pairs with itself at weight 0.
-    let mut pairs: Vec<(u32, u32, i32)> = Vec::new();
-    let mut ranges = Vec::with_capacity(out_w + 1);
-    ranges.push(0usize);
-    for x in 0..out_w {
-        let s = ax.start[x];
-        let taps = &w16[x * ax.stride..x * ax.stride + ax.len[x]];
-        for (j, p) in taps.chunks(2).enumerate() {
-            let k = s + 2 * j;
-            let (k1, w1) = if p.len() == 2 { (k + 1, p[1]) } else { (k, 0) };
-            let wp = (i32::from(w1) << 16) | i32::from(p[0] as u16);
-            pairs.push((3 * k as u32, 3 * k1 as u32, wp));
-        }
-        ranges.push(pairs.len());
-    }
-    let zero = avx._mm256_setzero_si256();
-    let half = avx._mm256_set1_epi32(1 << (ax.precision - 1));
-    let shift = sse2._mm_cvtsi32_si128(ax.precision as i32);
+    let out_row = ax.start.len() * 3;
     assert_eq!(out.len(), h * out_row, "horizontal: output size");
-    let mut cols: Vec<[u8; 16]> = vec![[0; 16]; in_groups * 16];
-    let mut res: Vec<[u8; 16]> = vec![[0; 16]; out_groups * 16];
-    let mut y0 = 0;
-    while y0 < h {
-        let rows = STRIP.min(h - y0);
+    let mut pass = Horizontal::new(simd, src, h, in_w, ax, w16, false);
+    for (i, rows) in out.chunks_mut(STRIP * out_row).enumerate() {
+        pass.strip(i * STRIP, rows);
+    }
+}
+
+/// The horizontal pass one strip of 16 rows at a time, so a caller can consume rows as they
+/// come (the fused path of `fused.rs` keeps them in an L2 ring instead of a whole image).
+///
+/// Each strip is transposed (16×16 byte blocks) so that each byte column of the strip
+/// (`3x + c`: pixel x, channel c) is one 16-byte vector holding that byte of all 16 rows. The
+/// filter then runs down these vectors as the vertical pass runs down rows: tap pairs
+/// zero-extended and interleaved into i16 pairs, one `vpmaddwd` with the broadcast weight pair
+/// per 8 rows, every lane useful. The 16 results per output byte column are transposed back,
+/// into interleaved RGB rows or, with `planar`, rows of the three channel planes side by side
+/// (`[R × out_w | G × out_w | B × out_w]`, what the fused vertical pass reads): the layout only
+/// changes where each result column goes before the transpose back, so it costs nothing.
+pub struct Horizontal<'a> {
+    simd: V3,
+    src: &'a [u8],
+    h: usize,
+    in_w: usize,
+    out_w: usize,
+    precision: u32,
+    planar: bool,
+    /// Tap pairs of every output pixel as (first byte column, second byte column, i16 weight
+    /// pair); byte column 3k is pixel k's R. Output x's are `pairs[ranges[x]..ranges[x + 1]]`.
+    pairs: Vec<(u32, u32, i32)>,
+    ranges: Vec<usize>,
+    /// The transposed strip: `cols[b]` is byte column b of the 16 rows.
+    cols: Vec<[u8; 16]>,
+    /// Results per output byte column (16 rows), before the transpose back.
+    res: Vec<[u8; 16]>,
+}
+
+impl<'a> Horizontal<'a> {
+    #[inline(always)]
+    pub fn new(
+        simd: V3,
+        src: &'a [u8],
+        h: usize,
+        in_w: usize,
+        ax: &AxisWeights,
+        w16: &[i16],
+        planar: bool,
+    ) -> Self {
+        let out_w = ax.start.len();
+        assert_eq!(src.len(), h * in_w * 3, "horizontal: input size");
+        let mut pairs: Vec<(u32, u32, i32)> = Vec::new();
+        let mut ranges = Vec::with_capacity(out_w + 1);
+        ranges.push(0usize);
+        for x in 0..out_w {
+            let s = ax.start[x];
+            let taps = &w16[x * ax.stride..x * ax.stride + ax.len[x]];
+            // A lone last tap pairs with itself at weight 0.
+            for (j, p) in taps.chunks(2).enumerate() {
+                let k = s + 2 * j;
+                let (k1, w1) = if p.len() == 2 { (k + 1, p[1]) } else { (k, 0) };
+                let wp = (i32::from(w1) << 16) | i32::from(p[0] as u16);
+                pairs.push((3 * k as u32, 3 * k1 as u32, wp));
+            }
+            ranges.push(pairs.len());
+        }
+        Self {
+            simd,
+            src,
+            h,
+            in_w,
+            out_w,
+            precision: ax.precision,
+            planar,
+            pairs,
+            ranges,
+            cols: vec![[0; 16]; (in_w * 3).div_ceil(16) * 16],
+            res: vec![[0; 16]; (out_w * 3).div_ceil(16) * 16],
+        }
+    }
+
+    /// Rows `y0..y0 + n` (`y0` a multiple of 16, `n = min(16, h - y0)`) into `out`
+    /// (`n × out_w × 3` bytes).
+    #[inline(always)]
+    pub fn strip(&mut self, y0: usize, out: &mut [u8]) {
+        let simd = self.simd;
+        let (avx, avx2, sse2) = (simd.avx, simd.avx2, simd.sse2);
+        let (src, out_w) = (self.src, self.out_w);
+        let (in_row, out_row) = (self.in_w * 3, out_w * 3);
+        let rows = STRIP.min(self.h - y0);
+        assert_eq!(out.len(), rows * out_row, "horizontal: strip size");
+        let zero = avx._mm256_setzero_si256();
+        let half = avx._mm256_set1_epi32(1 << (self.precision - 1));
+        let shift = sse2._mm_cvtsi32_si128(self.precision as i32);
+        let (cols, res) = (&mut self.cols, &mut self.res);
         // -- transpose the strip: cols[b] = byte b of each of the 16 rows (missing rows 0) --
-        for g in 0..in_groups {
+        for (g, dst) in cols.chunks_exact_mut(16).enumerate() {
             let n = (in_row - 16 * g).min(16);
             let mut blk = [sse2._mm_setzero_si128(); 16];
             for (r, v) in blk.iter_mut().enumerate().take(rows) {
@@ -118,17 +177,14 @@ pub fn horizontal(
                     cast(b)
                 };
             }
-            for (dst, v) in cols[16 * g..16 * g + 16]
-                .iter_mut()
-                .zip(transpose16(simd, blk))
-            {
-                *dst = cast(v);
+            for (d, v) in dst.iter_mut().zip(transpose16(simd, blk)) {
+                *d = cast(v);
             }
         }
         // -- filter: the 3 byte columns of one output pixel, 16 rows each --
-        for (x, dst) in res.chunks_exact_mut(3).take(out_w).enumerate() {
+        for x in 0..out_w {
             let mut acc = [half; 6];
-            for &(k0, k1, wp) in &pairs[ranges[x]..ranges[x + 1]] {
+            for &(k0, k1, wp) in &self.pairs[self.ranges[x]..self.ranges[x + 1]] {
                 let wv = avx._mm256_set1_epi32(wp);
                 let a3 = &cols[k0 as usize..k0 as usize + 3];
                 let b3 = &cols[k1 as usize..k1 as usize + 3];
@@ -142,7 +198,7 @@ pub fn horizontal(
                     acc[2 * c + 1] = avx2._mm256_add_epi32(acc[2 * c + 1], hi);
                 }
             }
-            for (c, d) in dst.iter_mut().enumerate() {
+            for c in 0..3 {
                 let v = avx2._mm256_packs_epi32(
                     avx2._mm256_sra_epi32(acc[2 * c], shift),
                     avx2._mm256_sra_epi32(acc[2 * c + 1], shift),
@@ -152,16 +208,20 @@ pub fn horizontal(
                     avx._mm256_castsi256_si128(v),
                     avx2._mm256_extracti128_si256::<1>(v),
                 );
-                *d = cast(v);
+                res[if self.planar {
+                    c * out_w + x
+                } else {
+                    3 * x + c
+                }] = cast(v);
             }
         }
         // -- transpose back into the strip's output rows --
-        for g in 0..out_groups {
+        for (g, blk) in res.chunks_exact(16).enumerate() {
             let n = (out_row - 16 * g).min(16);
-            let blk: [__m128i; 16] = core::array::from_fn(|i| cast(res[16 * g + i]));
+            let blk: [__m128i; 16] = core::array::from_fn(|i| cast(blk[i]));
             for (r, v) in transpose16(simd, blk).into_iter().enumerate().take(rows) {
                 let b: [u8; 16] = cast(v);
-                let off = (y0 + r) * out_row + 16 * g;
+                let off = r * out_row + 16 * g;
                 if n == 16 {
                     out[off..off + 16].copy_from_slice(&b);
                 } else {
@@ -169,8 +229,75 @@ pub fn horizontal(
                 }
             }
         }
-        y0 += rows;
     }
+}
+
+/// Tap pairs of every output row of the vertical pass, as (offset of input row k, offset of
+/// row k1, i16 weight pair) with rows `row_len` bytes apart; output row y's pairs are
+/// `pairs[ranges[y]..ranges[y + 1]]`. A lone last tap pairs with itself at weight 0.
+pub struct RowPairs {
+    pairs: Vec<(usize, usize, i32)>,
+    ranges: Vec<usize>,
+}
+
+impl RowPairs {
+    /// Input row k lives at offset `(k % ring) · row_len` (`usize::MAX`: no ring).
+    pub fn new(ax: &AxisWeights, w16: &[i16], row_len: usize, ring: usize) -> Self {
+        let mut pairs = Vec::new();
+        let mut ranges = Vec::with_capacity(ax.start.len() + 1);
+        ranges.push(0);
+        for (y, &s) in ax.start.iter().enumerate() {
+            let taps = &w16[y * ax.stride..y * ax.stride + ax.len[y]];
+            for (j, p) in taps.chunks(2).enumerate() {
+                let (w0, w1) = (p[0], p.get(1).copied().unwrap_or(0));
+                let k = s + 2 * j;
+                let k1 = if p.len() == 2 { k + 1 } else { k };
+                let wp = (i32::from(w1) << 16) | i32::from(w0 as u16);
+                pairs.push((k % ring * row_len, k1 % ring * row_len, wp));
+            }
+            ranges.push(pairs.len());
+        }
+        Self { pairs, ranges }
+    }
+
+    /// Output row y's tap pairs.
+    #[inline(always)]
+    pub fn row(&self, y: usize) -> &[(usize, usize, i32)] {
+        &self.pairs[self.ranges[y]..self.ranges[y + 1]]
+    }
+}
+
+/// The vertical filter on the 32 byte columns `col..col + 32` of one output row: four i32
+/// vectors of `half + Σ w · x` holding columns `[0-3 | 16-19]`, `[4-7 | 20-23]`, `[8-11 | 24-27]`,
+/// `[12-15 | 28-31]` (the order of the in-lane unpacks).
+#[inline(always)]
+fn vertical32(
+    simd: V3,
+    src: &[u8],
+    col: usize,
+    pairs: &[(usize, usize, i32)],
+    half: __m256i,
+) -> [__m256i; 4] {
+    let avx2 = simd.avx2;
+    let zero = simd.avx._mm256_setzero_si256();
+    let mut acc = [half; 4];
+    for &(o0, o1, wp) in pairs {
+        let wp = simd.avx._mm256_set1_epi32(wp);
+        let a = load32(src, o0 + col);
+        let b = load32(src, o1 + col);
+        let lo = avx2._mm256_unpacklo_epi8(a, b);
+        let hi = avx2._mm256_unpackhi_epi8(a, b);
+        let parts = [
+            avx2._mm256_unpacklo_epi8(lo, zero),
+            avx2._mm256_unpackhi_epi8(lo, zero),
+            avx2._mm256_unpacklo_epi8(hi, zero),
+            avx2._mm256_unpackhi_epi8(hi, zero),
+        ];
+        for (a, p) in acc.iter_mut().zip(parts) {
+            *a = avx2._mm256_add_epi32(*a, avx2._mm256_madd_epi16(p, wp));
+        }
+    }
+    acc
 }
 
 /// Vertical pass: `src` is rows of `row_len` bytes; writes all of `out` (`ax.start.len()`
@@ -187,45 +314,14 @@ pub fn vertical(
 ) {
     assert_eq!(out.len(), ax.start.len() * row_len, "vertical: output size");
     let avx2 = simd.avx2;
-    let zero = simd.avx._mm256_setzero_si256();
     let half = simd.avx._mm256_set1_epi32(1 << (ax.precision - 1));
     let shift = simd.sse2._mm_cvtsi32_si128(ax.precision as i32);
     let full = row_len / 32 * 32;
+    let pairs = RowPairs::new(ax, w16, row_len, usize::MAX);
     for (y, out_row) in out.chunks_exact_mut(row_len).enumerate() {
-        let s = ax.start[y];
-        let taps = &w16[y * ax.stride..y * ax.stride + ax.len[y]];
-        let pairs: Vec<(usize, usize, i32)> = taps
-            .chunks(2)
-            .enumerate()
-            .map(|(j, p)| {
-                let (w0, w1) = (p[0], p.get(1).copied().unwrap_or(0));
-                let k = s + 2 * j;
-                // A lone last tap pairs with itself at weight 0.
-                let k1 = if p.len() == 2 { k + 1 } else { k };
-                let wp = (i32::from(w1) << 16) | i32::from(w0 as u16);
-                (k * row_len, k1 * row_len, wp)
-            })
-            .collect();
         let mut col = 0;
         while col < full {
-            let mut acc = [half; 4];
-            for &(o0, o1, wp) in &pairs {
-                let wp = simd.avx._mm256_set1_epi32(wp);
-                let a = load32(src, o0 + col);
-                let b = load32(src, o1 + col);
-                let lo = avx2._mm256_unpacklo_epi8(a, b);
-                let hi = avx2._mm256_unpackhi_epi8(a, b);
-                let parts = [
-                    avx2._mm256_unpacklo_epi8(lo, zero),
-                    avx2._mm256_unpackhi_epi8(lo, zero),
-                    avx2._mm256_unpacklo_epi8(hi, zero),
-                    avx2._mm256_unpackhi_epi8(hi, zero),
-                ];
-                for (a, p) in acc.iter_mut().zip(parts) {
-                    *a = avx2._mm256_add_epi32(*a, avx2._mm256_madd_epi16(p, wp));
-                }
-            }
-            let [a0, a1, a2, a3] = acc;
+            let [a0, a1, a2, a3] = vertical32(simd, src, col, pairs.row(y), half);
             let (a0, a1) = (
                 avx2._mm256_sra_epi32(a0, shift),
                 avx2._mm256_sra_epi32(a1, shift),
@@ -243,6 +339,8 @@ pub fn vertical(
             col += 32;
         }
         if full < row_len {
+            let s = ax.start[y];
+            let taps = &w16[y * ax.stride..y * ax.stride + ax.len[y]];
             tail(
                 src,
                 row_len,
@@ -253,5 +351,84 @@ pub fn vertical(
                 &mut out_row[full..],
             );
         }
+    }
+}
+
+/// Per-channel constants of the fused normalisation (see `patchify.rs`): `x · scale + bias`
+/// rounded to bf16, with `x` the clamped uint8 value of the resampler.
+#[derive(Clone, Copy)]
+pub struct Bf16Affine {
+    pub scale: f32,
+    pub bias: f32,
+}
+
+/// The bf16 bits (in the low half of each i32 lane) of `clamp(acc >> p, 0, 255) · scale +
+/// bias`, rounded to nearest: `(b + 0x8000) >> 16` on the f32 bits b. That is round half up,
+/// which equals round-to-nearest-even unless the low 16 bits are exactly 0x8000; no uint8 input
+/// of any channel gives such a tie (`patchify::tests::fma_form_has_no_bf16_ties`, exhaustive).
+#[inline(always)]
+fn bf16_lanes(simd: V3, acc: __m256i, shift: __m128i, scale: __m256, bias: __m256) -> __m256i {
+    let (avx, avx2) = (simd.avx, simd.avx2);
+    let v = avx2._mm256_sra_epi32(acc, shift);
+    let v = avx2._mm256_max_epi32(v, avx._mm256_setzero_si256());
+    let v = avx2._mm256_min_epi32(v, avx._mm256_set1_epi32(255));
+    let f = simd
+        .fma
+        ._mm256_fmadd_ps(avx._mm256_cvtepi32_ps(v), scale, bias);
+    let b = avx2._mm256_add_epi32(avx._mm256_castps_si256(f), avx._mm256_set1_epi32(0x8000));
+    avx2._mm256_srli_epi32::<16>(b)
+}
+
+/// One output row of one channel plane, straight to bf16: the vertical filter on byte columns
+/// `col0..col0 + dst.len()` of the (planar) rows in `src`, clamped to uint8 as the resampler
+/// does, then `x · scale + bias` (FMA) rounded to bf16, written to `dst`. Needs
+/// `dst.len() >= 32`: the last 32 columns are one chunk that may overlap the previous one
+/// (recomputing the same values), so there is no scalar tail.
+#[inline(always)]
+pub fn vertical_bf16_row(
+    simd: V3,
+    src: &[u8],
+    col0: usize,
+    pairs: &[(usize, usize, i32)],
+    precision: u32,
+    norm: Bf16Affine,
+    dst: &mut [u16],
+) {
+    let (avx, avx2) = (simd.avx, simd.avx2);
+    let width = dst.len();
+    assert!(width >= 32, "vertical_bf16_row: at least 32 columns");
+    let half = avx._mm256_set1_epi32(1 << (precision - 1));
+    let shift = simd.sse2._mm_cvtsi32_si128(precision as i32);
+    let (scale, bias) = (
+        avx._mm256_set1_ps(norm.scale),
+        avx._mm256_set1_ps(norm.bias),
+    );
+    let mut col = 0;
+    loop {
+        let c = col.min(width - 32);
+        let [a0, a1, a2, a3] = vertical32(simd, src, col0 + c, pairs, half);
+        // Columns [0-7 | 16-23] and [8-15 | 24-31] as u16; each 128-bit half stored where it
+        // belongs (cheaper than a cross-lane permute on Zen 1).
+        let p01 = avx2._mm256_packus_epi32(
+            bf16_lanes(simd, a0, shift, scale, bias),
+            bf16_lanes(simd, a1, shift, scale, bias),
+        );
+        let p23 = avx2._mm256_packus_epi32(
+            bf16_lanes(simd, a2, shift, scale, bias),
+            bf16_lanes(simd, a3, shift, scale, bias),
+        );
+        let parts: [[u16; 8]; 4] = [
+            cast(avx._mm256_castsi256_si128(p01)),
+            cast(avx._mm256_castsi256_si128(p23)),
+            cast(avx2._mm256_extracti128_si256::<1>(p01)),
+            cast(avx2._mm256_extracti128_si256::<1>(p23)),
+        ];
+        for (d, p) in dst[c..c + 32].chunks_exact_mut(8).zip(&parts) {
+            d.copy_from_slice(p);
+        }
+        if c == width - 32 {
+            break;
+        }
+        col += 32;
     }
 }
