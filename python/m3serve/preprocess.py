@@ -34,11 +34,14 @@ PATCH_DIM: int = _smg.PATCH_DIM  # 3 channels x 2 frames x 14 x 14
 
 @dataclass(frozen=True)
 class StageTimings:
-    """Wall time of each stage, microseconds."""
+    """Wall time of each stage, microseconds. With ``resize_fused`` the resampling ran inside
+    normalise + patchify and is counted in ``normalize_patchify_us`` (``resize_us`` is then only
+    the sizing); the sum of the two is always the whole resize + normalise + patchify."""
 
     decode_us: int
     resize_us: int
     normalize_patchify_us: int
+    resize_fused: bool = False
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,9 @@ def preprocess(
         grid_thw=tuple(out["grid_thw"]),
         hash=out["hash"],
         num_image_tokens=out["num_image_tokens"],
-        timings=StageTimings(t["decode"], t["resize"], t["normalize_patchify"]),
+        timings=StageTimings(
+            t["decode"], t["resize"], t["normalize_patchify"], bool(t.get("resize_fused"))
+        ),
     )
 
 

@@ -77,6 +77,9 @@ pub struct StageTimings {
     /// Rescale + normalise + bf16 + patch flattening; with [`fused`], also the resampling (the
     /// sum of the two fields is always the whole resize + normalise + patchify).
     pub normalize_patchify_us: u64,
+    /// The resampling ran fused with normalise + patchify: report the two as one stage
+    /// (`resize_us` then holds only the sizing).
+    pub resize_fused: bool,
 }
 
 /// The model-ready form of one image.
@@ -331,6 +334,7 @@ pub fn resize_and_hash(bytes: &[u8], opts: &ImageOptions) -> Result<ResizedImage
     let t1 = Instant::now();
     let (h, w) = sizing::target_size(img.height, img.width, opts)?;
     let pixels = if opts.max_long_side_pixel.is_none() && fused::applies(&img, w, h) {
+        timings.resize_fused = true;
         Pixels::Fused {
             img,
             width: w,

@@ -65,6 +65,10 @@ pub struct Config {
     /// Waiting for the worker: the whole answer when not streaming, each chunk when streaming.
     pub upstream_timeout: Duration,
     pub health_interval: Duration,
+    /// One `/health` probe's time limit.
+    pub health_timeout: Duration,
+    /// Failed probes in a row that take a worker out of rotation (a failed call does at once).
+    pub health_failures: usize,
     pub fetch: FetchPolicy,
     pub fetch_timeout: Duration,
     /// Concurrent image preprocessing tasks.
@@ -95,6 +99,8 @@ impl Config {
             request_timeout: Duration::from_mins(10),
             upstream_timeout: Duration::from_mins(10),
             health_interval: Duration::from_secs(5),
+            health_timeout: Duration::from_secs(5),
+            health_failures: 3,
             fetch: FetchPolicy::default(),
             fetch_timeout: Duration::from_secs(10),
             preprocess_threads: std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
@@ -140,7 +146,7 @@ impl AppState {
             raw_patches: cfg.shm,
         };
         Ok(Self {
-            workers: Arc::new(WorkerPool::new(&cfg.workers)),
+            workers: Arc::new(WorkerPool::new(&cfg.workers, cfg.health_failures)),
             cfg,
             template,
             tokenizer,
@@ -233,7 +239,7 @@ pub fn app(state: Shared) -> Router {
 /// Start the health probes, bind, serve until SIGINT/SIGTERM, then drain in-flight requests.
 pub async fn serve(state: Shared, listener: tokio::net::TcpListener) -> std::io::Result<()> {
     let probe_client = reqwest::Client::new();
-    let probes = tokio::spawn(Arc::clone(&state.workers).probe_loop(probe_client, state.cfg.health_interval, Duration::from_secs(2)));
+    let probes = tokio::spawn(Arc::clone(&state.workers).probe_loop(probe_client, state.cfg.health_interval, state.cfg.health_timeout));
     let router = app(state);
     // Small SSE events and JSON answers must not wait on Nagle + delayed ACK.
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {

@@ -77,8 +77,16 @@ struct ServeArgs {
     /// Seconds to wait for a worker (whole answer, or each stream chunk).
     #[arg(long, default_value_t = 600.0)]
     upstream_timeout: f64,
+    /// Seconds between `/health` probes of every worker.
     #[arg(long, default_value_t = 5.0)]
     health_interval: f64,
+    /// Seconds one `/health` probe may take.
+    #[arg(long, default_value_t = 5.0)]
+    health_timeout: f64,
+    /// Failed probes in a row that take a worker out of rotation (a failed call does at once;
+    /// one good probe brings it back).
+    #[arg(long, default_value_t = 3)]
+    health_failures: usize,
     /// Allow file:// image URLs under this directory.
     #[arg(long)]
     file_root: Option<PathBuf>,
@@ -139,6 +147,8 @@ fn config(a: ServeArgs) -> Result<Config, String> {
     c.request_timeout = secs(a.request_timeout);
     c.upstream_timeout = secs(a.upstream_timeout);
     c.health_interval = secs(a.health_interval);
+    c.health_timeout = secs(a.health_timeout);
+    c.health_failures = a.health_failures;
     c.fetch = FetchPolicy {
         file_root: a.file_root,
         allow_http: a.allow_http_images,

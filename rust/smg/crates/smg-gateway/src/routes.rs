@@ -65,14 +65,25 @@ struct Prepared {
     timings: serde_json::Map<String, Value>,
 }
 
+/// The resize and normalise + patchify stages as reported: one `resize_normalize_patchify`
+/// stage when the core ran them fused (the resampling then has no time of its own), else two.
+fn stage_split(t: &smg_core::image::StageTimings) -> Vec<(&'static str, u64)> {
+    if t.resize_fused {
+        vec![("resize_normalize_patchify", t.resize_us + t.normalize_patchify_us)]
+    } else {
+        vec![("resize", t.resize_us), ("normalize_patchify", t.normalize_patchify_us)]
+    }
+}
+
 fn record_image_metrics(state: &Shared, ready: &[ReadyImage]) {
     let m = &state.metrics;
     m.record_images(ready.len());
     for r in ready {
         m.record_stage("fetch", r.fetch_us as f64 / 1e6);
         m.record_stage("decode", r.timings.decode_us as f64 / 1e6);
-        m.record_stage("resize", r.timings.resize_us as f64 / 1e6);
-        m.record_stage("normalize_patchify", r.timings.normalize_patchify_us as f64 / 1e6);
+        for (name, us) in stage_split(&r.timings) {
+            m.record_stage(name, us as f64 / 1e6);
+        }
     }
 }
 
@@ -107,9 +118,12 @@ async fn prepare(state: &Shared, ids: Vec<u32>, req: Option<&ChatRequest>, t_tok
     let mut per_image: Vec<Value> = ready
         .iter()
         .map(|r| {
-            json!({"fetch": r.fetch_us as f64 / 1e3, "decode": r.timings.decode_us as f64 / 1e3,
-                   "resize": r.timings.resize_us as f64 / 1e3, "normalize_patchify": r.timings.normalize_patchify_us as f64 / 1e3,
-                   "grid_thw": r.grid_thw})
+            let mut t = json!({"fetch": r.fetch_us as f64 / 1e3, "decode": r.timings.decode_us as f64 / 1e3,
+                               "grid_thw": r.grid_thw});
+            for (name, us) in stage_split(&r.timings) {
+                t[name] = json!(us as f64 / 1e3);
+            }
+            t
         })
         .collect();
     let total_pixels: u64 = ready.iter().map(|r| r.num_patches as u64 * 196).sum();

@@ -115,7 +115,12 @@ async fn chat_with_image_sends_patches() {
     }))
     .await;
     assert_eq!(s, StatusCode::OK, "{v}");
-    assert!(v["m3serve"]["timings_ms"]["per_image"][0]["decode"].is_number(), "{v}");
+    let t = &v["m3serve"]["timings_ms"]["per_image"][0];
+    assert!(t["decode"].is_number(), "{v}");
+    // the resampling is one stage with normalise + patchify where the core fuses them, else two
+    let fused = t["resize_normalize_patchify"].is_number();
+    assert_eq!(t["resize"].is_number(), !fused, "{t}");
+    assert_eq!(t["normalize_patchify"].is_number(), !fused, "{t}");
     let body = seen.lock().unwrap().bodies.pop().unwrap();
     let ids: Vec<u32> = serde_json::from_value(body["input_ids"].clone()).unwrap();
     let items = smg_core::wire::parse_items(&body["image_data"]).unwrap();

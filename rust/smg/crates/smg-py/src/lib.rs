@@ -4,7 +4,8 @@
 //! - `patches`: numpy `uint16` array `[num_patches, 1176]` holding **bf16 bit patterns**
 //!   (view it as bf16 without a copy: `torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)`);
 //! - `grid_thw`: `(1, h, w)`; `hash`: hex SHA-256 content hash; `num_image_tokens`;
-//! - `timings_us`: `{"decode", "resize", "normalize_patchify"}` in microseconds.
+//! - `timings_us`: `{"decode", "resize", "normalize_patchify"}` in microseconds, and
+//!   `resize_fused` (the resampling ran inside normalise + patchify and is counted there).
 //!
 //! `image` is `bytes` / `bytearray` / `memoryview` (encoded image) or a `str` / `os.PathLike`
 //! path to a file.
@@ -148,6 +149,7 @@ fn preprocess<'py>(
     t.set_item("decode", timings.decode_us)?;
     t.set_item("resize", timings.resize_us)?;
     t.set_item("normalize_patchify", timings.normalize_patchify_us)?;
+    t.set_item("resize_fused", timings.resize_fused)?;
     d.set_item("timings_us", t)?;
     Ok(d)
 }
