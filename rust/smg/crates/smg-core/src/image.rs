@@ -188,19 +188,28 @@ fn micros_since(t: Instant) -> u64 {
     u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
 
+/// Decode (timed into `decode_us`) and the target `(width, height)`; the returned instant starts
+/// the resize stage, sizing included.
+fn decode_and_size(
+    bytes: &[u8],
+    opts: &ImageOptions,
+) -> Result<(DecodedImage, (u32, u32), StageTimings, Instant), ImageError> {
+    let mut timings = StageTimings::default();
+    let t0 = Instant::now();
+    let img = decode::decode_rgb(bytes, opts)?;
+    timings.decode_us = micros_since(t0);
+    let t1 = Instant::now();
+    let (h, w) = sizing::target_size(img.height, img.width, opts)?;
+    Ok((img, (w, h), timings, t1))
+}
+
 /// Resized uint8 RGB pixels (before normalisation) plus decode/resize timings: the stage that
 /// parity tests compare bit for bit with the reference.
 pub fn resize_for_model(
     bytes: &[u8],
     opts: &ImageOptions,
 ) -> Result<(DecodedImage, StageTimings), ImageError> {
-    let mut timings = StageTimings::default();
-    let t0 = Instant::now();
-    let img = decode::decode_rgb(bytes, opts)?;
-    timings.decode_us = micros_since(t0);
-
-    let t1 = Instant::now();
-    let (h, w) = sizing::target_size(img.height, img.width, opts)?;
+    let (img, (w, h), mut timings, t1) = decode_and_size(bytes, opts)?;
     let out = resize_decoded(img, w, h, opts);
     timings.resize_us = micros_since(t1);
     Ok((out, timings))
@@ -326,13 +335,7 @@ impl ResizedImage {
 /// torch resampler can run fused with normalise + patchify ([`fused::applies`]), the resize is
 /// left to [`ResizedImage::patchify`] / [`ResizedImage::patchify_into`].
 pub fn resize_and_hash(bytes: &[u8], opts: &ImageOptions) -> Result<ResizedImage, ImageError> {
-    let mut timings = StageTimings::default();
-    let t0 = Instant::now();
-    let img = decode::decode_rgb(bytes, opts)?;
-    timings.decode_us = micros_since(t0);
-
-    let t1 = Instant::now();
-    let (h, w) = sizing::target_size(img.height, img.width, opts)?;
+    let (img, (w, h), mut timings, t1) = decode_and_size(bytes, opts)?;
     let pixels = if opts.max_long_side_pixel.is_none() && fused::applies(&img, w, h) {
         timings.resize_fused = true;
         Pixels::Fused {

@@ -192,23 +192,7 @@ mod x86 {
 mod tests {
     use super::*;
     use crate::image::resize::resize_torch_bicubic_aa;
-
-    fn noise(w: u32, h: u32, seed: u64) -> DecodedImage {
-        let mut s = seed.wrapping_mul(6_364_136_223_846_793_005) | 1;
-        let rgb = (0..w as usize * h as usize * 3)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6_364_136_223_846_793_005)
-                    .wrapping_add(1_442_695_040_888_963_407);
-                (s >> 56) as u8
-            })
-            .collect();
-        DecodedImage {
-            width: w,
-            height: h,
-            rgb,
-        }
-    }
+    use crate::image::resize::tests::noise;
 
     /// Fused patches equal resize → normalize_patchify bit for bit: down- and upscaling, sides
     /// not multiples of 32 (overlapping last chunk), partial merge blocks (rows and columns

@@ -462,10 +462,11 @@ pub fn resize_pillow_bicubic(img: &DecodedImage, out_w: u32, out_h: u32) -> Deco
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn noise(w: u32, h: u32, seed: u64) -> DecodedImage {
+    /// Seeded noise image for the resampler tests (here and in `fused.rs`).
+    pub(crate) fn noise(w: u32, h: u32, seed: u64) -> DecodedImage {
         let mut s = seed.wrapping_mul(6_364_136_223_846_793_005) | 1;
         let rgb = (0..w as usize * h as usize * 3)
             .map(|_| {
