@@ -131,12 +131,13 @@ def run_demo(family: str = "m3", workdir: str | None = None, prompt: str = "Hell
     print(f"[demo] prompt: {prompt!r}")
     print(f"[demo] answer (random weights, so not meaningful): {out['choices'][0]['message']['content']!r}")
     print(f"[demo] tokens: prompt {usage.get('prompt_tokens')}, completion {usage.get('completion_tokens')}")
+    rows = [("checkpoint made", t_ckpt * 1e3), ("worker start", t_worker * 1e3),
+            ("gateway start", t_gw * 1e3)]
+    rows += [(f"gateway {name}", value) for name, value in _flatten(stages)]
+    rows.append(("request end to end", total * 1e3))
+    width = max(len(name) for name, _ in rows)
     print("[demo] timings:")
-    print(f"  checkpoint made          {t_ckpt * 1e3:10.1f} ms")
-    print(f"  worker start             {t_worker * 1e3:10.1f} ms")
-    print(f"  gateway start            {t_gw * 1e3:10.1f} ms")
-    for name, value in _flatten(stages):
-        print(f"  gateway {name:<24} {value:10.2f} ms")
-    print(f"  request end to end       {total * 1e3:10.1f} ms")
+    for name, value in rows:
+        print(f"  {name:<{width}} {value:10.2f} ms")
     print(f"[demo] logs: {work / 'sglang.log'}, {work / 'smg.log'}")
     return 0
