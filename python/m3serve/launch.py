@@ -185,8 +185,9 @@ class SGLangServer:
         for attempt in range(bind_attempts):
             try:
                 return self._start_once()
-            except ServerStartError as e:
-                if not (self.auto_port and BIND_ERROR in str(e)) or attempt + 1 == bind_attempts:
+            except ServerStartError:
+                # the whole log, not the tail the message quotes: the bind error may be further up
+                if not (self.auto_port and self._log_has(BIND_ERROR)) or attempt + 1 == bind_attempts:
                     raise
                 self.port = free_port()
         raise AssertionError("not reached")

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import re
-import socket
 import sys
 from pathlib import Path
 
@@ -34,15 +33,11 @@ import torch
 TESTS = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _init_parallel() -> None:
     """World of one gloo rank + SGLang's TP/PP/EP groups, as sglang.test.layer_ut_utils does."""
-    os.environ["MASTER_PORT"] = str(_free_port())
+    from m3serve.launch import free_port
+
+    os.environ["MASTER_PORT"] = str(free_port())
     from sglang.test.layer_ut_utils import init_single_process_dist
 
     init_single_process_dist(master_port=int(os.environ["MASTER_PORT"]), backend="gloo")
