@@ -92,13 +92,26 @@ def make_inputs(ctx: int, chunk: int, hq: int, hkv: int, seed: int = 0) -> dict[
     return x
 
 
-def select(x: dict[str, Any], out: torch.Tensor | None = None) -> torch.Tensor:
+def select(x: dict[str, Any], out: torch.Tensor | None = None, fp8: bool = False) -> torch.Tensor:
+    """Our selection; ``fp8``: e4m3 index keys (per-token scale) and e4m3 queries (q_fp8)."""
     from m3serve.kernels.msa.index_select import select_blocks_prefill
 
+    keys, scale = (x["idx_k8"], x["idx_s8"]) if fp8 else (x["idx_k"], None)
     return select_blocks_prefill(
-        x["idx_q"], x["idx_k"], None, x["page_table"], x["cu_q"], x["prefix"], x["seq"], TOPK,
-        max_q_len=x["chunk"], max_seq_len=x["ctx"], out=out,
+        x["idx_q"], keys, scale, x["page_table"], x["cu_q"], x["prefix"], x["seq"], TOPK,
+        max_q_len=x["chunk"], max_seq_len=x["ctx"], out=out, q_fp8=fp8,
     )  # fmt: skip
+
+
+def add_fp8_index(x: dict[str, Any]) -> None:
+    """An FP8 e4m3 + per-token-scale copy of the index-K cache, written by our store kernel."""
+    from m3serve.kernels.msa.index_cache import store_index_k
+
+    pages = x["idx_k"].shape[0]
+    x["idx_k8"] = torch.empty(pages, BLOCK, DIDX, dtype=torch.float8_e4m3fn, device=DEV)
+    x["idx_s8"] = torch.empty(pages, BLOCK, dtype=torch.float32, device=DEV)
+    slots = torch.arange(pages * BLOCK, device=DEV)
+    store_index_k(x["idx_k8"], x["idx_s8"], x["idx_k"].view(-1, DIDX), slots)
 
 
 def flops(x: dict[str, Any], ids: torch.Tensor) -> tuple[float, float, float]:
@@ -273,6 +286,20 @@ def full_case(x, fns, tile: dict[str, Any], with_sglang: bool) -> dict[str, Any]
     r["select_ms"] = bench(lambda: select(x, out=ids))
     r["ours_main_ms"] = bench(lambda: w.run(x["q"], x["k"], x["v"], ids, sm, out=out))
     r["ours_full_ms"] = bench(ours_full)
+    try:  # FP8 index keys + FP8 queries (the opt-in M3SERVE_INDEX_Q_FP8 path)
+        add_fp8_index(x)
+        ids8 = select(x, fp8=True)
+        r["fp8_select_agree"] = float((ids8 == ids).all(-1).float().mean())
+
+        def ours_full_fp8():
+            select(x, out=ids8, fp8=True)
+            w.run(x["q"], x["k"], x["v"], ids8, sm, out=out)
+
+        r["fp8_select_ms"] = bench(lambda: select(x, out=ids8, fp8=True))
+        r["ours_full_fp8_ms"] = bench(ours_full_fp8)
+    except Exception:
+        traceback.print_exc()
+    x.pop("idx_k8", None), x.pop("idx_s8", None)
     w = None
     torch.cuda.empty_cache()
     if fns is not None and with_sglang:
@@ -447,6 +474,13 @@ def to_cases(main_rows, full_rows, estimates) -> list[dict[str, Any]]:
         if "sglang_full_ms" in r:
             add(tag, r["ours_full_ms"], "sglang 0.5.23 minimax_sparse_prefill", r["sglang_full_ms"])
         add(tag, r["ours_full_ms"], f"dense causal SDPA ({r['dense_backend']})", r["dense_ms"])
+        if "ours_full_fp8_ms" in r:  # FP8 index keys + queries: the selection rounds differently
+            tag8 = tag + ", FP8 index keys + q"
+            if "sglang_full_ms" in r:
+                add(tag8, r["ours_full_fp8_ms"], "sglang 0.5.23 minimax_sparse_prefill (bf16)",
+                    r["sglang_full_ms"])  # fmt: skip
+            add(tag8, r["ours_full_fp8_ms"], f"dense causal SDPA ({r['dense_backend']})",
+                r["dense_ms"])  # fmt: skip
     for e in estimates:
         add(f"full MSA prefill, whole {e['prompt'] // 1024}K prompt (ESTIMATE: {e['chunks']} "
             "chunks, per-chunk times fitted linear in context)", e["ours_full_ms"],
@@ -496,6 +530,23 @@ def write_markdown(doc: dict[str, Any], path: Path) -> None:
             _f(None if sg is None else sg / ours, ".2f", "×"), f"{r['dense_ms'] / ours:.1f}×",
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
+    fp8 = [r for r in doc["raw_full"] if "ours_full_fp8_ms" in r]
+    if fp8:
+        lines += [
+            "",
+            "Same, FP8 e4m3 index keys (per-token scale) and FP8 queries (q_fp8); main branch bf16:",
+            "",
+            "| context | select fp8 | full fp8 | vs SGLang (bf16) | vs dense | rows with the bf16 selection |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in fp8:
+            sg, ours = r.get("sglang_full_ms"), r["ours_full_fp8_ms"]
+            cells = [
+                f"{r['context'] // 1024}K", f"{r['fp8_select_ms']:.3f}", f"{ours:.3f}",
+                _f(None if sg is None else sg / ours, ".2f", "×"), f"{r['dense_ms'] / ours:.1f}×",
+                f"{r['fp8_select_agree']:.3f}",
+            ]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
     for e in doc.get("estimates", []):
         lines.append(
             f"\nESTIMATE whole {e['prompt'] // 1024}K prompt ({e['chunks']} chunks of 8K, per-chunk "
