@@ -430,13 +430,17 @@ def test_q_fp8_needs_fp8_keys_and_queries_as_a():
 def test_gpu_q_fp8_prefill_and_decode_long_contexts():
     """FP8 queries at 32K–256K: block scores within the tolerance, selections exact or gated."""
     gen = torch.Generator().manual_seed(49)
-    tol = 1e-3  # Hopper's FP8 MMA accumulates with fewer than 24 mantissa bits
+    # Hopper's FP8 MMA accumulates with fewer than 24 mantissa bits: block scores within 1e-3
+    # relative (checked below); the selection gate's tolerance is absolute, and scores of these
+    # rows reach ~4.5, so it gets 1e-3 x 5 (an H100 run saw an order swap of 1.1e-3 at 3.46)
+    tol = 1e-3
+    gate_tol = 5e-3
     reqs = [(32768 + 129, 1024), (131072, 64), (4099, 4099), (333, 1)]
     args = _to("cuda", *_q8_batch(gen, reqs, groups=4, d=128))
     topk = 16
     out = torch.full((4, int(args[4][-1]), topk), 12345, dtype=torch.int32, device="cuda")
     got = select_blocks_prefill(*args, topk, out=out, q_fp8=True)
-    _check(got, *args, topk, tol=tol, q_fp8=True)
+    _check(got, *args, topk, tol=gate_tol, q_fp8=True)
     scores, local = prefill_block_scores(*args, topk, q_fp8=True)
     _q8_scores_check(scores, local, *args, tol=tol)
     # decode, Q = 2, up to 256K
@@ -444,7 +448,7 @@ def test_gpu_q_fp8_prefill_and_decode_long_contexts():
     iq, cache, scale, pt, cu_q, prefix, seq = _to("cuda", *_q8_batch(gen, reqs, groups=4, d=128))
     ws = DecodeSelectWorkspace(len(reqs) * 2 * 4, pt.shape[1], "cuda")
     got = select_blocks_decode(iq, cache, scale, pt, seq, 2, topk, workspace=ws, q_fp8=True)
-    _check(got, iq, cache, scale, pt, cu_q, prefix, seq, topk, tol=tol, q_fp8=True)
+    _check(got, iq, cache, scale, pt, cu_q, prefix, seq, topk, tol=gate_tol, q_fp8=True)
     rows = len(reqs) * 2 * 4
     _q8_scores_check(
         ws.scores[:rows], ws.local[:rows], iq, cache, scale, pt, cu_q, prefix, seq, tol
