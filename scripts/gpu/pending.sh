@@ -83,8 +83,9 @@ case "$CALL" in
         bash $S
     ;;
 5)
-    lane dec env CUDA_VISIBLE_DEVICES=0 bash -c "timeout 400 python3 benchmarks/bench_sparse_decode.py \
-        --sglang-site .dev-decode/sglang_site --out \$OUT 2>&1 | tail -n 40"
+    lane dec env CUDA_VISIBLE_DEVICES=0 bash -c "timeout 280 python3 benchmarks/bench_sparse_decode.py \
+        --batches 8,32 --contexts 131072,1048576 --no-mtp --sglang-site .dev-decode/sglang_site \
+        --out \$OUT 2>&1 | tail -n 40"
     lane idec env CUDA_VISIBLE_DEVICES=1 bash -c "timeout 280 python3 benchmarks/bench_index_topk.py \
         --only decode --out \$OUT 2>&1 | tail -n 60"
     ;;
