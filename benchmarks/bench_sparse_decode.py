@@ -187,7 +187,8 @@ def run_case(b: int, n: int, sglang_fn, peak: float) -> dict[str, Any]:
         w.plan(seq_host, 1, HQ, HKV, D, BLOCK, TOPK)
     res["auto_backend_default"] = SparseDecodeWrapper(dev, backend="auto").auto_pick(b * HKV)
 
-    def select(fp8: bool) -> None:
+    def select(fp8: bool, q_fp8: bool = False) -> None:
+        """``q_fp8``: FP8 keys and queries quantized in-kernel (e4m3 x e4m3 MMA, opt-in)."""
         cache, sc = (idx_k8, idx_s8) if fp8 else (idx_k, None)
         select_blocks_decode(
             idx_q,
@@ -200,6 +201,7 @@ def run_case(b: int, n: int, sglang_fn, peak: float) -> dict[str, Any]:
             out=topk_ids,
             max_seq_len=n,
             workspace=ws,
+            q_fp8=q_fp8,
         )
 
     def attn(name: str):
@@ -219,9 +221,9 @@ def run_case(b: int, n: int, sglang_fn, peak: float) -> dict[str, Any]:
     best = "triton" if res["attn_triton_ms"] <= res["attn_flashinfer_ms"] else "flashinfer"
     res["step_backend"] = best
 
-    def step(fp8: bool):
+    def step(fp8: bool, q_fp8: bool = False):
         def fn() -> None:
-            select(fp8)
+            select(fp8, q_fp8)
             wrappers[best].run(q, k, v, page_table, topk_ids, scale, out=out)
 
         return fn
@@ -237,6 +239,13 @@ def run_case(b: int, n: int, sglang_fn, peak: float) -> dict[str, Any]:
     g8 = capture(step(True))
     res["step_fp8_graph_ms"] = bench(g8.replay)
     del g, g8
+    try:  # FP8 keys + FP8 queries (M3SERVE_INDEX_Q_FP8=1)
+        res["select_fp8q_ms"] = bench(lambda: select(True, True))
+        g8q = capture(step(True, True))
+        res["step_fp8q_graph_ms"] = bench(g8q.replay)
+        del g8q
+    except Exception as err:
+        print(f"  fp8 queries failed: {type(err).__name__}: {err}")
 
     # -- SGLang 0.5.23 on the same values, token-major (its layout) --
     if sglang_fn is not None:
@@ -306,6 +315,15 @@ def to_cases(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             r["bytes_step_fp8"],
             pk,
         )
+        if "step_fp8q_graph_ms" in r:
+            add(
+                f"{tag} step fp8-idx + fp8 q graph",
+                r["step_fp8q_graph_ms"],
+                "dense FlashInfer decode",
+                r["dense_ms"],
+                r["bytes_step_fp8"],
+                pk,
+            )
         if "sglang_ms" in r:
             sg = f"SGLang 0.5.23 minimax_sparse_decode (eager, page_size {r['sglang_page_size']})"
             add(
@@ -383,6 +401,20 @@ def write_markdown(doc: dict[str, Any], rows: list[dict[str, Any]], path: Path) 
             f"{gbs(r['bytes_step_bf16'], r['step_bf16_graph_ms']):.0f} ({r['bytes_step_bf16'] / (r['step_bf16_graph_ms'] * 1e-3) / pk:.0%}) | "
             f"{r['attn_flashinfer_ms']:.4f} | {r['attn_triton_ms']:.4f} | {gbs(r['bytes_attn'], ab):.0f} | {r['step_backend']}{'/' + r['split_config'] if r['step_backend'] == 'triton' else ''} |"
         )  # fmt: skip
+    q8 = [r for r in rows if "step_fp8q_graph_ms" in r]
+    if q8:
+        lines += [
+            "",
+            "FP8 index keys + FP8 queries (q_fp8, opt-in M3SERVE_INDEX_Q_FP8=1), graph:",
+            "",
+            "| B | N | select fp8 keys (eager) | select fp8 keys + q (eager) | step fp8 graph | step fp8 + q graph | vs dense |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in q8:
+            lines.append(
+                f"| {r['batch']} | {r['context'] // 1024}K | {r['select_fp8_ms']:.4f} | {r['select_fp8q_ms']:.4f} | "
+                f"{r['step_fp8_graph_ms']:.4f} | {r['step_fp8q_graph_ms']:.4f} | {r['dense_ms'] / r['step_fp8q_graph_ms']:.2f}× |"
+            )  # fmt: skip
     if doc.get("mtp"):
         lines += [
             "",
