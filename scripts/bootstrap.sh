@@ -37,6 +37,13 @@ for cand in python3.11 python3.12 python3.13 python3; do
 done
 [ -n "$PY" ] || { log "need Python >= 3.11"; exit 1; }
 
+# -- one bootstrap at a time per venv: two runs side by side (a demo beside a test run, two
+# clones) would otherwise pip-uninstall m3serve under each other's feet --
+if command -v flock >/dev/null; then
+    exec 9>"$CACHE/bootstrap.lock"
+    flock -n 9 || { log "waiting for another bootstrap of $VENV to finish"; flock 9; }
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
     log "creating venv at $VENV with $PY"
     "$PY" -m venv "$VENV"
