@@ -299,7 +299,8 @@ def full_case(x, fns, tile: dict[str, Any], with_sglang: bool) -> dict[str, Any]
         r["ours_full_fp8_ms"] = bench(ours_full_fp8)
     except Exception:
         traceback.print_exc()
-    x.pop("idx_k8", None), x.pop("idx_s8", None)
+    x.pop("idx_k8", None)
+    x.pop("idx_s8", None)
     w = None
     torch.cuda.empty_cache()
     if fns is not None and with_sglang:

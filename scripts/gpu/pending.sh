@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU runs still owed (issues 4, 5, 8), as calls on one 2-GPU machine (nvidia-h100-x2 or
+# Session 5's GPU runs (issues 4, 5, 6, 8; all five calls ran on 2x H100, results in
+# benchmarks/results/*_h100 and the e2e files), as calls on one 2-GPU machine (nvidia-h100-x2 or
 # nvidia-h200-x2): issue each call right after the last returns, while the machine is warm (the
 # set-up and checkpoints are then kept). Lanes run in parallel, each on its own cards, each writing
 # its own log; the results are packed into $OUT/pending<CALL>.tgz (the device returns few files).
@@ -59,10 +60,15 @@ prefill() {
         tests/kernels/test_sparse_prefill.py tests/kernels/test_sparse_decode.py -p no:cacheprovider \
         --durations=5 2>&1 | tail -n 30
 }
+q8_test() {  # the FP8-query GPU test alone
+    . scripts/gpu/pytest_env.sh
+    timeout "$1" python3 -m pytest -q -m gpu tests/kernels/test_index_select.py -k q_fp8 \
+        -p no:cacheprovider 2>&1 | tail -n 30
+}
 MIX=/tmp/m3-gpu-mix MIX_ARGS="--dense-layers 1 --sparse-layers 15"
 case "$CALL" in
 1)
-    lane kern env CUDA_VISIBLE_DEVICES=0 bash -c "$(declare -f kernels); t0=$t0; kernels"
+    lane kern env CUDA_VISIBLE_DEVICES=0 bash -c "$(declare -f kernels); kernels"
     lane pre env CUDA_VISIBLE_DEVICES=1 bash -c "$(declare -f prefill); t0=$t0; prefill"
     lane ckpt env CUDA_VISIBLE_DEVICES= bash -c \
         "STAGES=setup CKPT=$MIX CKPT_ARGS='$MIX_ARGS' bash $S && STAGES=setup bash $S"
@@ -76,8 +82,7 @@ case "$CALL" in
     lane long env STAGES=long LONG_S=550 LONG_ARGS="--gpus 0,1" bash $S
     ;;
 4)
-    lane q8 env CUDA_VISIBLE_DEVICES=1 bash -c ". scripts/gpu/pytest_env.sh; timeout 120 python3 -m \
-        pytest -q -m gpu tests/kernels/test_index_select.py -k q_fp8 -p no:cacheprovider 2>&1 | tail -n 30"
+    lane q8 env CUDA_VISIBLE_DEVICES=1 bash -c "$(declare -f q8_test); q8_test 120"
     lane tp env STAGES=tp TP_S=550 \
         TP_ARGS="--gpus 0,1 --configs ours:1,ours:2 --workloads random:32768:512:32 --deadline 400" \
         bash $S
@@ -86,8 +91,7 @@ case "$CALL" in
     lane dec env CUDA_VISIBLE_DEVICES=0 bash -c "timeout 200 python3 benchmarks/bench_sparse_decode.py \
         --batches 8 --contexts 131072,1048576 --no-mtp --sglang-site .dev-decode/sglang_site \
         --out \$OUT 2>&1 | tail -n 40"
-    lane idec env CUDA_VISIBLE_DEVICES=1 bash -c ". scripts/gpu/pytest_env.sh; timeout 90 python3 -m \
-        pytest -q -m gpu tests/kernels/test_index_select.py -k q_fp8 -p no:cacheprovider 2>&1 | tail -n 8;
+    lane idec env CUDA_VISIBLE_DEVICES=1 bash -c "$(declare -f q8_test); q8_test 90;
         timeout 110 python3 benchmarks/bench_index_topk.py --only decode --quick --out \$OUT 2>&1 | tail -n 40"
     ;;
 *) echo "CALL must be 1..5" >&2; exit 2 ;;
