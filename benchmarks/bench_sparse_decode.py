@@ -85,6 +85,12 @@ def capture(fn) -> torch.cuda.CUDAGraph:
     return g
 
 
+def set_split_config(wrapper, cfg: str, seq_host: list[int], qn: int) -> None:
+    """Switch the split kernel's config and re-plan (the config's waves set the split count)."""
+    wrapper.split_config = cfg
+    wrapper.plan(seq_host, qn, HQ, HKV, D, BLOCK, TOPK)
+
+
 def load_sglang(site: str | None):
     if site:
         sys.path.insert(0, site)
@@ -211,10 +217,10 @@ def run_case(b: int, n: int, sglang_fn, peak: float) -> dict[str, Any]:
     res["attn_flashinfer_ms"] = bench(attn("flashinfer"))
     ref_out = wrappers["flashinfer"].run(q, k, v, page_table, topk_ids, scale).float()
     for cfg in SPLIT_CONFIGS:
-        wrappers["triton"].split_config = cfg
+        set_split_config(wrappers["triton"], cfg, seq_host, 1)
         res[f"attn_triton_{cfg}_ms"] = bench(attn("triton"))
     best_cfg = min(SPLIT_CONFIGS, key=lambda c: res[f"attn_triton_{c}_ms"])
-    wrappers["triton"].split_config = best_cfg
+    set_split_config(wrappers["triton"], best_cfg, seq_host, 1)
     res["attn_triton_ms"], res["split_config"] = res[f"attn_triton_{best_cfg}_ms"], best_cfg
     tri_out = wrappers["triton"].run(q, k, v, page_table, topk_ids, scale).float()
     res["attn_backends_maxdiff"] = float((tri_out - ref_out).abs().max())
@@ -577,12 +583,12 @@ def run_mtp_case(b: int, n: int, qn: int, peak: float) -> dict[str, Any]:
         lambda: ws_["flashinfer"].run(q, k, v, page_table, topk_ids, scale, out=out)
     )
     for cfg in SPLIT_CONFIGS:
-        ws_["triton"].split_config = cfg
+        set_split_config(ws_["triton"], cfg, [n] * b, qn)
         res[f"attn_triton_{cfg}_ms"] = bench(
             lambda: ws_["triton"].run(q, k, v, page_table, topk_ids, scale, out=out)
         )
     best_cfg = min(SPLIT_CONFIGS, key=lambda c: res[f"attn_triton_{c}_ms"])
-    ws_["triton"].split_config = best_cfg
+    set_split_config(ws_["triton"], best_cfg, [n] * b, qn)
     res["attn_triton_ms"], res["split_config"] = res[f"attn_triton_{best_cfg}_ms"], best_cfg
     best = "triton" if res["attn_triton_ms"] <= res["attn_flashinfer_ms"] else "flashinfer"
 

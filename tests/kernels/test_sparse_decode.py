@@ -159,12 +159,16 @@ def test_rewrite_kernel_matches_reference(case):
     assert torch.equal(got.cpu(), want.cpu())
 
 
-@pytest.mark.parametrize("num_splits,config", [(1, "n64s2"), (3, "n64s2"), (3, "n64s2f")])
-def test_split_kernel(num_splits, config):
-    """Interpreter on CPU (float32), compiled on GPU (bf16); block 128 so n64 walks 2 sub-tiles."""
+@pytest.mark.parametrize(
+    "num_splits,config,topk",
+    [(1, "n64s2", 4), (3, "n64s2", 4), (3, "n64s2f", 4), (3, "n32s3v", 4), (8, "n64s3v", 8)],
+)
+def test_split_kernel(num_splits, config, topk):
+    """Interpreter on CPU (float32), compiled on GPU (bf16); block 128 so n64 walks 2 sub-tiles.
+    Vector merge: 3 splits pad to 4 (masked lanes); 8 splits take two MERGE_CHUNK loads."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype, tol = (torch.bfloat16, 2e-2) if dev == "cuda" else (torch.float32, 2e-5)
-    seq_lens, qn, hkv, group, d, block, topk = [2, 300, 700], 2, 2, 4, 32, 128, 4
+    seq_lens, qn, hkv, group, d, block = [2, 300, 700, 1200], 2, 2, 4, 32, 128
     q, k, v, pt, sel, seq = make_case(
         seq_lens, qn, hkv, group, d, block, topk, seed=5, dtype=dtype, device=dev
     )
@@ -175,7 +179,7 @@ def test_split_kernel(num_splits, config):
     scale = 0.7 / math.sqrt(d)
     counters = torch.zeros(rows, dtype=torch.int32, device=dev)
     want = oracle(q, k, v, pt, sel, seq, qn, scale)
-    for _ in range(2 if config.endswith("f") else 1):  # fused: tickets must return to zero
+    for _ in range(1 if SPLIT_CONFIGS[config].merge == "kernel" else 2):  # tickets back to zero
         sparse_decode_split(
             q, k, v, pt, sel, seq, qn, scale, num_splits, o_part, lse_part, out, config, counters
         )

@@ -37,16 +37,20 @@ from .index_cache import _round_to_e4m3
 from .topk import _interpreting, launch_topk_rows, use_triton
 
 # -- prefill autotune: the tile is (BM queries × G groups) rows against one 128-key page; bigger
-#    tiles cut L2 key traffic, smaller ones balance short chunks. Four configs cover H100/H200;
-#    a single one under the interpreter (autotuning there only costs CPU time).
+#    tiles cut L2 key traffic, smaller ones balance short chunks. SPLIT cuts each tile's pages
+#    over SPLIT programs (no merge: every (row, block) score is written once), so big tiles
+#    still give several programs per SM (an 8K chunk in BM = 64 tiles is only 128 programs).
+#    A single config under the interpreter (autotuning there only costs CPU time).
 _PREFILL_CONFIGS = (
-    [triton.Config({"BM": 16}, num_warps=4, num_stages=1)]
+    [triton.Config({"BM": 16, "SPLIT": 2}, num_warps=4, num_stages=1)]
     if _interpreting()
     else [
-        triton.Config({"BM": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BM": 32}, num_warps=8, num_stages=3),
-        triton.Config({"BM": 32}, num_warps=4, num_stages=3),
-        triton.Config({"BM": 16}, num_warps=4, num_stages=4),
+        triton.Config({"BM": 64, "SPLIT": 1}, num_warps=8, num_stages=3),
+        triton.Config({"BM": 32, "SPLIT": 1}, num_warps=8, num_stages=3),
+        triton.Config({"BM": 32, "SPLIT": 1}, num_warps=4, num_stages=3),
+        triton.Config({"BM": 16, "SPLIT": 1}, num_warps=4, num_stages=4),
+        triton.Config({"BM": 64, "SPLIT": 4}, num_warps=8, num_stages=3),
+        triton.Config({"BM": 32, "SPLIT": 4}, num_warps=4, num_stages=3),
     ]
 )
 
@@ -145,9 +149,12 @@ def _prefill_block_scores_kernel(
     K_MAJOR: tl.constexpr,
     Q_FP8: tl.constexpr,
     BM: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
-    # -- this program: queries [start, start + BM) of request b, all G groups --
+    # -- this program: queries [start, start + BM) of request b, all G groups, and its share
+    #    (program_id 2 of SPLIT) of the blocks they rank --
     b = tl.program_id(1)
+    part = tl.program_id(2)
     q0 = tl.load(cu_ptr + b)
     q1 = tl.load(cu_ptr + b + 1)
     start = q0 + tl.program_id(0) * BM
@@ -159,7 +166,7 @@ def _prefill_block_scores_kernel(
         row_ok = t < q1
         loc = (pre + t - q0) // BLOCK
         row = t.to(tl.int64) * G + g
-        tl.store(local_ptr + row, loc, mask=row_ok)
+        tl.store(local_ptr + row, loc, mask=row_ok & (part == 0))
         d = tl.arange(0, D)
         tok = tl.arange(0, BLOCK)
         q = tl.load(
@@ -173,9 +180,11 @@ def _prefill_block_scores_kernel(
             q = _prep_q(q, IS_FP8, DOT_F32, K_MAJOR)
         # -- walk the blocks the tile's last query may rank (< its local block) --
         lmax = (pre + tl.minimum(start + BM, q1) - 1 - q0) // BLOCK
+        per = tl.cdiv(lmax, SPLIT)
+        j1 = tl.minimum(part * per + per, lmax)
         pt_row = pt_ptr + b.to(tl.int64) * stride_pt
         sc_row = sc_ptr + row * stride_sc
-        for j in tl.range(0, lmax):
+        for j in tl.range(part * per, j1):
             page = tl.load(pt_row + j).to(tl.int64)
             m = _score_block(
                 q, k_ptr, ks_ptr, page, stride_kp, stride_kb, stride_sp, tok, d, IS_FP8, K_MAJOR
@@ -407,7 +416,7 @@ def _prefill_scores(
     prefix_lens = prefix_lens.to(torch.int32)
 
     def grid(meta):
-        return (triton.cdiv(max_q_len, meta["BM"]), batch)
+        return (triton.cdiv(max_q_len, meta["BM"]), batch, meta["SPLIT"])
 
     _prefill_block_scores_kernel[grid](
         index_q,

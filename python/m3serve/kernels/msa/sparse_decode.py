@@ -28,6 +28,9 @@ from .sparse_decode_indices import decode_row_layout, rewrite_kv_indices
 from .sparse_decode_split import (
     DEFAULT_SPLIT_CONFIG,
     DEFAULT_SPLIT_CONFIG_MTP,
+    MAX_WAVES,
+    SplitConfig,
+    as_split_config,
     num_splits_for,
     sparse_decode_split,
 )
@@ -44,8 +47,8 @@ class SparseDecodeWrapper:
 
     backend: "flashinfer" (FlashInfer paged decode over rewritten kv_indices), "triton" (our
     split-KV kernel) or "auto" (triton while T·H_kv rows are fewer than ``auto_min_rows``).
-    split_config: a key of sparse_decode_split.SPLIT_CONFIGS; None picks the measured default
-    for Q = 1 or for MTP (Q > 1).
+    split_config: a key of sparse_decode_split.SPLIT_CONFIGS or a SplitConfig; None picks the
+    measured default for Q = 1 or for MTP (Q > 1). Set it before plan() (it fixes the split count).
     """
 
     def __init__(
@@ -56,7 +59,7 @@ class SparseDecodeWrapper:
         max_topk: int = 16,
         workspace_bytes: int = 128 * 1024 * 1024,
         auto_min_rows: int | None = None,
-        split_config: str | None = None,
+        split_config: str | SplitConfig | None = None,
     ) -> None:
         assert backend in BACKENDS, f"backend must be one of {BACKENDS}, got {backend!r}"
         self.device = torch.device(device)
@@ -100,7 +103,7 @@ class SparseDecodeWrapper:
         reallocates, so every captured graph keeps reading live buffers."""
         self._ensure_capacity(max_rows, topk)
         sms = max(self._num_sms, 1)
-        parts = max(num_splits_for(r, topk, sms) * r for r in range(1, max_rows + 1))
+        parts = max(num_splits_for(r, topk, sms, MAX_WAVES) * r for r in range(1, max_rows + 1))
         self._scratch(parts * group * head_dim, parts * group)
         need = self._fi_workspace_bytes(max_rows, group, head_dim)
         if self._fi_workspace is None or self._fi_workspace.numel() < need:
@@ -208,7 +211,8 @@ class SparseDecodeWrapper:
         else:
             self.kv_indptr[: rows + 1].copy_(indptr, non_blocking=True)
             self.kv_last_page_len[:rows].copy_(last, non_blocking=True)
-            num_splits = num_splits_for(rows, topk, max(self._num_sms, 1))
+            waves = as_split_config(self._split_config(q_per_req)).waves
+            num_splits = num_splits_for(rows, topk, max(self._num_sms, 1), waves)
             self._scratch(num_splits * rows * group * head_dim, num_splits * rows * group)
         self._planned = dict(
             backend=backend,
@@ -223,11 +227,14 @@ class SparseDecodeWrapper:
             num_splits=num_splits,
         )
 
-    def _split_config(self) -> str:
+    def _split_config(self, q_per_req: int | None = None) -> str | SplitConfig:
+        """The split config for Q = ``q_per_req`` (default: the planned step's)."""
         if self.split_config is not None:
             return self.split_config
-        assert self._planned is not None
-        return DEFAULT_SPLIT_CONFIG if self._planned["q_per_req"] == 1 else DEFAULT_SPLIT_CONFIG_MTP
+        if q_per_req is None:
+            assert self._planned is not None, "plan() first"
+            q_per_req = self._planned["q_per_req"]
+        return DEFAULT_SPLIT_CONFIG if q_per_req == 1 else DEFAULT_SPLIT_CONFIG_MTP
 
     def auto_pick(self, rows: int) -> str:
         """The backend a plan with ``rows`` rows (T·H_kv) runs."""

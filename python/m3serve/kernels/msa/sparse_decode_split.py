@@ -6,9 +6,11 @@ sparse_decode_indices. The row's ≤ topk selected pages are cut into NUM_SPLITS
 an online softmax over its pages, reading each page's [block, D] K and V tiles straight from the
 HND cache through page_table[req, topk_ids[g, t, j]] (no kv_indices round trip). Causality: a
 token is visible iff its position ≤ pos_t = seq_len − Q + q, which only bites in the local block.
-The NUM_SPLITS partial (o, lse) pairs are merged by log-sum-exp, either by a second kernel or
-(configs ending in "f") by the row's last split to finish, found with a per-row atomic ticket, so
-the step is one launch.
+The NUM_SPLITS partial (o, lse) pairs are merged by log-sum-exp, either by a second kernel
+(merge "kernel") or by the row's last split to finish, found with a per-row atomic ticket, so the
+step is one launch: "serial" walks the splits one at a time (two dependent L2 round trips per
+split: the tail that kept batch 8 at a third of HBM bandwidth), "vector" loads every split's lse
+at once and the partial outputs MERGE_CHUNK splits per load, so the tail is a few round trips.
 
 Bytes: each selected page is read once per row (K + V = 2 · block · D · 2 B); the partials add
 NUM_SPLITS · GROUP · (D + 1) · 4 B written and read per row (≈ 12% of the KV bytes at split = 1
@@ -16,6 +18,9 @@ page per program, less with fewer splits).
 """
 
 from __future__ import annotations
+
+import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -60,7 +65,9 @@ def _sparse_decode_split_kernel(
     TOPK: tl.constexpr,
     Q_PER_REQ: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    FUSED_MERGE: tl.constexpr,
+    MERGE: tl.constexpr,  # 0: second kernel, 1: fused serial, 2: fused vector
+    S_P2: tl.constexpr,  # next_pow2(number of splits) (vector merge)
+    MERGE_CHUNK: tl.constexpr,  # splits per partial-output load (vector merge)
 ):
     SUB: tl.constexpr = BLOCK // BLOCK_N
     row = tl.program_id(0)
@@ -119,7 +126,7 @@ def _sparse_decode_split_kernel(
     base = (split * num_rows + row).to(tl.int64) * GROUP
     tl.store(o_part_ptr + (base + offs_h)[:, None] * D + offs_d[None, :], o, mask=h_ok[:, None])
     tl.store(lse_part_ptr + base + offs_h, lse, mask=h_ok)
-    if FUSED_MERGE:
+    if MERGE == 1:
         # -- the row's last split to finish merges all splits (ticket per row, reset after) --
         tl.debug_barrier()  # every thread's partial stores precede the release below
         num_splits = tl.num_programs(1)
@@ -165,6 +172,57 @@ def _sparse_decode_split_kernel(
                 mask=h_ok[:, None],
             )
             tl.atomic_xchg(count_ptr + row, 0)
+    if MERGE == 2:
+        # -- the row's last split merges: all lse at once, then the outputs MERGE_CHUNK at a time
+        #    (independent loads the compiler issues back to back) --
+        tl.debug_barrier()
+        num_splits = tl.num_programs(1)
+        ticket = tl.atomic_add(count_ptr + row, 1, sem="acq_rel")
+        if ticket == num_splits - 1:
+            offs_s = tl.arange(0, S_P2)
+            b_s = (offs_s * num_rows + row).to(tl.int64) * GROUP
+            ok = (offs_s < num_splits)[:, None] & h_ok[None, :]
+            lse_s = tl.load(
+                lse_part_ptr + b_s[:, None] + offs_h[None, :],
+                mask=ok,
+                other=float("-inf"),
+                cache_modifier=".cg",
+            )  # [S_P2, BLOCK_H]
+            m = tl.max(lse_s, 0)
+            m = tl.where(m > float("-inf"), m, 0.0)  # padded heads: keep exp2 free of inf − inf
+            den = tl.sum(tl.exp2(lse_s - m[None, :]), 0)
+            res = tl.zeros([BLOCK_H, D], tl.float32)
+            offs_c = tl.arange(0, MERGE_CHUNK)
+            for c in tl.static_range(0, S_P2, MERGE_CHUNK):
+                sp = c + offs_c
+                c_ok = (sp < num_splits)[:, None] & h_ok[None, :]
+                b_c = (sp * num_rows + row).to(tl.int64) * GROUP
+                lse_c = tl.load(
+                    lse_part_ptr + b_c[:, None] + offs_h[None, :],
+                    mask=c_ok,
+                    other=float("-inf"),
+                    cache_modifier=".cg",
+                )
+                w = tl.exp2(lse_c - m[None, :])  # [MERGE_CHUNK, BLOCK_H]; 0 for empty splits
+                o_c = tl.load(
+                    o_part_ptr
+                    + ((b_c[:, None] + offs_h[None, :]) * D)[:, :, None]
+                    + offs_d[None, None, :],
+                    mask=c_ok[:, :, None],
+                    other=0.0,
+                    cache_modifier=".cg",
+                )  # [MERGE_CHUNK, BLOCK_H, D]
+                res += tl.sum(o_c * w[:, :, None], 0)
+            res = res / tl.where(den > 0, den, 1.0)[:, None]
+            tl.store(
+                out_ptr
+                + t.to(tl.int64) * stride_ot
+                + (g * GROUP + offs_h)[:, None] * stride_oh
+                + offs_d[None, :],
+                res.to(out_ptr.dtype.element_ty),
+                mask=h_ok[:, None],
+            )
+            tl.atomic_xchg(count_ptr + row, 0)
 
 
 @triton.jit
@@ -200,15 +258,38 @@ def _merge_splits_kernel(
     )
 
 
-# (BLOCK_N, num_stages, num_warps, fused merge). Small on purpose: decode tiles are
-# [16 heads × BLOCK_N] and the choice only trades shared memory per program (occupancy) against
-# loop pipelining, and a second launch against a serial merge; the benchmark times each.
-# A trailing "f": the last split of each row merges in the same kernel (no second launch).
+class SplitConfig(NamedTuple):
+    """One launch configuration of the split kernel.
+
+    block_n: tokens per loop step (a page is walked in block // block_n sub-tiles: smaller tiles
+    leave shared memory for more programs per SM, larger ones fewer loop steps); stages: Triton's
+    software-pipelining depth; warps: per program; merge: "kernel" (second launch), "serial" or
+    "vector" (fused, by the row's last split); waves: programs per SM the split count aims at
+    (num_splits_for), i.e. how finely each row's pages are cut.
+    """
+
+    block_n: int
+    stages: int
+    warps: int
+    merge: str
+    waves: float = 4
+
+
+MERGES = {"kernel": 0, "serial": 1, "vector": 2}
+MERGE_CHUNK = 4
+MAX_WAVES = 4  # reserve() sizes the split scratch for this many programs per SM
+
+# Named configs: the benchmark times each one, the tests run each one. Suffix "f": serial fused
+# merge, "v": vector fused merge; "-w1"/"-w2": 1 / 2 programs per SM instead of 4.
 SPLIT_CONFIGS = {
-    "n64s2": (64, 2, 4, False),
-    "n128s1": (128, 1, 4, False),
-    "n64s2f": (64, 2, 4, True),
-    "n32s3f": (32, 3, 4, True),
+    "n64s2": SplitConfig(64, 2, 4, "kernel"),
+    "n128s1": SplitConfig(128, 1, 4, "kernel"),
+    "n64s2f": SplitConfig(64, 2, 4, "serial"),
+    "n32s3f": SplitConfig(32, 3, 4, "serial"),
+    "n32s3v": SplitConfig(32, 3, 4, "vector"),
+    "n64s3v": SplitConfig(64, 3, 4, "vector"),
+    "n64s3v-w2": SplitConfig(64, 3, 4, "vector", 2),
+    "n64s4v-w1": SplitConfig(64, 4, 4, "vector", 1),
 }
 # Measured on H200 (benchmarks/results/sparse_decode.md): n64s2 fastest at Q = 1, B = 8, 128K
 # (24.1 µs vs 26.9 n32s3f, 52.6 n64s2f, 84.0 n128s1); n64s2f fastest at Q = 4 (53.6 µs vs 63.4
@@ -217,9 +298,22 @@ DEFAULT_SPLIT_CONFIG = "n64s2"
 DEFAULT_SPLIT_CONFIG_MTP = "n64s2f"
 
 
-def num_splits_for(num_rows: int, topk: int, num_sms: int, waves: int = 4) -> int:
+def as_split_config(config: str | SplitConfig) -> SplitConfig:
+    if isinstance(config, SplitConfig):
+        cfg = config
+    else:
+        assert config in SPLIT_CONFIGS, (
+            f"config must be one of {sorted(SPLIT_CONFIGS)} or a SplitConfig, got {config!r}"
+        )
+        cfg = SPLIT_CONFIGS[config]
+    assert cfg.merge in MERGES, f"merge must be one of {sorted(MERGES)}, got {cfg.merge!r}"
+    assert 0 < cfg.waves <= MAX_WAVES, f"waves must be in (0, {MAX_WAVES}], got {cfg.waves}"
+    return cfg
+
+
+def num_splits_for(num_rows: int, topk: int, num_sms: int, waves: float = 4) -> int:
     """Splits per row so that rows × splits gives about ``waves`` programs per SM."""
-    want = triton.cdiv(waves * num_sms, max(num_rows, 1))
+    want = triton.cdiv(math.ceil(waves * num_sms), max(num_rows, 1))
     return max(1, min(topk, triton.next_power_of_2(want)))
 
 
@@ -236,7 +330,7 @@ def sparse_decode_split(
     o_part: torch.Tensor,
     lse_part: torch.Tensor,
     out: torch.Tensor,
-    config: str = DEFAULT_SPLIT_CONFIG,
+    config: str | SplitConfig = DEFAULT_SPLIT_CONFIG,
     counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sparse decode attention, split-KV. Shapes as in reference.ref_sparse_attention.
@@ -275,8 +369,8 @@ def sparse_decode_split(
     assert d in (16, 32, 64, 128, 256) and block in (16, 32, 64, 128), (
         f"unsupported head_dim {d} / block {block}"
     )
-    assert config in SPLIT_CONFIGS, f"config must be one of {sorted(SPLIT_CONFIGS)}, got {config!r}"
-    block_n, stages, warps, fused = SPLIT_CONFIGS[config]
+    block_n, stages, warps, merge, _ = as_split_config(config)
+    fused = merge != "kernel"
     if fused:
         assert counters is not None and counters.dtype == torch.int32, (
             "fused merge needs int32 counters"
@@ -322,7 +416,9 @@ def sparse_decode_split(
         TOPK=topk,
         Q_PER_REQ=q_per_req,
         BLOCK_N=block_n,
-        FUSED_MERGE=fused,
+        MERGE=MERGES[merge],
+        S_P2=triton.next_power_of_2(num_splits),
+        MERGE_CHUNK=min(MERGE_CHUNK, triton.next_power_of_2(num_splits)),
         num_warps=warps,
         num_stages=stages,
     )

@@ -1,0 +1,243 @@
+"""Launch-config sweeps for two MSA kernels, on the GPU test machine (CUDA only).
+
+  decode-split     sparse_decode_split (issue 6's sparse-attention part) over a grid of
+                   SplitConfig (tokens per step, pipelining stages, warps, merge, programs per SM)
+                   at batch 8 / 32 / 64 (16 random selected pages per (request, KV head) row,
+                   M3 heads 64 q / 4 KV, head_dim 128, bf16): ms and GB/s on the minimum bytes
+                   (sparse_attn_bytes), against the measured copy peak.
+  prefill-select   index scoring + top-k of one 8K-query chunk (issue 4) for each prefill
+                   scoring config (BM, SPLIT, warps, stages), bf16 keys and FP8 keys + FP8
+                   queries, at 32K and 128K context: ms and TFLOP/s, plus whether the compiled
+                   kernel uses Hopper's wgmma.
+
+Each point is checked against the first config's output (decode: max |diff| ≤ 2e-2; prefill: the
+same top-k ids, bf16) before it is timed. Timing: triton.testing.do_bench, median, L2 flushed.
+Writes sweep_<part>.json to --out and prints a table, fastest first.
+
+    python3 benchmarks/sweep_kernels.py decode-split --out OUT
+    python3 benchmarks/sweep_kernels.py prefill-select --out OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import itertools
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import triton
+import triton.testing
+from bench_sparse_decode import BLOCK, HKV, HQ, TOPK, D, copy_bandwidth, sparse_attn_bytes
+
+
+def bench(fn) -> float:
+    return float(triton.testing.do_bench(fn, warmup=5, rep=30, return_mode="median"))
+
+
+def random_selection(b: int, nb: int, gen: torch.Generator) -> torch.Tensor:
+    """[H_kv, B, TOPK] distinct random blocks < nb − 1, the local block (nb − 1) last."""
+    keys = torch.rand(HKV * b, nb - 1, device="cuda", generator=gen)
+    ids = keys.topk(TOPK - 1, dim=1).indices.to(torch.int32)
+    local = torch.full((HKV * b, 1), nb - 1, dtype=torch.int32, device="cuda")
+    return torch.cat([ids, local], 1).view(HKV, b, TOPK).contiguous()
+
+
+def decode_split(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from m3serve.kernels.msa.sparse_decode_split import SPLIT_CONFIGS, SplitConfig
+
+    peak = copy_bandwidth()
+    grid = [
+        SplitConfig(n, s, w, m, wv)
+        for m, wv, n, s, w in itertools.product(
+            ("vector", "kernel"), (1, 2, 4), (64, 32), (3, 2, 4), (4, 8)
+        )
+    ] + [c for c in SPLIT_CONFIGS.values() if c.merge == "serial"]
+    names = {c: k for k, c in SPLIT_CONFIGS.items()}
+    rows: list[dict[str, Any]] = []
+    t_end = time.time() + args.budget_s
+    for b in args.batches:
+        rows += decode_split_batch(b, args.context, grid, names, peak, t_end)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def decode_split_batch(b, n, grid, names, peak, t_end) -> list[dict[str, Any]]:
+    from m3serve.kernels.msa.sparse_decode import SparseDecodeWrapper
+
+    nb = n // BLOCK
+    gen = torch.Generator(device="cuda").manual_seed(b)
+    pages = b * nb + 1
+    pt = torch.randperm(pages, device="cuda", generator=gen)[: b * nb].view(b, nb).int()
+    k = torch.randn(pages, HKV, BLOCK, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn_like(k)
+    q = torch.randn(b, HQ, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    sel = random_selection(b, nb, gen)
+    out = torch.empty_like(q)
+    scale = 1 / math.sqrt(D)
+    nbytes = sparse_attn_bytes(b, n)
+    ref = None
+    rows: list[dict[str, Any]] = []
+    for cfg in grid:
+        if time.time() > t_end:
+            print(f"  [budget spent: B{b} stops at {cfg}]", flush=True)
+            break
+        w = SparseDecodeWrapper("cuda", backend="triton", split_config=cfg, max_rows=b * HKV)
+        w.plan([n] * b, 1, HQ, HKV, D, BLOCK, TOPK)
+        try:
+            got = w.run(q, k, v, pt, sel, scale, out=out).float().clone()
+            if ref is None:
+                ref = got
+            diff = float((got - ref).abs().max())
+            assert diff <= 2e-2, f"max |diff| {diff} vs the first config"
+            ms = bench(lambda w=w: w.run(q, k, v, pt, sel, scale, out=out))
+        except Exception as err:  # a config that does not compile or fit: report, go on
+            print(f"  B{b} {cfg}: {type(err).__name__}: {str(err)[:160]}", flush=True)
+            continue
+        rows.append(
+            dict(
+                batch=b,
+                context=n,
+                config=cfg._asdict(),
+                name=names.get(cfg, ""),
+                splits=w._planned["num_splits"],
+                ms=ms,
+                GBps=nbytes / ms / 1e6,
+                pct_peak=100 * nbytes / (ms * 1e-3) / peak,
+            )
+        )
+    print(f"B{b} x {n // 1024}K: {nbytes / 1e6:.1f} MB, copy peak {peak / 1e12:.2f} TB/s")
+    for r in sorted(rows, key=lambda r: r["ms"])[:8]:
+        c = r["config"]
+        print(
+            f"  {r['ms'] * 1e3:7.1f} us {r['GBps']:6.0f} GB/s {r['pct_peak']:4.0f}%  "
+            f"n{c['block_n']} s{c['stages']} w{c['warps']} {c['merge']:6s} "
+            f"waves {c['waves']} splits {r['splits']} {r['name']}",
+            flush=True,
+        )
+    return rows
+
+
+def uses_wgmma(cache_dir: str, name: str) -> dict[str, int]:
+    """Counts of wgmma / mma.sync in the PTX Triton cached for kernels called ``name``."""
+    counts = {"ptx_files": 0, "wgmma": 0, "mma_sync": 0}
+    for f in glob.glob(os.path.join(cache_dir, "**", f"{name}.ptx"), recursive=True):
+        txt = Path(f).read_text()
+        counts["ptx_files"] += 1
+        counts["wgmma"] += txt.count("wgmma.mma_async")
+        counts["mma_sync"] += txt.count("mma.sync")
+    return counts
+
+
+def prefill_select(args: argparse.Namespace) -> list[dict[str, Any]]:
+    grid = [
+        triton.Config({"BM": bm, "SPLIT": sp}, num_warps=w, num_stages=st)
+        for bm, sp, w, st in itertools.product((32, 64, 128), (1, 2, 4), (8, 4), (3, 2))
+        if not (bm == 128 and w == 4)
+    ] + [triton.Config({"BM": 16, "SPLIT": 1}, num_warps=4, num_stages=4)]
+    rows: list[dict[str, Any]] = []
+    t_end = time.time() + args.budget_s
+    for ctx in args.select_contexts:
+        rows += prefill_select_context(ctx, grid, t_end)
+    cache_dir = os.environ.get("TRITON_CACHE_DIR", os.path.expanduser("~/.triton/cache"))
+    print("PTX:", uses_wgmma(cache_dir, "_prefill_block_scores_kernel"), flush=True)
+    return rows
+
+
+def prefill_select_context(ctx, grid, t_end) -> list[dict[str, Any]]:
+    from bench_index_topk import G, fp8_copy
+
+    from m3serve.kernels.msa import index_select
+    from m3serve.kernels.msa.index_select import select_blocks_prefill
+
+    kern = index_select._prefill_block_scores_kernel
+    chunk = 8192
+    gen = torch.Generator(device="cuda").manual_seed(ctx)
+    pages = ctx // BLOCK
+    pt = torch.randperm(pages, device="cuda", generator=gen).to(torch.int32).view(1, pages)
+    cache = torch.randn(pages, BLOCK, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+    cache8, scale8 = fp8_copy(cache)
+    iq = torch.randn(chunk, G, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+    cu = torch.tensor([0, chunk], dtype=torch.int32, device="cuda")
+    seq = torch.tensor([ctx], dtype=torch.int32, device="cuda")
+    pre = seq - chunk
+    out = torch.empty(G, chunk, TOPK, dtype=torch.int32, device="cuda")
+    pos = torch.arange(ctx - chunk, ctx, dtype=torch.float64)
+    flops = 2 * G * D * float((pos + 1).sum())
+    rows: list[dict[str, Any]] = []
+    for mode in ("bf16", "fp8q"):
+        c, s, q8 = (cache, None, False) if mode == "bf16" else (cache8, scale8, True)
+
+        def run(c=c, s=s, q8=q8):
+            return select_blocks_prefill(
+                iq, c, s, pt, cu, pre, seq, TOPK, max_q_len=chunk, max_seq_len=ctx,
+                out=out, q_fp8=q8,
+            )  # fmt: skip
+
+        ref = None
+        for cfg in grid:
+            if time.time() > t_end:
+                print(f"  [budget spent: {mode} {ctx} stops at {cfg}]", flush=True)
+                break
+            kern.configs = [cfg]
+            kern.cache.clear()
+            try:
+                got = run().clone()
+                if ref is None:
+                    ref = got
+                same = float((got == ref).all(-1).float().mean())
+                ms = bench(run)
+            except Exception as err:
+                print(f"  {mode} {cfg}: {type(err).__name__}: {str(err)[:160]}", flush=True)
+                continue
+            rows.append(
+                dict(
+                    mode=mode,
+                    context=ctx,
+                    BM=cfg.kwargs["BM"],
+                    SPLIT=cfg.kwargs["SPLIT"],
+                    warps=cfg.num_warps,
+                    stages=cfg.num_stages,
+                    ms=ms,
+                    TFLOPs=flops / ms / 1e9,
+                    rows_same_as_first=same,
+                )
+            )
+        print(f"{mode} 8K chunk at {ctx // 1024}K:")
+        for r in sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["ms"])[:8]:
+            print(
+                f"  {r['ms']:.3f} ms {r['TFLOPs']:5.0f} TFLOP/s  BM{r['BM']} SPLIT{r['SPLIT']} "
+                f"w{r['warps']} s{r['stages']} same {r['rows_same_as_first']:.3f}",
+                flush=True,
+            )
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("part", choices=("decode-split", "prefill-select"))
+    ap.add_argument("--out", type=Path, default=Path("."))
+    ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[8, 32, 64])
+    ap.add_argument("--context", type=int, default=131072)
+    ap.add_argument(
+        "--select-contexts", type=lambda s: [int(x) for x in s.split(",")], default=[131072, 32768]
+    )
+    ap.add_argument("--budget-s", type=float, default=400, help="stop timing new points after")
+    args = ap.parse_args()
+    rows = (decode_split if args.part == "decode-split" else prefill_select)(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    doc = dict(
+        device=torch.cuda.get_device_name(),
+        versions=dict(torch=torch.__version__, triton=triton.__version__),
+        rows=rows,
+    )
+    (args.out / f"sweep_{args.part.replace('-', '_')}.json").write_text(json.dumps(doc, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Session 6's GPU runs (issues 4 and 6: kernel launch configs, FP8 queries in the decode step,
+# FlashInfer 0.7.2), as calls on one 4-GPU machine (nvidia-h100-x4 or nvidia-h200-x4). Lanes run in
+# parallel, one card each, each writing $OUT/<lane>.txt; results are packed into
+# $OUT/session6_<CALL>.tgz.
+#
+#   carry: [".dev-s6"]   timeout_s: 600
+#   .dev-s6/wheels          flashinfer-python 0.6.18.post1, apache-tvm-ffi, pytest and its deps
+#   .dev-s6/fi072_site.tar.xz  flashinfer 0.7.2 + apache-tvm-ffi 0.1.11 installed (SGLang's pin)
+#   .dev-s6/sglang_site     SGLang 0.5.23's in-tree MSA ops (the baselines)
+#
+#   call 1 (explore): lane ds8 / ds  decode split-config sweep at B 8 / B 32, 64 (GPU 0 / 1);
+#                     lane psel      prefill selection config sweep, bf16 + FP8 q (GPU 2);
+#                     lane dec       sparse decode + index-select GPU tests with FlashInfer 0.7.2,
+#                                    then bench_sparse_decode B8 x 128K / 1M with FP8-query rows
+#                                    (FlashInfer 0.6.18) (GPU 3).
+#   call 2 (results): lane dec1 / dec2  bench_sparse_decode over the issue's grid (B 1, 8 / 32, 64);
+#                     lane itk      bench_index_topk prefill rows; then the kernel GPU tests;
+#                     lane pre      bench_sparse_prefill's full MSA prefill (selection changed).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+CALL="${1:?usage: session6.sh 1|2}"
+OUT="${OUT:-$PWD/gpu-out}"; mkdir -p "$OUT"
+t0=$(date +%s)
+SITE=/tmp/m3serve-site6 FI072=/tmp/m3serve-fi072
+if [ ! -f "$SITE/.done" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
+        .dev-s6/wheels/*.whl > "$OUT/pip.log" 2>&1 || { tail -20 "$OUT/pip.log"; exit 1; }
+    mkdir -p "$FI072" && tar xJf .dev-s6/fi072_site.tar.xz -C "$FI072"
+    touch "$SITE/.done"
+fi
+BASE="$PWD/python:$SITE:$PWD/.dev-s6/sglang_site"
+export PYTHONPATH="$BASE" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/card.txt"
+python3 -c "import torch, triton, flashinfer; print('torch', torch.__version__, 'triton', triton.__version__, 'flashinfer', flashinfer.__version__)"
+PYTHONPATH="$FI072:$BASE" python3 -c "import flashinfer; print('flashinfer (0.7.2 lane)', flashinfer.__version__)"
+echo "[setup $(( $(date +%s) - t0 )) s]"
+lane() {  # lane NAME GPU COMMAND: run in the background on one card, output in $OUT/NAME.txt
+    local name=$1 gpu=$2; shift 2
+    mkdir -p "$OUT/$name"
+    ( CUDA_VISIBLE_DEVICES=$gpu OUT="$OUT/$name" TRITON_CACHE_DIR="/tmp/triton-$name" \
+        bash -c "$*" > "$OUT/$name.txt" 2>&1
+      echo "[lane $name exit $? after $(( $(date +%s) - t0 )) s]" >> "$OUT/$name.txt" ) &
+}
+SW="python3 benchmarks/sweep_kernels.py"
+DEC="python3 benchmarks/bench_sparse_decode.py --sglang-site .dev-s6/sglang_site"
+GT="python3 -m pytest -q -m gpu -p no:cacheprovider --durations=5"
+case "$CALL" in
+1)
+    lane ds8 0 "timeout 560 $SW decode-split --batches 8 --budget-s 480 --out \$OUT"
+    lane ds 1 "timeout 560 $SW decode-split --batches 32,64 --budget-s 480 --out \$OUT"
+    lane psel 2 "timeout 560 $SW prefill-select --budget-s 470 --out \$OUT"
+    lane dec 3 "PYTHONPATH=$FI072:$BASE timeout 260 $GT tests/kernels/test_sparse_decode.py \
+        tests/kernels/test_index_select.py 2>&1 | tail -n 25;
+        timeout 280 $DEC --batches 8 --contexts 131072,1048576 --no-mtp --out \$OUT 2>&1 | tail -n 30"
+    ;;
+2)
+    lane dec1 0 "timeout 560 $DEC --batches 8,1 --out \$OUT 2>&1 | tail -n 40"
+    lane dec2 1 "timeout 560 $DEC --batches 32,64 --no-mtp --out \$OUT 2>&1 | tail -n 40"
+    lane itk 2 "timeout 240 python3 benchmarks/bench_index_topk.py --only prefill --out \$OUT 2>&1 | tail -n 30;
+        timeout 300 $GT tests/kernels 2>&1 | tail -n 25"
+    lane pre 3 "timeout 540 python3 benchmarks/bench_sparse_prefill.py --contexts 131072 \
+        --full-contexts 32768,131072,1048576 --out \$OUT 2>&1 | tail -n 40"
+    ;;
+*) echo "CALL must be 1 or 2" >&2; exit 2 ;;
+esac
+wait
+echo "[all lanes done after $(( $(date +%s) - t0 )) s]"
+for f in "$OUT"/*.txt; do echo "===== $f"; tail -n 40 "$f"; done
+tar czf "/tmp/session6_$CALL.tgz" -C "$OUT" . && mv "/tmp/session6_$CALL.tgz" "$OUT/"
