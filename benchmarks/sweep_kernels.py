@@ -4,17 +4,23 @@
                    SplitConfig (tokens per step, pipelining stages, warps, merge, programs per SM)
                    at batch 8 / 32 / 64 (16 random selected pages per (request, KV head) row,
                    M3 heads 64 q / 4 KV, head_dim 128, bf16): ms and GB/s on the minimum bytes
-                   (sparse_attn_bytes), against the measured copy peak.
+                   (sparse_attn_bytes), against the measured copy peak. CUDA-graph replays
+                   cycling 8 selections (bench_sparse_decode.graph_cycle_ms), as in serving.
+  decode-select    decode index scoring + top-k (issue 4; the step's larger part) over
+                   (warps, stages, programs per SM) of the scoring kernel, bf16 / FP8 keys /
+                   FP8 keys + queries, at B8 x 128K, B8 x 1M, B32 x 32K; graph replays.
   prefill-select   index scoring + top-k of one 8K-query chunk (issue 4) for each prefill
-                   scoring config (BM, SPLIT, warps, stages), bf16 keys and FP8 keys + FP8
+                   scoring config (BM, warps, stages), bf16 keys and FP8 keys + FP8
                    queries, at 32K and 128K context: ms and TFLOP/s, plus whether the compiled
                    kernel uses Hopper's wgmma.
 
-Each point is checked against the first config's output (decode: max |diff| ≤ 2e-2; prefill: the
-same top-k ids, bf16) before it is timed. Timing: triton.testing.do_bench, median, L2 flushed.
+Each point is checked against the first config's output (decode attention: max |diff| ≤ 2e-2;
+selection: the share of rows with the same top-k ids is printed) before it is timed. Timing:
+triton.testing.do_bench, median, L2 flushed before every repetition.
 Writes sweep_<part>.json to --out and prints a table, fastest first.
 
     python3 benchmarks/sweep_kernels.py decode-split --out OUT
+    python3 benchmarks/sweep_kernels.py decode-select --out OUT
     python3 benchmarks/sweep_kernels.py prefill-select --out OUT
 """
 
@@ -33,19 +39,22 @@ from typing import Any
 import torch
 import triton
 import triton.testing
-from bench_sparse_decode import BLOCK, HKV, HQ, TOPK, D, copy_bandwidth, sparse_attn_bytes
+from bench_sparse_decode import (
+    BLOCK,
+    HKV,
+    HQ,
+    TOPK,
+    D,
+    copy_bandwidth,
+    graph_cycle_ms,
+    index_bytes,
+    random_selection,
+    sparse_attn_bytes,
+)
 
 
 def bench(fn) -> float:
     return float(triton.testing.do_bench(fn, warmup=5, rep=30, return_mode="median"))
-
-
-def random_selection(b: int, nb: int, gen: torch.Generator) -> torch.Tensor:
-    """[H_kv, B, TOPK] distinct random blocks < nb − 1, the local block (nb − 1) last."""
-    keys = torch.rand(HKV * b, nb - 1, device="cuda", generator=gen)
-    ids = keys.topk(TOPK - 1, dim=1).indices.to(torch.int32)
-    local = torch.full((HKV * b, 1), nb - 1, dtype=torch.int32, device="cuda")
-    return torch.cat([ids, local], 1).view(HKV, b, TOPK).contiguous()
 
 
 def decode_split(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -55,9 +64,9 @@ def decode_split(args: argparse.Namespace) -> list[dict[str, Any]]:
     grid = [
         SplitConfig(n, s, w, m, wv)
         for m, wv, n, s, w in itertools.product(
-            ("vector", "kernel"), (1, 2, 4), (64, 32), (3, 2, 4), (4, 8)
+            ("kernel", "serial"), (1, 2, 4), (64, 32), (3, 2, 4), (4, 8)
         )
-    ] + [c for c in SPLIT_CONFIGS.values() if c.merge == "serial"]
+    ]
     names = {c: k for k, c in SPLIT_CONFIGS.items()}
     rows: list[dict[str, Any]] = []
     t_end = time.time() + args.budget_s
@@ -77,7 +86,7 @@ def decode_split_batch(b, n, grid, names, peak, t_end) -> list[dict[str, Any]]:
     k = torch.randn(pages, HKV, BLOCK, D, device="cuda", dtype=torch.bfloat16, generator=gen)
     v = torch.randn_like(k)
     q = torch.randn(b, HQ, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-    sel = random_selection(b, nb, gen)
+    sels = [random_selection(b * HKV, nb, gen) for _ in range(8)]
     out = torch.empty_like(q)
     scale = 1 / math.sqrt(D)
     nbytes = sparse_attn_bytes(b, n)
@@ -90,12 +99,12 @@ def decode_split_batch(b, n, grid, names, peak, t_end) -> list[dict[str, Any]]:
         w = SparseDecodeWrapper("cuda", backend="triton", split_config=cfg, max_rows=b * HKV)
         w.plan([n] * b, 1, HQ, HKV, D, BLOCK, TOPK)
         try:
-            got = w.run(q, k, v, pt, sel, scale, out=out).float().clone()
+            got = w.run(q, k, v, pt, sels[0], scale, out=out).float().clone()
             if ref is None:
                 ref = got
             diff = float((got - ref).abs().max())
             assert diff <= 2e-2, f"max |diff| {diff} vs the first config"
-            ms = bench(lambda w=w: w.run(q, k, v, pt, sel, scale, out=out))
+            ms = graph_cycle_ms(lambda i, w=w: w.run(q, k, v, pt, sels[i], scale, out=out), 8)
         except Exception as err:  # a config that does not compile or fit: report, go on
             print(f"  B{b} {cfg}: {type(err).__name__}: {str(err)[:160]}", flush=True)
             continue
@@ -123,6 +132,73 @@ def decode_split_batch(b, n, grid, names, peak, t_end) -> list[dict[str, Any]]:
     return rows
 
 
+def decode_select(args: argparse.Namespace) -> list[dict[str, Any]]:
+    peak = copy_bandwidth()
+    grid = list(itertools.product((4, 8), (3, 2, 4, 5), (4, 2, 8)))  # (warps, stages, waves)
+    rows: list[dict[str, Any]] = []
+    t_end = time.time() + args.budget_s
+    for b, n in ((8, 131072), (8, 1048576), (32, 32768)):
+        rows += decode_select_case(b, n, grid, peak, t_end)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def decode_select_case(b, n, grid, peak, t_end) -> list[dict[str, Any]]:
+    from m3serve.kernels.msa.index_select import DecodeSelectWorkspace, select_blocks_decode
+    from m3serve.kernels.msa.reference import quantize_index_k_fp8
+
+    nb = n // BLOCK
+    pages = b * nb + 1
+    gen = torch.Generator(device="cuda").manual_seed(b + n)
+    pt = torch.randperm(pages, device="cuda", generator=gen)[: b * nb].view(b, nb).int()
+    idx_k = torch.randn(pages, BLOCK, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k8, s8 = quantize_index_k_fp8(idx_k.view(-1, D))
+    k8, s8 = k8.view(pages, BLOCK, D), s8.view(pages, BLOCK)
+    iq = torch.randn(b, HKV, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    seq = torch.full((b,), n, dtype=torch.int32, device="cuda")
+    ws = DecodeSelectWorkspace(b * HKV, nb, "cuda")
+    out = torch.empty(HKV, b, TOPK, dtype=torch.int32, device="cuda")
+    rows: list[dict[str, Any]] = []
+    for mode in ("bf16", "fp8", "fp8q"):
+        cache, sc = (idx_k, None) if mode == "bf16" else (k8, s8)
+        nbytes = index_bytes(b, n, mode != "bf16")
+        ref = None
+        for launch in grid:
+            if time.time() > t_end:
+                break
+
+            def fn(i, cache=cache, sc=sc, mode=mode, launch=launch):
+                return select_blocks_decode(
+                    iq, cache, sc, pt, seq, 1, TOPK, out=out, max_seq_len=n, workspace=ws,
+                    q_fp8=mode == "fp8q", launch=launch,
+                )  # fmt: skip
+
+            try:
+                got = fn(0).clone()
+                ref = got if ref is None else ref
+                same = float((got == ref).all(-1).float().mean())
+                ms = graph_cycle_ms(fn, 1, calls=8)
+            except Exception as err:
+                print(f"  {mode} {launch}: {type(err).__name__}: {str(err)[:160]}", flush=True)
+                continue
+            rows.append(
+                dict(
+                    mode=mode, batch=b, context=n, warps=launch[0], stages=launch[1],
+                    waves=launch[2], ms=ms, GBps=nbytes / ms / 1e6,
+                    pct_peak=100 * nbytes / (ms * 1e-3) / peak, rows_same_as_first=same,
+                )
+            )  # fmt: skip
+        print(f"{mode} B{b} x {n // 1024}K: {nbytes / 1e6:.0f} MB, peak {peak / 1e12:.2f} TB/s")
+        for r in sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["ms"])[:5]:
+            print(
+                f"  {r['ms'] * 1e3:7.1f} us {r['pct_peak']:4.0f}%  w{r['warps']} s{r['stages']}"
+                f" waves {r['waves']} same {r['rows_same_as_first']:.3f}"
+                + ("  (default)" if (r["warps"], r["stages"], r["waves"]) == (4, 3, 4) else ""),
+                flush=True,
+            )
+    return rows
+
+
 def uses_wgmma(cache_dir: str, name: str) -> dict[str, int]:
     """Counts of wgmma / mma.sync in the PTX Triton cached for kernels called ``name``."""
     counts = {"ptx_files": 0, "wgmma": 0, "mma_sync": 0}
@@ -136,10 +212,10 @@ def uses_wgmma(cache_dir: str, name: str) -> dict[str, int]:
 
 def prefill_select(args: argparse.Namespace) -> list[dict[str, Any]]:
     grid = [
-        triton.Config({"BM": bm, "SPLIT": sp}, num_warps=w, num_stages=st)
-        for bm, sp, w, st in itertools.product((32, 64, 128), (1, 2, 4), (8, 4), (3, 2))
+        triton.Config({"BM": bm}, num_warps=w, num_stages=st)
+        for bm, w, st in itertools.product((32, 64, 128), (8, 4), (3, 2))
         if not (bm == 128 and w == 4)
-    ] + [triton.Config({"BM": 16, "SPLIT": 1}, num_warps=4, num_stages=4)]
+    ] + [triton.Config({"BM": 16}, num_warps=4, num_stages=4)]
     rows: list[dict[str, Any]] = []
     t_end = time.time() + args.budget_s
     for ctx in args.select_contexts:
@@ -200,7 +276,6 @@ def prefill_select_context(ctx, grid, t_end) -> list[dict[str, Any]]:
                     mode=mode,
                     context=ctx,
                     BM=cfg.kwargs["BM"],
-                    SPLIT=cfg.kwargs["SPLIT"],
                     warps=cfg.num_warps,
                     stages=cfg.num_stages,
                     ms=ms,
@@ -211,16 +286,23 @@ def prefill_select_context(ctx, grid, t_end) -> list[dict[str, Any]]:
         print(f"{mode} 8K chunk at {ctx // 1024}K:")
         for r in sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["ms"])[:8]:
             print(
-                f"  {r['ms']:.3f} ms {r['TFLOPs']:5.0f} TFLOP/s  BM{r['BM']} SPLIT{r['SPLIT']} "
+                f"  {r['ms']:.3f} ms {r['TFLOPs']:5.0f} TFLOP/s  BM{r['BM']} "
                 f"w{r['warps']} s{r['stages']} same {r['rows_same_as_first']:.3f}",
                 flush=True,
             )
     return rows
 
 
+PARTS = {
+    "decode-split": decode_split,
+    "decode-select": decode_select,
+    "prefill-select": prefill_select,
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("part", choices=("decode-split", "prefill-select"))
+    ap.add_argument("part", choices=tuple(PARTS))
     ap.add_argument("--out", type=Path, default=Path("."))
     ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[8, 32, 64])
     ap.add_argument("--context", type=int, default=131072)
@@ -229,7 +311,7 @@ def main() -> None:
     )
     ap.add_argument("--budget-s", type=float, default=400, help="stop timing new points after")
     args = ap.parse_args()
-    rows = (decode_split if args.part == "decode-split" else prefill_select)(args)
+    rows = PARTS[args.part](args)
     args.out.mkdir(parents=True, exist_ok=True)
     doc = dict(
         device=torch.cuda.get_device_name(),

@@ -14,12 +14,17 @@
 #                     lane dec       sparse decode + index-select GPU tests with FlashInfer 0.7.2,
 #                                    then bench_sparse_decode B8 x 128K / 1M with FP8-query rows
 #                                    (FlashInfer 0.6.18) (GPU 3).
-#   call 2 (results): lane dec1 / dec2  bench_sparse_decode over the issue's grid (B 1, 8 / 32, 64);
+#   call 2 (graphs):  call 1 timed the attention alone eagerly, and its launch cost (host) was
+#                     most of a batch-8 attention's time; the decode-split sweep again under CUDA
+#                     graphs (ds), the decode scoring launch sweep (dsel), bench_sparse_decode with
+#                     graph-timed attention rows at B8 (FlashInfer 0.6.18, then 0.7.2) and at
+#                     B64 x 128K / B32 x 32K (dec, dec64).
+#   call 3 (results): lane dec1 / dec2  bench_sparse_decode over the issue's grid (B 1, 8 / 32, 64);
 #                     lane itk      bench_index_topk prefill rows; then the kernel GPU tests;
-#                     lane pre      bench_sparse_prefill's full MSA prefill (selection changed).
+#                     lane idec     bench_index_topk decode rows.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-CALL="${1:?usage: session6.sh 1|2}"
+CALL="${1:?usage: session6.sh 1|2|3}"
 OUT="${OUT:-$PWD/gpu-out}"; mkdir -p "$OUT"
 t0=$(date +%s)
 SITE=/tmp/m3serve-site6 FI072=/tmp/m3serve-fi072
@@ -55,14 +60,21 @@ case "$CALL" in
         timeout 280 $DEC --batches 8 --contexts 131072,1048576 --no-mtp --out \$OUT 2>&1 | tail -n 30"
     ;;
 2)
+    lane ds 0 "timeout 560 $SW decode-split --budget-s 470 --out \$OUT"
+    lane dsel 1 "timeout 560 $SW decode-select --budget-s 470 --out \$OUT"
+    lane dec 2 "timeout 300 $DEC --batches 8 --contexts 131072,1048576 --no-mtp --out \$OUT 2>&1 | tail -n 30;
+        mkdir -p \$OUT/fi072; PYTHONPATH=$FI072:$BASE timeout 200 $DEC --batches 8,32 --contexts 131072 \
+        --no-mtp --out \$OUT/fi072 2>&1 | tail -n 30"
+    lane dec64 3 "timeout 560 $DEC --batches 64,32 --contexts 131072,32768 --no-mtp --out \$OUT 2>&1 | tail -n 30"
+    ;;
+3)
     lane dec1 0 "timeout 560 $DEC --batches 8,1 --out \$OUT 2>&1 | tail -n 40"
     lane dec2 1 "timeout 560 $DEC --batches 32,64 --no-mtp --out \$OUT 2>&1 | tail -n 40"
     lane itk 2 "timeout 240 python3 benchmarks/bench_index_topk.py --only prefill --out \$OUT 2>&1 | tail -n 30;
         timeout 300 $GT tests/kernels 2>&1 | tail -n 25"
-    lane pre 3 "timeout 540 python3 benchmarks/bench_sparse_prefill.py --contexts 131072 \
-        --full-contexts 32768,131072,1048576 --out \$OUT 2>&1 | tail -n 40"
+    lane idec 3 "timeout 300 python3 benchmarks/bench_index_topk.py --only decode --out \$OUT 2>&1 | tail -n 40"
     ;;
-*) echo "CALL must be 1 or 2" >&2; exit 2 ;;
+*) echo "CALL must be 1, 2 or 3" >&2; exit 2 ;;
 esac
 wait
 echo "[all lanes done after $(( $(date +%s) - t0 )) s]"

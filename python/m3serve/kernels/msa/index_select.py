@@ -37,20 +37,19 @@ from .index_cache import _round_to_e4m3
 from .topk import _interpreting, launch_topk_rows, use_triton
 
 # -- prefill autotune: the tile is (BM queries × G groups) rows against one 128-key page; bigger
-#    tiles cut L2 key traffic, smaller ones balance short chunks. SPLIT cuts each tile's pages
-#    over SPLIT programs (no merge: every (row, block) score is written once), so big tiles
-#    still give several programs per SM (an 8K chunk in BM = 64 tiles is only 128 programs).
-#    A single config under the interpreter (autotuning there only costs CPU time).
+#    tiles cut L2 key traffic, smaller ones balance short chunks. Five configs cover H100/H200
+#    (a session-6 sweep on H200 of BM 16-128 × warps × stages, and of cutting each tile's blocks
+#    over 2-4 programs, found nothing faster at 32K / 128K than the BM 32 rows here; FP8 queries
+#    prefer 2 stages); a single one under the interpreter (autotuning there only costs CPU time).
 _PREFILL_CONFIGS = (
-    [triton.Config({"BM": 16, "SPLIT": 2}, num_warps=4, num_stages=1)]
+    [triton.Config({"BM": 16}, num_warps=4, num_stages=1)]
     if _interpreting()
     else [
-        triton.Config({"BM": 64, "SPLIT": 1}, num_warps=8, num_stages=3),
-        triton.Config({"BM": 32, "SPLIT": 1}, num_warps=8, num_stages=3),
-        triton.Config({"BM": 32, "SPLIT": 1}, num_warps=4, num_stages=3),
-        triton.Config({"BM": 16, "SPLIT": 1}, num_warps=4, num_stages=4),
-        triton.Config({"BM": 64, "SPLIT": 4}, num_warps=8, num_stages=3),
-        triton.Config({"BM": 32, "SPLIT": 4}, num_warps=4, num_stages=3),
+        triton.Config({"BM": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BM": 32}, num_warps=8, num_stages=3),
+        triton.Config({"BM": 32}, num_warps=4, num_stages=3),
+        triton.Config({"BM": 32}, num_warps=4, num_stages=2),
+        triton.Config({"BM": 16}, num_warps=4, num_stages=4),
     ]
 )
 
@@ -149,12 +148,9 @@ def _prefill_block_scores_kernel(
     K_MAJOR: tl.constexpr,
     Q_FP8: tl.constexpr,
     BM: tl.constexpr,
-    SPLIT: tl.constexpr,
 ):
-    # -- this program: queries [start, start + BM) of request b, all G groups, and its share
-    #    (program_id 2 of SPLIT) of the blocks they rank --
+    # -- this program: queries [start, start + BM) of request b, all G groups --
     b = tl.program_id(1)
-    part = tl.program_id(2)
     q0 = tl.load(cu_ptr + b)
     q1 = tl.load(cu_ptr + b + 1)
     start = q0 + tl.program_id(0) * BM
@@ -166,7 +162,7 @@ def _prefill_block_scores_kernel(
         row_ok = t < q1
         loc = (pre + t - q0) // BLOCK
         row = t.to(tl.int64) * G + g
-        tl.store(local_ptr + row, loc, mask=row_ok & (part == 0))
+        tl.store(local_ptr + row, loc, mask=row_ok)
         d = tl.arange(0, D)
         tok = tl.arange(0, BLOCK)
         q = tl.load(
@@ -180,11 +176,9 @@ def _prefill_block_scores_kernel(
             q = _prep_q(q, IS_FP8, DOT_F32, K_MAJOR)
         # -- walk the blocks the tile's last query may rank (< its local block) --
         lmax = (pre + tl.minimum(start + BM, q1) - 1 - q0) // BLOCK
-        per = tl.cdiv(lmax, SPLIT)
-        j1 = tl.minimum(part * per + per, lmax)
         pt_row = pt_ptr + b.to(tl.int64) * stride_pt
         sc_row = sc_ptr + row * stride_sc
-        for j in tl.range(part * per, j1):
+        for j in tl.range(0, lmax):
             page = tl.load(pt_row + j).to(tl.int64)
             m = _score_block(
                 q, k_ptr, ks_ptr, page, stride_kp, stride_kb, stride_sp, tok, d, IS_FP8, K_MAJOR
@@ -416,7 +410,7 @@ def _prefill_scores(
     prefix_lens = prefix_lens.to(torch.int32)
 
     def grid(meta):
-        return (triton.cdiv(max_q_len, meta["BM"]), batch, meta["SPLIT"])
+        return (triton.cdiv(max_q_len, meta["BM"]), batch)
 
     _prefill_block_scores_kernel[grid](
         index_q,
@@ -453,10 +447,13 @@ class DecodeSelectWorkspace:
         self.local = torch.empty(rows, dtype=torch.int32, device=device)
 
 
-def decode_blocks_per_program(batch: int, n_blocks: int, sms: int = 132) -> int:
-    """Split-K chunk: about four programs per SM over the whole batch, ≥ 4 pages per program."""
-    target = 4 * sms
-    per = triton.cdiv(batch * n_blocks, target)
+# Decode scoring launch: (num_warps, num_stages, programs per SM the split-K chunk aims at).
+DECODE_SCORE_LAUNCH = (4, 3, 4)
+
+
+def decode_blocks_per_program(batch: int, n_blocks: int, sms: int = 132, waves: int = 4) -> int:
+    """Split-K chunk: about ``waves`` programs per SM over the whole batch, ≥ 4 pages each."""
+    per = triton.cdiv(batch * n_blocks, waves * sms)
     return max(4, triton.next_power_of_2(per))
 
 
@@ -474,6 +471,7 @@ def select_blocks_decode(
     workspace: DecodeSelectWorkspace | None = None,
     k_major: bool = False,
     q_fp8: bool = False,
+    launch: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """MSA block selection for decode / MTP verify → topk_ids [G, B·Q, topk] int32.
 
@@ -483,7 +481,8 @@ def select_blocks_decode(
     (pass ``out`` and ``workspace`` to keep fixed addresses). ``k_major``: keys-as-A MMA
     orientation (a benchmark knob; queries-as-A, the default, measured faster for FP8 too).
     ``q_fp8``: as in ``select_blocks_prefill`` (FP8 keys only; e4m3 × e4m3 scoring). The block
-    scores stay in ``workspace.scores`` (columns below each row's local block).
+    scores stay in ``workspace.scores`` (columns below each row's local block). ``launch``:
+    (warps, stages, programs per SM) of the scoring kernel, default DECODE_SCORE_LAUNCH.
     """
     groups, d, block, is_fp8 = _check_common(
         index_q, index_k_cache, index_k_scale, page_table, seq_lens, topk
@@ -522,7 +521,8 @@ def select_blocks_decode(
         if index_q.is_cuda
         else 4
     )
-    per = decode_blocks_per_program(batch, n_blocks, sms)
+    warps, stages, waves = launch or DECODE_SCORE_LAUNCH
+    per = decode_blocks_per_program(batch, n_blocks, sms, waves)
     grid = (batch, triton.cdiv(n_blocks, per))
 
     _decode_block_scores_kernel[grid](
@@ -550,8 +550,8 @@ def select_blocks_decode(
         DOT_F32=_interpreting(),
         K_MAJOR=bool(k_major),
         Q_FP8=bool(q_fp8),
-        num_warps=4,
-        num_stages=3,
+        num_warps=warps,
+        num_stages=stages,
     )
     return launch_topk_rows(
         workspace.scores[:rows], workspace.local[:rows], out, topk, groups, n_cols=n_blocks

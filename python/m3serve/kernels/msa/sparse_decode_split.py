@@ -7,10 +7,10 @@ an online softmax over its pages, reading each page's [block, D] K and V tiles s
 HND cache through page_table[req, topk_ids[g, t, j]] (no kv_indices round trip). Causality: a
 token is visible iff its position ≤ pos_t = seq_len − Q + q, which only bites in the local block.
 The NUM_SPLITS partial (o, lse) pairs are merged by log-sum-exp, either by a second kernel
-(merge "kernel") or by the row's last split to finish, found with a per-row atomic ticket, so the
-step is one launch: "serial" walks the splits one at a time (two dependent L2 round trips per
-split: the tail that kept batch 8 at a third of HBM bandwidth), "vector" loads every split's lse
-at once and the partial outputs MERGE_CHUNK splits per load, so the tail is a few round trips.
+(merge "kernel") or (merge "serial") by the row's last split to finish, found with a per-row
+atomic ticket, so the step is one launch. (A "vector" fused merge that loaded all splits' partials
+at once was tried in session 6: its 3-D pointer tiles cost registers and it ran 1.1-2.4x slower
+on H200, so it is gone.)
 
 Bytes: each selected page is read once per row (K + V = 2 · block · D · 2 B); the partials add
 NUM_SPLITS · GROUP · (D + 1) · 4 B written and read per row (≈ 12% of the KV bytes at split = 1
@@ -65,9 +65,7 @@ def _sparse_decode_split_kernel(
     TOPK: tl.constexpr,
     Q_PER_REQ: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    MERGE: tl.constexpr,  # 0: second kernel, 1: fused serial, 2: fused vector
-    S_P2: tl.constexpr,  # next_pow2(number of splits) (vector merge)
-    MERGE_CHUNK: tl.constexpr,  # splits per partial-output load (vector merge)
+    MERGE: tl.constexpr,  # 0: second kernel, 1: fused (the row's last split)
 ):
     SUB: tl.constexpr = BLOCK // BLOCK_N
     row = tl.program_id(0)
@@ -172,57 +170,6 @@ def _sparse_decode_split_kernel(
                 mask=h_ok[:, None],
             )
             tl.atomic_xchg(count_ptr + row, 0)
-    if MERGE == 2:
-        # -- the row's last split merges: all lse at once, then the outputs MERGE_CHUNK at a time
-        #    (independent loads the compiler issues back to back) --
-        tl.debug_barrier()
-        num_splits = tl.num_programs(1)
-        ticket = tl.atomic_add(count_ptr + row, 1, sem="acq_rel")
-        if ticket == num_splits - 1:
-            offs_s = tl.arange(0, S_P2)
-            b_s = (offs_s * num_rows + row).to(tl.int64) * GROUP
-            ok = (offs_s < num_splits)[:, None] & h_ok[None, :]
-            lse_s = tl.load(
-                lse_part_ptr + b_s[:, None] + offs_h[None, :],
-                mask=ok,
-                other=float("-inf"),
-                cache_modifier=".cg",
-            )  # [S_P2, BLOCK_H]
-            m = tl.max(lse_s, 0)
-            m = tl.where(m > float("-inf"), m, 0.0)  # padded heads: keep exp2 free of inf − inf
-            den = tl.sum(tl.exp2(lse_s - m[None, :]), 0)
-            res = tl.zeros([BLOCK_H, D], tl.float32)
-            offs_c = tl.arange(0, MERGE_CHUNK)
-            for c in tl.static_range(0, S_P2, MERGE_CHUNK):
-                sp = c + offs_c
-                c_ok = (sp < num_splits)[:, None] & h_ok[None, :]
-                b_c = (sp * num_rows + row).to(tl.int64) * GROUP
-                lse_c = tl.load(
-                    lse_part_ptr + b_c[:, None] + offs_h[None, :],
-                    mask=c_ok,
-                    other=float("-inf"),
-                    cache_modifier=".cg",
-                )
-                w = tl.exp2(lse_c - m[None, :])  # [MERGE_CHUNK, BLOCK_H]; 0 for empty splits
-                o_c = tl.load(
-                    o_part_ptr
-                    + ((b_c[:, None] + offs_h[None, :]) * D)[:, :, None]
-                    + offs_d[None, None, :],
-                    mask=c_ok[:, :, None],
-                    other=0.0,
-                    cache_modifier=".cg",
-                )  # [MERGE_CHUNK, BLOCK_H, D]
-                res += tl.sum(o_c * w[:, :, None], 0)
-            res = res / tl.where(den > 0, den, 1.0)[:, None]
-            tl.store(
-                out_ptr
-                + t.to(tl.int64) * stride_ot
-                + (g * GROUP + offs_h)[:, None] * stride_oh
-                + offs_d[None, :],
-                res.to(out_ptr.dtype.element_ty),
-                mask=h_ok[:, None],
-            )
-            tl.atomic_xchg(count_ptr + row, 0)
 
 
 @triton.jit
@@ -263,8 +210,8 @@ class SplitConfig(NamedTuple):
 
     block_n: tokens per loop step (a page is walked in block // block_n sub-tiles: smaller tiles
     leave shared memory for more programs per SM, larger ones fewer loop steps); stages: Triton's
-    software-pipelining depth; warps: per program; merge: "kernel" (second launch), "serial" or
-    "vector" (fused, by the row's last split); waves: programs per SM the split count aims at
+    software-pipelining depth; warps: per program; merge: "kernel" (second launch) or "serial"
+    (fused: the row's last split merges); waves: programs per SM the split count aims at
     (num_splits_for), i.e. how finely each row's pages are cut.
     """
 
@@ -275,21 +222,19 @@ class SplitConfig(NamedTuple):
     waves: float = 4
 
 
-MERGES = {"kernel": 0, "serial": 1, "vector": 2}
-MERGE_CHUNK = 4
+MERGES = {"kernel": 0, "serial": 1}
 MAX_WAVES = 4  # reserve() sizes the split scratch for this many programs per SM
 
-# Named configs: the benchmark times each one, the tests run each one. Suffix "f": serial fused
-# merge, "v": vector fused merge; "-w1"/"-w2": 1 / 2 programs per SM instead of 4.
+# Named configs: the benchmark times each one, the tests run each one. Suffix "f": fused merge;
+# "-w1"/"-w2": 1 / 2 programs per SM instead of 4 (fewer, longer splits).
 SPLIT_CONFIGS = {
     "n64s2": SplitConfig(64, 2, 4, "kernel"),
-    "n128s1": SplitConfig(128, 1, 4, "kernel"),
     "n64s2f": SplitConfig(64, 2, 4, "serial"),
     "n32s3f": SplitConfig(32, 3, 4, "serial"),
-    "n32s3v": SplitConfig(32, 3, 4, "vector"),
-    "n64s3v": SplitConfig(64, 3, 4, "vector"),
-    "n64s3v-w2": SplitConfig(64, 3, 4, "vector", 2),
-    "n64s4v-w1": SplitConfig(64, 4, 4, "vector", 1),
+    "n64s2-w2": SplitConfig(64, 2, 4, "kernel", 2),
+    "n64s3-w1": SplitConfig(64, 3, 4, "kernel", 1),
+    "n64s3f-w1": SplitConfig(64, 3, 4, "serial", 1),
+    "n64s3f-w2": SplitConfig(64, 3, 4, "serial", 2),
 }
 # Measured on H200 (benchmarks/results/sparse_decode.md): n64s2 fastest at Q = 1, B = 8, 128K
 # (24.1 µs vs 26.9 n32s3f, 52.6 n64s2f, 84.0 n128s1); n64s2f fastest at Q = 4 (53.6 µs vs 63.4
@@ -417,8 +362,6 @@ def sparse_decode_split(
         Q_PER_REQ=q_per_req,
         BLOCK_N=block_n,
         MERGE=MERGES[merge],
-        S_P2=triton.next_power_of_2(num_splits),
-        MERGE_CHUNK=min(MERGE_CHUNK, triton.next_power_of_2(num_splits)),
         num_warps=warps,
         num_stages=stages,
     )
