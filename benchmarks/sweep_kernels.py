@@ -134,7 +134,7 @@ def decode_split_batch(b, n, grid, names, peak, t_end) -> list[dict[str, Any]]:
 
 def decode_select(args: argparse.Namespace) -> list[dict[str, Any]]:
     peak = copy_bandwidth()
-    grid = list(itertools.product((4, 8), (3, 2, 4, 5), (4, 2, 8)))  # (warps, stages, waves)
+    grid = list(itertools.product((4,), (3, 5, 6, 7, 8, 4), (4, 2, 8)))  # (warps, stages, waves)
     rows: list[dict[str, Any]] = []
     t_end = time.time() + args.budget_s
     for b, n in ((8, 131072), (8, 1048576), (32, 32768)):

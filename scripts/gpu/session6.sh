@@ -19,9 +19,10 @@
 #                     graphs (ds), the decode scoring launch sweep (dsel), bench_sparse_decode with
 #                     graph-timed attention rows at B8 (FlashInfer 0.6.18, then 0.7.2) and at
 #                     B64 x 128K / B32 x 32K (dec, dec64).
-#   call 3 (results): lane dec1 / dec2  bench_sparse_decode over the issue's grid (B 1, 8 / 32, 64);
-#                     lane itk      bench_index_topk prefill rows; then the kernel GPU tests;
-#                     lane idec     bench_index_topk decode rows.
+#   call 3 (results): lane dec1 / dec2  bench_sparse_decode over the issue's grid (B 1, 8 / 32, 64)
+#                     with the new defaults; lane itk  bench_index_topk prefill, then decode rows;
+#                     lane dsel  the decode scoring sweep with deeper FP8 pipelines (stages 3-8),
+#                     then every kernel GPU test.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CALL="${1:?usage: session6.sh 1|2|3}"
@@ -68,11 +69,12 @@ case "$CALL" in
     lane dec64 3 "timeout 560 $DEC --batches 64,32 --contexts 131072,32768 --no-mtp --out \$OUT 2>&1 | tail -n 30"
     ;;
 3)
-    lane dec1 0 "timeout 560 $DEC --batches 8,1 --out \$OUT 2>&1 | tail -n 40"
-    lane dec2 1 "timeout 560 $DEC --batches 32,64 --no-mtp --out \$OUT 2>&1 | tail -n 40"
-    lane itk 2 "timeout 240 python3 benchmarks/bench_index_topk.py --only prefill --out \$OUT 2>&1 | tail -n 30;
-        timeout 300 $GT tests/kernels 2>&1 | tail -n 25"
-    lane idec 3 "timeout 300 python3 benchmarks/bench_index_topk.py --only decode --out \$OUT 2>&1 | tail -n 40"
+    lane dec1 0 "timeout 570 $DEC --batches 8,1 --out \$OUT 2>&1 | tail -n 40"
+    lane dec2 1 "timeout 570 $DEC --batches 32,64 --no-mtp --out \$OUT 2>&1 | tail -n 40"
+    lane itk 2 "timeout 260 python3 benchmarks/bench_index_topk.py --only prefill --out \$OUT 2>&1 | tail -n 30;
+        mkdir -p \$OUT/dec; timeout 280 python3 benchmarks/bench_index_topk.py --only decode --out \$OUT/dec 2>&1 | tail -n 40"
+    lane dsel 3 "timeout 250 $SW decode-select --budget-s 200 --out \$OUT;
+        timeout 320 $GT tests/kernels 2>&1 | tail -n 25"
     ;;
 *) echo "CALL must be 1, 2 or 3" >&2; exit 2 ;;
 esac

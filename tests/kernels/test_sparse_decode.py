@@ -24,7 +24,11 @@ from m3serve.kernels.msa.sparse_decode_indices import (
     ref_rewrite_kv_indices,
     rewrite_kv_indices,
 )
-from m3serve.kernels.msa.sparse_decode_split import SPLIT_CONFIGS, sparse_decode_split
+from m3serve.kernels.msa.sparse_decode_split import (
+    SPLIT_CONFIGS,
+    default_split_config,
+    sparse_decode_split,
+)
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -189,7 +193,7 @@ def test_split_kernel(num_splits, config, topk):
 
 @pytest.mark.parametrize("qn", [1, 3])
 def test_wrapper_split_backend_cpu(qn):
-    """plan/run through the wrapper (split backend; Q = 1 → n64s2, Q > 1 → fused n64s2f)."""
+    """plan/run through the wrapper (split backend, the default config for its row count)."""
     if torch.cuda.is_available():
         pytest.skip("the GPU tests cover the wrapper there")
     seq_lens, hkv, group, d, block, topk = [3, 200, 513], 2, 2, 16, 64, 4
@@ -197,7 +201,8 @@ def test_wrapper_split_backend_cpu(qn):
     w = SparseDecodeWrapper("cpu", backend="triton")
     w.plan(seq, qn, hkv * group, hkv, d, block, topk)
     assert w.planned_backend == "triton"
-    assert w._split_config() == ("n64s2" if qn == 1 else "n64s2f")
+    assert w._split_config() == default_split_config(len(seq_lens) * qn * hkv)
+    assert default_split_config(32) == "n64s2" and default_split_config(128) == "n64s3f-w2"
     out = w.run(q, k, v, pt, sel, 0.3)
     torch.testing.assert_close(out, oracle(q, k, v, pt, sel, seq, qn, 0.3), atol=2e-5, rtol=2e-5)
 

@@ -447,8 +447,13 @@ class DecodeSelectWorkspace:
         self.local = torch.empty(rows, dtype=torch.int32, device=device)
 
 
-# Decode scoring launch: (num_warps, num_stages, programs per SM the split-K chunk aims at).
+# Decode scoring launch: (num_warps, num_stages, programs per SM the split-K chunk aims at), for
+# bf16 keys and for FP8 keys. Session-6 sweep on H200 (benchmarks/results/decode_select_sweep.md,
+# CUDA-graph replays): bf16 is flat across stages (91 % of copy peak at B8 x 128K); FP8 pages are
+# half the bytes per loop step, so they need deeper pipelining: 5 stages took B8 x 128K from
+# 49.0 to 43.5 µs and B8 x 1M from 313 to 270 µs.
 DECODE_SCORE_LAUNCH = (4, 3, 4)
+DECODE_SCORE_LAUNCH_FP8 = (4, 5, 4)
 
 
 def decode_blocks_per_program(batch: int, n_blocks: int, sms: int = 132, waves: int = 4) -> int:
@@ -482,7 +487,7 @@ def select_blocks_decode(
     orientation (a benchmark knob; queries-as-A, the default, measured faster for FP8 too).
     ``q_fp8``: as in ``select_blocks_prefill`` (FP8 keys only; e4m3 × e4m3 scoring). The block
     scores stay in ``workspace.scores`` (columns below each row's local block). ``launch``:
-    (warps, stages, programs per SM) of the scoring kernel, default DECODE_SCORE_LAUNCH.
+    (warps, stages, programs per SM) of the scoring kernel, default DECODE_SCORE_LAUNCH(_FP8).
     """
     groups, d, block, is_fp8 = _check_common(
         index_q, index_k_cache, index_k_scale, page_table, seq_lens, topk
@@ -521,7 +526,7 @@ def select_blocks_decode(
         if index_q.is_cuda
         else 4
     )
-    warps, stages, waves = launch or DECODE_SCORE_LAUNCH
+    warps, stages, waves = launch or (DECODE_SCORE_LAUNCH_FP8 if is_fp8 else DECODE_SCORE_LAUNCH)
     per = decode_blocks_per_program(batch, n_blocks, sms, waves)
     grid = (batch, triton.cdiv(n_blocks, per))
 

@@ -26,11 +26,10 @@ import torch
 from .reference import ref_sparse_attention
 from .sparse_decode_indices import decode_row_layout, rewrite_kv_indices
 from .sparse_decode_split import (
-    DEFAULT_SPLIT_CONFIG,
-    DEFAULT_SPLIT_CONFIG_MTP,
     MAX_WAVES,
     SplitConfig,
     as_split_config,
+    default_split_config,
     num_splits_for,
     sparse_decode_split,
 )
@@ -48,7 +47,8 @@ class SparseDecodeWrapper:
     backend: "flashinfer" (FlashInfer paged decode over rewritten kv_indices), "triton" (our
     split-KV kernel) or "auto" (triton while T·H_kv rows are fewer than ``auto_min_rows``).
     split_config: a key of sparse_decode_split.SPLIT_CONFIGS or a SplitConfig; None picks the
-    measured default for Q = 1 or for MTP (Q > 1). Set it before plan() (it fixes the split count).
+    measured default for the step's row count (default_split_config). Set it before plan() (it
+    fixes the split count).
     """
 
     def __init__(
@@ -211,7 +211,7 @@ class SparseDecodeWrapper:
         else:
             self.kv_indptr[: rows + 1].copy_(indptr, non_blocking=True)
             self.kv_last_page_len[:rows].copy_(last, non_blocking=True)
-            waves = as_split_config(self._split_config(q_per_req)).waves
+            waves = as_split_config(self._split_config(rows)).waves
             num_splits = num_splits_for(rows, topk, max(self._num_sms, 1), waves)
             self._scratch(num_splits * rows * group * head_dim, num_splits * rows * group)
         self._planned = dict(
@@ -227,14 +227,14 @@ class SparseDecodeWrapper:
             num_splits=num_splits,
         )
 
-    def _split_config(self, q_per_req: int | None = None) -> str | SplitConfig:
-        """The split config for Q = ``q_per_req`` (default: the planned step's)."""
+    def _split_config(self, rows: int | None = None) -> str | SplitConfig:
+        """The split config for a step of ``rows`` rows (default: the planned step's)."""
         if self.split_config is not None:
             return self.split_config
-        if q_per_req is None:
+        if rows is None:
             assert self._planned is not None, "plan() first"
-            q_per_req = self._planned["q_per_req"]
-        return DEFAULT_SPLIT_CONFIG if q_per_req == 1 else DEFAULT_SPLIT_CONFIG_MTP
+            rows = self._planned["rows"]
+        return default_split_config(rows)
 
     def auto_pick(self, rows: int) -> str:
         """The backend a plan with ``rows`` rows (T·H_kv) runs."""

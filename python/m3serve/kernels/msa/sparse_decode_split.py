@@ -236,11 +236,19 @@ SPLIT_CONFIGS = {
     "n64s3f-w1": SplitConfig(64, 3, 4, "serial", 1),
     "n64s3f-w2": SplitConfig(64, 3, 4, "serial", 2),
 }
-# Measured on H200 (benchmarks/results/sparse_decode.md): n64s2 fastest at Q = 1, B = 8, 128K
-# (24.1 µs vs 26.9 n32s3f, 52.6 n64s2f, 84.0 n128s1); n64s2f fastest at Q = 4 (53.6 µs vs 63.4
-# n32s3f, 64.1 n128s1, 86.2 n64s2). One point each: re-measure before trusting elsewhere.
+# Defaults from the session-6 sweep on H200 (benchmarks/results/decode_split_sweep.md: CUDA-graph
+# replays, 8 selections cycled, B 8 / 32 / 64 at 128K): below SMALL_ROWS rows (batch < 16 at M3's
+# 4 KV heads) n64s2 (B8: 17.0 µs vs 21.6 for n64s3f-w2), from there on n64s3f-w2 (B32: 41.6 µs
+# vs 47.8 n64s2; B64: 70.4 vs 91 µs-class for the 4-wave configs). The eager sweep before it
+# measured mostly host launch cost and picked differently: time these under graphs.
 DEFAULT_SPLIT_CONFIG = "n64s2"
-DEFAULT_SPLIT_CONFIG_MTP = "n64s2f"
+DEFAULT_SPLIT_CONFIG_MANY_ROWS = "n64s3f-w2"
+SMALL_ROWS = 64
+
+
+def default_split_config(rows: int) -> str:
+    """The measured default for a step of ``rows`` (query, KV head) rows."""
+    return DEFAULT_SPLIT_CONFIG if rows < SMALL_ROWS else DEFAULT_SPLIT_CONFIG_MANY_ROWS
 
 
 def as_split_config(config: str | SplitConfig) -> SplitConfig:
