@@ -144,7 +144,12 @@ def decode_select(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def decode_select_case(b, n, grid, peak, t_end) -> list[dict[str, Any]]:
-    from m3serve.kernels.msa.index_select import DecodeSelectWorkspace, select_blocks_decode
+    from m3serve.kernels.msa.index_select import (
+        DECODE_SCORE_LAUNCH,
+        DECODE_SCORE_LAUNCH_FP8,
+        DecodeSelectWorkspace,
+        select_blocks_decode,
+    )
     from m3serve.kernels.msa.reference import quantize_index_k_fp8
 
     nb = n // BLOCK
@@ -188,12 +193,13 @@ def decode_select_case(b, n, grid, peak, t_end) -> list[dict[str, Any]]:
                     pct_peak=100 * nbytes / (ms * 1e-3) / peak, rows_same_as_first=same,
                 )
             )  # fmt: skip
+        dflt = DECODE_SCORE_LAUNCH if mode == "bf16" else DECODE_SCORE_LAUNCH_FP8
         print(f"{mode} B{b} x {n // 1024}K: {nbytes / 1e6:.0f} MB, peak {peak / 1e12:.2f} TB/s")
         for r in sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["ms"])[:5]:
             print(
                 f"  {r['ms'] * 1e3:7.1f} us {r['pct_peak']:4.0f}%  w{r['warps']} s{r['stages']}"
                 f" waves {r['waves']} same {r['rows_same_as_first']:.3f}"
-                + ("  (default)" if (r["warps"], r["stages"], r["waves"]) == (4, 3, 4) else ""),
+                + ("  (default)" if (r["warps"], r["stages"], r["waves"]) == dflt else ""),
                 flush=True,
             )
     return rows
