@@ -23,9 +23,11 @@
 #                     with the new defaults; lane itk  bench_index_topk prefill, then decode rows;
 #                     lane dsel  the decode scoring sweep with deeper FP8 pipelines (stages 3-8),
 #                     then every kernel GPU test.
+#   call 4 (H100):    kind nvidia-h100-x1; the B8 x 128K / 1M decode cells (issue 6's FP8 8x is
+#                     closest on this card), the split sweep, the decode selection rows (--quick).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-CALL="${1:?usage: session6.sh 1|2|3}"
+CALL="${1:?usage: session6.sh 1|2|3|4}"
 OUT="${OUT:-$PWD/gpu-out}"; mkdir -p "$OUT"
 t0=$(date +%s)
 SITE=/tmp/m3serve-site6 FI072=/tmp/m3serve-fi072
@@ -76,7 +78,13 @@ case "$CALL" in
     lane dsel 3 "timeout 250 $SW decode-select --budget-s 200 --out \$OUT;
         timeout 320 $GT tests/kernels 2>&1 | tail -n 25"
     ;;
-*) echo "CALL must be 1, 2 or 3" >&2; exit 2 ;;
+4)  # one H100 (nvidia-h100-x1): the issue-6 B8 cells and the decode selection rows on that card
+    lane h100 0 "timeout 240 $DEC --batches 8 --contexts 131072,1048576 --no-mtp --out \$OUT 2>&1 | tail -n 30;
+        timeout 120 $SW decode-split --batches 8,32,64 --budget-s 90 --out \$OUT;
+        mkdir -p \$OUT/itk; timeout 200 python3 benchmarks/bench_index_topk.py --only decode --quick \
+        --out \$OUT/itk 2>&1 | tail -n 30"
+    ;;
+*) echo "CALL must be 1, 2, 3 or 4" >&2; exit 2 ;;
 esac
 wait
 echo "[all lanes done after $(( $(date +%s) - t0 )) s]"
