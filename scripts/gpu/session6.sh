@@ -25,9 +25,11 @@
 #                     then every kernel GPU test.
 #   call 4 (H100):    kind nvidia-h100-x1; the B8 x 128K / 1M decode cells (issue 6's FP8 8x is
 #                     closest on this card), the split sweep, the decode selection rows (--quick).
+#   call 5 (H100):    B8 / B32 x 128K again with SGLang's step replayed from a graph too; B8 with
+#                     FlashInfer 0.7.2.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-CALL="${1:?usage: session6.sh 1|2|3|4}"
+CALL="${1:?usage: session6.sh 1|2|3|4|5}"
 OUT="${OUT:-$PWD/gpu-out}"; mkdir -p "$OUT"
 t0=$(date +%s)
 SITE=/tmp/m3serve-site6 FI072=/tmp/m3serve-fi072
@@ -84,7 +86,12 @@ case "$CALL" in
         mkdir -p \$OUT/itk; timeout 200 python3 benchmarks/bench_index_topk.py --only decode --quick \
         --out \$OUT/itk 2>&1 | tail -n 30"
     ;;
-*) echo "CALL must be 1, 2, 3 or 4" >&2; exit 2 ;;
+5)  # one H100 again: SGLang's step also from a CUDA graph (its GPU time alone); FlashInfer 0.7.2
+    lane h100b 0 "timeout 200 $DEC --batches 8,32 --contexts 131072 --no-mtp --out \$OUT 2>&1 | tail -n 30;
+        mkdir -p \$OUT/fi072; PYTHONPATH=$FI072:$BASE timeout 200 $DEC --batches 8 --contexts 131072 \
+        --no-mtp --out \$OUT/fi072 2>&1 | tail -n 20"
+    ;;
+*) echo "CALL must be 1..5" >&2; exit 2 ;;
 esac
 wait
 echo "[all lanes done after $(( $(date +%s) - t0 )) s]"
