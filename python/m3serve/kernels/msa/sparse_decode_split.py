@@ -9,8 +9,8 @@ token is visible iff its position ≤ pos_t = seq_len − Q + q, which only bite
 The NUM_SPLITS partial (o, lse) pairs are merged by log-sum-exp, either by a second kernel
 (merge "kernel") or (merge "serial") by the row's last split to finish, found with a per-row
 atomic ticket, so the step is one launch. (A "vector" fused merge that loaded all splits' partials
-at once was tried in session 6: its 3-D pointer tiles cost registers and it ran 1.1-2.4x slower
-on H200, so it is gone.)
+at once was tried in session 6 and removed: 1.1-2.4x slower than "serial" on H200, but timed only
+eagerly, where host launch cost dominates, so not a fair verdict.)
 
 Bytes: each selected page is read once per row (K + V = 2 · block · D · 2 B); the partials add
 NUM_SPLITS · GROUP · (D + 1) · 4 B written and read per row (≈ 12% of the KV bytes at split = 1
