@@ -134,7 +134,7 @@ def decode_split_batch(b, n, grid, names, peak, t_end) -> list[dict[str, Any]]:
 
 def decode_select(args: argparse.Namespace) -> list[dict[str, Any]]:
     peak = copy_bandwidth()
-    grid = list(itertools.product((4,), (3, 5, 6, 7, 8, 4), (4, 2, 8)))  # (warps, stages, waves)
+    grid = list(itertools.product((4,), (3, 5, 6, 4), (4, 2)))  # (warps, stages, waves)
     rows: list[dict[str, Any]] = []
     t_end = time.time() + args.budget_s
     for b, n in ((8, 131072), (8, 1048576), (32, 32768)):
@@ -219,9 +219,8 @@ def uses_wgmma(cache_dir: str, name: str) -> dict[str, int]:
 def prefill_select(args: argparse.Namespace) -> list[dict[str, Any]]:
     grid = [
         triton.Config({"BM": bm}, num_warps=w, num_stages=st)
-        for bm, w, st in itertools.product((32, 64, 128), (8, 4), (3, 2))
-        if not (bm == 128 and w == 4)
-    ] + [triton.Config({"BM": 16}, num_warps=4, num_stages=4)]
+        for bm, w, st in itertools.product((32, 64), (4, 8), (3, 2, 4, 5, 6))
+    ] + [triton.Config({"BM": 16}, num_warps=4, num_stages=st) for st in (4, 6)]
     rows: list[dict[str, Any]] = []
     t_end = time.time() + args.budget_s
     for ctx in args.select_contexts:

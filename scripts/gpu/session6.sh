@@ -27,9 +27,11 @@
 #                     closest on this card), the split sweep, the decode selection rows (--quick).
 #   call 5 (H100):    B8 / B32 x 128K again with SGLang's step replayed from a graph too; B8 with
 #                     FlashInfer 0.7.2.
+#   call 6 (explore): FP8 scales loaded a block ahead (the pipeliner left them synchronous):
+#                     prefill / decode scoring sweeps with deeper pipelines, GPU tests, B8 step.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-CALL="${1:?usage: session6.sh 1|2|3|4|5}"
+CALL="${1:?usage: session6.sh 1..6}"
 OUT="${OUT:-$PWD/gpu-out}"; mkdir -p "$OUT"
 t0=$(date +%s)
 SITE=/tmp/m3serve-site6 FI072=/tmp/m3serve-fi072
@@ -91,7 +93,15 @@ case "$CALL" in
         mkdir -p \$OUT/fi072; PYTHONPATH=$FI072:$BASE timeout 200 $DEC --batches 8 --contexts 131072 \
         --no-mtp --out \$OUT/fi072 2>&1 | tail -n 20"
     ;;
-*) echo "CALL must be 1..5" >&2; exit 2 ;;
+6)  # the FP8 scale loads now travel one block ahead: prefill / decode scoring sweeps incl. deeper
+    # pipelines (stages 4-6), the index-selection GPU tests, the B8 decode step
+    lane psel 0 "timeout 420 $SW prefill-select --budget-s 360 --out \$OUT"
+    lane dsel 1 "timeout 200 $SW decode-select --budget-s 150 --out \$OUT;
+        timeout 200 $GT tests/kernels/test_index_select.py 2>&1 | tail -n 15"
+    lane dec 2 "timeout 300 $DEC --batches 8 --contexts 131072,1048576 --no-mtp --out \$OUT 2>&1 | tail -n 22"
+    lane kt 3 "timeout 400 $GT tests/kernels 2>&1 | tail -n 15"
+    ;;
+*) echo "CALL must be 1..6" >&2; exit 2 ;;
 esac
 wait
 echo "[all lanes done after $(( $(date +%s) - t0 )) s]"

@@ -89,22 +89,37 @@ def _quant_q_fp8(q, DOT_F32: tl.constexpr):
 
 
 @triton.jit
+def _page_at(pt_row, j, j_end):
+    """Page of the row's j-th block (0 past ``j_end``: a real page, its values unused)."""
+    return tl.load(pt_row + j, mask=j < j_end, other=0).to(tl.int64)
+
+
+@triton.jit
+def _page_scales(ks_ptr, page, stride_sp, tok):
+    """FP8 keys' per-token scales of one page. The callers' loops load them one block ahead (and
+    that block's page id two ahead), so both loads are in flight across an MMA: Triton's
+    pipeliner stages only the loads that feed the MMA, and a scale load in its block's own
+    iteration was a synchronous L2 round trip per block that held FP8 scoring to the bf16 rate
+    (session 6, from the prefill loop's TTGIR)."""
+    return tl.load(ks_ptr + page * stride_sp + tok)
+
+
+@triton.jit
 def _score_block(
     q,
     k_ptr,
-    ks_ptr,
+    ks,
     page,
     stride_kp,
     stride_kb,
-    stride_sp,
     tok,
     d,
     IS_FP8: tl.constexpr,
     K_MAJOR: tl.constexpr,
 ):
-    """Per-row max of q · K[page]^T over the page's tokens (FP8: × the per-token scale first).
-    e4m3 queries (FP8-query mode) meet the e4m3 keys unconverted: an FP8 × FP8 MMA, keys
-    [BLOCK, D] D-contiguous = the K-major operand Hopper's FP8 wgmma takes.
+    """Per-row max of q · K[page]^T over the page's tokens (FP8: × the per-token scales ``ks``,
+    loaded by the caller, first). e4m3 queries (FP8-query mode) meet the e4m3 keys unconverted:
+    an FP8 × FP8 MMA, keys [BLOCK, D] D-contiguous = the K-major operand Hopper's FP8 wgmma takes.
 
     K_MAJOR computes S^T = K · q^T instead (widened FP8 keys as the register operand). Kept as a
     knob: on H200 it was 1.5–1.7× slower for FP8 decode and 1.2× for FP8 prefill.
@@ -113,12 +128,12 @@ def _score_block(
     if K_MAJOR:
         s = tl.dot(k, q)  # [BLOCK, rows]
         if IS_FP8:
-            s = s * tl.load(ks_ptr + page * stride_sp + tok)[:, None]
+            s = s * ks[:, None]
         return tl.max(s, axis=0)
     else:
         s = tl.dot(q, tl.trans(k))  # [rows, BLOCK]
         if IS_FP8:
-            s = s * tl.load(ks_ptr + page * stride_sp + tok)[None, :]
+            s = s * ks[None, :]
         return tl.max(s, axis=1)
 
 
@@ -178,11 +193,18 @@ def _prefill_block_scores_kernel(
         lmax = (pre + tl.minimum(start + BM, q1) - 1 - q0) // BLOCK
         pt_row = pt_ptr + b.to(tl.int64) * stride_pt
         sc_row = sc_ptr + row * stride_sc
+        if IS_FP8:  # scales of block 0, page id of block 1 (see _page_scales)
+            ks_next = _page_scales(ks_ptr, _page_at(pt_row, 0, lmax), stride_sp, tok)
+            pg_next = _page_at(pt_row, 1, lmax)
         for j in tl.range(0, lmax):
             page = tl.load(pt_row + j).to(tl.int64)
-            m = _score_block(
-                q, k_ptr, ks_ptr, page, stride_kp, stride_kb, stride_sp, tok, d, IS_FP8, K_MAJOR
-            )
+            if IS_FP8:
+                ks = ks_next
+                ks_next = _page_scales(ks_ptr, pg_next, stride_sp, tok)
+                pg_next = _page_at(pt_row, j + 2, lmax)
+            else:
+                ks = tok  # unused
+            m = _score_block(q, k_ptr, ks, page, stride_kp, stride_kb, tok, d, IS_FP8, K_MAJOR)
             if Q_FP8:
                 # a positive per-row factor commutes with the max (rounding is monotone)
                 m = m * q_scale
@@ -246,11 +268,18 @@ def _decode_block_scores_kernel(
             q = _prep_q(q, IS_FP8, DOT_F32, K_MAJOR)
         pt_row = pt_ptr + b.to(tl.int64) * stride_pt
         sc_row = sc_ptr + row * stride_sc
+        if IS_FP8:  # scales of block j0, page id of block j0 + 1 (see _page_scales)
+            ks_next = _page_scales(ks_ptr, _page_at(pt_row, j0, j1), stride_sp, tok)
+            pg_next = _page_at(pt_row, j0 + 1, j1)
         for j in tl.range(j0, j1):
             page = tl.load(pt_row + j).to(tl.int64)
-            m = _score_block(
-                q, k_ptr, ks_ptr, page, stride_kp, stride_kb, stride_sp, tok, d, IS_FP8, K_MAJOR
-            )
+            if IS_FP8:
+                ks = ks_next
+                ks_next = _page_scales(ks_ptr, pg_next, stride_sp, tok)
+                pg_next = _page_at(pt_row, j + 2, j1)
+            else:
+                ks = tok  # unused
+            m = _score_block(q, k_ptr, ks, page, stride_kp, stride_kb, tok, d, IS_FP8, K_MAJOR)
             if Q_FP8:
                 # a positive per-row factor commutes with the max (rounding is monotone)
                 m = m * q_scale
