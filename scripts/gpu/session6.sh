@@ -29,9 +29,11 @@
 #                     FlashInfer 0.7.2.
 #   call 6 (explore): FP8 scales loaded a block ahead (the pipeliner left them synchronous):
 #                     prefill / decode scoring sweeps with deeper pipelines, GPU tests, B8 step.
+#   call 7 (results): bench_index_topk prefill rows, bench_sparse_prefill at 32K / 128K (2 cards).
+#   call 8 (H100):    kind nvidia-h100-x1; bench_index_topk prefill rows on that card.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-CALL="${1:?usage: session6.sh 1..6}"
+CALL="${1:?usage: session6.sh 1..8}"
 OUT="${OUT:-$PWD/gpu-out}"; mkdir -p "$OUT"
 t0=$(date +%s)
 SITE=/tmp/m3serve-site6 FI072=/tmp/m3serve-fi072
@@ -101,7 +103,15 @@ case "$CALL" in
     lane dec 2 "timeout 300 $DEC --batches 8 --contexts 131072,1048576 --no-mtp --out \$OUT 2>&1 | tail -n 22"
     lane kt 3 "timeout 400 $GT tests/kernels 2>&1 | tail -n 15"
     ;;
-*) echo "CALL must be 1..6" >&2; exit 2 ;;
+7)  # results with the FP8 scale prefetch and the BM 32 / 5-stage prefill config
+    lane itk 0 "timeout 240 python3 benchmarks/bench_index_topk.py --only prefill --out \$OUT 2>&1 | tail -n 12"
+    lane pre 1 "timeout 300 python3 benchmarks/bench_sparse_prefill.py --contexts 131072 \
+        --full-contexts 32768,131072 --out \$OUT 2>&1 | tail -n 30"
+    ;;
+8)  # one H100 (nvidia-h100-x1): the prefill selection rows on that card
+    lane itk 0 "timeout 240 python3 benchmarks/bench_index_topk.py --only prefill --out \$OUT 2>&1 | tail -n 12"
+    ;;
+*) echo "CALL must be 1..8" >&2; exit 2 ;;
 esac
 wait
 echo "[all lanes done after $(( $(date +%s) - t0 )) s]"

@@ -37,10 +37,11 @@ from .index_cache import _round_to_e4m3
 from .topk import _interpreting, launch_topk_rows, use_triton
 
 # -- prefill autotune: the tile is (BM queries × G groups) rows against one 128-key page; bigger
-#    tiles cut L2 key traffic, smaller ones balance short chunks. Five configs cover H100/H200
-#    (a session-6 sweep on H200 of BM 16-128 × warps × stages, and of cutting each tile's blocks
-#    over 2-4 programs, found nothing faster at 32K / 128K than the BM 32 rows here; FP8 queries
-#    prefer 2 stages); a single one under the interpreter (autotuning there only costs CPU time).
+#    tiles cut L2 key traffic, smaller ones balance short chunks. Six configs cover H100/H200
+#    (session-6 sweeps on H200, benchmarks/results/prefill_select_sweep.md: BM 16-128 × warps ×
+#    stages 2-6, and cutting each tile's blocks over 2-4 programs; BM 32 wins; FP8 queries want
+#    5 stages once their key scales load a block ahead: 1.52 ms vs 1.74 at 128K); a single one
+#    under the interpreter (autotuning there only costs CPU time).
 _PREFILL_CONFIGS = (
     [triton.Config({"BM": 16}, num_warps=4, num_stages=1)]
     if _interpreting()
@@ -49,6 +50,7 @@ _PREFILL_CONFIGS = (
         triton.Config({"BM": 32}, num_warps=8, num_stages=3),
         triton.Config({"BM": 32}, num_warps=4, num_stages=3),
         triton.Config({"BM": 32}, num_warps=4, num_stages=2),
+        triton.Config({"BM": 32}, num_warps=4, num_stages=5),
         triton.Config({"BM": 16}, num_warps=4, num_stages=4),
     ]
 )
