@@ -225,6 +225,23 @@ def test_decode_both_mma_orientations(fp8):
         _check(got, iq_, cache_, scale_, pt_, cu_q, seq_ - q_per_req, seq_, topk)
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_decode_launch_configs_agree(fp8):
+    """``launch=`` (warps, stages, programs per SM) moves the split-K chunk boundaries (and with
+    FP8 keys the scale prefetch's last, masked block); every launch gives the reference's ids."""
+    gen = torch.Generator().manual_seed(17 + fp8)
+    seq_lens, block, groups, d, topk = [5000, 777, 129], 128, 4, 32, 8
+    cache, scale, pt = make_paged_index_cache(seq_lens, block, d, gen, fp8)
+    seq = torch.tensor(seq_lens, dtype=torch.int32)
+    iq = torch.randn(len(seq_lens), groups, d, generator=gen).to(torch.bfloat16)
+    args = _to(DEV, iq, cache, scale, pt, seq)
+    cu_q = torch.arange(len(seq_lens) + 1, dtype=torch.int32, device=DEV)
+    iq_, cache_, scale_, pt_, seq_ = args
+    for launch in ((4, 3, 4), (4, 5, 1), (8, 2, 8)):
+        got = select_blocks_decode(*args, 1, topk, launch=launch)
+        _check(got, iq_, cache_, scale_, pt_, cu_q, seq_ - 1, seq_, topk)
+
+
 def test_all_equal_scores_pick_lowest_ids():
     # every key identical → every block score identical → ties resolve to the lowest block ids
     block, groups, d, topk = 128, 2, 32, 4
