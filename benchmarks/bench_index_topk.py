@@ -395,17 +395,22 @@ def run_topk_alone(cases, gen):
     topk_case(cases, gen, 8192, 2048, 4, "(2K chunk 256K)")
 
 
-def prefill_case(cases, gen, chunk: int, ctx: int) -> None:
+def prefill_inputs(gen: torch.Generator, chunk: int, ctx: int):
+    """The last ``chunk`` queries of one ``ctx``-token prompt: page table (shuffled pages), bf16
+    index cache and its FP8 copy, index queries, ragged metadata, an output buffer."""
     pages = ctx // BLOCK
-    perm = torch.randperm(pages, device="cuda", generator=gen).to(torch.int32)
-    pt = perm.view(1, pages)
+    pt = torch.randperm(pages, device="cuda", generator=gen).to(torch.int32).view(1, pages)
     cache = torch.randn(pages, BLOCK, D, device="cuda", generator=gen, dtype=torch.bfloat16)
     cache8, scale8 = fp8_copy(cache)
     iq = torch.randn(chunk, G, D, device="cuda", generator=gen, dtype=torch.bfloat16)
     cu = torch.tensor([0, chunk], dtype=torch.int32, device="cuda")
     seq = torch.tensor([ctx], dtype=torch.int32, device="cuda")
-    pre = seq - chunk
     out = torch.empty(G, chunk, TOPK, dtype=torch.int32, device="cuda")
+    return pt, cache, cache8, scale8, iq, cu, seq, seq - chunk, out
+
+
+def prefill_case(cases, gen, chunk: int, ctx: int) -> None:
+    pt, cache, cache8, scale8, iq, cu, seq, pre, out = prefill_inputs(gen, chunk, ctx)
 
     def ours(c=cache, s=None, k_major=False, q_fp8=False):
         return select_blocks_prefill(

@@ -231,7 +231,7 @@ def prefill_select(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def prefill_select_context(ctx, grid, t_end) -> list[dict[str, Any]]:
-    from bench_index_topk import G, fp8_copy
+    from bench_index_topk import G, prefill_inputs
 
     from m3serve.kernels.msa import index_select
     from m3serve.kernels.msa.index_select import select_blocks_prefill
@@ -239,15 +239,7 @@ def prefill_select_context(ctx, grid, t_end) -> list[dict[str, Any]]:
     kern = index_select._prefill_block_scores_kernel
     chunk = 8192
     gen = torch.Generator(device="cuda").manual_seed(ctx)
-    pages = ctx // BLOCK
-    pt = torch.randperm(pages, device="cuda", generator=gen).to(torch.int32).view(1, pages)
-    cache = torch.randn(pages, BLOCK, D, device="cuda", generator=gen, dtype=torch.bfloat16)
-    cache8, scale8 = fp8_copy(cache)
-    iq = torch.randn(chunk, G, D, device="cuda", generator=gen, dtype=torch.bfloat16)
-    cu = torch.tensor([0, chunk], dtype=torch.int32, device="cuda")
-    seq = torch.tensor([ctx], dtype=torch.int32, device="cuda")
-    pre = seq - chunk
-    out = torch.empty(G, chunk, TOPK, dtype=torch.int32, device="cuda")
+    pt, cache, cache8, scale8, iq, cu, seq, pre, out = prefill_inputs(gen, chunk, ctx)
     pos = torch.arange(ctx - chunk, ctx, dtype=torch.float64)
     flops = 2 * G * D * float((pos + 1).sum())
     rows: list[dict[str, Any]] = []

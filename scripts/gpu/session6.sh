@@ -31,9 +31,10 @@
 #                     prefill / decode scoring sweeps with deeper pipelines, GPU tests, B8 step.
 #   call 7 (results): bench_index_topk prefill rows, bench_sparse_prefill at 32K / 128K (2 cards).
 #   call 8 (H100):    kind nvidia-h100-x1; bench_index_topk prefill rows on that card.
+#   call 9 (H100):    after the scoring loops were merged into one helper: GPU tests, prefill rows.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-CALL="${1:?usage: session6.sh 1..8}"
+CALL="${1:?usage: session6.sh 1..9}"
 OUT="${OUT:-$PWD/gpu-out}"; mkdir -p "$OUT"
 t0=$(date +%s)
 SITE=/tmp/m3serve-site6 FI072=/tmp/m3serve-fi072
@@ -111,7 +112,11 @@ case "$CALL" in
 8)  # one H100 (nvidia-h100-x1): the prefill selection rows on that card
     lane itk 0 "timeout 240 python3 benchmarks/bench_index_topk.py --only prefill --out \$OUT 2>&1 | tail -n 12"
     ;;
-*) echo "CALL must be 1..8" >&2; exit 2 ;;
+9)  # one H100: the scoring loops now share one helper (_score_blocks): GPU tests + prefill rows
+    lane chk 0 "timeout 150 $GT tests/kernels/test_index_select.py 2>&1 | tail -n 8;
+        timeout 200 python3 benchmarks/bench_index_topk.py --only prefill --out \$OUT 2>&1 | tail -n 9"
+    ;;
+*) echo "CALL must be 1..9" >&2; exit 2 ;;
 esac
 wait
 echo "[all lanes done after $(( $(date +%s) - t0 )) s]"

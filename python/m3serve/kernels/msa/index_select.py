@@ -139,6 +139,47 @@ def _score_block(
         return tl.max(s, axis=1)
 
 
+@triton.jit
+def _score_blocks(
+    q,
+    q_scale,
+    k_ptr,
+    ks_ptr,
+    pt_row,
+    sc_row,
+    store_ok,
+    row_lim,
+    j0,
+    j1,
+    stride_kp,
+    stride_kb,
+    stride_sp,
+    tok,
+    d,
+    IS_FP8: tl.constexpr,
+    K_MAJOR: tl.constexpr,
+    Q_FP8: tl.constexpr,
+):
+    """Blocks j0 ≤ j < j1 of one page-table row: each row's max score per block into
+    sc_row[:, j] (rows with store_ok and j < row_lim). Both scoring kernels' loop."""
+    if IS_FP8:  # scales of block j0, page id of block j0 + 1 (see _page_scales)
+        ks_next = _page_scales(ks_ptr, _page_at(pt_row, j0, j1), stride_sp, tok)
+        pg_next = _page_at(pt_row, j0 + 1, j1)
+    for j in tl.range(j0, j1):
+        page = tl.load(pt_row + j).to(tl.int64)
+        if IS_FP8:
+            ks = ks_next
+            ks_next = _page_scales(ks_ptr, pg_next, stride_sp, tok)
+            pg_next = _page_at(pt_row, j + 2, j1)
+        else:
+            ks = tok  # unused
+        m = _score_block(q, k_ptr, ks, page, stride_kp, stride_kb, tok, d, IS_FP8, K_MAJOR)
+        if Q_FP8:
+            # a positive per-row factor commutes with the max (rounding is monotone)
+            m = m * q_scale
+        tl.store(sc_row + j, m, mask=store_ok & (j < row_lim))
+
+
 @triton.autotune(configs=_PREFILL_CONFIGS, key=["G", "D", "IS_FP8", "K_MAJOR", "Q_FP8"])
 @triton.jit
 def _prefill_block_scores_kernel(
@@ -190,27 +231,15 @@ def _prefill_block_scores_kernel(
         if Q_FP8:
             q, q_scale = _quant_q_fp8(q, DOT_F32)
         else:
-            q = _prep_q(q, IS_FP8, DOT_F32, K_MAJOR)
+            q, q_scale = _prep_q(q, IS_FP8, DOT_F32, K_MAJOR), 1.0
         # -- walk the blocks the tile's last query may rank (< its local block) --
         lmax = (pre + tl.minimum(start + BM, q1) - 1 - q0) // BLOCK
         pt_row = pt_ptr + b.to(tl.int64) * stride_pt
         sc_row = sc_ptr + row * stride_sc
-        if IS_FP8:  # scales of block 0, page id of block 1 (see _page_scales)
-            ks_next = _page_scales(ks_ptr, _page_at(pt_row, 0, lmax), stride_sp, tok)
-            pg_next = _page_at(pt_row, 1, lmax)
-        for j in tl.range(0, lmax):
-            page = tl.load(pt_row + j).to(tl.int64)
-            if IS_FP8:
-                ks = ks_next
-                ks_next = _page_scales(ks_ptr, pg_next, stride_sp, tok)
-                pg_next = _page_at(pt_row, j + 2, lmax)
-            else:
-                ks = tok  # unused
-            m = _score_block(q, k_ptr, ks, page, stride_kp, stride_kb, tok, d, IS_FP8, K_MAJOR)
-            if Q_FP8:
-                # a positive per-row factor commutes with the max (rounding is monotone)
-                m = m * q_scale
-            tl.store(sc_row + j, m, mask=row_ok & (j < loc))
+        _score_blocks(
+            q, q_scale, k_ptr, ks_ptr, pt_row, sc_row, row_ok, loc, 0, lmax, stride_kp,
+            stride_kb, stride_sp, tok, d, IS_FP8, K_MAJOR, Q_FP8,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -267,25 +296,13 @@ def _decode_block_scores_kernel(
         if Q_FP8:
             q, q_scale = _quant_q_fp8(q, DOT_F32)
         else:
-            q = _prep_q(q, IS_FP8, DOT_F32, K_MAJOR)
+            q, q_scale = _prep_q(q, IS_FP8, DOT_F32, K_MAJOR), 1.0
         pt_row = pt_ptr + b.to(tl.int64) * stride_pt
         sc_row = sc_ptr + row * stride_sc
-        if IS_FP8:  # scales of block j0, page id of block j0 + 1 (see _page_scales)
-            ks_next = _page_scales(ks_ptr, _page_at(pt_row, j0, j1), stride_sp, tok)
-            pg_next = _page_at(pt_row, j0 + 1, j1)
-        for j in tl.range(j0, j1):
-            page = tl.load(pt_row + j).to(tl.int64)
-            if IS_FP8:
-                ks = ks_next
-                ks_next = _page_scales(ks_ptr, pg_next, stride_sp, tok)
-                pg_next = _page_at(pt_row, j + 2, j1)
-            else:
-                ks = tok  # unused
-            m = _score_block(q, k_ptr, ks, page, stride_kp, stride_kb, tok, d, IS_FP8, K_MAJOR)
-            if Q_FP8:
-                # a positive per-row factor commutes with the max (rounding is monotone)
-                m = m * q_scale
-            tl.store(sc_row + j, m, mask=row_ok)
+        _score_blocks(
+            q, q_scale, k_ptr, ks_ptr, pt_row, sc_row, row_ok, j1, j0, j1, stride_kp,
+            stride_kb, stride_sp, tok, d, IS_FP8, K_MAJOR, Q_FP8,
+        )  # fmt: skip
 
 
 def _check_common(index_q, index_k_cache, index_k_scale, page_table, seq_lens, topk):
