@@ -49,6 +49,7 @@ from m3serve.kernels.msa import topk as topk_mod
 from m3serve.kernels.msa.index_cache import store_index_k
 from m3serve.kernels.msa.index_select import (
     DecodeSelectWorkspace,
+    fuse_topk_default,
     select_blocks_decode,
     select_blocks_prefill,
 )
@@ -205,11 +206,38 @@ def decode_case(cases, ceiling, gen, batch: int, ctx: int) -> None:
     ws = DecodeSelectWorkspace(rows, ctx // BLOCK, "cuda")
     out = torch.empty(G, batch, TOPK, dtype=torch.int32, device="cuda")
 
-    def ours(i, c=cache, s=None):
-        return select_blocks_decode(iq[i], c, s, pts[i], seq, 1, TOPK, out=out, workspace=ws)
+    def ours(i, c=cache, s=None, fuse=None):
+        return select_blocks_decode(
+            iq[i], c, s, pts[i], seq, 1, TOPK, out=out, workspace=ws, fuse_topk=fuse
+        )
 
     t_bf16 = bench_graph(ours, copies)
     t_fp8 = bench_graph(lambda i: ours(i, cache8, scale8), copies)
+    # the top-k inside the scoring launch (each request's last program ranks its rows) vs the
+    # separate top-k launch, both forced, bf16 and FP8 keys; the default picks by row length
+    ids = {}
+    fused_vs = {}
+    for fuse in (True, False):
+        fused_vs[f"{'fused' if fuse else 'two_launch'}_bf16_ms"] = bench_graph(
+            lambda i, f=fuse: ours(i, fuse=f), copies
+        )
+        fused_vs[f"{'fused' if fuse else 'two_launch'}_fp8_ms"] = bench_graph(
+            lambda i, f=fuse: ours(i, cache8, scale8, fuse=f), copies
+        )
+        ids[fuse] = ours(0, fuse=fuse).clone()
+    cases.append(
+        case(
+            f"decode B{batch} ctx{ctx // 1024}K fused top-k vs two launches",
+            fused_vs["fused_bf16_ms"],
+            "same kernels, top-k as a 2nd launch",
+            fused_vs["two_launch_bf16_ms"],
+            same_ids=bool(torch.equal(ids[True], ids[False])),
+            fp8_fused_ms=round(fused_vs["fused_fp8_ms"], 5),
+            fp8_two_launch_ms=round(fused_vs["two_launch_fp8_ms"], 5),
+            fp8_ratio=round(fused_vs["two_launch_fp8_ms"] / fused_vs["fused_fp8_ms"], 3),
+            default_fused=fuse_topk_default(ctx // BLOCK),
+        )
+    )
     t_fp8_ka = None
     if (batch, ctx) in ((8, 131072), (32, 1 << 20), (1, 1 << 20)):  # FP8 MMA orientation check
         t_fp8_ka = bench_graph(

@@ -178,7 +178,12 @@ def dense_wrapper(page_table: torch.Tensor, n: int):
 
 
 def run_case(b: int, n: int, sglang_fn, peak: float) -> dict[str, Any]:
-    from m3serve.kernels.msa.index_select import DecodeSelectWorkspace, select_blocks_decode
+    from m3serve.kernels.msa.index_select import (
+        DecodeSelectWorkspace,
+        fuse_topk_default,
+        select_blocks_decode,
+    )
+    from m3serve.kernels.msa.pdl import pdl, pdl_active
     from m3serve.kernels.msa.reference import quantize_index_k_fp8
     from m3serve.kernels.msa.sparse_decode import SparseDecodeWrapper
     from m3serve.kernels.msa.sparse_decode_split import SPLIT_CONFIGS
@@ -219,8 +224,9 @@ def run_case(b: int, n: int, sglang_fn, peak: float) -> dict[str, Any]:
         w.plan(seq_host, 1, HQ, HKV, D, BLOCK, TOPK)
     res["auto_backend_default"] = SparseDecodeWrapper(dev, backend="auto").auto_pick(b * HKV)
 
-    def select(fp8: bool, q_fp8: bool = False) -> None:
-        """``q_fp8``: FP8 keys and queries quantized in-kernel (e4m3 x e4m3 MMA, opt-in)."""
+    def select(fp8: bool, q_fp8: bool = False, fuse: bool | None = None) -> None:
+        """``q_fp8``: FP8 keys and queries quantized in-kernel (e4m3 x e4m3 MMA, opt-in);
+        ``fuse``: top-k inside the scoring launch or as a second launch (None: the default)."""
         cache, sc = (idx_k8, idx_s8) if fp8 else (idx_k, None)
         select_blocks_decode(
             idx_q,
@@ -234,6 +240,7 @@ def run_case(b: int, n: int, sglang_fn, peak: float) -> dict[str, Any]:
             max_seq_len=n,
             workspace=ws,
             q_fp8=q_fp8,
+            fuse_topk=fuse,
         )
 
     def attn(name: str):
@@ -260,9 +267,9 @@ def run_case(b: int, n: int, sglang_fn, peak: float) -> dict[str, Any]:
     best = "triton" if res["attn_triton_ms"] <= res["attn_flashinfer_ms"] else "flashinfer"
     res["step_backend"] = best
 
-    def step(fp8: bool, q_fp8: bool = False):
+    def step(fp8: bool, q_fp8: bool = False, fuse: bool | None = None):
         def fn() -> None:
-            select(fp8, q_fp8)
+            select(fp8, q_fp8, fuse)
             wrappers[best].run(q, k, v, page_table, topk_ids, scale, out=out)
 
         return fn
@@ -278,6 +285,26 @@ def run_case(b: int, n: int, sglang_fn, peak: float) -> dict[str, Any]:
     g8 = capture(step(True))
     res["step_fp8_graph_ms"] = bench(g8.replay)
     del g, g8
+    # -- the step's launch structure: top-k fused into the scoring launch or not (the default
+    #    fuses rows of ≤ FUSE_TOPK_MAX_BLOCKS), and programmatic dependent launch (PDL) between
+    #    the step's kernels on or off (opt-in, M3SERVE_PDL=1); outputs must not change --
+    res["fuse_topk_default"] = fuse_topk_default(nb)
+    for fuse in (True, False):
+        g = capture(step(True, fuse=fuse))
+        res[f"step_fp8_graph_{'fused' if fuse else 'two_launch'}_ms"] = bench(g.replay)
+        del g
+    with pdl(True):
+        res["pdl_active"] = pdl_active(q)
+        for fp8 in (False, True):
+            g = capture(step(fp8))
+            res[f"step_{'fp8' if fp8 else 'bf16'}_graph_pdl_ms"] = bench(g.replay)
+            if not fp8:
+                g.replay()
+                torch.cuda.synchronize()
+                res["pdl_same_out"] = bool(torch.equal(out.float(), ours_out))
+            del g
+        if best == "triton":
+            res["attn_triton_pdl_ms"] = graph_cycle_ms(attn_i("triton"), len(sels))
     try:  # FP8 keys + FP8 queries (M3SERVE_INDEX_Q_FP8=1)
         res["select_fp8q_ms"] = bench(lambda: select(True, True))
         g8q = capture(step(True, True))
@@ -451,6 +478,27 @@ def write_markdown(doc: dict[str, Any], rows: list[dict[str, Any]], path: Path) 
             f"{gbs(r['bytes_step_bf16'], r['step_bf16_graph_ms']):.0f} ({r['bytes_step_bf16'] / (r['step_bf16_graph_ms'] * 1e-3) / pk:.0%}) | "
             f"{r['attn_flashinfer_ms']:.4f} | {r['attn_triton_ms']:.4f} | {gbs(r['bytes_attn'], ab):.0f} | {r.get('attn_triton_eager_ms', float('nan')):.4f} | {r['step_backend']}{'/' + r['split_config'] if r['step_backend'] == 'triton' else ''} |"
         )  # fmt: skip
+    ls = [r for r in rows if "step_bf16_graph_pdl_ms" in r]
+    if ls:
+        lines += [
+            "",
+            "Launch structure (graph replays, ms): FP8-key step with the top-k fused into the scoring launch"
+            " vs as a second launch; PDL (programmatic dependent launch between the step's kernels, opt-in"
+            " M3SERVE_PDL=1) off vs on; the sparse attention alone (split kernel + merge) with PDL.",
+            "",
+            "| B | N | fp8 step fused | fp8 step 2 launches | default fuses | bf16 step | bf16 step PDL | fp8 step | fp8 step PDL | PDL same output | attn split | attn split PDL | attn PDL % peak |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in ls:
+            ap = r.get("attn_triton_pdl_ms")
+            ap_s = "—" if ap is None else f"{ap:.4f}"
+            ap_pk = "—" if ap is None else f"{r['bytes_attn'] / (ap * 1e-3) / r['peak_Bps']:.0%}"
+            lines.append(
+                f"| {r['batch']} | {r['context'] // 1024}K | {r['step_fp8_graph_fused_ms']:.4f} | {r['step_fp8_graph_two_launch_ms']:.4f} | "
+                f"{r['fuse_topk_default']} | {r['step_bf16_graph_ms']:.4f} | {r['step_bf16_graph_pdl_ms']:.4f} | "
+                f"{r['step_fp8_graph_ms']:.4f} | {r['step_fp8_graph_pdl_ms']:.4f} | {r.get('pdl_same_out')} | "
+                f"{r['attn_triton_ms']:.4f} | {ap_s} | {ap_pk} |"
+            )  # fmt: skip
     q8 = [r for r in rows if "step_fp8q_graph_ms" in r]
     if q8:
         lines += [

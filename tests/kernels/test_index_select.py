@@ -242,6 +242,35 @@ def test_decode_launch_configs_agree(fp8):
         _check(got, iq_, cache_, scale_, pt_, cu_q, seq_ - 1, seq_, topk)
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("q_per_req", [1, 4])
+def test_decode_fused_topk_equals_separate_launch(fp8, q_per_req):
+    """fuse_topk=True (each request's last scoring program ranks its rows, one launch) and the
+    separate top-k launch give the same ids, equal to the reference's; the per-request tickets
+    are back to 0 after every launch (a CUDA graph replays them), so a second call is exact too.
+    Odd lengths: one block, a partial last block, fewer blocks than k, many split-K programs."""
+    gen = torch.Generator().manual_seed(29 + fp8 + q_per_req)
+    seq_lens = [max(n, q_per_req) for n in (1, 129, 1111, 4099, 333, 9000)]
+    block, groups, d, topk = 128, 4, 32, 8
+    cache, scale, pt = make_paged_index_cache(seq_lens, block, d, gen, fp8)
+    seq = torch.tensor(seq_lens, dtype=torch.int32)
+    batch = len(seq_lens)
+    iq = torch.randn(batch * q_per_req, groups, d, generator=gen).to(torch.bfloat16)
+    args = _to(DEV, iq, cache, scale, pt, seq)
+    iq_, cache_, scale_, pt_, seq_ = args
+    cu_q = torch.arange(batch + 1, dtype=torch.int32, device=DEV) * q_per_req
+    ws = DecodeSelectWorkspace(batch * q_per_req * groups, pt.shape[1], DEV)
+    sep = select_blocks_decode(*args, q_per_req, topk, workspace=ws, fuse_topk=False)
+    _check(sep, iq_, cache_, scale_, pt_, cu_q, seq_ - q_per_req, seq_, topk)
+    for _ in range(2):
+        out = torch.full_like(sep, 12345)
+        got = select_blocks_decode(
+            *args, q_per_req, topk, out=out, workspace=ws, fuse_topk=True, launch=(4, 2, 8)
+        )
+        assert torch.equal(got.cpu(), sep.cpu())
+        assert int(ws.counters.abs().sum()) == 0
+
+
 def test_all_equal_scores_pick_lowest_ids():
     # every key identical → every block score identical → ties resolve to the lowest block ids
     block, groups, d, topk = 128, 2, 32, 4

@@ -34,7 +34,9 @@ import triton.language as tl
 
 from . import reference as ref
 from .index_cache import _round_to_e4m3
-from .topk import _interpreting, launch_topk_rows, use_triton
+from .pdl import launch_kwargs, pdl_active, pdl_prologue
+from .topk import MAX_BLOCKS, _interpreting, launch_topk_rows, rank_rows, rounds_tile, use_triton
+from .topk_slots import store_ranked
 
 # -- prefill autotune: the tile is (BM queries × G groups) rows against one 128-key page; bigger
 #    tiles cut L2 key traffic, smaller ones balance short chunks. Six configs cover H100/H200
@@ -251,7 +253,10 @@ def _decode_block_scores_kernel(
     seq_ptr,  # [B] sequence lengths (including the Q new tokens)
     sc_ptr,  # [B * Q * G, NB] float32
     local_ptr,  # [B * Q * G] int32
+    count_ptr,  # [B] int32 tickets (fused top-k only; zero between launches)
+    out_ptr,  # [G, B * Q, TOPK] int32 (fused top-k only)
     blocks_per_prog,
+    n_cols,
     stride_qt,
     stride_qg,
     stride_kp,
@@ -259,6 +264,9 @@ def _decode_block_scores_kernel(
     stride_sp,
     stride_pt,
     stride_sc,
+    stride_og,
+    stride_ot,
+    stride_ok,
     Q: tl.constexpr,
     G: tl.constexpr,
     D: tl.constexpr,
@@ -268,7 +276,14 @@ def _decode_block_scores_kernel(
     DOT_F32: tl.constexpr,
     K_MAJOR: tl.constexpr,
     Q_FP8: tl.constexpr,
+    FUSE_TOPK: tl.constexpr,
+    TOPK: tl.constexpr,
+    K_PAD: tl.constexpr,
+    TILE_R: tl.constexpr,
+    BLOCK_NC: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_prologue(PDL)
     # -- program (b, split): blocks [split * blocks_per_prog, ...) of request b, all Q·G rows --
     b = tl.program_id(0)
     split = tl.program_id(1)
@@ -303,6 +318,26 @@ def _decode_block_scores_kernel(
             q, q_scale, k_ptr, ks_ptr, pt_row, sc_row, row_ok, j1, j0, j1, stride_kp,
             stride_kb, stride_sp, tok, d, IS_FP8, K_MAJOR, Q_FP8,
         )  # fmt: skip
+    if FUSE_TOPK:
+        # -- the request's last program to finish ranks its Q·G rows (one launch per step):
+        #    a per-request ticket; the barrier orders every thread's score stores before the
+        #    release, the acquire makes the other programs' stores visible to the ranking --
+        tl.debug_barrier()
+        ticket = tl.atomic_add(count_ptr + b, 1, sem="acq_rel")
+        if ticket == tl.num_programs(1) - 1:
+            slots = tl.arange(0, K_PAD)
+            for r0 in tl.static_range(0, Q * G, TILE_R):
+                rr = r0 + tl.arange(0, TILE_R)
+                rows = b * (Q * G) + rr
+                ok = rr < Q * G
+                loc = (seq - Q + rr // G) // BLOCK
+                ranked = rank_rows(
+                    sc_ptr, rows, ok, loc, n_cols, stride_sc, TOPK, K_PAD, TILE_R, BLOCK_NC, True
+                )
+                store_ranked(
+                    out_ptr, rows, ok, loc, ranked, slots, stride_og, stride_ot, stride_ok, G, TOPK
+                )
+            tl.atomic_xchg(count_ptr + b, 0)
 
 
 def _check_common(index_q, index_k_cache, index_k_scale, page_table, seq_lens, topk):
@@ -493,6 +528,8 @@ class DecodeSelectWorkspace:
     def __init__(self, rows: int, n_blocks: int, device: torch.device | str) -> None:
         self.scores = torch.empty(rows, n_blocks, dtype=torch.float32, device=device)
         self.local = torch.empty(rows, dtype=torch.int32, device=device)
+        # per-request tickets of the fused top-k (≤ rows requests); every launch leaves them 0
+        self.counters = torch.zeros(rows, dtype=torch.int32, device=device)
 
 
 # Decode scoring launch: (num_warps, num_stages, programs per SM the split-K chunk aims at), for
@@ -502,6 +539,22 @@ class DecodeSelectWorkspace:
 # 49.0 to 43.5 µs and B8 x 1M from 313 to 270 µs.
 DECODE_SCORE_LAUNCH = (4, 3, 4)
 DECODE_SCORE_LAUNCH_FP8 = (4, 5, 4)
+
+
+# Fused top-k (select_blocks_decode(fuse_topk=...)): rows of up to FUSE_TOPK_MAX_BLOCKS blocks
+# (256K tokens) are ranked inside the scoring launch by each request's last program; longer rows
+# take the separate top-k launch (one program per row). Why the cap: the ranking holds a whole
+# row in registers, and the kernel's register count is the max over both phases — compiled for
+# sm_90 (bf16 keys, 4 warps) the scoring kernel needs 110 registers alone, 128 / 112 fused at
+# 1024 / 2048 blocks (4 programs per SM still fit), 153 at 4096 and 250 at 8192 (3 and 2 per
+# SM: fewer loads in flight for the scoring pass); and a 1M-token request's Q·G rows would be
+# ranked one after another by one program. bench_index_topk times both forms at every context.
+FUSE_TOPK_MAX_BLOCKS = 2048
+
+
+def fuse_topk_default(n_blocks: int) -> bool:
+    """Whether select_blocks_decode ranks inside the scoring launch for rows of ``n_blocks``."""
+    return n_blocks <= FUSE_TOPK_MAX_BLOCKS
 
 
 def decode_blocks_per_program(batch: int, n_blocks: int, sms: int = 132, waves: int = 4) -> int:
@@ -525,6 +578,7 @@ def select_blocks_decode(
     k_major: bool = False,
     q_fp8: bool = False,
     launch: tuple[int, int, int] | None = None,
+    fuse_topk: bool | None = None,
 ) -> torch.Tensor:
     """MSA block selection for decode / MTP verify → topk_ids [G, B·Q, topk] int32.
 
@@ -536,6 +590,9 @@ def select_blocks_decode(
     ``q_fp8``: as in ``select_blocks_prefill`` (FP8 keys only; e4m3 × e4m3 scoring). The block
     scores stay in ``workspace.scores`` (columns below each row's local block). ``launch``:
     (warps, stages, programs per SM) of the scoring kernel, default DECODE_SCORE_LAUNCH(_FP8).
+    ``fuse_topk``: rank inside the scoring launch (each request's last program to finish runs the
+    exact top-k over its Q·G rows: one kernel per step) instead of a second top-k launch;
+    default ``fuse_topk_default(n_blocks)``. Both give the same ids.
     """
     groups, d, block, is_fp8 = _check_common(
         index_q, index_k_cache, index_k_scale, page_table, seq_lens, topk
@@ -577,6 +634,13 @@ def select_blocks_decode(
     warps, stages, waves = launch or (DECODE_SCORE_LAUNCH_FP8 if is_fp8 else DECODE_SCORE_LAUNCH)
     per = decode_blocks_per_program(batch, n_blocks, sms, waves)
     grid = (batch, triton.cdiv(n_blocks, per))
+    fused = fuse_topk_default(n_blocks) if fuse_topk is None else bool(fuse_topk)
+    pdl = pdl_active(index_q)
+    assert n_blocks <= MAX_BLOCKS, f"{n_blocks} blocks per row > {MAX_BLOCKS} (1M tokens)"
+    k_pad, block_nc, tile_r = rounds_tile(n_blocks, topk)
+    tile_r = min(tile_r, triton.next_power_of_2(qn * groups))
+    if fused:
+        assert workspace.counters.numel() >= batch, "workspace counters hold fewer than B requests"
 
     _decode_block_scores_kernel[grid](
         index_q,
@@ -586,7 +650,10 @@ def select_blocks_decode(
         seq_lens,
         workspace.scores,
         workspace.local,
+        workspace.counters,
+        out,
         per,
+        n_blocks,
         index_q.stride(0),
         index_q.stride(1),
         index_k_cache.stride(0),
@@ -594,6 +661,9 @@ def select_blocks_decode(
         index_k_scale.stride(0) if is_fp8 else 0,
         page_table.stride(0),
         workspace.scores.stride(0),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
         Q=qn,
         G=groups,
         D=d,
@@ -603,9 +673,18 @@ def select_blocks_decode(
         DOT_F32=_interpreting(),
         K_MAJOR=bool(k_major),
         Q_FP8=bool(q_fp8),
+        FUSE_TOPK=fused,
+        TOPK=topk,
+        K_PAD=k_pad,
+        TILE_R=tile_r,
+        BLOCK_NC=block_nc,
+        PDL=pdl,
         num_warps=warps,
         num_stages=stages,
+        **launch_kwargs(pdl),
     )
+    if fused:
+        return out
     return launch_topk_rows(
         workspace.scores[:rows], workspace.local[:rows], out, topk, groups, n_cols=n_blocks
     )

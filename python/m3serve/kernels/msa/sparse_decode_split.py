@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import launch_kwargs, pdl_active, pdl_prologue
+
 LOG2E = 1.4426950408889634
 
 
@@ -66,7 +68,9 @@ def _sparse_decode_split_kernel(
     Q_PER_REQ: tl.constexpr,
     BLOCK_N: tl.constexpr,
     MERGE: tl.constexpr,  # 0: second kernel, 1: fused (the row's last split)
+    PDL: tl.constexpr,
 ):
+    pdl_prologue(PDL)
     SUB: tl.constexpr = BLOCK // BLOCK_N
     row = tl.program_id(0)
     split = tl.program_id(1)
@@ -185,7 +189,9 @@ def _merge_splits_kernel(
     D: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_prologue(PDL)
     row = tl.program_id(0)
     h = tl.program_id(1)
     t = row // H_KV
@@ -332,6 +338,7 @@ def sparse_decode_split(
     else:
         counters = lse_part  # unused
     block_n = min(block_n, block)
+    pdl = pdl_active(q)
     pages_per_split = triton.cdiv(topk, num_splits)
     num_splits = triton.cdiv(topk, pages_per_split)
     _sparse_decode_split_kernel[(num_rows, num_splits)](
@@ -370,8 +377,10 @@ def sparse_decode_split(
         Q_PER_REQ=q_per_req,
         BLOCK_N=block_n,
         MERGE=MERGES[merge],
+        PDL=pdl,
         num_warps=warps,
         num_stages=stages,
+        **launch_kwargs(pdl),
     )
     if fused:
         return out
@@ -387,6 +396,8 @@ def sparse_decode_split(
         D=d,
         NUM_SPLITS=num_splits,
         BLOCK_S=triton.next_power_of_2(num_splits),
+        PDL=pdl,
         num_warps=4,
+        **launch_kwargs(pdl),
     )
     return out

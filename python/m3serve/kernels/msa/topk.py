@@ -117,6 +117,55 @@ def _max_knockout(keys, ranked, slots, TOPK: tl.constexpr):
 
 
 @triton.jit
+def row_keys(
+    scores_ptr, rows, row_ok, loc, n_cols, stride_sr,
+    K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BYPASS_L1: tl.constexpr,
+):  # fmt: skip
+    """The visible earlier blocks of ``rows`` loaded once as packed keys [ROWS, GS, NG] (and the
+    visibility mask). Column c = e * NG + g sits in group g = c % NG (interleaved, so ≥ k − 1
+    groups hold a visible block whenever local ≥ k; the filter's bound needs that). NG = 2·K_PAD:
+    a tighter bound (random rows keep ~20 of 1024 or 8192 blocks, at most ~30; NG = K_PAD keeps
+    ~37, up to ~95). BYPASS_L1: load through L2 only (scores written by other programs of the
+    same launch: the fused decode selection)."""
+    NG: tl.constexpr = 2 * K_PAD
+    GS: tl.constexpr = BLOCK_N // NG
+    cols = tl.arange(0, GS)[None, :, None] * NG + tl.arange(0, NG)[None, None, :]
+    visible = (cols < loc[:, None, None]) & (cols < n_cols) & row_ok[:, None, None]
+    ptrs = scores_ptr + rows[:, None, None].to(tl.int64) * stride_sr + cols
+    if BYPASS_L1:
+        s = tl.load(ptrs, mask=visible, other=0.0, cache_modifier=".cg")
+    else:
+        s = tl.load(ptrs, mask=visible, other=0.0)
+    sentinel = -9223372036854775807 - 1
+    return tl.where(visible, _packed_keys(s, cols), sentinel), visible
+
+
+@triton.jit
+def rank_rows(
+    scores_ptr, rows, row_ok, loc, n_cols, stride_sr,
+    TOPK: tl.constexpr, K_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    BYPASS_L1: tl.constexpr,
+):  # fmt: skip
+    """The "rounds" ranking of whole rows → ranked ids [ROWS, K_PAD] (slots 0 .. k − 2; the
+    caller's store_ranked adds the local block and the dense case)."""
+    keys, _ = row_keys(scores_ptr, rows, row_ok, loc, n_cols, stride_sr, K_PAD, BLOCK_N, BYPASS_L1)
+    ranked = tl.full([ROWS, K_PAD], -1, tl.int32)
+    slots = tl.arange(0, K_PAD)
+    return _max_knockout(tl.reshape(keys, [ROWS, BLOCK_N]), ranked, slots, TOPK)
+
+
+def rounds_tile(n_cols: int, topk: int) -> tuple[int, int, int]:
+    """(K_PAD, BLOCK_N, rows per tile) of the "rounds" ranking for rows of ``n_cols`` blocks."""
+    k_pad = max(2, triton.next_power_of_2(topk))
+    block_n = max(16, 2 * k_pad, triton.next_power_of_2(max(n_cols, 1)))
+    # rows of ≥ 2048 blocks take one per tile: the [2, 2048] tile ranked every row of
+    # [8192 × 2048] wrong on an H200 with Triton 3.6 (benchmarks/results/index_topk.md,
+    # 2026-11-26), while [1, N] tiles (N ≤ 8192) and [4, 1024] were exact on every shape measured
+    rows = 1 if block_n >= 2048 else max(1, min(16, 4096 // block_n))
+    return k_pad, block_n, rows
+
+
+@triton.jit
 def _topk_rows_kernel(
     scores_ptr,  # [R, >= n_cols] float32, row stride stride_sr
     local_ptr,  # [R] int32: local block of each row
@@ -141,20 +190,10 @@ def _topk_rows_kernel(
     row_ok = rows < n_rows
     loc = tl.load(local_ptr + rows, mask=row_ok, other=0)
     slots = tl.arange(0, K_PAD)
-    # the row as [ROWS, GS, NG]: column c = e * NG + g sits in group g = c % NG (interleaved, so
-    # ≥ k − 1 groups hold a visible block whenever local ≥ k). NG = 2·K_PAD: a tighter bound
-    # (random rows keep ~20 of 1024 or 8192 blocks, at most ~30; NG = K_PAD keeps ~37, up to ~95)
-    NG: tl.constexpr = 2 * K_PAD
-    GS: tl.constexpr = BLOCK_N // NG
-    cols = tl.arange(0, GS)[None, :, None] * NG + tl.arange(0, NG)[None, None, :]
-
-    # -- load the visible earlier blocks once, as packed keys --
-    visible = (cols < loc[:, None, None]) & (cols < n_cols) & row_ok[:, None, None]
-    s = tl.load(
-        scores_ptr + rows[:, None, None].to(tl.int64) * stride_sr + cols, mask=visible, other=0.0
+    keys, visible = row_keys(
+        scores_ptr, rows, row_ok, loc, n_cols, stride_sr, K_PAD, BLOCK_N, False
     )
     sentinel = -9223372036854775807 - 1
-    keys = tl.where(visible, _packed_keys(s, cols), sentinel)
     ranked = tl.full([ROWS, K_PAD], -1, tl.int32)
 
     if FILTER:
@@ -257,14 +296,8 @@ def launch_topk_rows(
                 raise
             _SLOTS_BROKEN.append(repr(e))
             warnings.warn(f"slot-list top-k failed to compile, using rounds: {e}", stacklevel=2)
-    k_pad = max(2, triton.next_power_of_2(topk))
-    block_n = max(16, 2 * k_pad, triton.next_power_of_2(max(n_cols, 1)))
-    rows = max(1, min(16, 4096 // block_n))
-    # decode-sized batches: one row per program spreads them over more SMs. Rows of 2048 blocks
-    # also take one per program: the [2, 2048] tile ranked every row of [8192 × 2048] wrong on an
-    # H200 with Triton 3.6 (benchmarks/results/index_topk.md, 2026-11-26), while [1, N] tiles
-    # (N ≤ 8192) and [4, 1024] were exact on every shape measured.
-    if n_rows <= 1024 or block_n >= 2048:
+    k_pad, block_n, rows = rounds_tile(n_cols, topk)
+    if n_rows <= 1024:  # decode-sized batches: one row per program spreads them over more SMs
         rows = 1
     if _interpreting():  # programs run one after another there: fewer, wider ones are faster
         rows = max(1, min(256, 65536 // block_n))
