@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Session 7's GPU runs (issues 4 and 6: the decode step's launch structure — top-k fused into the
+# scoring launch, programmatic dependent launch between the step's kernels). Lanes run in
+# parallel, one card each, each writing $OUT/<lane>.txt; results are packed into
+# $OUT/session7_<CALL>.tgz.
+#
+#   carry: [".dev-s6"]   timeout_s: 600   (wheels: see session6.sh)
+#
+#   call 1 (4 GPUs):  lane kt   the kernel GPU tests (decode step under PDL + graph, index
+#                               selection incl. the fused top-k, sparse decode);
+#                     lane itk  bench_index_topk decode rows over the issue's grid (fused top-k vs
+#                               two launches at every context, vs SGLang's selection);
+#                     lane dec8 / dec  bench_sparse_decode B8 x 128K / 1M and B32, B1 (steps with
+#                               the fused default, with PDL, FP8 index keys).
+#   call 2 (H100):    kind nvidia-h100-x1: the same B8 decode rows and the decode selection rows on
+#                     that card (issue 6's FP8 8x was met there by 1 %).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+CALL="${1:?usage: session7.sh 1..2}"
+OUT="${OUT:-$PWD/gpu-out}"; mkdir -p "$OUT"
+t0=$(date +%s)
+SITE=/tmp/m3serve-site6
+if [ ! -f "$SITE/.done" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
+        .dev-s6/wheels/*.whl > "$OUT/pip.log" 2>&1 || { tail -20 "$OUT/pip.log"; exit 1; }
+    touch "$SITE/.done"
+fi
+BASE="$PWD/python:$SITE:$PWD/.dev-s6/sglang_site"
+export PYTHONPATH="$BASE" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/card.txt"
+python3 -c "import torch, triton, flashinfer; print('torch', torch.__version__, 'triton', triton.__version__, 'flashinfer', flashinfer.__version__)"
+git log --oneline -1 2>/dev/null || true
+echo "[setup $(( $(date +%s) - t0 )) s]"
+lane() {  # lane NAME GPU COMMAND: run in the background on one card, output in $OUT/NAME.txt
+    local name=$1 gpu=$2; shift 2
+    mkdir -p "$OUT/$name"
+    ( CUDA_VISIBLE_DEVICES=$gpu OUT="$OUT/$name" TRITON_CACHE_DIR="/tmp/triton-$name" \
+        bash -c "$*" > "$OUT/$name.txt" 2>&1
+      echo "[lane $name exit $? after $(( $(date +%s) - t0 )) s]" >> "$OUT/$name.txt" ) &
+}
+DEC="python3 benchmarks/bench_sparse_decode.py --sglang-site .dev-s6/sglang_site"
+GT="python3 -m pytest -q -m gpu -p no:cacheprovider --durations=5"
+case "$CALL" in
+1)
+    lane kt 0 "timeout 540 $GT tests/kernels/test_decode_step.py tests/kernels/test_index_select.py \
+        tests/kernels/test_sparse_decode.py tests/kernels/test_topk.py 2>&1 | tail -n 30"
+    lane itk 1 "timeout 560 python3 benchmarks/bench_index_topk.py --only decode --out \$OUT 2>&1 | tail -n 60"
+    lane dec8 2 "timeout 560 $DEC --batches 8 --contexts 131072,1048576 --no-mtp --out \$OUT 2>&1 | tail -n 30"
+    lane dec 3 "timeout 560 $DEC --batches 32,1 --contexts 131072,1048576 --no-mtp --out \$OUT 2>&1 | tail -n 30"
+    ;;
+2)  # one H100 (nvidia-h100-x1)
+    lane h100 0 "timeout 280 $DEC --batches 8 --contexts 131072,1048576 --no-mtp --out \$OUT 2>&1 | tail -n 30;
+        mkdir -p \$OUT/itk; timeout 250 python3 benchmarks/bench_index_topk.py --only decode --quick \
+        --out \$OUT/itk 2>&1 | tail -n 40"
+    ;;
+*) echo "CALL must be 1..2" >&2; exit 2 ;;
+esac
+wait
+echo "[all lanes done after $(( $(date +%s) - t0 )) s]"
+for f in "$OUT"/*.txt; do echo "===== $f"; tail -n 45 "$f"; done
+tar czf "/tmp/session7_$CALL.tgz" -C "$OUT" . && mv "/tmp/session7_$CALL.tgz" "$OUT/"
