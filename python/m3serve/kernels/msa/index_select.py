@@ -542,14 +542,15 @@ DECODE_SCORE_LAUNCH_FP8 = (4, 5, 4)
 
 
 # Fused top-k (select_blocks_decode(fuse_topk=...)): rows of up to FUSE_TOPK_MAX_BLOCKS blocks
-# (256K tokens) are ranked inside the scoring launch by each request's last program; longer rows
-# take the separate top-k launch (one program per row). Why the cap: the ranking holds a whole
-# row in registers, and the kernel's register count is the max over both phases — compiled for
-# sm_90 (bf16 keys, 4 warps) the scoring kernel needs 110 registers alone, 128 / 112 fused at
-# 1024 / 2048 blocks (4 programs per SM still fit), 153 at 4096 and 250 at 8192 (3 and 2 per
-# SM: fewer loads in flight for the scoring pass); and a 1M-token request's Q·G rows would be
-# ranked one after another by one program. bench_index_topk times both forms at every context.
-FUSE_TOPK_MAX_BLOCKS = 2048
+# (8K tokens) are ranked inside the scoring launch by each request's last program; longer rows
+# take the separate top-k launch (one program per row, all rows in parallel). Measured on H200
+# (session 7, benchmarks/results/decode_launch_structure.md, CUDA-graph replays): fused wins only
+# at 8K (1.02-1.06x) and loses from 32K on (B8 x 128K bf16 78.5 vs 70.2 µs, FP8 50.9 vs 43.3;
+# B1 x 1M 4.4x slower): one program ranking a request's Q·G rows one after another is slower
+# than a launch ranking every row at once, and the ranking's whole-row registers (sm_90, 4
+# warps: 110 registers for scoring alone, 128 fused at 1024 blocks, 250 at 8192) cut the scoring
+# pass's programs per SM at long rows.
+FUSE_TOPK_MAX_BLOCKS = 64
 
 
 def fuse_topk_default(n_blocks: int) -> bool:
