@@ -14,6 +14,10 @@ L2 with a 256 MB write before every repetition, so nothing stays cached between 
   so where it captures, its replay from a CUDA graph (its GPU time alone) is shown beside it;
 - ours step: select_blocks_decode (index_select.py, Triton) + SparseDecodeWrapper.run, eager and
   replayed from a CUDA graph, with bf16 and FP8 (+ per-token scale) index keys;
+- per step inside one CUDA graph of 8 steps (ours bf16 / FP8 keys, SGLang's step, the dense
+  decode): a decode iteration replays one graph over all layers, so this is a layer's step
+  without a graph launch; the 8 steps cycle up to 4 layers' index-K caches and 8 query sets so
+  no step reads the previous one's keys from L2;
 - ours attention only, both backends (FlashInfer rows over rewritten kv_indices; split-KV Triton,
   every SPLIT_CONFIGS entry), replayed from CUDA graphs cycling 8 selections (graph_cycle_ms: the
   eager time of a µs-scale attention is mostly the host's launch cost), eager kept beside it.
@@ -48,6 +52,8 @@ ANCHORS = [(8, 131072), (32, 32768), (1, 1048576), (8, 1048576), (64, 131072)]
 MTP_AFTER = (8, 131072)
 MTP_CASES = [(8, 131072, 4), (8, 131072, 16), (1, 131072, 16)]
 ATTN_COPIES = 8  # selections cycled by the attention-only graphs (graph_cycle_ms)
+STEP_CYCLE = 8  # steps per graph for the per-step ("cycle") times: a decode graph holds all layers
+STEP_LAYERS = 4  # index-K caches (layers) those steps cycle through, where memory allows
 
 
 def sparse_attn_bytes(b: int, n: int, q: int = 1) -> int:
@@ -97,6 +103,32 @@ def graph_cycle_ms(fn, copies: int, calls: int = 16) -> float:
     ms = bench(g.replay) / calls
     del g
     return ms
+
+
+def step_cycle_inputs(idx_k, q, idx_q, gen) -> dict[str, list[torch.Tensor]]:
+    """STEP_CYCLE query sets and up to STEP_LAYERS index-K caches (bf16 and FP8 + scale; the
+    first is the case's own) for step graphs that cycle layers: as many layer copies as fit in a
+    quarter of the free memory (one at the largest cases, whose keys dwarf the L2 anyway)."""
+    from m3serve.kernels.msa.reference import quantize_index_k_fp8
+
+    per_layer = idx_k.numel() * (idx_k.element_size() + 1) + idx_k.numel() // DIDX * 4
+    free, _ = torch.cuda.mem_get_info()
+    layers = max(1, min(STEP_LAYERS, 1 + int(0.25 * free // per_layer)))
+    caches = [idx_k] + [
+        torch.randn(idx_k.shape, device="cuda", dtype=idx_k.dtype, generator=gen)
+        for _ in range(layers - 1)
+    ]
+    k8s, s8s = [], []
+    for c in caches:
+        k8, s8 = quantize_index_k_fp8(c.view(-1, DIDX))
+        k8s.append(k8.view(c.shape))
+        s8s.append(s8.view(c.shape[:2]))
+    rand = lambda t: torch.randn(t.shape, device="cuda", dtype=t.dtype, generator=gen)  # noqa: E731
+    return {
+        "idx_k": caches, "idx_k8": k8s, "idx_s8": s8s,
+        "q": [q] + [rand(q) for _ in range(STEP_CYCLE - 1)],
+        "idx_q": [idx_q] + [rand(idx_q) for _ in range(STEP_CYCLE - 1)],
+    }  # fmt: skip
 
 
 def capture(fn) -> torch.cuda.CUDAGraph:
@@ -313,6 +345,36 @@ def run_case(b: int, n: int, sglang_fn, peak: float) -> dict[str, Any]:
     except Exception as err:
         print(f"  fp8 queries failed: {type(err).__name__}: {err}")
 
+    # -- per-step time inside one graph of several steps: a decode iteration replays one graph
+    #    over all layers, so a layer's step costs its kernels' GPU time without a graph launch.
+    #    Each step of the cycle reads its own layer's index-K cache (copies) with its own queries,
+    #    so no step finds the previous one's keys in L2. Same method for SGLang's step below. --
+    cyc = step_cycle_inputs(idx_k, q, idx_q, gen)
+    res["cycle_layers"] = len(cyc["idx_k"])
+
+    def step_i(fp8: bool):
+        def fn(i: int) -> None:
+            layer = i % len(cyc["idx_k"])
+            cache, sc = (
+                (cyc["idx_k8"][layer], cyc["idx_s8"][layer]) if fp8 else (cyc["idx_k"][layer], None)
+            )
+            select_blocks_decode(
+                cyc["idx_q"][i], cache, sc, page_table, seq_lens, 1, TOPK, out=topk_ids,
+                max_seq_len=n, workspace=ws,
+            )  # fmt: skip
+            wrappers[best].run(cyc["q"][i], k, v, page_table, topk_ids, scale, out=out)
+
+        return fn
+
+    try:  # the dense baseline timed the same way (its KV dwarfs the L2: one cache suffices)
+        res["dense_cycle_ms"] = graph_cycle_ms(
+            lambda i: dw.run(cyc["q"][i], (k, v), out=out_dense), STEP_CYCLE, STEP_CYCLE
+        )
+    except Exception as err:
+        print(f"  dense FlashInfer under a CUDA graph: {type(err).__name__}: {str(err)[:200]}")
+    res["step_bf16_cycle_ms"] = graph_cycle_ms(step_i(False), STEP_CYCLE, STEP_CYCLE)
+    res["step_fp8_cycle_ms"] = graph_cycle_ms(step_i(True), STEP_CYCLE, STEP_CYCLE)
+
     # -- SGLang 0.5.23 on the same values, token-major (its layout) --
     if sglang_fn is not None:
         del wrappers, ws
@@ -351,6 +413,17 @@ def run_case(b: int, n: int, sglang_fn, peak: float) -> dict[str, Any]:
                 g_sg = capture(best[2])
                 res["sglang_graph_ms"] = bench(g_sg.replay)
                 del g_sg
+                ps = best[1]
+
+                def sg_i(i: int, ps=ps) -> None:
+                    layer = i % len(cyc["idx_k"])
+                    sglang_decode(
+                        sglang_fn, cyc["q"][i], k_nhd, v_nhd, cyc["idx_q"][i],
+                        cyc["idx_k"][layer].view(pages * BLOCK, 1, DIDX), req_to_token, seq_lens,
+                        n, ps,
+                    )  # fmt: skip
+
+                res["sglang_cycle_ms"] = graph_cycle_ms(sg_i, STEP_CYCLE, STEP_CYCLE)
             except Exception as err:
                 print(f"  sglang under a CUDA graph: {type(err).__name__}: {str(err)[:200]}")
     res["bytes_attn"] = sparse_attn_bytes(b, n)
@@ -417,6 +490,37 @@ def to_cases(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 r["bytes_step_bf16"],
                 pk,
             )
+        if "step_fp8_cycle_ms" in r:
+            for idx, key, nbytes in (
+                ("bf16", "step_bf16_cycle_ms", r["bytes_step_bf16"]),
+                ("fp8", "step_fp8_cycle_ms", r["bytes_step_fp8"]),
+            ):
+                add(
+                    f"{tag} step {idx}-idx per step in an 8-step graph",
+                    r[key],
+                    "dense FlashInfer decode",
+                    r["dense_ms"],
+                    nbytes,
+                    pk,
+                )
+            if "dense_cycle_ms" in r:
+                add(
+                    f"{tag} step fp8-idx per step in an 8-step graph",
+                    r["step_fp8_cycle_ms"],
+                    "dense FlashInfer decode, per call in an 8-call graph",
+                    r["dense_cycle_ms"],
+                    r["bytes_step_fp8"],
+                    pk,
+                )
+            if "sglang_cycle_ms" in r:
+                add(
+                    f"{tag} step bf16-idx per step in an 8-step graph",
+                    r["step_bf16_cycle_ms"],
+                    "SGLang 0.5.23 minimax_sparse_decode, per step in an 8-step graph",
+                    r["sglang_cycle_ms"],
+                    r["bytes_step_bf16"],
+                    pk,
+                )
         best = min(r["attn_flashinfer_ms"], r["attn_triton_ms"])
         add(
             f"{tag} sparse attention (best backend)",
@@ -478,6 +582,32 @@ def write_markdown(doc: dict[str, Any], rows: list[dict[str, Any]], path: Path) 
             f"{gbs(r['bytes_step_bf16'], r['step_bf16_graph_ms']):.0f} ({r['bytes_step_bf16'] / (r['step_bf16_graph_ms'] * 1e-3) / pk:.0%}) | "
             f"{r['attn_flashinfer_ms']:.4f} | {r['attn_triton_ms']:.4f} | {gbs(r['bytes_attn'], ab):.0f} | {r.get('attn_triton_eager_ms', float('nan')):.4f} | {r['step_backend']}{'/' + r['split_config'] if r['step_backend'] == 'triton' else ''} |"
         )  # fmt: skip
+    cy = [r for r in rows if "step_fp8_cycle_ms" in r]
+    if cy:
+        lines += [
+            "",
+            "Per step inside one CUDA graph of 8 steps (a decode iteration replays one graph over all"
+            " layers): each step reads its own layer's index-K cache (up to 4 copies) with its own"
+            " queries; SGLang's step timed the same way. ms; % = step bytes / time / copy peak.",
+            "",
+            "| B | N | layers | dense FI eager / per call in an 8-call graph | ours bf16 | ours FP8 | vs dense eager (bf16 / FP8) | vs dense in graph (bf16 / FP8) | bf16 % peak | FP8 % peak | SGLang | vs SGLang (bf16 / FP8) | single-step replay bf16 / FP8 |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in cy:
+            pk = r["peak_Bps"]
+            b16, f8 = r["step_bf16_cycle_ms"], r["step_fp8_cycle_ms"]
+            sgc = r.get("sglang_cycle_ms")
+            sg_s = "—" if sgc is None else f"{sgc:.4f}"
+            vs_s = "—" if sgc is None else f"{sgc / b16:.2f}× / {sgc / f8:.2f}×"
+            dc = r.get("dense_cycle_ms")
+            dc_s = "—" if dc is None else f"{dc:.3f}"
+            vs_dc = "—" if dc is None else f"{dc / b16:.2f}× / {dc / f8:.2f}×"
+            lines.append(
+                f"| {r['batch']} | {r['context'] // 1024}K | {r['cycle_layers']} | {r['dense_ms']:.3f} / {dc_s} | {b16:.4f} | {f8:.4f} | "
+                f"{r['dense_ms'] / b16:.2f}× / {r['dense_ms'] / f8:.2f}× | {vs_dc} | {r['bytes_step_bf16'] / (b16 * 1e-3) / pk:.0%} | "
+                f"{r['bytes_step_fp8'] / (f8 * 1e-3) / pk:.0%} | {sg_s} | {vs_s} | "
+                f"{r['step_bf16_graph_ms']:.4f} / {r['step_fp8_graph_ms']:.4f} |"
+            )  # fmt: skip
     ls = [r for r in rows if "step_bf16_graph_pdl_ms" in r]
     if ls:
         lines += [
