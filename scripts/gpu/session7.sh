@@ -12,11 +12,13 @@
 #                               two launches at every context, vs SGLang's selection);
 #                     lane dec8 / dec  bench_sparse_decode B8 x 128K / 1M and B32, B1 (steps with
 #                               the fused default, with PDL, FP8 index keys).
-#   call 2 (H100):    kind nvidia-h100-x1: the same B8 decode rows and the decode selection rows on
-#                     that card (issue 6's FP8 8x was met there by 1 %).
+#   call 2 (4 GPUs):  bench_sparse_decode with per-step times inside 8-step graphs (ours, SGLang's
+#                     step, dense): lanes d8 (B8 x 128K, 1M), d32 (B32 x 128K, B64 x 128K),
+#                     d1 (B1 x 1M, B32 x 32K), dm (MTP rows after B8 x 128K).
+#   call 3 (H100):    kind nvidia-h100-x1: B8 x 128K / 1M and B32 x 128K the same way.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-CALL="${1:?usage: session7.sh 1..2}"
+CALL="${1:?usage: session7.sh 1..3}"
 OUT="${OUT:-$PWD/gpu-out}"; mkdir -p "$OUT"
 t0=$(date +%s)
 SITE=/tmp/m3serve-site6
@@ -48,12 +50,16 @@ case "$CALL" in
     lane dec8 2 "timeout 560 $DEC --batches 8 --contexts 131072,1048576 --no-mtp --out \$OUT 2>&1 | tail -n 30"
     lane dec 3 "timeout 560 $DEC --batches 32,1 --contexts 131072,1048576 --no-mtp --out \$OUT 2>&1 | tail -n 30"
     ;;
-2)  # one H100 (nvidia-h100-x1)
-    lane h100 0 "timeout 280 $DEC --batches 8 --contexts 131072,1048576 --no-mtp --out \$OUT 2>&1 | tail -n 30;
-        mkdir -p \$OUT/itk; timeout 250 python3 benchmarks/bench_index_topk.py --only decode --quick \
-        --out \$OUT/itk 2>&1 | tail -n 40"
+2)
+    lane d8 0 "timeout 560 $DEC --batches 8 --contexts 131072,1048576 --no-mtp --out \$OUT 2>&1 | tail -n 40"
+    lane d32 1 "timeout 560 $DEC --batches 32,64 --contexts 131072 --no-mtp --out \$OUT 2>&1 | tail -n 40"
+    lane d1 2 "timeout 560 $DEC --batches 1,32 --contexts 1048576,32768 --no-mtp --out \$OUT 2>&1 | tail -n 40"
+    lane dm 3 "timeout 560 $DEC --batches 8 --contexts 131072 --out \$OUT 2>&1 | tail -n 40"
     ;;
-*) echo "CALL must be 1..2" >&2; exit 2 ;;
+3)  # one H100 (nvidia-h100-x1)
+    lane h100 0 "timeout 560 $DEC --batches 8,32 --contexts 131072,1048576 --no-mtp --out \$OUT 2>&1 | tail -n 40"
+    ;;
+*) echo "CALL must be 1..3" >&2; exit 2 ;;
 esac
 wait
 echo "[all lanes done after $(( $(date +%s) - t0 )) s]"
