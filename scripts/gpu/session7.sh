@@ -15,7 +15,8 @@
 #   call 2 (4 GPUs):  bench_sparse_decode with per-step times inside 8-step graphs (ours, SGLang's
 #                     step, dense): lanes d8 (B8 x 128K, 1M), d32 (B32 x 128K, B64 x 128K),
 #                     d1 (B1 x 1M, B32 x 32K), dm (MTP rows after B8 x 128K).
-#   call 3 (H100):    kind nvidia-h100-x1: B8 x 128K / 1M and B32 x 128K the same way.
+#   call 3 (H100):    kind nvidia-h100-x1: the decode scoring sweep with balanced split-K grids
+#                     (FP8 at 3 programs per SM), then B8 x 128K / 1M and B32 x 128K the same way.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CALL="${1:?usage: session7.sh 1..3}"
@@ -57,7 +58,8 @@ case "$CALL" in
     lane dm 3 "timeout 560 $DEC --batches 8 --contexts 131072 --out \$OUT 2>&1 | tail -n 40"
     ;;
 3)  # one H100 (nvidia-h100-x1)
-    lane h100 0 "timeout 560 $DEC --batches 8,32 --contexts 131072,1048576 --no-mtp --out \$OUT 2>&1 | tail -n 40"
+    lane h100 0 "timeout 230 python3 benchmarks/sweep_kernels.py decode-select --budget-s 190 --out \$OUT;
+        timeout 300 $DEC --batches 8,32 --contexts 131072,1048576 --no-mtp --out \$OUT 2>&1 | tail -n 40"
     ;;
 *) echo "CALL must be 1..3" >&2; exit 2 ;;
 esac

@@ -21,6 +21,7 @@ if not torch.cuda.is_available():  # before the kernels are imported: triton.jit
 from m3serve.kernels.msa import reference as ref
 from m3serve.kernels.msa.index_select import (
     DecodeSelectWorkspace,
+    decode_blocks_per_program,
     prefill_block_scores,
     select_blocks_decode,
     select_blocks_prefill,
@@ -225,6 +226,23 @@ def test_decode_both_mma_orientations(fp8):
         _check(got, iq_, cache_, scale_, pt_, cu_q, seq_ - q_per_req, seq_, topk)
 
 
+def test_decode_split_k_chunks_fill_the_slots_once():
+    """Balanced chunks: ⌊slots / B⌋ programs per request at most, so the grid never spills into a
+    partial second wave, and every program has ≥ 4 blocks; the power-of-two rule is kept too."""
+    for sms, waves in ((132, 3), (132, 4), (114, 3), (4, 4)):
+        slots = int(waves * sms)
+        for batch in (1, 2, 7, 8, 32, 64, 500, 1000):
+            for nb in (1, 5, 64, 1000, 1024, 8192):
+                per = decode_blocks_per_program(batch, nb, sms, waves)
+                progs = batch * -(-nb // per)
+                assert per >= 4
+                assert progs <= max(slots, batch), (sms, waves, batch, nb, per)
+                if batch <= slots and nb >= 4 * (slots // batch):  # enough blocks to fill
+                    assert progs > slots // 2, (sms, waves, batch, nb, per)
+    assert decode_blocks_per_program(8, 1024, 132, 4, balanced=False) == 16
+    assert decode_blocks_per_program(8, 1024, 132, 3) == 21  # 49 programs x 8 = 392 <= 396
+
+
 @pytest.mark.parametrize("fp8", [False, True])
 def test_decode_launch_configs_agree(fp8):
     """``launch=`` (warps, stages, programs per SM) moves the split-K chunk boundaries (and with
@@ -237,7 +255,7 @@ def test_decode_launch_configs_agree(fp8):
     args = _to(DEV, iq, cache, scale, pt, seq)
     cu_q = torch.arange(len(seq_lens) + 1, dtype=torch.int32, device=DEV)
     iq_, cache_, scale_, pt_, seq_ = args
-    for launch in ((4, 3, 4), (4, 5, 1), (8, 2, 8)):
+    for launch in ((4, 3, 4), (4, 5, 1), (8, 2, 8), (4, 5, 3, False), (4, 3, 6, True)):
         got = select_blocks_decode(*args, 1, topk, launch=launch)
         _check(got, iq_, cache_, scale_, pt_, cu_q, seq_ - 1, seq_, topk)
 

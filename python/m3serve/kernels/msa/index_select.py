@@ -532,13 +532,33 @@ class DecodeSelectWorkspace:
         self.counters = torch.zeros(rows, dtype=torch.int32, device=device)
 
 
-# Decode scoring launch: (num_warps, num_stages, programs per SM the split-K chunk aims at), for
-# bf16 keys and for FP8 keys. Session-6 sweep on H200 (benchmarks/results/decode_select_sweep.md,
-# CUDA-graph replays): bf16 is flat across stages (91 % of copy peak at B8 x 128K); FP8 pages are
-# half the bytes per loop step, so they need deeper pipelining: 5 stages took B8 x 128K from
-# 49.0 to 43.5 µs and B8 x 1M from 313 to 270 µs.
+# Decode scoring launch: (num_warps, num_stages, programs per SM the split-K chunk aims at[,
+# balanced]), for bf16 keys and for FP8 keys. Session-6 sweep on H200 (benchmarks/results/
+# decode_select_sweep.md, CUDA-graph replays): bf16 is flat across stages (91 % of copy peak at
+# B8 x 128K); FP8 pages are half the bytes per loop step, so they need deeper pipelining: 5 stages
+# took B8 x 128K from 49.0 to 43.5 µs and B8 x 1M from 313 to 270 µs. Session 7: the chunk now
+# balances the grid to fill the resident slots exactly once ("balanced", decode_blocks_per_program)
+# and FP8 aims at 3 programs per SM: compiled for sm_90 its kernel needs 163-168 registers at 4
+# warps, so only 3 programs fit an SM, and the 4-per-SM aim (rounded to a power-of-two chunk) left
+# 512 programs for 396 slots at B8 x 128K — a second, 29 %-full wave.
 DECODE_SCORE_LAUNCH = (4, 3, 4)
-DECODE_SCORE_LAUNCH_FP8 = (4, 5, 4)
+DECODE_SCORE_LAUNCH_FP8 = (4, 5, 3)
+
+
+def decode_blocks_per_program(
+    batch: int, n_blocks: int, sms: int = 132, waves: float = 4, balanced: bool = True
+) -> int:
+    """Split-K chunk (blocks per program, ≥ 4) of a request's ``n_blocks``.
+
+    balanced: ⌊waves·sms / batch⌋ programs per request (so batch × programs fills waves·sms
+    slots at most once: no partial last wave), each a near-equal share. Otherwise session 6's
+    rule: about ``waves`` programs per SM over the whole batch, rounded to a power-of-two chunk.
+    """
+    if not balanced:
+        per = triton.cdiv(batch * n_blocks, int(waves * sms))
+        return max(4, triton.next_power_of_2(per))
+    splits = max(1, int(waves * sms) // max(batch, 1))
+    return max(4, triton.cdiv(n_blocks, splits))
 
 
 # Fused top-k (select_blocks_decode(fuse_topk=...)): rows of up to FUSE_TOPK_MAX_BLOCKS blocks
@@ -558,12 +578,6 @@ def fuse_topk_default(n_blocks: int) -> bool:
     return n_blocks <= FUSE_TOPK_MAX_BLOCKS
 
 
-def decode_blocks_per_program(batch: int, n_blocks: int, sms: int = 132, waves: int = 4) -> int:
-    """Split-K chunk: about ``waves`` programs per SM over the whole batch, ≥ 4 pages each."""
-    per = triton.cdiv(batch * n_blocks, waves * sms)
-    return max(4, triton.next_power_of_2(per))
-
-
 def select_blocks_decode(
     index_q: torch.Tensor,
     index_k_cache: torch.Tensor,
@@ -578,7 +592,7 @@ def select_blocks_decode(
     workspace: DecodeSelectWorkspace | None = None,
     k_major: bool = False,
     q_fp8: bool = False,
-    launch: tuple[int, int, int] | None = None,
+    launch: tuple[int, int, float] | tuple[int, int, float, bool] | None = None,
     fuse_topk: bool | None = None,
 ) -> torch.Tensor:
     """MSA block selection for decode / MTP verify → topk_ids [G, B·Q, topk] int32.
@@ -590,7 +604,8 @@ def select_blocks_decode(
     orientation (a benchmark knob; queries-as-A, the default, measured faster for FP8 too).
     ``q_fp8``: as in ``select_blocks_prefill`` (FP8 keys only; e4m3 × e4m3 scoring). The block
     scores stay in ``workspace.scores`` (columns below each row's local block). ``launch``:
-    (warps, stages, programs per SM) of the scoring kernel, default DECODE_SCORE_LAUNCH(_FP8).
+    (warps, stages, programs per SM[, balanced]) of the scoring kernel, default
+    DECODE_SCORE_LAUNCH(_FP8); see decode_blocks_per_program.
     ``fuse_topk``: rank inside the scoring launch (each request's last program to finish runs the
     exact top-k over its Q·G rows: one kernel per step) instead of a second top-k launch;
     default ``fuse_topk_default(n_blocks)``. Both give the same ids.
@@ -632,8 +647,10 @@ def select_blocks_decode(
         if index_q.is_cuda
         else 4
     )
-    warps, stages, waves = launch or (DECODE_SCORE_LAUNCH_FP8 if is_fp8 else DECODE_SCORE_LAUNCH)
-    per = decode_blocks_per_program(batch, n_blocks, sms, waves)
+    launch = launch or (DECODE_SCORE_LAUNCH_FP8 if is_fp8 else DECODE_SCORE_LAUNCH)
+    warps, stages, waves = launch[:3]
+    balanced = bool(launch[3]) if len(launch) > 3 else True
+    per = decode_blocks_per_program(batch, n_blocks, sms, waves, balanced)
     grid = (batch, triton.cdiv(n_blocks, per))
     fused = fuse_topk_default(n_blocks) if fuse_topk is None else bool(fuse_topk)
     pdl = pdl_active(index_q)
