@@ -536,13 +536,12 @@ class DecodeSelectWorkspace:
 # balanced]), for bf16 keys and for FP8 keys. Session-6 sweep on H200 (benchmarks/results/
 # decode_select_sweep.md, CUDA-graph replays): bf16 is flat across stages (91 % of copy peak at
 # B8 x 128K); FP8 pages are half the bytes per loop step, so they need deeper pipelining: 5 stages
-# took B8 x 128K from 49.0 to 43.5 µs and B8 x 1M from 313 to 270 µs. Session 7: the chunk now
-# balances the grid to fill the resident slots exactly once ("balanced", decode_blocks_per_program)
-# and FP8 aims at 3 programs per SM: compiled for sm_90 its kernel needs 163-168 registers at 4
-# warps, so only 3 programs fit an SM, and the 4-per-SM aim (rounded to a power-of-two chunk) left
-# 512 programs for 396 slots at B8 x 128K — a second, 29 %-full wave.
+# took B8 x 128K from 49.0 to 43.5 µs and B8 x 1M from 313 to 270 µs. Session 7 (H100 sweep, same
+# file): the chunk is now balanced so the grid fills waves·SMs slots at most once (no partial
+# last wave) — equal to the power-of-two chunk within 0.5 % at B 1-32 x 32K-1M; aiming FP8 at 3
+# programs per SM (its sm_90 kernel needs 163-168 registers offline) was 1-2 % slower than 4.
 DECODE_SCORE_LAUNCH = (4, 3, 4)
-DECODE_SCORE_LAUNCH_FP8 = (4, 5, 3)
+DECODE_SCORE_LAUNCH_FP8 = (4, 5, 4)
 
 
 def decode_blocks_per_program(
