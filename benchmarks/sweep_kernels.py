@@ -61,7 +61,11 @@ def decode_split(args: argparse.Namespace) -> list[dict[str, Any]]:
     from m3serve.kernels.msa.sparse_decode_split import SPLIT_CONFIGS, SplitConfig
 
     peak = copy_bandwidth()
+    # session 7: the unrolled fused merge first (new), then session 6's grid
     grid = [
+        SplitConfig(n, s, w, "unrolled", wv)
+        for wv, n, s, w in itertools.product((1, 2, 4), (64, 32), (2, 3), (4, 8))
+    ] + [
         SplitConfig(n, s, w, m, wv)
         for m, wv, n, s, w in itertools.product(
             ("kernel", "serial"), (1, 2, 4), (64, 32), (3, 2, 4), (4, 8)

@@ -15,11 +15,15 @@
 #   call 2 (4 GPUs):  bench_sparse_decode with per-step times inside 8-step graphs (ours, SGLang's
 #                     step, dense): lanes d8 (B8 x 128K, 1M), d32 (B32 x 128K, B64 x 128K),
 #                     d1 (B1 x 1M, B32 x 32K), dm (MTP rows after B8 x 128K).
+#   call 4 (4 GPUs):  the split kernel's fused merge unrolled over the splits ("u" configs): lanes
+#                     kt (sparse decode + decode step GPU tests), ds (decode-split sweep, B 8 / 32),
+#                     d8 / d32 (bench_sparse_decode B8 x 128K, 1M / B32, B64 x 128K).
+#   call 5 (H100):    kind nvidia-h100-x1: the decode-split sweep at B8 / B32 and the B8 x 128K step.
 #   call 3 (H100):    kind nvidia-h100-x1: the decode scoring sweep with balanced split-K grids
 #                     (FP8 at 3 programs per SM), then B8 x 128K / 1M and B32 x 128K the same way.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-CALL="${1:?usage: session7.sh 1..3}"
+CALL="${1:?usage: session7.sh 1..5}"
 OUT="${OUT:-$PWD/gpu-out}"; mkdir -p "$OUT"
 t0=$(date +%s)
 SITE=/tmp/m3serve-site6
@@ -61,7 +65,17 @@ case "$CALL" in
     lane h100 0 "timeout 230 python3 benchmarks/sweep_kernels.py decode-select --budget-s 190 --out \$OUT;
         timeout 300 $DEC --batches 8,32 --contexts 131072,1048576 --no-mtp --out \$OUT 2>&1 | tail -n 40"
     ;;
-*) echo "CALL must be 1..3" >&2; exit 2 ;;
+4)
+    lane kt 0 "timeout 400 $GT tests/kernels/test_sparse_decode.py tests/kernels/test_decode_step.py 2>&1 | tail -n 20"
+    lane ds 1 "timeout 420 python3 benchmarks/sweep_kernels.py decode-split --batches 8,32 --budget-s 360 --out \$OUT"
+    lane d8 2 "timeout 500 $DEC --batches 8 --contexts 131072,1048576 --no-mtp --out \$OUT 2>&1 | tail -n 40"
+    lane d32 3 "timeout 500 $DEC --batches 32,64 --contexts 131072 --no-mtp --out \$OUT 2>&1 | tail -n 40"
+    ;;
+5)  # one H100 (nvidia-h100-x1)
+    lane h100 0 "timeout 250 python3 benchmarks/sweep_kernels.py decode-split --batches 8,32 --budget-s 200 --out \$OUT;
+        timeout 250 $DEC --batches 8 --contexts 131072 --no-mtp --out \$OUT 2>&1 | tail -n 40"
+    ;;
+*) echo "CALL must be 1..5" >&2; exit 2 ;;
 esac
 wait
 echo "[all lanes done after $(( $(date +%s) - t0 )) s]"

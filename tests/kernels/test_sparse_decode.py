@@ -165,11 +165,15 @@ def test_rewrite_kernel_matches_reference(case):
 
 @pytest.mark.parametrize(
     "num_splits,config,topk",
-    [(1, "n64s2", 4), (3, "n64s2", 4), (3, "n64s2f", 4), (8, "n64s3f-w1", 8)],
-)
+    [
+        (1, "n64s2", 4), (3, "n64s2", 4), (3, "n64s2f", 4), (8, "n64s3f-w1", 8),
+        (3, "n64s2u", 4), (8, "n64s3u-w1", 8), (16, "n64s2u", 16),
+    ],
+)  # fmt: skip
 def test_split_kernel(num_splits, config, topk):
     """Interpreter on CPU (float32), compiled on GPU (bf16); block 128 so n64 walks 2 sub-tiles.
-    8 splits of topk 8 leave some rows' splits empty (fewer pages than splits)."""
+    8 splits of topk 8 leave some rows' splits empty (fewer pages than splits); the unrolled
+    merge at 3 splits (one partial step of 3) and at 16 (two steps of 8)."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype, tol = (torch.bfloat16, 2e-2) if dev == "cuda" else (torch.float32, 2e-5)
     seq_lens, qn, hkv, group, d, block = [2, 300, 700, 1200], 2, 2, 4, 32, 128

@@ -7,10 +7,12 @@ an online softmax over its pages, reading each page's [block, D] K and V tiles s
 HND cache through page_table[req, topk_ids[g, t, j]] (no kv_indices round trip). Causality: a
 token is visible iff its position ≤ pos_t = seq_len − Q + q, which only bites in the local block.
 The NUM_SPLITS partial (o, lse) pairs are merged by log-sum-exp, either by a second kernel
-(merge "kernel") or (merge "serial") by the row's last split to finish, found with a per-row
-atomic ticket, so the step is one launch. (A "vector" fused merge that loaded all splits' partials
-at once was tried in session 6 and removed: 1.1-2.4x slower than "serial" on H200, but timed only
-eagerly, where host launch cost dominates, so not a fair verdict.)
+(merge "kernel") or by the row's last split to finish, found with a per-row atomic ticket, so the
+attention is one launch: "serial" loops over the splits at run time (one split's loads per
+iteration: a chain of L2 round trips), "unrolled" (session 7) unrolls that loop over the
+constexpr split count so the partials' loads are independent and issue together. (A "vector"
+merge that loaded all splits as one 3-D tile was tried in session 6 and removed after eager
+timings only.)
 
 Bytes: each selected page is read once per row (K + V = 2 · block · D · 2 B); the partials add
 NUM_SPLITS · GROUP · (D + 1) · 4 B written and read per row (≈ 12% of the KV bytes at split = 1
@@ -67,8 +69,9 @@ def _sparse_decode_split_kernel(
     TOPK: tl.constexpr,
     Q_PER_REQ: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    MERGE: tl.constexpr,  # 0: second kernel, 1: fused (the row's last split)
+    MERGE: tl.constexpr,  # 0: second kernel, 1 / 2: fused (the row's last split merges)
     PDL: tl.constexpr,
+    UNROLL: tl.constexpr,  # splits per unrolled merge step (MERGE 2: min(splits, 8); else 1)
 ):
     pdl_prologue(PDL)
     SUB: tl.constexpr = BLOCK // BLOCK_N
@@ -128,43 +131,16 @@ def _sparse_decode_split_kernel(
     base = (split * num_rows + row).to(tl.int64) * GROUP
     tl.store(o_part_ptr + (base + offs_h)[:, None] * D + offs_d[None, :], o, mask=h_ok[:, None])
     tl.store(lse_part_ptr + base + offs_h, lse, mask=h_ok)
-    if MERGE == 1:
+    if MERGE != 0:
         # -- the row's last split to finish merges all splits (ticket per row, reset after) --
         tl.debug_barrier()  # every thread's partial stores precede the release below
         num_splits = tl.num_programs(1)
         ticket = tl.atomic_add(count_ptr + row, 1, sem="acq_rel")
         if ticket == num_splits - 1:
-            m = tl.full([BLOCK_H], float("-inf"), tl.float32)
-            for sp in range(0, num_splits):
-                b_sp = (sp * num_rows + row).to(tl.int64) * GROUP
-                lse_sp = tl.load(
-                    lse_part_ptr + b_sp + offs_h,
-                    mask=h_ok,
-                    other=float("-inf"),
-                    cache_modifier=".cg",
-                )
-                m = tl.maximum(m, lse_sp)
-            m = tl.where(m > float("-inf"), m, 0.0)  # padded heads: keep exp2 free of inf − inf
-            den = tl.zeros([BLOCK_H], tl.float32)
-            res = tl.zeros([BLOCK_H, D], tl.float32)
-            for sp in range(0, num_splits):
-                b_sp = (sp * num_rows + row).to(tl.int64) * GROUP
-                lse_sp = tl.load(
-                    lse_part_ptr + b_sp + offs_h,
-                    mask=h_ok,
-                    other=float("-inf"),
-                    cache_modifier=".cg",
-                )
-                w = tl.exp2(lse_sp - m)  # 0 for empty splits (lse −inf)
-                o_sp = tl.load(
-                    o_part_ptr + (b_sp + offs_h)[:, None] * D + offs_d[None, :],
-                    mask=h_ok[:, None],
-                    other=0.0,
-                    cache_modifier=".cg",
-                )
-                res += w[:, None] * o_sp
-                den += w
-            res = res / tl.where(den > 0, den, 1.0)[:, None]
+            res = _merge_rows(
+                o_part_ptr, lse_part_ptr, row, num_rows, offs_h, offs_d, h_ok, num_splits,
+                GROUP, BLOCK_H, D, UNROLL,
+            )  # fmt: skip
             tl.store(
                 out_ptr
                 + t.to(tl.int64) * stride_ot
@@ -174,6 +150,54 @@ def _sparse_decode_split_kernel(
                 mask=h_ok[:, None],
             )
             tl.atomic_xchg(count_ptr + row, 0)
+
+
+@triton.jit
+def _load_lse(lse_part_ptr, sp, row, num_rows, offs_h, ok, GROUP: tl.constexpr):
+    b_sp = (sp * num_rows + row).to(tl.int64) * GROUP
+    return tl.load(lse_part_ptr + b_sp + offs_h, mask=ok, other=float("-inf"), cache_modifier=".cg")
+
+
+@triton.jit
+def _load_o(
+    o_part_ptr, sp, row, num_rows, offs_h, offs_d, ok, GROUP: tl.constexpr, D: tl.constexpr
+):
+    b_sp = (sp * num_rows + row).to(tl.int64) * GROUP
+    return tl.load(
+        o_part_ptr + (b_sp + offs_h)[:, None] * D + offs_d[None, :],
+        mask=ok[:, None],
+        other=0.0,
+        cache_modifier=".cg",
+    )
+
+
+@triton.jit
+def _merge_rows(
+    o_part_ptr, lse_part_ptr, row, num_rows, offs_h, offs_d, h_ok, num_splits,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, UNROLL: tl.constexpr,
+):  # fmt: skip
+    """Log-sum-exp merge of a row's ``num_splits`` partials (o, lse) → [BLOCK_H, D] float32.
+
+    UNROLL = 1: a runtime loop, one split's loads per iteration (a chain of L2 round trips).
+    UNROLL = U > 1: the loop body covers U splits unrolled, so their loads are independent and
+    issue together (U ≤ 8: at 16 the sm_90 compile needed 255 registers and spilled).
+    """
+    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    for c in range(0, num_splits, UNROLL):
+        for i in tl.static_range(UNROLL):
+            ok = h_ok & (c + i < num_splits)
+            m = tl.maximum(m, _load_lse(lse_part_ptr, c + i, row, num_rows, offs_h, ok, GROUP))
+    m = tl.where(m > float("-inf"), m, 0.0)  # padded heads: keep exp2 free of inf − inf
+    den = tl.zeros([BLOCK_H], tl.float32)
+    res = tl.zeros([BLOCK_H, D], tl.float32)
+    for c in range(0, num_splits, UNROLL):
+        for i in tl.static_range(UNROLL):
+            ok = h_ok & (c + i < num_splits)
+            w = tl.exp2(_load_lse(lse_part_ptr, c + i, row, num_rows, offs_h, ok, GROUP) - m)
+            o = _load_o(o_part_ptr, c + i, row, num_rows, offs_h, offs_d, ok, GROUP, D)
+            res += w[:, None] * o
+            den += w
+    return res / tl.where(den > 0, den, 1.0)[:, None]
 
 
 @triton.jit
@@ -216,8 +240,8 @@ class SplitConfig(NamedTuple):
 
     block_n: tokens per loop step (a page is walked in block // block_n sub-tiles: smaller tiles
     leave shared memory for more programs per SM, larger ones fewer loop steps); stages: Triton's
-    software-pipelining depth; warps: per program; merge: "kernel" (second launch) or "serial"
-    (fused: the row's last split merges); waves: programs per SM the split count aims at
+    software-pipelining depth; warps: per program; merge: "kernel" (second launch), "serial" or
+    "unrolled" (fused: the row's last split merges); waves: programs per SM the split count aims at
     (num_splits_for), i.e. how finely each row's pages are cut.
     """
 
@@ -228,10 +252,11 @@ class SplitConfig(NamedTuple):
     waves: float = 4
 
 
-MERGES = {"kernel": 0, "serial": 1}
+MERGES = {"kernel": 0, "serial": 1, "unrolled": 2}
 MAX_WAVES = 4  # reserve() sizes the split scratch for this many programs per SM
 
-# Named configs: the benchmark times each one, the tests run each one. Suffix "f": fused merge;
+# Named configs: the benchmark times each one, the tests run each one. Suffix "f": fused merge
+# (runtime loop over the splits); "u": fused merge unrolled over the split count;
 # "-w1"/"-w2": 1 / 2 programs per SM instead of 4 (fewer, longer splits).
 SPLIT_CONFIGS = {
     "n64s2": SplitConfig(64, 2, 4, "kernel"),
@@ -241,6 +266,9 @@ SPLIT_CONFIGS = {
     "n64s3-w1": SplitConfig(64, 3, 4, "kernel", 1),
     "n64s3f-w1": SplitConfig(64, 3, 4, "serial", 1),
     "n64s3f-w2": SplitConfig(64, 3, 4, "serial", 2),
+    "n64s2u": SplitConfig(64, 2, 4, "unrolled"),
+    "n64s3u-w1": SplitConfig(64, 3, 4, "unrolled", 1),
+    "n64s3u-w2": SplitConfig(64, 3, 4, "unrolled", 2),
 }
 # Defaults from the session-6 sweep on H200 (benchmarks/results/decode_split_sweep.md: CUDA-graph
 # replays, 8 selections cycled, B 8 / 32 / 64 at 128K): below SMALL_ROWS rows (batch < 16 at M3's
@@ -378,6 +406,7 @@ def sparse_decode_split(
         BLOCK_N=block_n,
         MERGE=MERGES[merge],
         PDL=pdl,
+        UNROLL=min(num_splits, 8) if merge == "unrolled" else 1,
         num_warps=warps,
         num_stages=stages,
         **launch_kwargs(pdl),
