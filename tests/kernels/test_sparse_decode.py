@@ -206,7 +206,7 @@ def test_wrapper_split_backend_cpu(qn):
     w.plan(seq, qn, hkv * group, hkv, d, block, topk)
     assert w.planned_backend == "triton"
     assert w._split_config() == default_split_config(len(seq_lens) * qn * hkv)
-    assert default_split_config(32) == "n64s2" and default_split_config(128) == "n64s3f-w2"
+    assert default_split_config(32) == "n64s2" and default_split_config(128) == "n64s3u-w2"
     out = w.run(q, k, v, pt, sel, 0.3)
     torch.testing.assert_close(out, oracle(q, k, v, pt, sel, seq, qn, 0.3), atol=2e-5, rtol=2e-5)
 

@@ -274,9 +274,12 @@ SPLIT_CONFIGS = {
 # replays, 8 selections cycled, B 8 / 32 / 64 at 128K): below SMALL_ROWS rows (batch < 16 at M3's
 # 4 KV heads) n64s2 (B8: 17.0 µs vs 21.6 for n64s3f-w2), from there on n64s3f-w2 (B32: 41.6 µs
 # vs 47.8 n64s2; B64: 70.4 vs 91 µs-class for the 4-wave configs). The eager sweep before it
-# measured mostly host launch cost and picked differently: time these under graphs.
+# measured mostly host launch cost and picked differently: time these under graphs. Session 7
+# (benchmarks/results/decode_launch_structure.md, H200): the same merge unrolled, n64s3u-w2, was
+# at least as fast as n64s3f-w2 in every case (B32 41.9 vs 42.1 µs, B64 71.9 vs 72.1, B8 20.4 vs
+# 21.6), so it replaces it from SMALL_ROWS up; at B8 n64s2's separate merge kernel still wins.
 DEFAULT_SPLIT_CONFIG = "n64s2"
-DEFAULT_SPLIT_CONFIG_MANY_ROWS = "n64s3f-w2"
+DEFAULT_SPLIT_CONFIG_MANY_ROWS = "n64s3u-w2"
 SMALL_ROWS = 64
 
 
