@@ -140,8 +140,9 @@ def decode_select(args: argparse.Namespace) -> list[dict[str, Any]]:
     peak = copy_bandwidth()
     # (warps, stages, programs per SM, balanced): session 7 balances the split-K grid to the
     # resident slots (balanced) instead of a power-of-two chunk at ~waves programs per SM
-    grid = [(4, st, w, True) for st in (5, 3, 4) for w in (3, 4, 2, 6)]
-    grid += [(4, st, w, False) for st in (5, 3) for w in (4, 2)]
+    # session 7 (2nd sweep): a register cap (maxnreg) for more programs per SM — the decode tile
+    # compiles to mma.sync with plain loads, so programs per SM set the bytes in flight
+    grid = [(4, st, w, True, mx) for st in (5, 3) for w in (4, 5, 6) for mx in (None, 128, 96)]
     rows: list[dict[str, Any]] = []
     t_end = time.time() + args.budget_s
     for b, n in ((8, 131072), (8, 1048576), (1, 1048576), (32, 131072), (32, 32768)):
@@ -196,7 +197,7 @@ def decode_select_case(b, n, grid, peak, t_end) -> list[dict[str, Any]]:
             rows.append(
                 dict(
                     mode=mode, batch=b, context=n, warps=launch[0], stages=launch[1],
-                    waves=launch[2], balanced=launch[3], ms=ms, GBps=nbytes / ms / 1e6,
+                    waves=launch[2], balanced=launch[3], maxnreg=launch[4], ms=ms, GBps=nbytes / ms / 1e6,
                     pct_peak=100 * nbytes / (ms * 1e-3) / peak, rows_same_as_first=same,
                 )
             )  # fmt: skip
@@ -205,11 +206,11 @@ def decode_select_case(b, n, grid, peak, t_end) -> list[dict[str, Any]]:
         for r in sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["ms"])[:5]:
             print(
                 f"  {r['ms'] * 1e3:7.1f} us {r['pct_peak']:4.0f}%  w{r['warps']} s{r['stages']}"
-                f" waves {r['waves']} {'balanced' if r['balanced'] else 'pow2'}"
+                f" waves {r['waves']} {'balanced' if r['balanced'] else 'pow2'} maxnreg {r['maxnreg']}"
                 f" same {r['rows_same_as_first']:.3f}"
                 + (
                     "  (default)"
-                    if (r["warps"], r["stages"], r["waves"], r["balanced"]) == (*dflt, True)
+                    if (r["warps"], r["stages"], r["waves"], r["maxnreg"]) == (*dflt[:3], None)
                     else ""
                 ),
                 flush=True,

@@ -19,11 +19,15 @@
 #                     kt (sparse decode + decode step GPU tests), ds (decode-split sweep, B 8 / 32),
 #                     d8 / d32 (bench_sparse_decode B8 x 128K, 1M / B32, B64 x 128K).
 #   call 5 (H100):    kind nvidia-h100-x1: the decode-split sweep at B8 / B32 and the B8 x 128K step.
+#   call 6 (4 GPUs):  decode scoring with a register cap (maxnreg → more programs per SM): lane sw the
+#                     decode-select sweep; lanes d8 / d8m / d8n the B8 x 128K + 1M steps with the
+#                     default launches / FP8 (4,5,4) + bf16 (4,3,4) capped at 128 / 96 registers /
+#                     both at 96 registers and 5 programs per SM (M3SERVE_DECODE_SCORE_LAUNCH(_FP8)).
 #   call 3 (H100):    kind nvidia-h100-x1: the decode scoring sweep with balanced split-K grids
 #                     (FP8 at 3 programs per SM), then B8 x 128K / 1M and B32 x 128K the same way.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-CALL="${1:?usage: session7.sh 1..5}"
+CALL="${1:?usage: session7.sh 1..6}"
 OUT="${OUT:-$PWD/gpu-out}"; mkdir -p "$OUT"
 t0=$(date +%s)
 SITE=/tmp/m3serve-site6
@@ -75,7 +79,15 @@ case "$CALL" in
     lane h100 0 "timeout 250 python3 benchmarks/sweep_kernels.py decode-split --batches 8,32 --budget-s 200 --out \$OUT;
         timeout 250 $DEC --batches 8 --contexts 131072 --no-mtp --out \$OUT 2>&1 | tail -n 40"
     ;;
-*) echo "CALL must be 1..5" >&2; exit 2 ;;
+6)
+    lane sw 0 "timeout 400 python3 benchmarks/sweep_kernels.py decode-select --budget-s 330 --out \$OUT"
+    lane d8 1 "timeout 400 $DEC --batches 8 --contexts 131072,1048576 --no-mtp --out \$OUT 2>&1 | tail -n 40"
+    lane d8m 2 "M3SERVE_DECODE_SCORE_LAUNCH_FP8=4,5,4,1,128 M3SERVE_DECODE_SCORE_LAUNCH=4,3,4,1,96 \
+        timeout 400 $DEC --batches 8 --contexts 131072,1048576 --no-mtp --out \$OUT 2>&1 | tail -n 40"
+    lane d8n 3 "M3SERVE_DECODE_SCORE_LAUNCH_FP8=4,5,5,1,96 M3SERVE_DECODE_SCORE_LAUNCH=4,3,5,1,96 \
+        timeout 400 $DEC --batches 8 --contexts 131072,1048576 --no-mtp --out \$OUT 2>&1 | tail -n 40"
+    ;;
+*) echo "CALL must be 1..6" >&2; exit 2 ;;
 esac
 wait
 echo "[all lanes done after $(( $(date +%s) - t0 )) s]"

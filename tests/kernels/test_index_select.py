@@ -255,7 +255,7 @@ def test_decode_launch_configs_agree(fp8):
     args = _to(DEV, iq, cache, scale, pt, seq)
     cu_q = torch.arange(len(seq_lens) + 1, dtype=torch.int32, device=DEV)
     iq_, cache_, scale_, pt_, seq_ = args
-    for launch in ((4, 3, 4), (4, 5, 1), (8, 2, 8), (4, 5, 3, False), (4, 3, 6, True)):
+    for launch in ((4, 3, 4), (4, 5, 1), (8, 2, 8), (4, 5, 3, False), (4, 3, 6, True, 128)):
         got = select_blocks_decode(*args, 1, topk, launch=launch)
         _check(got, iq_, cache_, scale_, pt_, cu_q, seq_ - 1, seq_, topk)
 

@@ -28,6 +28,8 @@ DESIGN.md's tolerance gate at a float-rounding tolerance on near-ties).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -109,26 +111,21 @@ def _page_scales(ks_ptr, page, stride_sp, tok):
 
 
 @triton.jit
-def _score_block(
-    q,
-    k_ptr,
-    ks,
-    page,
-    stride_kp,
-    stride_kb,
-    tok,
-    d,
-    IS_FP8: tl.constexpr,
-    K_MAJOR: tl.constexpr,
-):
-    """Per-row max of q · K[page]^T over the page's tokens (FP8: × the per-token scales ``ks``,
-    loaded by the caller, first). e4m3 queries (FP8-query mode) meet the e4m3 keys unconverted:
-    an FP8 × FP8 MMA, keys [BLOCK, D] D-contiguous = the K-major operand Hopper's FP8 wgmma takes.
+def _load_k(k_ptr, page, stride_kp, stride_kb, tok, d):
+    """One page's index keys [BLOCK, D] in their storage dtype (bf16, or e4m3)."""
+    return tl.load(k_ptr + page * stride_kp + tok[:, None] * stride_kb + d[None, :])
+
+
+@triton.jit
+def _score_k(q, k, ks, IS_FP8: tl.constexpr, K_MAJOR: tl.constexpr):
+    """Per-row max of q · k^T over a page's tokens (FP8: × the per-token scales ``ks``, loaded
+    by the caller, first). e4m3 queries (FP8-query mode) meet the e4m3 keys unconverted: an FP8 ×
+    FP8 MMA, keys [BLOCK, D] D-contiguous = the K-major operand Hopper's FP8 wgmma takes.
 
     K_MAJOR computes S^T = K · q^T instead (widened FP8 keys as the register operand). Kept as a
     knob: on H200 it was 1.5–1.7× slower for FP8 decode and 1.2× for FP8 prefill.
     """
-    k = tl.load(k_ptr + page * stride_kp + tok[:, None] * stride_kb + d[None, :]).to(q.dtype)
+    k = k.to(q.dtype)
     if K_MAJOR:
         s = tl.dot(k, q)  # [BLOCK, rows]
         if IS_FP8:
@@ -175,7 +172,8 @@ def _score_blocks(
             pg_next = _page_at(pt_row, j + 2, j1)
         else:
             ks = tok  # unused
-        m = _score_block(q, k_ptr, ks, page, stride_kp, stride_kb, tok, d, IS_FP8, K_MAJOR)
+        k = _load_k(k_ptr, page, stride_kp, stride_kb, tok, d)
+        m = _score_k(q, k, ks, IS_FP8, K_MAJOR)
         if Q_FP8:
             # a positive per-row factor commutes with the max (rounding is monotone)
             m = m * q_scale
@@ -540,8 +538,27 @@ class DecodeSelectWorkspace:
 # file): the chunk is now balanced so the grid fills waves·SMs slots at most once (no partial
 # last wave) — equal to the power-of-two chunk within 0.5 % at B 1-32 x 32K-1M; aiming FP8 at 3
 # programs per SM (its sm_90 kernel needs 163-168 registers offline) was 1-2 % slower than 4.
+# launch[4], optional: a register cap per thread (Triton's maxnreg) — the decode tile (Q·G ≤ 16
+# rows) compiles to mma.sync with plain global loads (sm_90 PTX: no cp.async at any num_stages),
+# so the bytes in flight come from programs per SM, which registers bound: offline, FP8 keys need
+# 163 registers (3 programs of 4 warps per SM), bf16 110 (4); capped at 128 / 96 they compile
+# without spills. Loading the next block's keys one iteration ahead by hand instead needed 255
+# registers and spilled (session 7, not kept).
 DECODE_SCORE_LAUNCH = (4, 3, 4)
 DECODE_SCORE_LAUNCH_FP8 = (4, 5, 4)
+
+
+def _launch_env(name: str, default: tuple) -> tuple:
+    """M3SERVE_DECODE_SCORE_LAUNCH(_FP8)="warps,stages,waves[,balanced[,maxnreg]]" (sweeps)."""
+    spec = os.environ.get(name)
+    if not spec:
+        return default
+    vals = [float(v) if "." in v else int(v) for v in spec.split(",")]
+    return tuple(vals)
+
+
+DECODE_SCORE_LAUNCH = _launch_env("M3SERVE_DECODE_SCORE_LAUNCH", DECODE_SCORE_LAUNCH)
+DECODE_SCORE_LAUNCH_FP8 = _launch_env("M3SERVE_DECODE_SCORE_LAUNCH_FP8", DECODE_SCORE_LAUNCH_FP8)
 
 
 def decode_blocks_per_program(
@@ -591,7 +608,7 @@ def select_blocks_decode(
     workspace: DecodeSelectWorkspace | None = None,
     k_major: bool = False,
     q_fp8: bool = False,
-    launch: tuple[int, int, float] | tuple[int, int, float, bool] | None = None,
+    launch: tuple | None = None,
     fuse_topk: bool | None = None,
 ) -> torch.Tensor:
     """MSA block selection for decode / MTP verify → topk_ids [G, B·Q, topk] int32.
@@ -603,7 +620,7 @@ def select_blocks_decode(
     orientation (a benchmark knob; queries-as-A, the default, measured faster for FP8 too).
     ``q_fp8``: as in ``select_blocks_prefill`` (FP8 keys only; e4m3 × e4m3 scoring). The block
     scores stay in ``workspace.scores`` (columns below each row's local block). ``launch``:
-    (warps, stages, programs per SM[, balanced]) of the scoring kernel, default
+    (warps, stages, programs per SM[, balanced[, maxnreg]]) of the scoring kernel, default
     DECODE_SCORE_LAUNCH(_FP8); see decode_blocks_per_program.
     ``fuse_topk``: rank inside the scoring launch (each request's last program to finish runs the
     exact top-k over its Q·G rows: one kernel per step) instead of a second top-k launch;
@@ -649,6 +666,8 @@ def select_blocks_decode(
     launch = launch or (DECODE_SCORE_LAUNCH_FP8 if is_fp8 else DECODE_SCORE_LAUNCH)
     warps, stages, waves = launch[:3]
     balanced = bool(launch[3]) if len(launch) > 3 else True
+    maxnreg = launch[4] if len(launch) > 4 else None
+    extra = {"maxnreg": int(maxnreg)} if maxnreg and not _interpreting() else {}
     per = decode_blocks_per_program(batch, n_blocks, sms, waves, balanced)
     grid = (batch, triton.cdiv(n_blocks, per))
     fused = fuse_topk_default(n_blocks) if fuse_topk is None else bool(fuse_topk)
@@ -699,6 +718,7 @@ def select_blocks_decode(
         num_warps=warps,
         num_stages=stages,
         **launch_kwargs(pdl),
+        **extra,
     )
     if fused:
         return out
