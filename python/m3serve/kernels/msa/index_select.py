@@ -544,8 +544,10 @@ class DecodeSelectWorkspace:
 # 163 registers (3 programs of 4 warps per SM), bf16 110 (4); capped at 128 / 96 they compile
 # without spills. Loading the next block's keys one iteration ahead by hand instead needed 255
 # registers and spilled (session 7, not kept).
+# Session 7 call 6 (H200 sweep, decode_select_sweep.md): FP8 capped at 128 registers (4 programs
+# per SM) was 0.5-1.2 µs faster in all four FP8 cases (B8 x 128K 42.6 vs 43.2 µs); bf16 flat.
 DECODE_SCORE_LAUNCH = (4, 3, 4)
-DECODE_SCORE_LAUNCH_FP8 = (4, 5, 4)
+DECODE_SCORE_LAUNCH_FP8 = (4, 5, 4, True, 128)
 
 
 def _launch_env(name: str, default: tuple) -> tuple:
