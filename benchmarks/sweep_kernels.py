@@ -61,16 +61,26 @@ def decode_split(args: argparse.Namespace) -> list[dict[str, Any]]:
     from m3serve.kernels.msa.sparse_decode_split import SPLIT_CONFIGS, SplitConfig
 
     peak = copy_bandwidth()
-    # session 7: the unrolled fused merge first (new), then session 6's grid
-    grid = [
-        SplitConfig(n, s, w, "unrolled", wv)
-        for wv, n, s, w in itertools.product((1, 2, 4), (64, 32), (2, 3), (4, 8))
-    ] + [
-        SplitConfig(n, s, w, m, wv)
-        for m, wv, n, s, w in itertools.product(
-            ("kernel", "serial"), (1, 2, 4), (64, 32), (3, 2, 4), (4, 8)
-        )
-    ]
+    # session 7: register-capped launches (more programs per SM) and the unrolled fused merge
+    # first (new), then session 6's grid
+    grid = (
+        [
+            SplitConfig(n, s, 4, m, wv, 128)
+            for m, wv, (n, s) in itertools.product(
+                ("kernel", "unrolled"), (4, 2, 1), ((64, 1), (32, 2), (64, 2), (32, 3))
+            )
+        ]
+        + [
+            SplitConfig(n, s, w, "unrolled", wv)
+            for wv, n, s, w in itertools.product((1, 2, 4), (64, 32), (2, 3), (4, 8))
+        ]
+        + [
+            SplitConfig(n, s, w, m, wv)
+            for m, wv, n, s, w in itertools.product(
+                ("kernel", "serial"), (1, 2, 4), (64, 32), (3, 2, 4), (4, 8)
+            )
+        ]
+    )
     names = {c: k for k, c in SPLIT_CONFIGS.items()}
     rows: list[dict[str, Any]] = []
     t_end = time.time() + args.budget_s
@@ -130,7 +140,7 @@ def decode_split_batch(b, n, grid, names, peak, t_end) -> list[dict[str, Any]]:
         print(
             f"  {r['ms'] * 1e3:7.1f} us {r['GBps']:6.0f} GB/s {r['pct_peak']:4.0f}%  "
             f"n{c['block_n']} s{c['stages']} w{c['warps']} {c['merge']:6s} "
-            f"waves {c['waves']} splits {r['splits']} {r['name']}",
+            f"waves {c['waves']} maxnreg {c['maxnreg']} splits {r['splits']} {r['name']}",
             flush=True,
         )
     return rows

@@ -23,11 +23,14 @@
 #                     decode-select sweep; lanes d8 / d8m / d8n the B8 x 128K + 1M steps with the
 #                     default launches / FP8 (4,5,4) + bf16 (4,3,4) capped at 128 / 96 registers /
 #                     both at 96 registers and 5 programs per SM (M3SERVE_DECODE_SCORE_LAUNCH(_FP8)).
+#   call 7 (4 GPUs):  register-capped split attention ("r" configs: 4 programs per SM, so a
+#                     batch-8 step's 512 programs fit one wave): lanes ds (decode-split sweep B8/B32),
+#                     d8 (B8 x 128K / 1M), d32 (B32, B64 x 128K), kt (sparse decode GPU tests).
 #   call 3 (H100):    kind nvidia-h100-x1: the decode scoring sweep with balanced split-K grids
 #                     (FP8 at 3 programs per SM), then B8 x 128K / 1M and B32 x 128K the same way.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-CALL="${1:?usage: session7.sh 1..6}"
+CALL="${1:?usage: session7.sh 1..7}"
 OUT="${OUT:-$PWD/gpu-out}"; mkdir -p "$OUT"
 t0=$(date +%s)
 SITE=/tmp/m3serve-site6
@@ -87,7 +90,13 @@ case "$CALL" in
     lane d8n 3 "M3SERVE_DECODE_SCORE_LAUNCH_FP8=4,5,5,1,96 M3SERVE_DECODE_SCORE_LAUNCH=4,3,5,1,96 \
         timeout 400 $DEC --batches 8 --contexts 131072,1048576 --no-mtp --out \$OUT 2>&1 | tail -n 40"
     ;;
-*) echo "CALL must be 1..6" >&2; exit 2 ;;
+7)
+    lane ds 0 "timeout 260 python3 benchmarks/sweep_kernels.py decode-split --batches 8,32 --budget-s 200 --out \$OUT"
+    lane d8 1 "timeout 300 $DEC --batches 8 --contexts 131072,1048576 --no-mtp --out \$OUT 2>&1 | tail -n 40"
+    lane d32 2 "timeout 300 $DEC --batches 32,64 --contexts 131072 --no-mtp --out \$OUT 2>&1 | tail -n 40"
+    lane kt 3 "timeout 300 $GT tests/kernels/test_sparse_decode.py tests/kernels/test_index_select.py 2>&1 | tail -n 12"
+    ;;
+*) echo "CALL must be 1..7" >&2; exit 2 ;;
 esac
 wait
 echo "[all lanes done after $(( $(date +%s) - t0 )) s]"

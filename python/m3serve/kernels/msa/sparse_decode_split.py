@@ -22,6 +22,7 @@ page per program, less with fewer splits).
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple
 
 import torch
@@ -31,6 +32,7 @@ import triton.language as tl
 from .pdl import launch_kwargs, pdl_active, pdl_prologue
 
 LOG2E = 1.4426950408889634
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -242,7 +244,8 @@ class SplitConfig(NamedTuple):
     leave shared memory for more programs per SM, larger ones fewer loop steps); stages: Triton's
     software-pipelining depth; warps: per program; merge: "kernel" (second launch), "serial" or
     "unrolled" (fused: the row's last split merges); waves: programs per SM the split count aims at
-    (num_splits_for), i.e. how finely each row's pages are cut.
+    (num_splits_for), i.e. how finely each row's pages are cut; maxnreg: an optional register cap
+    per thread (more programs per SM).
     """
 
     block_n: int
@@ -250,6 +253,7 @@ class SplitConfig(NamedTuple):
     warps: int
     merge: str
     waves: float = 4
+    maxnreg: int | None = None
 
 
 MERGES = {"kernel": 0, "serial": 1, "unrolled": 2}
@@ -269,6 +273,12 @@ SPLIT_CONFIGS = {
     "n64s2u": SplitConfig(64, 2, 4, "unrolled"),
     "n64s3u-w1": SplitConfig(64, 3, 4, "unrolled", 1),
     "n64s3u-w2": SplitConfig(64, 3, 4, "unrolled", 2),
+    # register-capped (suffix r): 128 registers fit 4 programs per SM where 164-168 fit 3, so a
+    # batch-8 step's 512 programs (32 rows x 16 splits) run in one wave instead of 1.3 (offline
+    # sm_90 compile: n64 s1 / n32 s2 at 128 registers without spills; n64 s2 spills 104 B)
+    "n64s1r": SplitConfig(64, 1, 4, "kernel", 4, 128),
+    "n32s2r": SplitConfig(32, 2, 4, "kernel", 4, 128),
+    "n64s2r": SplitConfig(64, 2, 4, "kernel", 4, 128),
 }
 # Defaults from the session-6 sweep on H200 (benchmarks/results/decode_split_sweep.md: CUDA-graph
 # replays, 8 selections cycled, B 8 / 32 / 64 at 128K): below SMALL_ROWS rows (batch < 16 at M3's
@@ -359,7 +369,9 @@ def sparse_decode_split(
     assert d in (16, 32, 64, 128, 256) and block in (16, 32, 64, 128), (
         f"unsupported head_dim {d} / block {block}"
     )
-    block_n, stages, warps, merge, _ = as_split_config(config)
+    cfg = as_split_config(config)
+    block_n, stages, warps, merge = cfg.block_n, cfg.stages, cfg.warps, cfg.merge
+    extra = {"maxnreg": cfg.maxnreg} if cfg.maxnreg and not _INTERPRET else {}
     fused = merge != "kernel"
     if fused:
         assert counters is not None and counters.dtype == torch.int32, (
@@ -413,6 +425,7 @@ def sparse_decode_split(
         num_warps=warps,
         num_stages=stages,
         **launch_kwargs(pdl),
+        **extra,
     )
     if fused:
         return out
