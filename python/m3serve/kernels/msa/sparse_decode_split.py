@@ -245,7 +245,10 @@ class SplitConfig(NamedTuple):
     software-pipelining depth; warps: per program; merge: "kernel" (second launch), "serial" or
     "unrolled" (fused: the row's last split merges); waves: programs per SM the split count aims at
     (num_splits_for), i.e. how finely each row's pages are cut; maxnreg: an optional register cap
-    per thread (more programs per SM).
+    per thread (more programs per SM: 128 fits 4 of 4 warps where the uncapped 164-168 fit 3, so
+    a batch-8 step's 512 programs run in one wave; on H200 it changed nothing at B8 — 17.0 µs
+    capped or not, at 8 or 16 splits — and lost from B32 up, so no named config uses it;
+    benchmarks/results/decode_launch_structure.md).
     """
 
     block_n: int
@@ -273,12 +276,6 @@ SPLIT_CONFIGS = {
     "n64s2u": SplitConfig(64, 2, 4, "unrolled"),
     "n64s3u-w1": SplitConfig(64, 3, 4, "unrolled", 1),
     "n64s3u-w2": SplitConfig(64, 3, 4, "unrolled", 2),
-    # register-capped (suffix r): 128 registers fit 4 programs per SM where 164-168 fit 3, so a
-    # batch-8 step's 512 programs (32 rows x 16 splits) run in one wave instead of 1.3 (offline
-    # sm_90 compile: n64 s1 / n32 s2 at 128 registers without spills; n64 s2 spills 104 B)
-    "n64s1r": SplitConfig(64, 1, 4, "kernel", 4, 128),
-    "n32s2r": SplitConfig(32, 2, 4, "kernel", 4, 128),
-    "n64s2r": SplitConfig(64, 2, 4, "kernel", 4, 128),
 }
 # Defaults from the session-6 sweep on H200 (benchmarks/results/decode_split_sweep.md: CUDA-graph
 # replays, 8 selections cycled, B 8 / 32 / 64 at 128K): below SMALL_ROWS rows (batch < 16 at M3's
