@@ -550,6 +550,16 @@ def mtp_cases(mtp: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return cases
 
 
+def _opt(v: float | None, spec: str) -> str:
+    """A table cell: ``v`` formatted, or a dash where the run has no value."""
+    return "—" if v is None else format(v, spec)
+
+
+def _vs_pair(base: float | None, a: float, b: float) -> str:
+    """'base/a× / base/b×' (the baseline over ours with bf16 / FP8 index keys), or a dash."""
+    return "—" if base is None else f"{base / a:.2f}× / {base / b:.2f}×"
+
+
 def write_markdown(doc: dict[str, Any], rows: list[dict[str, Any]], path: Path) -> None:
     gbs = lambda nbytes, ms: nbytes / (ms * 1e-3) / 1e9  # noqa: E731
     lines = [
@@ -596,12 +606,9 @@ def write_markdown(doc: dict[str, Any], rows: list[dict[str, Any]], path: Path) 
         for r in cy:
             pk = r["peak_Bps"]
             b16, f8 = r["step_bf16_cycle_ms"], r["step_fp8_cycle_ms"]
-            sgc = r.get("sglang_cycle_ms")
-            sg_s = "—" if sgc is None else f"{sgc:.4f}"
-            vs_s = "—" if sgc is None else f"{sgc / b16:.2f}× / {sgc / f8:.2f}×"
-            dc = r.get("dense_cycle_ms")
-            dc_s = "—" if dc is None else f"{dc:.3f}"
-            vs_dc = "—" if dc is None else f"{dc / b16:.2f}× / {dc / f8:.2f}×"
+            sgc, dc = r.get("sglang_cycle_ms"), r.get("dense_cycle_ms")
+            sg_s, dc_s = _opt(sgc, ".4f"), _opt(dc, ".3f")
+            vs_s, vs_dc = _vs_pair(sgc, b16, f8), _vs_pair(dc, b16, f8)
             lines.append(
                 f"| {r['batch']} | {r['context'] // 1024}K | {r['cycle_layers']} | {r['dense_ms']:.3f} / {dc_s} | {b16:.4f} | {f8:.4f} | "
                 f"{r['dense_ms'] / b16:.2f}× / {r['dense_ms'] / f8:.2f}× | {vs_dc} | {r['bytes_step_bf16'] / (b16 * 1e-3) / pk:.0%} | "
@@ -621,8 +628,10 @@ def write_markdown(doc: dict[str, Any], rows: list[dict[str, Any]], path: Path) 
         ]
         for r in ls:
             ap = r.get("attn_triton_pdl_ms")
-            ap_s = "—" if ap is None else f"{ap:.4f}"
-            ap_pk = "—" if ap is None else f"{r['bytes_attn'] / (ap * 1e-3) / r['peak_Bps']:.0%}"
+            ap_s = _opt(ap, ".4f")
+            ap_pk = _opt(
+                None if ap is None else r["bytes_attn"] / (ap * 1e-3) / r["peak_Bps"], ".0%"
+            )
             lines.append(
                 f"| {r['batch']} | {r['context'] // 1024}K | {r['step_fp8_graph_fused_ms']:.4f} | {r['step_fp8_graph_two_launch_ms']:.4f} | "
                 f"{r['fuse_topk_default']} | {r['step_bf16_graph_ms']:.4f} | {r['step_bf16_graph_pdl_ms']:.4f} | "

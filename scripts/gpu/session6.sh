@@ -35,31 +35,12 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CALL="${1:?usage: session6.sh 1..9}"
-OUT="${OUT:-$PWD/gpu-out}"; mkdir -p "$OUT"
-t0=$(date +%s)
-SITE=/tmp/m3serve-site6 FI072=/tmp/m3serve-fi072
-if [ ! -f "$SITE/.done" ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
-        .dev-s6/wheels/*.whl > "$OUT/pip.log" 2>&1 || { tail -20 "$OUT/pip.log"; exit 1; }
-    mkdir -p "$FI072" && tar xJf .dev-s6/fi072_site.tar.xz -C "$FI072"
-    touch "$SITE/.done"
-fi
-BASE="$PWD/python:$SITE:$PWD/.dev-s6/sglang_site"
-export PYTHONPATH="$BASE" PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/card.txt"
-python3 -c "import torch, triton, flashinfer; print('torch', torch.__version__, 'triton', triton.__version__, 'flashinfer', flashinfer.__version__)"
+source scripts/gpu/lanes.sh
+FI072=/tmp/m3serve-fi072
+if [ ! -d "$FI072/flashinfer" ]; then mkdir -p "$FI072" && tar xJf .dev-s6/fi072_site.tar.xz -C "$FI072"; fi
 PYTHONPATH="$FI072:$BASE" python3 -c "import flashinfer; print('flashinfer (0.7.2 lane)', flashinfer.__version__)"
 echo "[setup $(( $(date +%s) - t0 )) s]"
-lane() {  # lane NAME GPU COMMAND: run in the background on one card, output in $OUT/NAME.txt
-    local name=$1 gpu=$2; shift 2
-    mkdir -p "$OUT/$name"
-    ( CUDA_VISIBLE_DEVICES=$gpu OUT="$OUT/$name" TRITON_CACHE_DIR="/tmp/triton-$name" \
-        bash -c "$*" > "$OUT/$name.txt" 2>&1
-      echo "[lane $name exit $? after $(( $(date +%s) - t0 )) s]" >> "$OUT/$name.txt" ) &
-}
 SW="python3 benchmarks/sweep_kernels.py"
-DEC="python3 benchmarks/bench_sparse_decode.py --sglang-site .dev-s6/sglang_site"
-GT="python3 -m pytest -q -m gpu -p no:cacheprovider --durations=5"
 case "$CALL" in
 1)
     lane ds8 0 "timeout 560 $SW decode-split --batches 8 --budget-s 480 --out \$OUT"

@@ -31,29 +31,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CALL="${1:?usage: session7.sh 1..7}"
-OUT="${OUT:-$PWD/gpu-out}"; mkdir -p "$OUT"
-t0=$(date +%s)
-SITE=/tmp/m3serve-site6
-if [ ! -f "$SITE/.done" ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
-        .dev-s6/wheels/*.whl > "$OUT/pip.log" 2>&1 || { tail -20 "$OUT/pip.log"; exit 1; }
-    touch "$SITE/.done"
-fi
-BASE="$PWD/python:$SITE:$PWD/.dev-s6/sglang_site"
-export PYTHONPATH="$BASE" PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/card.txt"
-python3 -c "import torch, triton, flashinfer; print('torch', torch.__version__, 'triton', triton.__version__, 'flashinfer', flashinfer.__version__)"
+source scripts/gpu/lanes.sh
 git log --oneline -1 2>/dev/null || true
 echo "[setup $(( $(date +%s) - t0 )) s]"
-lane() {  # lane NAME GPU COMMAND: run in the background on one card, output in $OUT/NAME.txt
-    local name=$1 gpu=$2; shift 2
-    mkdir -p "$OUT/$name"
-    ( CUDA_VISIBLE_DEVICES=$gpu OUT="$OUT/$name" TRITON_CACHE_DIR="/tmp/triton-$name" \
-        bash -c "$*" > "$OUT/$name.txt" 2>&1
-      echo "[lane $name exit $? after $(( $(date +%s) - t0 )) s]" >> "$OUT/$name.txt" ) &
-}
-DEC="python3 benchmarks/bench_sparse_decode.py --sglang-site .dev-s6/sglang_site"
-GT="python3 -m pytest -q -m gpu -p no:cacheprovider --durations=5"
 case "$CALL" in
 1)
     lane kt 0 "timeout 540 $GT tests/kernels/test_decode_step.py tests/kernels/test_index_select.py \
