@@ -550,6 +550,12 @@ def mtp_cases(mtp: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return cases
 
 
+def _section(title: str, header: str) -> list[str]:
+    """A markdown table's lead: a blank line, its title, a blank line, the header row and the
+    separator row (as many columns as the header has)."""
+    return ["", title, "", header, "|" + "---|" * (header.count("|") - 1)]
+
+
 def _opt(v: float | None, spec: str) -> str:
     """A table cell: ``v`` formatted, or a dash where the run has no value."""
     return "—" if v is None else format(v, spec)
@@ -594,15 +600,12 @@ def write_markdown(doc: dict[str, Any], rows: list[dict[str, Any]], path: Path) 
         )  # fmt: skip
     cy = [r for r in rows if "step_fp8_cycle_ms" in r]
     if cy:
-        lines += [
-            "",
+        lines += _section(
             "Per step inside one CUDA graph of 8 steps (a decode iteration replays one graph over all"
             " layers): each step reads its own layer's index-K cache (up to 4 copies) with its own"
             " queries; SGLang's step timed the same way. ms; % = step bytes / time / copy peak.",
-            "",
             "| B | N | layers | dense FI eager / per call in an 8-call graph | ours bf16 | ours FP8 | vs dense eager (bf16 / FP8) | vs dense in graph (bf16 / FP8) | bf16 % peak | FP8 % peak | SGLang | vs SGLang (bf16 / FP8) | single-step replay bf16 / FP8 |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
+        )
         for r in cy:
             pk = r["peak_Bps"]
             b16, f8 = r["step_bf16_cycle_ms"], r["step_fp8_cycle_ms"]
@@ -617,15 +620,12 @@ def write_markdown(doc: dict[str, Any], rows: list[dict[str, Any]], path: Path) 
             )  # fmt: skip
     ls = [r for r in rows if "step_bf16_graph_pdl_ms" in r]
     if ls:
-        lines += [
-            "",
+        lines += _section(
             "Launch structure (graph replays, ms): FP8-key step with the top-k fused into the scoring launch"
             " vs as a second launch; PDL (programmatic dependent launch between the step's kernels, opt-in"
             " M3SERVE_PDL=1) off vs on; the sparse attention alone (split kernel + merge) with PDL.",
-            "",
             "| B | N | fp8 step fused | fp8 step 2 launches | default fuses | bf16 step | bf16 step PDL | fp8 step | fp8 step PDL | PDL same output | attn split | attn split PDL | attn PDL % peak |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
+        )
         for r in ls:
             ap = r.get("attn_triton_pdl_ms")
             ap_s = _opt(ap, ".4f")
@@ -640,26 +640,20 @@ def write_markdown(doc: dict[str, Any], rows: list[dict[str, Any]], path: Path) 
             )  # fmt: skip
     q8 = [r for r in rows if "step_fp8q_graph_ms" in r]
     if q8:
-        lines += [
-            "",
+        lines += _section(
             "FP8 index keys + FP8 queries (q_fp8, opt-in M3SERVE_INDEX_Q_FP8=1), graph:",
-            "",
             "| B | N | select fp8 keys (eager) | select fp8 keys + q (eager) | step fp8 graph | step fp8 + q graph | vs dense |",
-            "|---|---|---|---|---|---|---|",
-        ]
+        )
         for r in q8:
             lines.append(
                 f"| {r['batch']} | {r['context'] // 1024}K | {r['select_fp8_ms']:.4f} | {r['select_fp8q_ms']:.4f} | "
                 f"{r['step_fp8_graph_ms']:.4f} | {r['step_fp8q_graph_ms']:.4f} | {r['dense_ms'] / r['step_fp8q_graph_ms']:.2f}× |"
             )  # fmt: skip
     if doc.get("mtp"):
-        lines += [
-            "",
+        lines += _section(
             "MTP verify (Q queries per request, own selection each; ours only):",
-            "",
             "| B | N | Q | attn FI rows | attn split (cfg) | attn GB/s | step bf16 graph | step GB/s |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
+        )
         for r in doc["mtp"]:
             ab = min(r["attn_flashinfer_ms"], r["attn_triton_ms"])
             lines.append(
