@@ -26,11 +26,13 @@
 #   call 7 (4 GPUs):  register-capped split attention ("r" configs: 4 programs per SM, so a
 #                     batch-8 step's 512 programs fit one wave): lanes ds (decode-split sweep B8/B32),
 #                     d8 (B8 x 128K / 1M), d32 (B32, B64 x 128K), kt (sparse decode GPU tests).
+#   call 8 (4 GPUs):  issue 4's prefill selection rows again (bench_index_topk --only prefill), on two
+#                     cards at once (two samples of the FP8 3x edge).
 #   call 3 (H100):    kind nvidia-h100-x1: the decode scoring sweep with balanced split-K grids
 #                     (FP8 at 3 programs per SM), then B8 x 128K / 1M and B32 x 128K the same way.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-CALL="${1:?usage: session7.sh 1..7}"
+CALL="${1:?usage: session7.sh 1..8}"
 source scripts/gpu/lanes.sh
 git log --oneline -1 2>/dev/null || true
 echo "[setup $(( $(date +%s) - t0 )) s]"
@@ -76,7 +78,11 @@ case "$CALL" in
     lane d32 2 "timeout 300 $DEC --batches 32,64 --contexts 131072 --no-mtp --out \$OUT 2>&1 | tail -n 40"
     lane kt 3 "timeout 300 $GT tests/kernels/test_sparse_decode.py tests/kernels/test_index_select.py 2>&1 | tail -n 12"
     ;;
-*) echo "CALL must be 1..7" >&2; exit 2 ;;
+8)
+    lane itk0 0 "timeout 300 python3 benchmarks/bench_index_topk.py --only prefill --out \$OUT 2>&1 | tail -n 12"
+    lane itk1 1 "timeout 300 python3 benchmarks/bench_index_topk.py --only prefill --out \$OUT 2>&1 | tail -n 12"
+    ;;
+*) echo "CALL must be 1..8" >&2; exit 2 ;;
 esac
 wait
 echo "[all lanes done after $(( $(date +%s) - t0 )) s]"
