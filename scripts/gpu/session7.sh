@@ -15,6 +15,8 @@
 #   call 2 (4 GPUs):  bench_sparse_decode with per-step times inside 8-step graphs (ours, SGLang's
 #                     step, dense): lanes d8 (B8 x 128K, 1M), d32 (B32 x 128K, B64 x 128K),
 #                     d1 (B1 x 1M, B32 x 32K), dm (MTP rows after B8 x 128K).
+#   call 3 (H100):    kind nvidia-h100-x1: the decode scoring sweep with balanced split-K grids
+#                     (FP8 at 3 programs per SM), then B8 x 128K / 1M and B32 x 128K the same way.
 #   call 4 (4 GPUs):  the split kernel's fused merge unrolled over the splits ("u" configs): lanes
 #                     kt (sparse decode + decode step GPU tests), ds (decode-split sweep, B 8 / 32),
 #                     d8 / d32 (bench_sparse_decode B8 x 128K, 1M / B32, B64 x 128K).
@@ -28,8 +30,6 @@
 #                     d8 (B8 x 128K / 1M), d32 (B32, B64 x 128K), kt (sparse decode GPU tests).
 #   call 8 (4 GPUs):  issue 4's prefill selection rows again (bench_index_topk --only prefill), on two
 #                     cards at once (two samples of the FP8 3x edge).
-#   call 3 (H100):    kind nvidia-h100-x1: the decode scoring sweep with balanced split-K grids
-#                     (FP8 at 3 programs per SM), then B8 x 128K / 1M and B32 x 128K the same way.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CALL="${1:?usage: session7.sh 1..8}"

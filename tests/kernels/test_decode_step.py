@@ -38,6 +38,10 @@ def test_pdl_switch_scopes_and_stays_off_on_cpu():
     assert pdl_mod._STATE["on"] == before
     assert pdl_mod.launch_kwargs(True) == {"launch_pdl": True}
     assert pdl_mod.launch_kwargs(False) == {}
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter has no registers to cap
+        assert pdl_mod.launch_kwargs(False, 128) == {}
+    else:
+        assert pdl_mod.launch_kwargs(True, 128) == {"launch_pdl": True, "maxnreg": 128}
 
 
 HKV, GROUP, D, BLOCK, TOPK, DIDX = 4, 16, 128, 128, 16, 128

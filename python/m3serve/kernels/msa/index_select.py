@@ -669,7 +669,6 @@ def select_blocks_decode(
     warps, stages, waves = launch[:3]
     balanced = bool(launch[3]) if len(launch) > 3 else True
     maxnreg = launch[4] if len(launch) > 4 else None
-    extra = {"maxnreg": int(maxnreg)} if maxnreg and not _interpreting() else {}
     per = decode_blocks_per_program(batch, n_blocks, sms, waves, balanced)
     grid = (batch, triton.cdiv(n_blocks, per))
     fused = fuse_topk_default(n_blocks) if fuse_topk is None else bool(fuse_topk)
@@ -719,8 +718,7 @@ def select_blocks_decode(
         PDL=pdl,
         num_warps=warps,
         num_stages=stages,
-        **launch_kwargs(pdl),
-        **extra,
+        **launch_kwargs(pdl, maxnreg),
     )
     if fused:
         return out

@@ -57,9 +57,13 @@ def pdl_active(t: torch.Tensor) -> bool:
     return torch.cuda.get_device_capability(t.device)[0] >= 9
 
 
-def launch_kwargs(on: bool) -> dict:
-    """Extra launch options for ``kernel[grid](...)``."""
-    return {"launch_pdl": True} if on else {}
+def launch_kwargs(on: bool, maxnreg: int | None = None) -> dict:
+    """Extra launch options for ``kernel[grid](...)``: PDL, and an optional register cap per
+    thread (Triton's maxnreg; ignored under the interpreter, which has no registers to cap)."""
+    opts: dict = {"launch_pdl": True} if on else {}
+    if maxnreg and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        opts["maxnreg"] = int(maxnreg)
+    return opts
 
 
 @triton.jit

@@ -22,7 +22,6 @@ page per program, less with fewer splits).
 from __future__ import annotations
 
 import math
-import os
 from typing import NamedTuple
 
 import torch
@@ -32,7 +31,6 @@ import triton.language as tl
 from .pdl import launch_kwargs, pdl_active, pdl_prologue
 
 LOG2E = 1.4426950408889634
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -368,7 +366,6 @@ def sparse_decode_split(
     )
     cfg = as_split_config(config)
     block_n, stages, warps, merge = cfg.block_n, cfg.stages, cfg.warps, cfg.merge
-    extra = {"maxnreg": cfg.maxnreg} if cfg.maxnreg and not _INTERPRET else {}
     fused = merge != "kernel"
     if fused:
         assert counters is not None and counters.dtype == torch.int32, (
@@ -421,8 +418,7 @@ def sparse_decode_split(
         UNROLL=min(num_splits, 8) if merge == "unrolled" else 1,
         num_warps=warps,
         num_stages=stages,
-        **launch_kwargs(pdl),
-        **extra,
+        **launch_kwargs(pdl, cfg.maxnreg),
     )
     if fused:
         return out
