@@ -209,16 +209,10 @@ def dense_wrapper(page_table: torch.Tensor, n: int):
     return w
 
 
-def run_case(b: int, n: int, sglang_fn, peak: float) -> dict[str, Any]:
-    from m3serve.kernels.msa.index_select import (
-        DecodeSelectWorkspace,
-        fuse_topk_default,
-        select_blocks_decode,
-    )
-    from m3serve.kernels.msa.pdl import pdl, pdl_active
+def case_inputs(b: int, n: int) -> tuple:
+    """One case's random inputs on the GPU: (nb, pages, gen, page_table, k, v, idx_k, idx_k8,
+    idx_s8, q, idx_q, seq_lens, seq_host) — B requests at context n, pages shuffled over a pool."""
     from m3serve.kernels.msa.reference import quantize_index_k_fp8
-    from m3serve.kernels.msa.sparse_decode import SparseDecodeWrapper
-    from m3serve.kernels.msa.sparse_decode_split import SPLIT_CONFIGS
 
     dev = "cuda"
     nb = math.ceil(n / BLOCK)
@@ -235,7 +229,23 @@ def run_case(b: int, n: int, sglang_fn, peak: float) -> dict[str, Any]:
     q = torch.randn(b, HQ, D, device=dev, dtype=torch.bfloat16, generator=gen)
     idx_q = torch.randn(b, HKV, DIDX, device=dev, dtype=torch.bfloat16, generator=gen)
     seq_lens = torch.full((b,), n, dtype=torch.int32, device=dev)
-    seq_host = [n] * b
+    return (nb, pages, gen, page_table, k, v, idx_k, idx_k8, idx_s8, q, idx_q, seq_lens, [n] * b)
+
+
+def run_case(b: int, n: int, sglang_fn, peak: float) -> dict[str, Any]:
+    from m3serve.kernels.msa.index_select import (
+        DecodeSelectWorkspace,
+        fuse_topk_default,
+        select_blocks_decode,
+    )
+    from m3serve.kernels.msa.pdl import pdl, pdl_active
+    from m3serve.kernels.msa.sparse_decode import SparseDecodeWrapper
+    from m3serve.kernels.msa.sparse_decode_split import SPLIT_CONFIGS
+
+    dev = "cuda"
+    nb, pages, gen, page_table, k, v, idx_k, idx_k8, idx_s8, q, idx_q, seq_lens, seq_host = (
+        case_inputs(b, n)
+    )
     scale = 1 / math.sqrt(D)
     res: dict[str, Any] = {"batch": b, "context": n}
 

@@ -19,7 +19,11 @@ if not torch.cuda.is_available():  # before the kernels are imported: triton.jit
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from m3serve.kernels.msa import pdl as pdl_mod
-from m3serve.kernels.msa.index_select import DecodeSelectWorkspace, select_blocks_decode
+from m3serve.kernels.msa.index_select import (
+    DecodeSelectWorkspace,
+    score_blocks_decode,
+    select_blocks_decode,
+)
 from m3serve.kernels.msa.reference import quantize_index_k_fp8
 from m3serve.kernels.msa.sparse_decode import SparseDecodeWrapper
 
@@ -50,7 +54,9 @@ HKV, GROUP, D, BLOCK, TOPK, DIDX = 4, 16, 128, 128, 16, 128
 class Step:
     """Fixed buffers of one decode step (B requests of the given lengths) and its launches."""
 
-    def __init__(self, seq_lens: list[int], fp8: bool, fuse: bool) -> None:
+    def __init__(self, seq_lens: list[int], fp8: bool, fuse: bool | str) -> None:
+        """fuse: True / False — the top-k in the scoring launch / its own launch; "attention" —
+        ranked inside the attention launch (score_blocks_decode + run(scores=))."""
         dev = "cuda"
         self.b = len(seq_lens)
         self.nb = max(math.ceil(n / BLOCK) for n in seq_lens)
@@ -83,6 +89,16 @@ class Step:
 
     def __call__(self) -> None:
         cache, scale = (self.idx_k8, self.idx_s8) if self.fp8 else (self.idx_k, None)
+        if self.fuse == "attention":
+            sc = score_blocks_decode(
+                self.idx_q, cache, scale, self.pt, self.seq, 1, TOPK,
+                max_seq_len=max(self.seq_host), workspace=self.ws,
+            )  # fmt: skip
+            self.attn.run(
+                self.q, self.k, self.v, self.pt, self.ids, 1 / math.sqrt(D), out=self.out,
+                scores=sc,
+            )  # fmt: skip
+            return
         select_blocks_decode(
             self.idx_q, cache, scale, self.pt, self.seq, 1, TOPK, out=self.ids,
             max_seq_len=max(self.seq_host), workspace=self.ws, fuse_topk=self.fuse,
@@ -121,3 +137,35 @@ def test_gpu_pdl_step_graph_equals_plain_eager(fp8, fuse):
         assert torch.equal(got_ids, step.ids), f"seed {seed}: ids differ under PDL + graph"
         assert torch.equal(got_out, step.out), f"seed {seed}: outputs differ under PDL + graph"
         assert int(step.ws.counters.abs().sum()) == 0
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("fp8", [False, True])
+def test_gpu_rank_in_attention_graph_equals_two_launch_eager(fp8):
+    """The step with the top-k ranked inside the attention launch, captured in a CUDA graph and
+    replayed on new inputs, gives exactly the ids and outputs of the eager two-launch step."""
+    lens = [1, 129, 1111, 4099, 20000, 130_000, 333, 2048]
+    step = Step(lens, fp8, "attention")
+    plain = Step(lens, fp8, False)
+    assert step.attn.ranks_in_attention(step.nb)
+    step.load(0)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # warm-up: JIT outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    for seed in (1, 2):
+        step.load(seed)
+        step.ids.fill_(-7)
+        step.out.fill_(float("nan"))
+        graph.replay()
+        for name in ("k", "v", "idx_k", "idx_k8", "idx_s8", "q", "idx_q", "pt"):
+            getattr(plain, name).copy_(getattr(step, name))
+        plain()
+        torch.cuda.synchronize()
+        assert torch.equal(step.ids, plain.ids), f"seed {seed}: ids differ"
+        assert torch.equal(step.out, plain.out), f"seed {seed}: outputs differ"

@@ -17,7 +17,6 @@ import torch
 if not torch.cuda.is_available():  # before the kernels are imported: triton.jit reads it then
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from m3serve.kernels.msa.reference import ref_sparse_attention
 from m3serve.kernels.msa.sparse_decode import SparseDecodeWrapper, sparse_decode_attention
 from m3serve.kernels.msa.sparse_decode_indices import (
     decode_row_layout,
@@ -30,60 +29,9 @@ from m3serve.kernels.msa.sparse_decode_split import (
     sparse_decode_split,
 )
 
+from .decode_cases import make_case, oracle
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-def random_selection(
-    seq_lens: list[int], q: int, hkv: int, block: int, topk: int, gen
-) -> torch.Tensor:
-    """A valid MSA selection [H_kv, T, k] per the reference conventions (random ranking)."""
-    rows = []
-    for n in seq_lens:
-        for i in range(q):
-            pos = n - q + i
-            local = pos // block
-            for _ in range(hkv):
-                row = torch.full((topk,), -1, dtype=torch.int32)
-                if local + 1 <= topk:
-                    row[: local + 1] = torch.arange(local + 1, dtype=torch.int32)
-                else:
-                    row[: topk - 1] = torch.randperm(local, generator=gen)[: topk - 1].to(
-                        torch.int32
-                    )
-                    row[topk - 1] = local
-                rows.append(row)
-    return torch.stack(rows).view(len(seq_lens) * q, hkv, topk).transpose(0, 1).contiguous()
-
-
-def make_case(seq_lens, q, hkv, group, d, block, topk, seed=0, dtype=torch.float32, device="cpu"):
-    gen = torch.Generator().manual_seed(seed)
-    pages_per = [(n + block - 1) // block for n in seq_lens]
-    num_pages = sum(pages_per) + 5
-    perm = torch.randperm(num_pages, generator=gen)
-    page_table = torch.full(
-        (len(seq_lens), max(pages_per) + 2), 10**6, dtype=torch.int32
-    )  # poison tail
-    at = 0
-    for r, p in enumerate(pages_per):
-        page_table[r, :p] = perm[at : at + p].to(torch.int32)
-        at += p
-    k = torch.randn(num_pages, hkv, block, d, generator=gen).to(dtype)
-    v = torch.randn(num_pages, hkv, block, d, generator=gen).to(dtype)
-    qt = torch.randn(len(seq_lens) * q, hkv * group, d, generator=gen).to(dtype)
-    sel = random_selection(seq_lens, q, hkv, block, topk, gen)
-    seq = torch.tensor(seq_lens, dtype=torch.int32)
-    t = [x.to(device) for x in (qt, k, v, page_table, sel, seq)]
-    return t
-
-
-def oracle(q, k, v, page_table, sel, seq, qn, sm_scale):
-    """ref_sparse_attention in float32 on the inputs' device (GPU keeps the big cases fast)."""
-    b, dev = seq.numel(), q.device
-    cu_q = torch.arange(b + 1, dtype=torch.int32, device=dev) * qn
-    out = ref_sparse_attention(
-        q.float(), k.float(), v.float(), page_table, cu_q, seq - qn, seq, sel, sm_scale
-    )
-    return out.cpu()
 
 
 def emulate_flashinfer_decode(q_rows, k_view, v_view, indptr, indices, last, sm_scale):

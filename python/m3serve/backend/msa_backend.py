@@ -17,6 +17,10 @@ per-token float32 scale when ``M3SERVE_INDEX_K_DTYPE=fp8`` (half the index bytes
 float32 when the model runs in float32 (exact reference runs). ``M3SERVE_INDEX_Q_FP8=1`` (FP8 keys
 only) also quantizes each index-query row to e4m3 and scores on FP8 tensor cores (opt-in: it
 changes which blocks win at near-ties; the reference path quantizes the same way).
+``M3SERVE_DECODE_RANK`` (``attention`` by default, or ``launch``): where a decode step's top-k
+runs — inside the split-KV attention launch (each program ranks its own slots from the block
+scores; rows of ≤ 2048 blocks on the Triton decode backend, else the top-k launch runs) or as its
+own launch between scoring and attention. Both give the same ids.
 
 Implementations of the sparse layers (``M3SERVE_MSA_IMPL``):
 - ``auto``: m3serve's fast kernels (m3serve.kernels.msa) on CUDA, the torch references on CPU;
@@ -73,6 +77,14 @@ def index_q_fp8_choice() -> bool:
     if choice not in ("0", "1"):
         raise ValueError(f"M3SERVE_INDEX_Q_FP8 must be 0 or 1, got {choice!r}")
     return choice == "1"
+
+
+def decode_rank_choice() -> str:
+    """``M3SERVE_DECODE_RANK``: "attention" (default) or "launch" (see the module docstring)."""
+    choice = os.environ.get("M3SERVE_DECODE_RANK", "attention")
+    if choice not in ("attention", "launch"):
+        raise ValueError(f"M3SERVE_DECODE_RANK must be attention or launch, got {choice!r}")
+    return choice
 
 
 def index_k_bytes_per_token(index_dim: int, kv_dtype: torch.dtype | None = None) -> int:
@@ -208,6 +220,7 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
             for layer in self.sparse_layers
         }
         self.index_q_fp8 = index_q_fp8_choice() if index_q_fp8 is None else index_q_fp8
+        self.decode_rank = decode_rank_choice()
         if self.index_q_fp8 and self.index_dtype != torch.float8_e4m3fn:
             raise ValueError(
                 "M3SERVE_INDEX_Q_FP8=1 scores e4m3 queries against e4m3 keys: it needs "
@@ -420,11 +433,17 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
     def _select_fast(
         self, md: MSAMetadata, idx_q: torch.Tensor, cache: torch.Tensor, scale: Any
     ) -> torch.Tensor:
-        from m3serve.kernels.msa.index_select import select_blocks_decode, select_blocks_prefill
+        from m3serve.kernels.msa.index_select import (
+            score_blocks_decode,
+            select_blocks_decode,
+            select_blocks_prefill,
+        )
 
         if md.is_decode:
             # graphs: the grid spans the whole page table (the context limit), as captured
-            return select_blocks_decode(
+            # rank "attention": the block scores go to the attention, which ranks them itself
+            fn = score_blocks_decode if self.decode_rank == "attention" else select_blocks_decode
+            return fn(
                 idx_q, cache, scale, md.page_table, md.seq_lens, 1, self.topk,
                 max_seq_len=None if md.in_graph else md.max_seq_len, q_fp8=self.index_q_fp8,
             )  # fmt: skip
@@ -433,11 +452,17 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
             max_q_len=md.max_q_len, max_seq_len=md.max_seq_len, q_fp8=self.index_q_fp8,
         )  # fmt: skip
 
-    def _attend_fast(self, md, q3, k_cache, v_cache, topk_ids, scale) -> torch.Tensor:
+    def _attend_fast(self, md, q3, k_cache, v_cache, selection, scale) -> torch.Tensor:
+        """selection: topk_ids, or (decode, rank "attention") the step's DecodeScores."""
         if md.is_decode:
             wrapper = self._graph["decode"] if md.in_graph else self._decode_wrapper
-            return wrapper.run(q3, k_cache, v_cache, md.page_table, topk_ids, scale)
-        return self._prefill_wrapper.run(q3, k_cache, v_cache, topk_ids, scale)
+            if isinstance(selection, torch.Tensor):
+                return wrapper.run(q3, k_cache, v_cache, md.page_table, selection, scale)
+            ids = torch.empty(
+                self.num_kv_heads, q3.shape[0], self.topk, dtype=torch.int32, device=q3.device
+            )
+            return wrapper.run(q3, k_cache, v_cache, md.page_table, ids, scale, scores=selection)
+        return self._prefill_wrapper.run(q3, k_cache, v_cache, selection, scale)
 
     # -- SGLang 0.5.23's in-tree MSA ops (the baseline, M3SERVE_MSA_IMPL=sglang) ---------------
     def _sglang_sparse(
@@ -583,8 +608,8 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
         if self.sparse_impl == "sglang":
             return None, self._sglang_sparse(md, q3, layer, iq, forward_batch)
         if self.sparse_impl == "fast":
-            topk_ids = self._select_fast(md, iq, cache, scale)
-            out = self._attend_fast(md, q3, k_cache, v_cache, topk_ids, layer.scaling)
+            selection = self._select_fast(md, iq, cache, scale)
+            out = self._attend_fast(md, q3, k_cache, v_cache, selection, layer.scaling)
             return None, out.view(q3.shape[0], hq, d)
         topk_ids = ref.ref_select_blocks(
             iq, cache, scale, md.page_table, md.cu_q, md.prefix_lens, md.seq_lens, self.topk,

@@ -29,6 +29,7 @@ DESIGN.md's tolerance gate at a float-rounding tolerance on near-ties).
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -596,6 +597,38 @@ def fuse_topk_default(n_blocks: int) -> bool:
     return n_blocks <= FUSE_TOPK_MAX_BLOCKS
 
 
+class DecodeScores(NamedTuple):
+    """A decode step's block scores left unranked (``score_blocks_decode``): row t·G + g."""
+
+    scores: torch.Tensor  # [T·G, n_blocks] float32 (columns below each row's local block)
+    local: torch.Tensor  # [T·G] int32, each row's local block
+
+
+def score_blocks_decode(
+    index_q: torch.Tensor,
+    index_k_cache: torch.Tensor,
+    index_k_scale: torch.Tensor | None,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    q_per_req: int,
+    topk: int,
+    *,
+    max_seq_len: int | None = None,
+    workspace: DecodeSelectWorkspace | None = None,
+    k_major: bool = False,
+    q_fp8: bool = False,
+    launch: tuple | None = None,
+) -> DecodeScores:
+    """The scoring launch of ``select_blocks_decode`` alone (same arguments): the block scores,
+    for a consumer that ranks them itself (``sparse_decode_split(scores=...)`` ranks inside the
+    attention launch). GPU / interpreter only."""
+    assert use_triton(index_q), "score_blocks_decode runs the Triton kernel (CUDA or interpreter)"
+    return _decode_select(
+        index_q, index_k_cache, index_k_scale, page_table, seq_lens, q_per_req, topk, None,
+        max_seq_len, workspace, k_major, q_fp8, launch, "none",
+    )  # fmt: skip
+
+
 def select_blocks_decode(
     index_q: torch.Tensor,
     index_k_cache: torch.Tensor,
@@ -628,6 +661,32 @@ def select_blocks_decode(
     exact top-k over its Q·G rows: one kernel per step) instead of a second top-k launch;
     default ``fuse_topk_default(n_blocks)``. Both give the same ids.
     """
+    if not use_triton(index_q):
+        batch, qn = page_table.shape[0], q_per_req
+        _check_common(index_q, index_k_cache, index_k_scale, page_table, seq_lens, topk)
+        _check_q_fp8(q_fp8, index_k_cache, k_major)
+        cu_q = torch.arange(batch + 1, dtype=torch.int32, device=index_q.device) * qn
+        return ref.ref_select_blocks(
+            index_q, index_k_cache, index_k_scale, page_table, cu_q, seq_lens - qn, seq_lens, topk,
+            q_fp8=q_fp8,
+        )  # fmt: skip
+    if fuse_topk is None:
+        n_blocks = page_table.shape[1]
+        if max_seq_len is not None:
+            n_blocks = max(1, min(n_blocks, triton.cdiv(max_seq_len, index_k_cache.shape[1])))
+        fuse_topk = fuse_topk_default(n_blocks)
+    return _decode_select(
+        index_q, index_k_cache, index_k_scale, page_table, seq_lens, q_per_req, topk, out,
+        max_seq_len, workspace, k_major, q_fp8, launch, "fused" if fuse_topk else "launch",
+    )  # fmt: skip
+
+
+def _decode_select(
+    index_q, index_k_cache, index_k_scale, page_table, seq_lens, q_per_req, topk, out,
+    max_seq_len, workspace, k_major, q_fp8, launch, rank,
+):  # fmt: skip
+    """select_blocks_decode / score_blocks_decode on Triton. rank: "fused" (in the scoring
+    launch), "launch" (a second, top-k launch) → topk_ids; "none" → DecodeScores."""
     groups, d, block, is_fp8 = _check_common(
         index_q, index_k_cache, index_k_scale, page_table, seq_lens, topk
     )
@@ -638,23 +697,23 @@ def select_blocks_decode(
     assert index_q.shape[0] == batch * qn, (
         f"index_q has {index_q.shape[0]} rows, expected B·Q = {batch}·{qn}"
     )
-    if not use_triton(index_q):
-        cu_q = torch.arange(batch + 1, dtype=torch.int32, device=index_q.device) * qn
-        return ref.ref_select_blocks(
-            index_q, index_k_cache, index_k_scale, page_table, cu_q, seq_lens - qn, seq_lens, topk,
-            q_fp8=q_fp8,
-        )  # fmt: skip
-    if out is None:
-        out = torch.empty(groups, batch * qn, topk, dtype=torch.int32, device=index_q.device)
-    assert out.shape == (groups, batch * qn, topk) and out.dtype == torch.int32, (
-        f"out must be [{groups}, {batch * qn}, {topk}] int32, got {tuple(out.shape)} {out.dtype}"
-    )
-    if batch == 0:
-        return out
+    assert rank in ("fused", "launch", "none"), f"rank must be fused/launch/none, got {rank!r}"
+    if rank != "none":
+        if out is None:
+            out = torch.empty(groups, batch * qn, topk, dtype=torch.int32, device=index_q.device)
+        assert out.shape == (groups, batch * qn, topk) and out.dtype == torch.int32, (
+            f"out must be [{groups}, {batch * qn}, {topk}] int32, "
+            f"got {tuple(out.shape)} {out.dtype}"
+        )
     n_blocks = page_table.shape[1]
     if max_seq_len is not None:
         n_blocks = max(1, min(n_blocks, triton.cdiv(max_seq_len, block)))
     rows = batch * qn * groups
+    if batch == 0:
+        if rank != "none":
+            return out
+        empty = torch.empty(0, n_blocks, dtype=torch.float32, device=index_q.device)
+        return DecodeScores(empty, torch.empty(0, dtype=torch.int32, device=index_q.device))
     if workspace is None:
         workspace = DecodeSelectWorkspace(rows, n_blocks, index_q.device)
     assert workspace.scores.shape[0] >= rows and workspace.scores.shape[1] >= n_blocks, (
@@ -671,13 +730,15 @@ def select_blocks_decode(
     maxnreg = launch[4] if len(launch) > 4 else None
     per = decode_blocks_per_program(batch, n_blocks, sms, waves, balanced)
     grid = (batch, triton.cdiv(n_blocks, per))
-    fused = fuse_topk_default(n_blocks) if fuse_topk is None else bool(fuse_topk)
+    fused = rank == "fused"
     pdl = pdl_active(index_q)
     assert n_blocks <= MAX_BLOCKS, f"{n_blocks} blocks per row > {MAX_BLOCKS} (1M tokens)"
     k_pad, block_nc, tile_r = rounds_tile(n_blocks, topk)
     tile_r = min(tile_r, triton.next_power_of_2(qn * groups))
     if fused:
         assert workspace.counters.numel() >= batch, "workspace counters hold fewer than B requests"
+    if out is None:  # scores only: the kernel's top-k output is never written
+        out = workspace.local
 
     _decode_block_scores_kernel[grid](
         index_q,
@@ -698,9 +759,9 @@ def select_blocks_decode(
         index_k_scale.stride(0) if is_fp8 else 0,
         page_table.stride(0),
         workspace.scores.stride(0),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
+        out.stride(0) if fused else 0,
+        out.stride(1) if fused else 0,
+        out.stride(2) if fused else 0,
         Q=qn,
         G=groups,
         D=d,
@@ -722,6 +783,8 @@ def select_blocks_decode(
     )
     if fused:
         return out
+    if rank == "none":
+        return DecodeScores(workspace.scores[:rows, :n_blocks], workspace.local[:rows])
     return launch_topk_rows(
         workspace.scores[:rows], workspace.local[:rows], out, topk, groups, n_cols=n_blocks
     )

@@ -27,6 +27,7 @@ from .reference import ref_sparse_attention
 from .sparse_decode_indices import decode_row_layout, rewrite_kv_indices
 from .sparse_decode_split import (
     MAX_WAVES,
+    RANK_MAX_BLOCKS,
     SplitConfig,
     as_split_config,
     default_split_config,
@@ -242,6 +243,12 @@ class SparseDecodeWrapper:
             return self.backend
         return "triton" if rows < self.auto_min_rows else "flashinfer"
 
+    def ranks_in_attention(self, n_blocks: int) -> bool:
+        """Whether run(scores=...) ranks inside the attention launch for rows of ``n_blocks``
+        (the planned step on the Triton backend, rows ≤ RANK_MAX_BLOCKS blocks)."""
+        assert self._planned is not None, "plan() first"
+        return self._planned["backend"] == "triton" and n_blocks <= RANK_MAX_BLOCKS
+
     @property
     def planned_backend(self) -> str:
         assert self._planned is not None, "plan() first"
@@ -256,9 +263,16 @@ class SparseDecodeWrapper:
         topk_ids: torch.Tensor,
         sm_scale: float,
         out: torch.Tensor | None = None,
+        scores: Any = None,
     ) -> torch.Tensor:
         """Per layer. q [T, H_q, D] (T = B·Q), HND caches [P, H_kv, block, D], page_table [B, *]
-        int32, topk_ids [H_kv, T, k] int32 → out [T, H_q, D] in q's dtype."""
+        int32, topk_ids [H_kv, T, k] int32 → out [T, H_q, D] in q's dtype.
+
+        scores: the step's unranked block scores (index_select.DecodeScores from
+        score_blocks_decode) instead of a ranked selection; ``topk_ids`` is then written with the
+        selection. The Triton backend ranks inside its attention launch (rows of ≤
+        RANK_MAX_BLOCKS blocks); otherwise the top-k launch runs first.
+        """
         p = self._planned
         assert p is not None, "plan() before run()"
         total_q = p["batch"] * p["q_per_req"]
@@ -275,11 +289,17 @@ class SparseDecodeWrapper:
         assert page_table.shape[0] >= p["batch"], "page_table has fewer rows than the batch"
         if out is None:
             out = torch.empty_like(q)
+        rank_here = scores is not None and self.ranks_in_attention(scores.scores.shape[1])
+        if scores is not None and not rank_here:
+            from .topk import launch_topk_rows
+
+            launch_topk_rows(scores.scores, scores.local, topk_ids, p["topk"], hkv)
         if p["backend"] == "triton":
             o_part, lse_part = self._scratch(0, 0)
             return sparse_decode_split(
                 q, k_cache, v_cache, page_table, topk_ids, self.seq_lens, p["q_per_req"], sm_scale,
                 p["num_splits"], o_part, lse_part, out, self._split_config(), self.split_counters,
+                scores=scores.scores if rank_here else None,
             )  # fmt: skip
         assert q.is_contiguous() and out.is_contiguous(), (
             "FlashInfer rows are a view of contiguous q/out"

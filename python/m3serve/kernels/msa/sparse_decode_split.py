@@ -29,8 +29,58 @@ import triton
 import triton.language as tl
 
 from .pdl import launch_kwargs, pdl_active, pdl_prologue
+from .topk import _packed_keys
 
 LOG2E = 1.4426950408889634
+# rows of up to this many blocks (256K tokens) can be ranked inside the attention launch
+# (``scores=``): the row's packed keys live in registers ([NC] int64 over the program's threads)
+RANK_MAX_BLOCKS = 2048
+
+
+@triton.jit
+def _rank_split_pages(
+    sc_ptr, pt_row, ids_ptr, row, pos, j0, pages_per_split, n_cols, stride_sc,
+    BLOCK: tl.constexpr, TOPK: tl.constexpr, NC: tl.constexpr, PPS: tl.constexpr,
+):  # fmt: skip
+    """Block ids and pages of selection slots j0 .. j0 + pages_per_split − 1 of one row, ranked
+    here from the row's block scores (the top-k rules of topk.py: slots 0 .. k − 2 by score desc,
+    id asc; slot k − 1 the local block; a row with ≤ k visible blocks lists them ascending, −1
+    after) → (blk [PPS], page [PPS]), −1 / 0 past the row's selection. The slots' ids are also
+    stored to ``ids_ptr`` (the row's topk_ids, so callers see the same ids as the two-launch form).
+
+    Ranking is the "rounds" kernel's (packed int64 keys, row max, knock the winner out), cut off
+    after this split's last slot: split s of a 1-page split runs s + 1 rounds. The pages of the
+    ranked slots come from the page-table row loaded beside the scores (a masked sum per slot),
+    so no dependent page-table load follows the ranking.
+    """
+    sentinel = -9223372036854775807 - 1
+    loc = pos // BLOCK
+    offs_pp = tl.arange(0, PPS)
+    j = j0 + offs_pp
+    in_split = (offs_pp < pages_per_split) & (j < TOPK)
+    if loc + 1 <= TOPK:  # every visible block, ascending
+        blk = tl.where(j <= loc, j, -1)
+        page = tl.load(pt_row + blk, mask=in_split & (blk >= 0), other=0)
+    else:
+        cols = tl.arange(0, NC)
+        vis = (cols < loc) & (cols < n_cols)
+        s = tl.load(sc_ptr + row.to(tl.int64) * stride_sc + cols, mask=vis, other=0.0)
+        pts = tl.load(pt_row + cols, mask=vis, other=0)
+        keys = tl.where(vis, _packed_keys(s, cols), sentinel)
+        blk = tl.where(j == TOPK - 1, loc, -1)
+        page = tl.where(j == TOPK - 1, tl.load(pt_row + loc), 0)
+        n_rank = tl.minimum(j0 + pages_per_split, TOPK - 1)
+        for _i in range(0, tl.minimum(j0, n_rank)):  # the earlier splits' slots
+            keys = tl.where(keys == tl.max(keys, 0), sentinel, keys)
+        for i in range(j0, n_rank):  # this split's ranked slots
+            best = tl.max(keys, 0)
+            hit = keys == best
+            bid = (0x7FFFFFFF - (best & 0xFFFFFFFF)).to(tl.int32)
+            blk = tl.where(j == i, bid, blk)
+            page = tl.where(j == i, tl.sum(tl.where(hit, pts, 0)), page)
+            keys = tl.where(hit, sentinel, keys)
+    tl.store(ids_ptr + j, blk, mask=in_split)
+    return blk, page
 
 
 @triton.jit
@@ -45,6 +95,7 @@ def _sparse_decode_split_kernel(
     lse_part_ptr,
     out_ptr,
     count_ptr,
+    sc_ptr,  # [rows, >= n_cols] float32 block scores (SELECT only)
     qk_scale,
     stride_qt,
     stride_qh,
@@ -61,6 +112,8 @@ def _sparse_decode_split_kernel(
     stride_oh,
     num_rows,
     pages_per_split,
+    n_cols,
+    stride_sc,
     H_KV: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -72,6 +125,9 @@ def _sparse_decode_split_kernel(
     MERGE: tl.constexpr,  # 0: second kernel, 1 / 2: fused (the row's last split merges)
     PDL: tl.constexpr,
     UNROLL: tl.constexpr,  # splits per unrolled merge step (MERGE 2: min(splits, 8); else 1)
+    SELECT: tl.constexpr,  # rank the row's blocks from sc_ptr here; topk_ptr receives the ids
+    NC: tl.constexpr,  # SELECT: power of two ≥ the scores' columns
+    PPS: tl.constexpr,  # SELECT: power of two ≥ pages_per_split
 ):
     pdl_prologue(PDL)
     SUB: tl.constexpr = BLOCK // BLOCK_N
@@ -98,6 +154,14 @@ def _sparse_decode_split_kernel(
         mask=h_ok[:, None],
         other=0.0,
     )
+    ids_row = topk_ptr + g * stride_tg + t.to(tl.int64) * stride_tt
+    pt_row = page_table_ptr + req.to(tl.int64) * stride_pt
+    if SELECT:
+        offs_pp = tl.arange(0, PPS)
+        blk_v, page_v = _rank_split_pages(
+            sc_ptr, pt_row, ids_row, row, pos, j0, pages_per_split, n_cols, stride_sc, BLOCK,
+            TOPK, NC, PPS,
+        )  # fmt: skip
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, D], tl.float32)
@@ -106,8 +170,13 @@ def _sparse_decode_split_kernel(
     # an SM and the loop pipelines the next sub-tile's loads behind the current one's math)
     for i in range(j0 * SUB, j1 * SUB):
         j = i // SUB
-        blk = tl.load(topk_ptr + g * stride_tg + t.to(tl.int64) * stride_tt + j)
-        page = tl.load(page_table_ptr + req.to(tl.int64) * stride_pt + blk).to(tl.int64)
+        if SELECT:  # this split's slots are in registers
+            here = offs_pp == j - j0
+            blk = tl.sum(tl.where(here, blk_v, 0))
+            page = tl.sum(tl.where(here, page_v, 0)).to(tl.int64)
+        else:
+            blk = tl.load(ids_row + j)
+            page = tl.load(pt_row + blk).to(tl.int64)
         tok = (i % SUB) * BLOCK_N + offs_n
         k = tl.load(
             k_ptr + page * stride_kp + g * stride_kh + tok[:, None] * stride_kn + offs_d[None, :]
@@ -327,6 +396,7 @@ def sparse_decode_split(
     out: torch.Tensor,
     config: str | SplitConfig = DEFAULT_SPLIT_CONFIG,
     counters: torch.Tensor | None = None,
+    scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sparse decode attention, split-KV. Shapes as in reference.ref_sparse_attention.
 
@@ -334,6 +404,11 @@ def sparse_decode_split(
     topk_ids [H_kv, T, k] int32; seq_lens [B] int32 on device; o_part ≥ [S·T·H_q·D] float32 and
     lse_part ≥ [S·T·H_q] float32 scratch (fixed buffers for CUDA graphs); out [T, H_q, D];
     counters ≥ [T·H_kv] int32, zero before the first call (the fused merge leaves them zero).
+    scores: the step's unranked block scores [≥ T·H_kv, n_cols] float32 (row t·H_kv + g, columns
+    below each row's local block written; index_select.score_blocks_decode): each program then
+    ranks its own slots from them (one launch fewer per step) and writes them to ``topk_ids``,
+    which becomes an output holding the same ids as the top-k launch would have.
+    n_cols ≤ RANK_MAX_BLOCKS.
     """
     total_q, hq, d = q.shape
     _, hkv, block, dk = k_cache.shape
@@ -378,6 +453,19 @@ def sparse_decode_split(
     pdl = pdl_active(q)
     pages_per_split = triton.cdiv(topk, num_splits)
     num_splits = triton.cdiv(topk, pages_per_split)
+    select = scores is not None
+    if select:
+        assert scores.dim() == 2 and scores.dtype == torch.float32 and scores.stride(1) == 1, (
+            "scores must be [rows, n_cols] float32 with contiguous rows"
+        )
+        assert scores.shape[0] >= num_rows, f"scores hold {scores.shape[0]} < {num_rows} rows"
+        assert scores.shape[1] <= RANK_MAX_BLOCKS, (
+            f"ranking in the attention launch takes rows of ≤ {RANK_MAX_BLOCKS} blocks, "
+            f"got {scores.shape[1]}: rank with topk.launch_topk_rows first"
+        )
+        assert 2 <= topk <= 64, f"topk must be in 2..64 to rank in the attention, got {topk}"
+    else:
+        scores = lse_part  # unused
     _sparse_decode_split_kernel[(num_rows, num_splits)](
         q,
         k_cache,
@@ -389,6 +477,7 @@ def sparse_decode_split(
         lse_part,
         out,
         counters,
+        scores,
         sm_scale * LOG2E,
         q.stride(0),
         q.stride(1),
@@ -405,6 +494,8 @@ def sparse_decode_split(
         out.stride(1),
         num_rows,
         pages_per_split,
+        scores.shape[1] if select else 0,
+        scores.stride(0) if select else 0,
         H_KV=hkv,
         GROUP=group,
         BLOCK_H=max(16, triton.next_power_of_2(group)),
@@ -416,6 +507,9 @@ def sparse_decode_split(
         MERGE=MERGES[merge],
         PDL=pdl,
         UNROLL=min(num_splits, 8) if merge == "unrolled" else 1,
+        SELECT=select,
+        NC=max(16, triton.next_power_of_2(scores.shape[1])) if select else 16,
+        PPS=max(2, triton.next_power_of_2(pages_per_split)),
         num_warps=warps,
         num_stages=stages,
         **launch_kwargs(pdl, cfg.maxnreg),

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Session 8's GPU runs (issue 6: the decode step's top-k ranked inside the split-KV attention
+# launch instead of its own launch). Lanes run in parallel, one card each, each writing
+# $OUT/<lane>.txt.
+#
+#   carry: [".dev-s8"]   timeout_s: 600
+#   .dev-s8/wheels   python scripts/gpu/make_wheelhouse.py --out .dev-s8/wheels (slim sglang + its
+#                    start-up deps + FlashInfer 0.6.18.post1), plus pytest and its deps
+#
+#   call 1 (4 GPUs):  lane kt  kernel GPU tests (rank in attention, decode step graphs, sparse
+#                              decode, decode selection);
+#                     lane bt  backend GPU tests (graph replay = eager, fast paths) with the top-k
+#                              ranked in the attention (the default) and as its own launch;
+#                     lanes r8 / r32  bench_decode_rank.py (B 8 / 1 and B 32, 64, 8 x 256K).
+#   call 2 (H100):    kind nvidia-h100-x1: bench_decode_rank.py B8 x 128K / 32K and B32 x 128K.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+CALL="${1:?usage: session8.sh 1..2}"
+OUT="${OUT:-$PWD/gpu-out}"; mkdir -p "$OUT"
+t0=$(date +%s)
+SITE=/tmp/m3serve-site8
+if [ ! -f "$SITE/.done" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
+        .dev-s8/wheels/*.whl > "$OUT/pip.log" 2>&1 || { tail -20 "$OUT/pip.log"; exit 1; }
+    touch "$SITE/.done"
+fi
+export PYTHONPATH="$SITE:$PWD/python" PYTHONUNBUFFERED=1 SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND=python
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/card.txt"
+python3 -c "import torch, triton, flashinfer; print('torch', torch.__version__, 'triton', triton.__version__, 'flashinfer', flashinfer.__version__)"
+echo "[setup $(( $(date +%s) - t0 )) s]"
+lane() {  # lane NAME GPU COMMAND: run in the background on one card, output in $OUT/NAME.txt
+    local name=$1 gpu=$2; shift 2
+    mkdir -p "$OUT/$name"
+    ( CUDA_VISIBLE_DEVICES=$gpu OUT="$OUT/$name" TRITON_CACHE_DIR="/tmp/triton-$name" \
+        bash -c "$*" > "$OUT/$name.txt" 2>&1
+      echo "[lane $name exit $? after $(( $(date +%s) - t0 )) s]" >> "$OUT/$name.txt" ) &
+}
+GT="python3 -m pytest -q -m gpu -p no:cacheprovider --durations=5"
+BT="$GT tests/backend"  # with tests/sgl_kernel_standin first on PYTHONPATH (lane bt)
+RANK="python3 benchmarks/bench_decode_rank.py --out \$OUT"
+case "$CALL" in
+1)
+    lane kt 0 "timeout 500 $GT tests/kernels/test_decode_rank_in_attention.py \
+        tests/kernels/test_decode_step.py tests/kernels/test_sparse_decode.py \
+        tests/kernels/test_index_select.py 2>&1 | tail -n 30"
+    lane bt 1 "export PYTHONPATH=$PWD/tests/sgl_kernel_standin:\$PYTHONPATH; \
+        timeout 250 $BT 2>&1 | tail -n 15; M3SERVE_DECODE_RANK=launch timeout 230 $BT 2>&1 | tail -n 8"
+    lane r8 2 "timeout 540 $RANK --cases 8x131072,8x32768,8x8192,1x131072 2>&1 | tail -n 40"
+    lane r32 3 "timeout 540 $RANK --cases 32x131072,64x131072,8x262144 2>&1 | tail -n 40"
+    ;;
+2)  # one H100 (nvidia-h100-x1)
+    lane h100 0 "timeout 540 $RANK --cases 8x131072,8x32768,32x131072 2>&1 | tail -n 40"
+    ;;
+*) echo "unknown call $CALL"; exit 2 ;;
+esac
+wait
+for f in "$OUT"/*.txt; do echo "===== $(basename "$f")"; tail -n 45 "$f"; done
+echo "[total $(( $(date +%s) - t0 )) s]"
