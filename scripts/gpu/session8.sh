@@ -12,10 +12,13 @@
 #                     lane bt  backend GPU tests (graph replay = eager, fast paths) with the top-k
 #                              ranked in the attention (the default) and as its own launch;
 #                     lanes r8 / r32  bench_decode_rank.py (B 8 / 1 and B 32, 64, 8 x 256K).
-#   call 2 (H100):    kind nvidia-h100-x1: bench_decode_rank.py B8 x 128K / 32K and B32 x 128K.
+#   call 2 (4 GPUs):  after call 1, the ranked step takes its own split configs ("-w1": fewer
+#                     programs rank each row): lanes r8 / r8b / r32 bench_decode_rank.py again
+#                     (B8 / B1 twice, B32 / B64), lane bt the backend GPU tests with them.
+#   call 3 (H100):    kind nvidia-h100-x1: bench_decode_rank.py B8 x 128K / 32K and B32 x 128K.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-CALL="${1:?usage: session8.sh 1..2}"
+CALL="${1:?usage: session8.sh 1..3}"
 OUT="${OUT:-$PWD/gpu-out}"; mkdir -p "$OUT"
 t0=$(date +%s)
 SITE=/tmp/m3serve-site8
@@ -48,7 +51,14 @@ case "$CALL" in
     lane r8 2 "timeout 540 $RANK --cases 8x131072,8x32768,8x8192,1x131072 2>&1 | tail -n 40"
     lane r32 3 "timeout 540 $RANK --cases 32x131072,64x131072,8x262144 2>&1 | tail -n 40"
     ;;
-2)  # one H100 (nvidia-h100-x1)
+2)
+    lane r8 0 "timeout 400 $RANK --cases 8x131072,1x131072,8x32768 2>&1 | tail -n 30"
+    lane r8b 1 "timeout 400 $RANK --cases 8x131072,8x8192,8x262144 2>&1 | tail -n 30"
+    lane r32 2 "timeout 400 $RANK --cases 32x131072,64x131072 2>&1 | tail -n 30"
+    lane bt 3 "export PYTHONPATH=$PWD/tests/sgl_kernel_standin:\$PYTHONPATH; timeout 300 $BT \
+        tests/kernels/test_decode_rank_in_attention.py 2>&1 | tail -n 12"
+    ;;
+3)  # one H100 (nvidia-h100-x1)
     lane h100 0 "timeout 540 $RANK --cases 8x131072,8x32768,32x131072 2>&1 | tail -n 40"
     ;;
 *) echo "unknown call $CALL"; exit 2 ;;

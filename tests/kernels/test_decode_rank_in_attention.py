@@ -30,6 +30,7 @@ from m3serve.kernels.msa.index_select import (
 from m3serve.kernels.msa.sparse_decode import SparseDecodeWrapper
 from m3serve.kernels.msa.sparse_decode_split import (
     RANK_MAX_BLOCKS,
+    default_split_config,
     sparse_decode_split,
 )
 
@@ -160,6 +161,8 @@ def test_wrapper_step_ranked_in_attention_equals_two_launches(qn):
     case = StepCase([5, 700, 2500, 1300], qn, 2, 4, 32, 128, 8, 32, seed=3, dtype=dtype)
     w = case.wrapper()
     assert w.ranks_in_attention(case.pt.shape[1])
+    ranked = SparseDecodeWrapper(DEV, backend="triton", ranked=True)
+    assert ranked._split_config(8) == default_split_config(8, ranked=True) != w._split_config(8)
     want_ids, want_out = case.two_launch(w, 0.2)
     want_out = want_out.clone()
     got_ids, got_out = case.ranked_in_attention(w, 0.2)

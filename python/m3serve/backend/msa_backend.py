@@ -347,7 +347,7 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
         if self.use_fast:
             from m3serve.kernels.msa.sparse_decode import SparseDecodeWrapper
 
-            g["decode"] = SparseDecodeWrapper(self.device)
+            g["decode"] = SparseDecodeWrapper(self.device, ranked=self.decode_rank == "attention")
             g["decode"].reserve(
                 max_bs * self.num_kv_heads, self.topk, self.num_q_heads // self.num_kv_heads,
                 self.head_dim,
@@ -413,7 +413,9 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
 
         if md.is_decode:
             if self._decode_wrapper is None:
-                self._decode_wrapper = SparseDecodeWrapper(self.device)
+                self._decode_wrapper = SparseDecodeWrapper(
+                    self.device, ranked=self.decode_rank == "attention"
+                )
             self._plan_decode(self._decode_wrapper, seq_lens_cpu)
         else:
             if self._prefill_wrapper is None:

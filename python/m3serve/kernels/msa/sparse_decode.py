@@ -49,7 +49,8 @@ class SparseDecodeWrapper:
     split-KV kernel) or "auto" (triton while T·H_kv rows are fewer than ``auto_min_rows``).
     split_config: a key of sparse_decode_split.SPLIT_CONFIGS or a SplitConfig; None picks the
     measured default for the step's row count (default_split_config). Set it before plan() (it
-    fixes the split count).
+    fixes the split count). ranked: run() will be handed the step's block scores (the top-k ranked
+    inside the attention launch), so the default split configs are the ones measured best for that.
     """
 
     def __init__(
@@ -61,11 +62,13 @@ class SparseDecodeWrapper:
         workspace_bytes: int = 128 * 1024 * 1024,
         auto_min_rows: int | None = None,
         split_config: str | SplitConfig | None = None,
+        ranked: bool = False,
     ) -> None:
         assert backend in BACKENDS, f"backend must be one of {BACKENDS}, got {backend!r}"
         self.device = torch.device(device)
         self.backend = backend
         self.split_config = split_config
+        self.ranked = ranked
         self._workspace_bytes = workspace_bytes
         self._fi_wrappers: dict[int, Any] = {}
         self._fi_workspace: torch.Tensor | None = None
@@ -235,7 +238,7 @@ class SparseDecodeWrapper:
         if rows is None:
             assert self._planned is not None, "plan() first"
             rows = self._planned["rows"]
-        return default_split_config(rows)
+        return default_split_config(rows, self.ranked)
 
     def auto_pick(self, rows: int) -> str:
         """The backend a plan with ``rows`` rows (T·H_kv) runs."""

@@ -355,10 +355,24 @@ SPLIT_CONFIGS = {
 DEFAULT_SPLIT_CONFIG = "n64s2"
 DEFAULT_SPLIT_CONFIG_MANY_ROWS = "n64s3u-w2"
 SMALL_ROWS = 64
+# With the top-k ranked inside this launch (scores=), every program ranks its row up to its own
+# slots, so fewer, longer splits (one program per SM, "-w1") pay that ranking fewer times. Session
+# 8 on H200 (benchmarks/results/decode_rank.md; top-k + attention in graph cycles): B8 x 128K
+# n64s3-w1 18.0 µs vs 20.3 for the top-k launch + n64s2; B1 x 128K 11.4 vs 12.9; B32 x 128K
+# n64s3u-w1 44.4 vs 48.0 (launch + n64s3u-w2); B64 77.4 vs 79.4.
+DEFAULT_SPLIT_CONFIG_RANKED = "n64s3-w1"
+DEFAULT_SPLIT_CONFIG_RANKED_MANY_ROWS = "n64s3u-w1"
 
 
-def default_split_config(rows: int) -> str:
-    """The measured default for a step of ``rows`` (query, KV head) rows."""
+def default_split_config(rows: int, ranked: bool = False) -> str:
+    """The measured default for a step of ``rows`` (query, KV head) rows; ``ranked``: the step's
+    top-k is ranked inside this launch (``scores=``)."""
+    if ranked:
+        return (
+            DEFAULT_SPLIT_CONFIG_RANKED
+            if rows < SMALL_ROWS
+            else DEFAULT_SPLIT_CONFIG_RANKED_MANY_ROWS
+        )
     return DEFAULT_SPLIT_CONFIG if rows < SMALL_ROWS else DEFAULT_SPLIT_CONFIG_MANY_ROWS
 
 
