@@ -65,4 +65,6 @@ case "$CALL" in
 esac
 wait
 for f in "$OUT"/*.txt; do echo "===== $(basename "$f")"; tail -n 45 "$f"; done
+# one archive of the lanes' folders (the run returns a limited number of files)
+(cd "$OUT" && tar czf "session8_$CALL.tgz" --remove-files */ 2>/dev/null)
 echo "[total $(( $(date +%s) - t0 )) s]"
