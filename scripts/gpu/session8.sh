@@ -16,9 +16,13 @@
 #                     programs rank each row): lanes r8 / r8b / r32 bench_decode_rank.py again
 #                     (B8 / B1 twice, B32 / B64), lane bt the backend GPU tests with them.
 #   call 3 (H100):    kind nvidia-h100-x1: bench_decode_rank.py B8 x 128K / 32K and B32 x 128K.
+#   call 4 (4 GPUs):  ranking walks rows in chunks of 2048 blocks (any width up to 1M tokens):
+#                     lane kt the GPU tests; lane w1 contexts of 128K in a 1M-wide page table (a
+#                     serving graph at M3's context limit); lane m1 1M contexts; lane r8 B8 / B64
+#                     x 128K again (one chunk: must not have moved).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-CALL="${1:?usage: session8.sh 1..3}"
+CALL="${1:?usage: session8.sh 1..4}"
 OUT="${OUT:-$PWD/gpu-out}"; mkdir -p "$OUT"
 t0=$(date +%s)
 SITE=/tmp/m3serve-site8
@@ -57,6 +61,13 @@ case "$CALL" in
     lane r32 2 "timeout 400 $RANK --cases 32x131072,64x131072 2>&1 | tail -n 30"
     lane bt 3 "export PYTHONPATH=$PWD/tests/sgl_kernel_standin:\$PYTHONPATH; timeout 300 $BT \
         tests/kernels/test_decode_rank_in_attention.py 2>&1 | tail -n 12"
+    ;;
+4)
+    lane kt 0 "timeout 400 $GT tests/kernels/test_decode_rank_in_attention.py \
+        tests/kernels/test_decode_step.py 2>&1 | tail -n 12"
+    lane w1 1 "timeout 400 $RANK --cases 8x131072w1048576,1x131072w1048576,32x131072w1048576 2>&1 | tail -n 30"
+    lane m1 2 "timeout 400 $RANK --cases 8x1048576,1x1048576 2>&1 | tail -n 30"
+    lane r8 3 "timeout 400 $RANK --cases 8x131072,64x131072 2>&1 | tail -n 30"
     ;;
 3)  # one H100 (nvidia-h100-x1)
     lane h100 0 "timeout 540 $RANK --cases 8x131072,8x32768,32x131072 2>&1 | tail -n 40"

@@ -22,6 +22,7 @@ if not torch.cuda.is_available():  # before the kernels are imported: triton.jit
 
 from m3serve.kernels.msa import reference as ref
 from m3serve.kernels.msa import sparse_decode as sd_mod
+from m3serve.kernels.msa import sparse_decode_split as split_mod
 from m3serve.kernels.msa.index_select import (
     DecodeSelectWorkspace,
     score_blocks_decode,
@@ -60,13 +61,20 @@ def row_locals(seq_lens: list[int], qn: int, hkv: int, block: int) -> torch.Tens
 
 
 @pytest.mark.parametrize(
-    "num_splits,config,topk",
-    [(16, "n64s2", 16), (8, "n64s2", 16), (3, "n64s2u", 4), (1, "n64s2f", 4), (5, "n64s2", 8)],
-)
-def test_split_kernel_ranks_scores_exactly(num_splits, config, topk):
+    "num_splits,config,topk,chunk",
+    [
+        (16, "n64s2", 16, None), (8, "n64s2", 16, None), (3, "n64s2u", 4, None),
+        (1, "n64s2f", 4, None), (5, "n64s2", 8, None),
+        # rows walked in chunks of 16 / 32 blocks (the set of the earlier chunks' best keys)
+        (16, "n64s2", 16, 16), (3, "n64s2u", 4, 16), (4, "n64s2", 8, 32),
+    ],
+)  # fmt: skip
+def test_split_kernel_ranks_scores_exactly(num_splits, config, topk, chunk, monkeypatch):
+    if chunk is not None:
+        monkeypatch.setattr(split_mod, "RANK_CHUNK", chunk)
     dtype, tol = (torch.bfloat16, 2e-2) if DEV == "cuda" else (torch.float32, 2e-5)
     # lengths give dense rows (≤ k visible blocks), rows at the edge (local + 1 == k) and long ones
-    seq_lens, qn, hkv, group, d, block = [2, 300, 1900, 2100, 5000], 2, 2, 4, 32, 128
+    seq_lens, qn, hkv, group, d, block = [2, 300, 1900, 2100, 5000, 9000], 2, 2, 4, 32, 128
     q, k, v, pt, _, seq = make_case(
         seq_lens, qn, hkv, group, d, block, topk, seed=7, dtype=dtype, device=DEV
     )
@@ -104,7 +112,7 @@ def test_split_kernel_rejects_wide_rows_and_bad_scores():
     q, k, v, pt, sel, seq = make_case(seq_lens, qn, hkv, group, d, block, topk, device=DEV)
     scratch = torch.empty(64 * 16, device=DEV)
     args = (q, k, v, pt, sel, seq, qn, 0.1, 2, scratch, scratch, torch.empty_like(q))
-    wide = torch.zeros(1, RANK_MAX_BLOCKS + 1, device=DEV)
+    wide = torch.zeros(1, RANK_MAX_BLOCKS + 1, device=DEV)  # past 1M tokens
     with pytest.raises(AssertionError, match=f"≤ {RANK_MAX_BLOCKS} blocks"):
         sparse_decode_split(*args, scores=wide)
     with pytest.raises(AssertionError, match="float32"):

@@ -29,18 +29,20 @@ import triton
 import triton.language as tl
 
 from .pdl import launch_kwargs, pdl_active, pdl_prologue
-from .topk import _packed_keys
+from .topk import MAX_BLOCKS, _packed_keys
 
 LOG2E = 1.4426950408889634
-# rows of up to this many blocks (256K tokens) can be ranked inside the attention launch
-# (``scores=``): the row's packed keys live in registers ([NC] int64 over the program's threads)
-RANK_MAX_BLOCKS = 2048
+# ranking inside the attention launch (``scores=``) takes rows of up to MAX_BLOCKS blocks (1M
+# tokens); the row is walked in chunks of RANK_CHUNK blocks (packed int64 keys in registers)
+RANK_MAX_BLOCKS = MAX_BLOCKS
+RANK_CHUNK = 2048
 
 
 @triton.jit
 def _rank_split_pages(
     sc_ptr, pt_row, ids_ptr, row, pos, j0, pages_per_split, n_cols, stride_sc,
     BLOCK: tl.constexpr, TOPK: tl.constexpr, NC: tl.constexpr, PPS: tl.constexpr,
+    K_PAD: tl.constexpr,
 ):  # fmt: skip
     """Block ids and pages of selection slots j0 .. j0 + pages_per_split − 1 of one row, ranked
     here from the row's block scores (the top-k rules of topk.py: slots 0 .. k − 2 by score desc,
@@ -48,12 +50,16 @@ def _rank_split_pages(
     after) → (blk [PPS], page [PPS]), −1 / 0 past the row's selection. The slots' ids are also
     stored to ``ids_ptr`` (the row's topk_ids, so callers see the same ids as the two-launch form).
 
-    Ranking is the "rounds" kernel's (packed int64 keys, row max, knock the winner out), cut off
-    after this split's last slot: split s of a 1-page split runs s + 1 rounds. The pages of the
-    ranked slots come from the page-table row loaded beside the scores (a masked sum per slot),
-    so no dependent page-table load follows the ranking.
+    Ranking is the "rounds" kernel's (packed int64 keys, max, knock the winner out). The visible
+    blocks are walked in chunks of NC: every chunk but the last updates a set of the best k − 1
+    keys so far (a key that beats the set's minimum replaces it; at most k − 1 per chunk), then
+    the rounds run over the last chunk and that set, cut off after this split's last slot
+    (split s of 1-page splits runs s + 1 rounds). A row of ≤ NC visible blocks is one chunk and
+    the set stays empty. Each key's page comes from the page-table row loaded beside the scores
+    (a masked sum), so no dependent page-table load follows the ranking.
     """
-    sentinel = -9223372036854775807 - 1
+    sentinel = -9223372036854775807 - 1  # below every key
+    top = 9223372036854775807  # above every key
     loc = pos // BLOCK
     offs_pp = tl.arange(0, PPS)
     j = j0 + offs_pp
@@ -62,25 +68,57 @@ def _rank_split_pages(
         blk = tl.where(j <= loc, j, -1)
         page = tl.load(pt_row + blk, mask=in_split & (blk >= 0), other=0)
     else:
-        cols = tl.arange(0, NC)
-        vis = (cols < loc) & (cols < n_cols)
-        s = tl.load(sc_ptr + row.to(tl.int64) * stride_sc + cols, mask=vis, other=0.0)
-        pts = tl.load(pt_row + cols, mask=vis, other=0)
-        keys = tl.where(vis, _packed_keys(s, cols), sentinel)
+        sc_row = sc_ptr + row.to(tl.int64) * stride_sc
+        n_vis = tl.minimum(loc, n_cols)
+        last = (n_vis - 1) // NC
+        kk = tl.arange(0, K_PAD)
+        live = kk < TOPK - 1
+        best = tl.full([K_PAD], sentinel, tl.int64)  # the set of the earlier chunks' best keys
+        best_pg = tl.zeros([K_PAD], tl.int32)
+        for c in range(0, last):
+            keys, pts = _chunk_keys(sc_row, pt_row, c * NC, n_vis, sentinel, NC)
+            lo = tl.min(tl.where(live, best, top), 0)
+            for _i in range(0, tl.minimum(tl.sum((keys > lo).to(tl.int32), 0), TOPK - 1)):
+                m = tl.max(keys, 0)
+                hit = keys == m
+                at = tl.min(tl.where(live & (best == lo) & (m > lo), kk, K_PAD), 0)
+                best_pg = tl.where(kk == at, tl.sum(tl.where(hit, pts, 0)), best_pg)
+                best = tl.where(kk == at, m, best)
+                keys = tl.where(hit, sentinel, keys)
+                lo = tl.min(tl.where(live, best, top), 0)
+        keys, pts = _chunk_keys(sc_row, pt_row, last * NC, n_vis, sentinel, NC)
         blk = tl.where(j == TOPK - 1, loc, -1)
         page = tl.where(j == TOPK - 1, tl.load(pt_row + loc), 0)
         n_rank = tl.minimum(j0 + pages_per_split, TOPK - 1)
         for _i in range(0, tl.minimum(j0, n_rank)):  # the earlier splits' slots
-            keys = tl.where(keys == tl.max(keys, 0), sentinel, keys)
+            m = tl.maximum(tl.max(keys, 0), tl.max(best, 0))
+            keys = tl.where(keys == m, sentinel, keys)
+            best = tl.where(best == m, sentinel, best)
         for i in range(j0, n_rank):  # this split's ranked slots
-            best = tl.max(keys, 0)
-            hit = keys == best
-            bid = (0x7FFFFFFF - (best & 0xFFFFFFFF)).to(tl.int32)
-            blk = tl.where(j == i, bid, blk)
-            page = tl.where(j == i, tl.sum(tl.where(hit, pts, 0)), page)
+            mk = tl.max(keys, 0)
+            mb = tl.max(best, 0)
+            m = tl.maximum(mk, mb)
+            hit = keys == m
+            hit_b = best == m
+            pg = tl.where(
+                mk >= mb, tl.sum(tl.where(hit, pts, 0)), tl.sum(tl.where(hit_b, best_pg, 0))
+            )
+            blk = tl.where(j == i, (0x7FFFFFFF - (m & 0xFFFFFFFF)).to(tl.int32), blk)
+            page = tl.where(j == i, pg, page)
             keys = tl.where(hit, sentinel, keys)
+            best = tl.where(hit_b, sentinel, best)
     tl.store(ids_ptr + j, blk, mask=in_split)
     return blk, page
+
+
+@triton.jit
+def _chunk_keys(sc_row, pt_row, c0, n_vis, sentinel, NC: tl.constexpr):
+    """Packed keys and pages of blocks c0 .. c0 + NC − 1 (invisible ones: the sentinel key)."""
+    cols = c0 + tl.arange(0, NC)
+    vis = cols < n_vis
+    s = tl.load(sc_row + cols, mask=vis, other=0.0)
+    pts = tl.load(pt_row + cols, mask=vis, other=0)
+    return tl.where(vis, _packed_keys(s, cols), sentinel), pts
 
 
 @triton.jit
@@ -126,8 +164,9 @@ def _sparse_decode_split_kernel(
     PDL: tl.constexpr,
     UNROLL: tl.constexpr,  # splits per unrolled merge step (MERGE 2: min(splits, 8); else 1)
     SELECT: tl.constexpr,  # rank the row's blocks from sc_ptr here; topk_ptr receives the ids
-    NC: tl.constexpr,  # SELECT: power of two ≥ the scores' columns
+    NC: tl.constexpr,  # SELECT: blocks per ranking chunk (a power of two)
     PPS: tl.constexpr,  # SELECT: power of two ≥ pages_per_split
+    K_PAD: tl.constexpr,  # SELECT: power of two ≥ topk − 1
 ):
     pdl_prologue(PDL)
     SUB: tl.constexpr = BLOCK // BLOCK_N
@@ -160,7 +199,7 @@ def _sparse_decode_split_kernel(
         offs_pp = tl.arange(0, PPS)
         blk_v, page_v = _rank_split_pages(
             sc_ptr, pt_row, ids_row, row, pos, j0, pages_per_split, n_cols, stride_sc, BLOCK,
-            TOPK, NC, PPS,
+            TOPK, NC, PPS, K_PAD,
         )  # fmt: skip
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -522,8 +561,9 @@ def sparse_decode_split(
         PDL=pdl,
         UNROLL=min(num_splits, 8) if merge == "unrolled" else 1,
         SELECT=select,
-        NC=max(16, triton.next_power_of_2(scores.shape[1])) if select else 16,
+        NC=max(16, min(RANK_CHUNK, triton.next_power_of_2(scores.shape[1]))) if select else 16,
         PPS=max(2, triton.next_power_of_2(pages_per_split)),
+        K_PAD=max(2, triton.next_power_of_2(topk - 1)),
         num_warps=warps,
         num_stages=stages,
         **launch_kwargs(pdl, cfg.maxnreg),
