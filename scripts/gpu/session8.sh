@@ -20,9 +20,13 @@
 #                     lane kt the GPU tests; lane w1 contexts of 128K in a 1M-wide page table (a
 #                     serving graph at M3's context limit); lane m1 1M contexts; lane r8 B8 / B64
 #                     x 128K again (one chunk: must not have moved).
+#   call 5 (4 GPUs):  the decode scoring cuts each request's visible blocks over the grid at run
+#                     time (was: the page-table width's chunk); the wrapper ranks in the attention
+#                     up to 2048-block widths: lanes kt (GPU tests), bt (backend GPU tests),
+#                     w1 (128K in a 1M-wide table, and 128K exact), m1 (1M, B8 x 128K).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-CALL="${1:?usage: session8.sh 1..4}"
+CALL="${1:?usage: session8.sh 1..5}"
 OUT="${OUT:-$PWD/gpu-out}"; mkdir -p "$OUT"
 t0=$(date +%s)
 SITE=/tmp/m3serve-site8
@@ -68,6 +72,13 @@ case "$CALL" in
     lane w1 1 "timeout 400 $RANK --cases 8x131072w1048576,1x131072w1048576,32x131072w1048576 2>&1 | tail -n 30"
     lane m1 2 "timeout 400 $RANK --cases 8x1048576,1x1048576 2>&1 | tail -n 30"
     lane r8 3 "timeout 400 $RANK --cases 8x131072,64x131072 2>&1 | tail -n 30"
+    ;;
+5)
+    lane kt 0 "timeout 400 $GT tests/kernels/test_index_select.py tests/kernels/test_decode_rank_in_attention.py \
+        tests/kernels/test_decode_step.py 2>&1 | tail -n 12"
+    lane bt 1 "export PYTHONPATH=$PWD/tests/sgl_kernel_standin:\$PYTHONPATH; timeout 300 $BT 2>&1 | tail -n 12"
+    lane w1 2 "timeout 400 $RANK --cases 8x131072w1048576,8x131072,1x131072w1048576,32x131072w1048576 2>&1 | tail -n 30"
+    lane m1 3 "timeout 400 $RANK --cases 8x1048576,1x1048576,8x131072 2>&1 | tail -n 30"
     ;;
 3)  # one H100 (nvidia-h100-x1)
     lane h100 0 "timeout 540 $RANK --cases 8x131072,8x32768,32x131072 2>&1 | tail -n 40"

@@ -183,7 +183,7 @@ def test_wrapper_wide_rows_fall_back_to_the_topk_launch(monkeypatch):
     dtype = torch.bfloat16 if DEV == "cuda" else torch.float32
     case = StepCase([900, 1500], 1, 2, 4, 32, 128, 4, 32, seed=4, dtype=dtype)
     w = case.wrapper()
-    monkeypatch.setattr(sd_mod, "RANK_MAX_BLOCKS", 4)
+    monkeypatch.setattr(sd_mod, "RANK_DEFAULT_MAX_BLOCKS", 4)
     assert not w.ranks_in_attention(case.pt.shape[1])
     want_ids, want_out = case.two_launch(w, 0.3)
     want_out = want_out.clone()

@@ -261,6 +261,24 @@ def test_decode_launch_configs_agree(fp8):
 
 
 @pytest.mark.parametrize("fp8", [False, True])
+def test_decode_page_table_wider_than_the_requests(fp8):
+    """A page table (and so a grid) sized for a context limit far above the requests' lengths,
+    as a CUDA graph captures it: the kernel cuts each request's visible blocks over the grid's
+    programs at run time, and the ids are still the reference's (poisoned pages past the end)."""
+    gen = torch.Generator().manual_seed(41 + fp8)
+    seq_lens, block, groups, d, topk = [5000, 777, 129, 1], 128, 4, 32, 8
+    cache, scale, pt = make_paged_index_cache(seq_lens, block, d, gen, fp8)
+    wide = torch.full((len(seq_lens), 16 * pt.shape[1]), 10**6, dtype=torch.int32)
+    wide[:, : pt.shape[1]] = pt
+    seq = torch.tensor(seq_lens, dtype=torch.int32)
+    iq = torch.randn(len(seq_lens), groups, d, generator=gen).to(torch.bfloat16)
+    iq_, cache_, scale_, pt_, seq_ = _to(DEV, iq, cache, scale, wide, seq)
+    cu_q = torch.arange(len(seq_lens) + 1, dtype=torch.int32, device=DEV)
+    got = select_blocks_decode(iq_, cache_, scale_, pt_, seq_, 1, topk, launch=(4, 3, 2))
+    _check(got, iq_, cache_, scale_, pt_, cu_q, seq_ - 1, seq_, topk)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("q_per_req", [1, 4])
 def test_decode_fused_topk_equals_separate_launch(fp8, q_per_req):
     """fuse_topk=True (each request's last scoring program ranks its rows, one launch) and the

@@ -283,7 +283,10 @@ def _decode_block_scores_kernel(
     PDL: tl.constexpr,
 ):
     pdl_prologue(PDL)
-    # -- program (b, split): blocks [split * blocks_per_prog, ...) of request b, all Q·G rows --
+    # -- program (b, split): one of the grid's splits of request b's *visible* blocks, all Q·G
+    #    rows: the chunk is cut from this request's length at run time (at least
+    #    blocks_per_prog), so a grid spanning a wider page table (a CUDA graph sized for the
+    #    context limit) still spreads a shorter request over every program --
     b = tl.program_id(0)
     split = tl.program_id(1)
     seq = tl.load(seq_ptr + b)
@@ -296,8 +299,9 @@ def _decode_block_scores_kernel(
         tl.store(local_ptr + row, (seq - Q + qi) // BLOCK, mask=row_ok)
     # the last query's local block bounds every row's ranked blocks
     lmax = (seq - 1) // BLOCK
-    j0 = split * blocks_per_prog
-    j1 = tl.minimum(j0 + blocks_per_prog, lmax)
+    per = tl.maximum(blocks_per_prog, tl.cdiv(lmax, tl.num_programs(1)))
+    j0 = split * per
+    j1 = tl.minimum(j0 + per, lmax)
     if j0 < j1:
         d = tl.arange(0, D)
         tok = tl.arange(0, BLOCK)
@@ -564,10 +568,16 @@ DECODE_SCORE_LAUNCH = _launch_env("M3SERVE_DECODE_SCORE_LAUNCH", DECODE_SCORE_LA
 DECODE_SCORE_LAUNCH_FP8 = _launch_env("M3SERVE_DECODE_SCORE_LAUNCH_FP8", DECODE_SCORE_LAUNCH_FP8)
 
 
+MIN_DECODE_CHUNK = 4  # blocks per decode scoring program, at least
+
+
 def decode_blocks_per_program(
     batch: int, n_blocks: int, sms: int = 132, waves: float = 4, balanced: bool = True
 ) -> int:
-    """Split-K chunk (blocks per program, ≥ 4) of a request's ``n_blocks``.
+    """Split-K chunk (blocks per program, ≥ 4) of a request's ``n_blocks``: it sets the grid
+    (⌈n_blocks / chunk⌉ programs per request); the kernel then cuts each request's *visible*
+    blocks evenly over those programs (so a page table wider than the requests, as in a CUDA
+    graph sized for the context limit, still keeps every program busy).
 
     balanced: ⌊waves·sms / batch⌋ programs per request (so batch × programs fills waves·sms
     slots at most once: no partial last wave), each a near-equal share. Otherwise session 6's
@@ -575,9 +585,9 @@ def decode_blocks_per_program(
     """
     if not balanced:
         per = triton.cdiv(batch * n_blocks, int(waves * sms))
-        return max(4, triton.next_power_of_2(per))
+        return max(MIN_DECODE_CHUNK, triton.next_power_of_2(per))
     splits = max(1, int(waves * sms) // max(batch, 1))
-    return max(4, triton.cdiv(n_blocks, splits))
+    return max(MIN_DECODE_CHUNK, triton.cdiv(n_blocks, splits))
 
 
 # Fused top-k (select_blocks_decode(fuse_topk=...)): rows of up to FUSE_TOPK_MAX_BLOCKS blocks
@@ -730,6 +740,8 @@ def _decode_select(
     maxnreg = launch[4] if len(launch) > 4 else None
     per = decode_blocks_per_program(batch, n_blocks, sms, waves, balanced)
     grid = (batch, triton.cdiv(n_blocks, per))
+    # the kernel cuts each request's visible blocks over grid[1] programs, ≥ MIN_DECODE_CHUNK each
+    per = MIN_DECODE_CHUNK
     fused = rank == "fused"
     pdl = pdl_active(index_q)
     assert n_blocks <= MAX_BLOCKS, f"{n_blocks} blocks per row > {MAX_BLOCKS} (1M tokens)"

@@ -27,7 +27,7 @@ from .reference import ref_sparse_attention
 from .sparse_decode_indices import decode_row_layout, rewrite_kv_indices
 from .sparse_decode_split import (
     MAX_WAVES,
-    RANK_MAX_BLOCKS,
+    RANK_DEFAULT_MAX_BLOCKS,
     SplitConfig,
     as_split_config,
     default_split_config,
@@ -248,9 +248,9 @@ class SparseDecodeWrapper:
 
     def ranks_in_attention(self, n_blocks: int) -> bool:
         """Whether run(scores=...) ranks inside the attention launch for rows of ``n_blocks``
-        (the planned step on the Triton backend, rows ≤ RANK_MAX_BLOCKS blocks)."""
+        (the planned step on the Triton backend, rows ≤ RANK_DEFAULT_MAX_BLOCKS blocks)."""
         assert self._planned is not None, "plan() first"
-        return self._planned["backend"] == "triton" and n_blocks <= RANK_MAX_BLOCKS
+        return self._planned["backend"] == "triton" and n_blocks <= RANK_DEFAULT_MAX_BLOCKS
 
     @property
     def planned_backend(self) -> str:
@@ -274,7 +274,7 @@ class SparseDecodeWrapper:
         scores: the step's unranked block scores (index_select.DecodeScores from
         score_blocks_decode) instead of a ranked selection; ``topk_ids`` is then written with the
         selection. The Triton backend ranks inside its attention launch (rows of ≤
-        RANK_MAX_BLOCKS blocks); otherwise the top-k launch runs first.
+        RANK_DEFAULT_MAX_BLOCKS blocks); otherwise the top-k launch runs first.
         """
         p = self._planned
         assert p is not None, "plan() before run()"

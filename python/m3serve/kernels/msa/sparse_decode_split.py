@@ -36,6 +36,11 @@ LOG2E = 1.4426950408889634
 # tokens); the row is walked in chunks of RANK_CHUNK blocks (packed int64 keys in registers)
 RANK_MAX_BLOCKS = MAX_BLOCKS
 RANK_CHUNK = 2048
+# SparseDecodeWrapper ranks inside the attention for rows (page-table widths) up to this many
+# blocks and runs the top-k launch for wider ones. Session 8, H200 (decode_rank.md): one chunk
+# (≤ 2048 blocks) wins everywhere (B8 x 128K FP8 step 1.07x, 128K rows in a 1M-wide table 1.08x);
+# rows of 1M tokens walk 4 chunks and lose (B8 x 1M 0.93x, B1 x 1M 0.74x).
+RANK_DEFAULT_MAX_BLOCKS = 2048
 
 
 @triton.jit
