@@ -223,6 +223,25 @@ def test_rows_of_8192_blocks():
     assert torch.equal(got, ref.ref_topk_from_scores(scores, local, 16))
 
 
+@pytest.mark.parametrize("short_rows", [True, False])
+def test_rounds_short_rows_in_a_wide_table(short_rows):
+    """Rows in an 8192-block-wide table (a decode graph's page table at the 1M limit): a program
+    whose rows all fit SHORT_BLOCKS ranks a narrower tile; rows past it the whole width. Scores at
+    or past each row's local block are NaN poison (ranked above +inf if ever read)."""
+    gen = torch.Generator().manual_seed(9 + short_rows)
+    width, rows = 8192, 8
+    scores = torch.randn(rows, width, generator=gen)
+    scores[::2] = scores[::2].round()  # ties
+    if short_rows:
+        local = torch.tensor([16, 17, 100, 2000, 2047, 2048, 5, 1500])
+    else:
+        local = torch.tensor([2049, 8191, 100, 4000, 2048, 7000, 3000, 17])
+    cols = torch.arange(width)
+    scores[cols[None, :] >= local[:, None]] = float("nan")
+    got = run(scores, local, 16, variant="rounds")[0]
+    assert torch.equal(got, ref.ref_topk_from_scores(scores, local, 16))
+
+
 def test_default_variant_is_known():
     assert topk_mod.DEFAULT_VARIANT in VARIANTS
     with pytest.raises(AssertionError, match="variant"):

@@ -57,6 +57,10 @@ SLOTS_MIN_ROWS = 4096
 SLOTS_MAX_COLS = 2048
 FILTER_DEFAULT = DEFAULT_VARIANT == "filter"  # kept for callers that read it
 FILTER_CAP = 64  # candidates kept after the bound; more → that program ranks whole rows
+# "rounds" on rows wider than this (one row per program) first checks the row's local block: a
+# row with ≤ SHORT_BLOCKS visible blocks ranks a SHORT_BLOCKS-wide tile, not the whole width (a
+# decode graph's page table spans the context limit: 8192 blocks at 1M, most rows far shorter)
+SHORT_BLOCKS = 2048
 _FILTER_BROKEN: list[str] = []  # set if the filtered kernel ever fails to compile
 _SLOTS_BROKEN: list[str] = []  # set if the slot-list kernel ever fails to compile
 # slot-list launch shapes: prefill-sized batches (many rows: one warp per row, ~25-32 rows per SM;
@@ -184,17 +188,35 @@ def _topk_rows_kernel(
     BLOCK_N: tl.constexpr,
     CAP: tl.constexpr,
     FILTER: tl.constexpr,
+    SHORT_N: tl.constexpr,  # > 0: rows whose visible blocks fit SHORT_N rank a SHORT_N-wide tile
 ):
     # -- rows of this program and their local block --
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
     loc = tl.load(local_ptr + rows, mask=row_ok, other=0)
     slots = tl.arange(0, K_PAD)
+    ranked = tl.full([ROWS, K_PAD], -1, tl.int32)
+    if SHORT_N > 0 and not FILTER:
+        # a row far shorter than the grid's width (a CUDA graph spans the context limit): the
+        # rounds over a SHORT_N-wide tile instead of the whole width, the same ids
+        if tl.max(tl.where(row_ok, loc, 0), 0) <= SHORT_N:
+            ranked = rank_rows(
+                scores_ptr, rows, row_ok, loc, n_cols, stride_sr, TOPK, K_PAD, ROWS, SHORT_N,
+                False,
+            )  # fmt: skip
+        else:
+            ranked = rank_rows(
+                scores_ptr, rows, row_ok, loc, n_cols, stride_sr, TOPK, K_PAD, ROWS, BLOCK_N,
+                False,
+            )  # fmt: skip
+        store_ranked(
+            out_ptr, rows, row_ok, loc, ranked, slots, stride_og, stride_ot, stride_ok, G, TOPK
+        )
+        return
     keys, visible = row_keys(
         scores_ptr, rows, row_ok, loc, n_cols, stride_sr, K_PAD, BLOCK_N, False
     )
     sentinel = -9223372036854775807 - 1
-    ranked = tl.full([ROWS, K_PAD], -1, tl.int32)
 
     if FILTER:
         # -- bound: the (k−1)-th largest group max is ≤ the (k−1)-th largest key, so only keys
@@ -329,6 +351,10 @@ def launch_topk_rows(
             BLOCK_N=block_n,
             CAP=FILTER_CAP,
             FILTER=use_filter,
+            # (one row per program on GPUs: see rounds_tile; the interpreter tiles several)
+            SHORT_N=SHORT_BLOCKS
+            if block_n > SHORT_BLOCKS and (rows == 1 or _interpreting())
+            else 0,
             num_warps=num_warps,
         )
 
