@@ -24,9 +24,13 @@
 #                     time (was: the page-table width's chunk); the wrapper ranks in the attention
 #                     up to 2048-block widths: lanes kt (GPU tests), bt (backend GPU tests),
 #                     w1 (128K in a 1M-wide table, and 128K exact), m1 (1M, B8 x 128K).
+#   call 6 (4 GPUs):  the top-k launch ranks a 2048-block tile for rows that fit it in a wider
+#                     table: lane kt every decode-kernel GPU test (top-k, selection, sparse
+#                     decode, rank in attention, step graphs); w1 / m1 as in call 5.
+#   call 7 (H100):    kind nvidia-h100-x1: bench_decode_rank.py 128K in a 1M-wide table, B8 x 1M.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-CALL="${1:?usage: session8.sh 1..5}"
+CALL="${1:?usage: session8.sh 1..7}"
 OUT="${OUT:-$PWD/gpu-out}"; mkdir -p "$OUT"
 t0=$(date +%s)
 SITE=/tmp/m3serve-site8
@@ -79,6 +83,17 @@ case "$CALL" in
     lane bt 1 "export PYTHONPATH=$PWD/tests/sgl_kernel_standin:\$PYTHONPATH; timeout 300 $BT 2>&1 | tail -n 12"
     lane w1 2 "timeout 400 $RANK --cases 8x131072w1048576,8x131072,1x131072w1048576,32x131072w1048576 2>&1 | tail -n 30"
     lane m1 3 "timeout 400 $RANK --cases 8x1048576,1x1048576,8x131072 2>&1 | tail -n 30"
+    ;;
+6)
+    lane kt 0 "timeout 500 $GT tests/kernels/test_topk.py tests/kernels/test_index_select.py \
+        tests/kernels/test_sparse_decode.py tests/kernels/test_decode_rank_in_attention.py \
+        tests/kernels/test_decode_step.py 2>&1 | tail -n 12"
+    lane w1 1 "timeout 400 $RANK --cases 8x131072w1048576,8x131072,1x131072w1048576 2>&1 | tail -n 30"
+    lane w32 2 "timeout 400 $RANK --cases 32x131072w1048576,64x131072w1048576 2>&1 | tail -n 30"
+    lane m1 3 "timeout 400 $RANK --cases 8x1048576,1x1048576 2>&1 | tail -n 30"
+    ;;
+7)  # one H100 (nvidia-h100-x1)
+    lane h100 0 "timeout 400 $RANK --cases 8x131072w1048576,8x1048576,32x131072w1048576 2>&1 | tail -n 30"
     ;;
 3)  # one H100 (nvidia-h100-x1)
     lane h100 0 "timeout 540 $RANK --cases 8x131072,8x32768,32x131072 2>&1 | tail -n 40"
