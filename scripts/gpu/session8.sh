@@ -27,7 +27,9 @@
 #   call 6 (4 GPUs):  the top-k launch ranks a 2048-block tile for rows that fit it in a wider
 #                     table: lane kt every decode-kernel GPU test (top-k, selection, sparse
 #                     decode, rank in attention, step graphs); w1 / m1 as in call 5.
-#   call 7 (H100):    kind nvidia-h100-x1: bench_decode_rank.py 128K in a 1M-wide table, B8 x 1M.
+#   call 7 (4 GPUs):  call 6's B1 x 1M step read 20 % slower than calls 4-5: the top-k's short-row
+#                     path on (default) vs off (M3SERVE_TOPK_SHORT_BLOCKS=0), side by side, for
+#                     1M rows and 128K rows in a 1M-wide table.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CALL="${1:?usage: session8.sh 1..7}"
@@ -92,8 +94,11 @@ case "$CALL" in
     lane w32 2 "timeout 400 $RANK --cases 32x131072w1048576,64x131072w1048576 2>&1 | tail -n 30"
     lane m1 3 "timeout 400 $RANK --cases 8x1048576,1x1048576 2>&1 | tail -n 30"
     ;;
-7)  # one H100 (nvidia-h100-x1)
-    lane h100 0 "timeout 400 $RANK --cases 8x131072w1048576,8x1048576,32x131072w1048576 2>&1 | tail -n 30"
+7)
+    lane on 0 "timeout 300 $RANK --cases 1x1048576,8x1048576 2>&1 | grep '^|' | head -n 4"
+    lane off 1 "M3SERVE_TOPK_SHORT_BLOCKS=0 timeout 300 $RANK --cases 1x1048576,8x1048576 2>&1 | grep '^|' | head -n 4"
+    lane onw 2 "timeout 300 $RANK --cases 8x131072w1048576,1x131072w1048576 2>&1 | grep '^|' | head -n 4"
+    lane offw 3 "M3SERVE_TOPK_SHORT_BLOCKS=0 timeout 300 $RANK --cases 8x131072w1048576,1x131072w1048576 2>&1 | grep '^|' | head -n 4"
     ;;
 3)  # one H100 (nvidia-h100-x1)
     lane h100 0 "timeout 540 $RANK --cases 8x131072,8x32768,32x131072 2>&1 | tail -n 40"

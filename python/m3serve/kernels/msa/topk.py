@@ -60,7 +60,7 @@ FILTER_CAP = 64  # candidates kept after the bound; more → that program ranks 
 # "rounds" on rows wider than this (one row per program) first checks the row's local block: a
 # row with ≤ SHORT_BLOCKS visible blocks ranks a SHORT_BLOCKS-wide tile, not the whole width (a
 # decode graph's page table spans the context limit: 8192 blocks at 1M, most rows far shorter)
-SHORT_BLOCKS = 2048
+SHORT_BLOCKS = int(os.environ.get("M3SERVE_TOPK_SHORT_BLOCKS", "2048"))  # 0: off
 _FILTER_BROKEN: list[str] = []  # set if the filtered kernel ever fails to compile
 _SLOTS_BROKEN: list[str] = []  # set if the slot-list kernel ever fails to compile
 # slot-list launch shapes: prefill-sized batches (many rows: one warp per row, ~25-32 rows per SM;
