@@ -223,11 +223,14 @@ def test_rows_of_8192_blocks():
     assert torch.equal(got, ref.ref_topk_from_scores(scores, local, 16))
 
 
+@pytest.mark.parametrize("short_blocks", [2048, 0])
 @pytest.mark.parametrize("short_rows", [True, False])
-def test_rounds_short_rows_in_a_wide_table(short_rows):
-    """Rows in an 8192-block-wide table (a decode graph's page table at the 1M limit): a program
-    whose rows all fit SHORT_BLOCKS ranks a narrower tile; rows past it the whole width. Scores at
-    or past each row's local block are NaN poison (ranked above +inf if ever read)."""
+def test_rounds_short_rows_in_a_wide_table(short_rows, short_blocks, monkeypatch):
+    """Rows in an 8192-block-wide table (a decode graph's page table at the 1M limit): with the
+    opt-in short-row path, a program whose rows all fit SHORT_BLOCKS ranks a narrower tile, rows
+    past it the whole width; off, every row the whole width. Scores at or past each row's local
+    block are NaN poison (ranked above +inf if ever read)."""
+    monkeypatch.setattr(topk_mod, "SHORT_BLOCKS", short_blocks)
     gen = torch.Generator().manual_seed(9 + short_rows)
     width, rows = 8192, 8
     scores = torch.randn(rows, width, generator=gen)

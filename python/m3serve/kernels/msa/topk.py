@@ -57,10 +57,14 @@ SLOTS_MIN_ROWS = 4096
 SLOTS_MAX_COLS = 2048
 FILTER_DEFAULT = DEFAULT_VARIANT == "filter"  # kept for callers that read it
 FILTER_CAP = 64  # candidates kept after the bound; more → that program ranks whole rows
-# "rounds" on rows wider than this (one row per program) first checks the row's local block: a
-# row with ≤ SHORT_BLOCKS visible blocks ranks a SHORT_BLOCKS-wide tile, not the whole width (a
-# decode graph's page table spans the context limit: 8192 blocks at 1M, most rows far shorter)
-SHORT_BLOCKS = int(os.environ.get("M3SERVE_TOPK_SHORT_BLOCKS", "2048"))  # 0: off
+# Opt-in (M3SERVE_TOPK_SHORT_BLOCKS=2048): "rounds" on rows wider than this (one row per
+# program) first checks the row's local block, and a row with ≤ SHORT_BLOCKS visible blocks ranks
+# a SHORT_BLOCKS-wide tile instead of the whole width (a decode graph's page table spans the
+# context limit: 8192 blocks at 1M, most rows far shorter). Off by default: session 8 on H200
+# (decode_rank.md, the same run side by side) it took the step of 128K rows in a 1M-wide table
+# from 0.0692 to 0.0626 ms (B8, FP8 keys) but slowed 1M rows (B1 x 1M step 0.0612 → 0.0734 ms,
+# B8 x 1M 0.2930 → 0.3025), and 1M contexts are what M3 is served for.
+SHORT_BLOCKS = int(os.environ.get("M3SERVE_TOPK_SHORT_BLOCKS", "0"))
 _FILTER_BROKEN: list[str] = []  # set if the filtered kernel ever fails to compile
 _SLOTS_BROKEN: list[str] = []  # set if the slot-list kernel ever fails to compile
 # slot-list launch shapes: prefill-sized batches (many rows: one warp per row, ~25-32 rows per SM;
