@@ -12,8 +12,10 @@ L2 with a 256 MB write before every repetition, so nothing stays cached between 
   token-major layout, page_size 128 (1 was slower everywhere); its eager time includes its host
   launches and moves with the host's load (0.28-0.60 ms at B8 x 128K on H200 in one session),
   so where it captures, its replay from a CUDA graph (its GPU time alone) is shown beside it;
-- ours step: select_blocks_decode (index_select.py, Triton) + SparseDecodeWrapper.run, eager and
-  replayed from a CUDA graph, with bf16 and FP8 (+ per-token scale) index keys;
+- ours step: as the backend runs it — score_blocks_decode + the split-KV attention ranking the
+  top-k itself (sparse_decode_split(scores=), where the Triton backend wins and rows are ≤ 2048
+  blocks; "step_rank"), else select_blocks_decode + SparseDecodeWrapper.run — eager and replayed
+  from a CUDA graph, with bf16 and FP8 (+ per-token scale) index keys;
 - per step inside one CUDA graph of 8 steps (ours bf16 / FP8 keys, SGLang's step, the dense
   decode): a decode iteration replays one graph over all layers, so this is a layer's step
   without a graph launch; the 8 steps cycle up to 4 layers' index-K caches and 8 query sets so
@@ -236,6 +238,7 @@ def run_case(b: int, n: int, sglang_fn, peak: float) -> dict[str, Any]:
     from m3serve.kernels.msa.index_select import (
         DecodeSelectWorkspace,
         fuse_topk_default,
+        score_blocks_decode,
         select_blocks_decode,
     )
     from m3serve.kernels.msa.pdl import pdl, pdl_active
@@ -308,11 +311,32 @@ def run_case(b: int, n: int, sglang_fn, peak: float) -> dict[str, Any]:
     res["attn_backends_maxdiff"] = float((tri_out - ref_out).abs().max())
     best = "triton" if res["attn_triton_ms"] <= res["attn_flashinfer_ms"] else "flashinfer"
     res["step_backend"] = best
+    # the step as the backend runs it by default (M3SERVE_DECODE_RANK=attention): on the Triton
+    # backend the top-k is ranked inside the attention launch (its own split configs); the
+    # launch-structure experiments below (fuse=True / False) keep the top-k launch
+    ranked = SparseDecodeWrapper(dev, backend="triton", max_rows=b * HKV, ranked=True)
+    ranked.plan(seq_host, 1, HQ, HKV, D, BLOCK, TOPK)
+    rank_here = best == "triton" and ranked.ranks_in_attention(nb)
+    res["step_rank"] = "attention" if rank_here else "launch"
+
+    def run_step(qq, iq, cache, sc, q_fp8: bool = False, fuse: bool | None = None) -> None:
+        if rank_here and fuse is None:
+            s = score_blocks_decode(
+                iq, cache, sc, page_table, seq_lens, 1, TOPK, max_seq_len=n, workspace=ws,
+                q_fp8=q_fp8,
+            )  # fmt: skip
+            ranked.run(qq, k, v, page_table, topk_ids, scale, out=out, scores=s)
+            return
+        select_blocks_decode(
+            iq, cache, sc, page_table, seq_lens, 1, TOPK, out=topk_ids, max_seq_len=n,
+            workspace=ws, q_fp8=q_fp8, fuse_topk=fuse,
+        )  # fmt: skip
+        wrappers[best].run(qq, k, v, page_table, topk_ids, scale, out=out)
 
     def step(fp8: bool, q_fp8: bool = False, fuse: bool | None = None):
         def fn() -> None:
-            select(fp8, q_fp8, fuse)
-            wrappers[best].run(q, k, v, page_table, topk_ids, scale, out=out)
+            cache, sc = (idx_k8, idx_s8) if fp8 else (idx_k, None)
+            run_step(q, idx_q, cache, sc, q_fp8, fuse)
 
         return fn
 
@@ -368,11 +392,7 @@ def run_case(b: int, n: int, sglang_fn, peak: float) -> dict[str, Any]:
             cache, sc = (
                 (cyc["idx_k8"][layer], cyc["idx_s8"][layer]) if fp8 else (cyc["idx_k"][layer], None)
             )
-            select_blocks_decode(
-                cyc["idx_q"][i], cache, sc, page_table, seq_lens, 1, TOPK, out=topk_ids,
-                max_seq_len=n, workspace=ws,
-            )  # fmt: skip
-            wrappers[best].run(cyc["q"][i], k, v, page_table, topk_ids, scale, out=out)
+            run_step(cyc["q"][i], cyc["idx_q"][i], cache, sc)
 
         return fn
 
@@ -606,7 +626,7 @@ def write_markdown(doc: dict[str, Any], rows: list[dict[str, Any]], path: Path) 
             f"{r['step_bf16_graph_ms']:.3f} | {r['step_fp8_graph_ms']:.3f} | "
             f"{r['dense_ms'] / r['step_bf16_graph_ms']:.2f}× / {r['dense_ms'] / r['step_fp8_graph_ms']:.2f}× | {vs_sg} | "
             f"{gbs(r['bytes_step_bf16'], r['step_bf16_graph_ms']):.0f} ({r['bytes_step_bf16'] / (r['step_bf16_graph_ms'] * 1e-3) / pk:.0%}) | "
-            f"{r['attn_flashinfer_ms']:.4f} | {r['attn_triton_ms']:.4f} | {gbs(r['bytes_attn'], ab):.0f} | {r.get('attn_triton_eager_ms', float('nan')):.4f} | {r['step_backend']}{'/' + r['split_config'] if r['step_backend'] == 'triton' else ''} |"
+            f"{r['attn_flashinfer_ms']:.4f} | {r['attn_triton_ms']:.4f} | {gbs(r['bytes_attn'], ab):.0f} | {r.get('attn_triton_eager_ms', float('nan')):.4f} | {r['step_backend']}{'/' + r['split_config'] if r['step_backend'] == 'triton' else ''}{', top-k in the attention' if r.get('step_rank') == 'attention' else ''} |"
         )  # fmt: skip
     cy = [r for r in rows if "step_fp8_cycle_ms" in r]
     if cy:
