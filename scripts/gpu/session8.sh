@@ -30,9 +30,11 @@
 #   call 7 (4 GPUs):  call 6's B1 x 1M step read 20 % slower than calls 4-5: the top-k's short-row
 #                     path on (default) vs off (M3SERVE_TOPK_SHORT_BLOCKS=0), side by side, for
 #                     1M rows and 128K rows in a 1M-wide table.
+#   call 8 (H100):    kind nvidia-h100-x1: bench_sparse_decode.py B8 x 128K with its step as the
+#                     backend runs it (top-k ranked in the attention), beside SGLang's step.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-CALL="${1:?usage: session8.sh 1..7}"
+CALL="${1:?usage: session8.sh 1..8}"
 OUT="${OUT:-$PWD/gpu-out}"; mkdir -p "$OUT"
 t0=$(date +%s)
 SITE=/tmp/m3serve-site8
@@ -99,6 +101,10 @@ case "$CALL" in
     lane off 1 "M3SERVE_TOPK_SHORT_BLOCKS=0 timeout 300 $RANK --cases 1x1048576,8x1048576 2>&1 | grep '^|' | head -n 4"
     lane onw 2 "timeout 300 $RANK --cases 8x131072w1048576,1x131072w1048576 2>&1 | grep '^|' | head -n 4"
     lane offw 3 "M3SERVE_TOPK_SHORT_BLOCKS=0 timeout 300 $RANK --cases 8x131072w1048576,1x131072w1048576 2>&1 | grep '^|' | head -n 4"
+    ;;
+8)  # one H100 (nvidia-h100-x1)
+    lane h100 0 "timeout 330 python3 benchmarks/bench_sparse_decode.py --batches 8 --contexts 131072 \
+        --no-mtp --out \$OUT 2>&1 | tail -n 40"
     ;;
 3)  # one H100 (nvidia-h100-x1)
     lane h100 0 "timeout 540 $RANK --cases 8x131072,8x32768,32x131072 2>&1 | tail -n 40"
