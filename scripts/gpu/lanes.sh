@@ -1,14 +1,15 @@
-# Sourced by the session scripts (session6.sh, session7.sh) from the repo root: installs the
-# carried wheels (.dev-s6/wheels: FlashInfer 0.6.18, tvm-ffi, pytest) once into $SITE, puts this
+# Sourced by the session scripts (session6.sh .. session8.sh) from the repo root: installs the
+# carried wheels ($WHEELS, default .dev-s6/wheels: FlashInfer 0.6.18, tvm-ffi, pytest; session 8:
+# .dev-s8/wheels, slim sglang too) once into $SITE (default /tmp/m3serve-site6), puts this
 # tree's python/, $SITE and SGLang's MSA ops (.dev-s6/sglang_site) on PYTHONPATH, prints the card
 # and versions, and defines lane NAME GPU COMMAND: COMMAND in the background on one card, its
 # output in $OUT/NAME.txt, its own Triton cache. Sets OUT, t0, SITE, BASE, DEC and GT.
 OUT="${OUT:-$PWD/gpu-out}"; mkdir -p "$OUT"
 t0=$(date +%s)
-SITE=/tmp/m3serve-site6
+SITE="${SITE:-/tmp/m3serve-site6}"
 if [ ! -f "$SITE/.done" ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
-        .dev-s6/wheels/*.whl > "$OUT/pip.log" 2>&1 || { tail -20 "$OUT/pip.log"; exit 1; }
+        "${WHEELS:-.dev-s6/wheels}"/*.whl > "$OUT/pip.log" 2>&1 || { tail -20 "$OUT/pip.log"; exit 1; }
     touch "$SITE/.done"
 fi
 BASE="$PWD/python:$SITE:$PWD/.dev-s6/sglang_site"

@@ -28,33 +28,19 @@
 #                     table: lane kt every decode-kernel GPU test (top-k, selection, sparse
 #                     decode, rank in attention, step graphs); w1 / m1 as in call 5.
 #   call 7 (4 GPUs):  call 6's B1 x 1M step read 20 % slower than calls 4-5: the top-k's short-row
-#                     path on (default) vs off (M3SERVE_TOPK_SHORT_BLOCKS=0), side by side, for
+#                     path on (then the default) vs off (M3SERVE_TOPK_SHORT_BLOCKS=0; off is the default since), side by side, for
 #                     1M rows and 128K rows in a 1M-wide table.
 #   call 8 (H100):    kind nvidia-h100-x1: bench_sparse_decode.py B8 x 128K with its step as the
 #                     backend runs it (top-k ranked in the attention), beside SGLang's step.
+#                     Not run in session 8 (its device time was spent): the next session's first.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CALL="${1:?usage: session8.sh 1..8}"
-OUT="${OUT:-$PWD/gpu-out}"; mkdir -p "$OUT"
-t0=$(date +%s)
+WHEELS=.dev-s8/wheels
 SITE=/tmp/m3serve-site8
-if [ ! -f "$SITE/.done" ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
-        .dev-s8/wheels/*.whl > "$OUT/pip.log" 2>&1 || { tail -20 "$OUT/pip.log"; exit 1; }
-    touch "$SITE/.done"
-fi
-export PYTHONPATH="$SITE:$PWD/python" PYTHONUNBUFFERED=1 SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND=python
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/card.txt"
-python3 -c "import torch, triton, flashinfer; print('torch', torch.__version__, 'triton', triton.__version__, 'flashinfer', flashinfer.__version__)"
+source scripts/gpu/lanes.sh
+export SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND=python  # the backend tests import sglang (GPU.md)
 echo "[setup $(( $(date +%s) - t0 )) s]"
-lane() {  # lane NAME GPU COMMAND: run in the background on one card, output in $OUT/NAME.txt
-    local name=$1 gpu=$2; shift 2
-    mkdir -p "$OUT/$name"
-    ( CUDA_VISIBLE_DEVICES=$gpu OUT="$OUT/$name" TRITON_CACHE_DIR="/tmp/triton-$name" \
-        bash -c "$*" > "$OUT/$name.txt" 2>&1
-      echo "[lane $name exit $? after $(( $(date +%s) - t0 )) s]" >> "$OUT/$name.txt" ) &
-}
-GT="python3 -m pytest -q -m gpu -p no:cacheprovider --durations=5"
 BT="$GT tests/backend"  # with tests/sgl_kernel_standin first on PYTHONPATH (lane bt)
 RANK="python3 benchmarks/bench_decode_rank.py --out \$OUT"
 case "$CALL" in

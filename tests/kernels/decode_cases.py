@@ -30,20 +30,25 @@ def random_selection(
     return torch.stack(rows).view(len(seq_lens) * q, hkv, topk).transpose(0, 1).contiguous()
 
 
-def make_case(seq_lens, q, hkv, group, d, block, topk, seed=0, dtype=torch.float32, device="cpu"):
-    gen = torch.Generator().manual_seed(seed)
-    pages_per = [(n + block - 1) // block for n in seq_lens]
-    num_pages = sum(pages_per) + 5
+def paged_kv(pages_per, hkv, block, d, gen, dtype, spare: int, pad: int, fill: int):
+    """Random HND caches [pages, H_kv, block, D] (``spare`` pages more than the requests use)
+    behind a shuffled page table, ``pad`` columns past the longest request set to ``fill``."""
+    num_pages = sum(pages_per) + spare
     perm = torch.randperm(num_pages, generator=gen)
-    page_table = torch.full(
-        (len(seq_lens), max(pages_per) + 2), 10**6, dtype=torch.int32
-    )  # poison tail
+    page_table = torch.full((len(pages_per), max(pages_per) + pad), fill, dtype=torch.int32)
     at = 0
     for r, p in enumerate(pages_per):
         page_table[r, :p] = perm[at : at + p].to(torch.int32)
         at += p
     k = torch.randn(num_pages, hkv, block, d, generator=gen).to(dtype)
     v = torch.randn(num_pages, hkv, block, d, generator=gen).to(dtype)
+    return page_table, k, v
+
+
+def make_case(seq_lens, q, hkv, group, d, block, topk, seed=0, dtype=torch.float32, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    pages_per = [(n + block - 1) // block for n in seq_lens]
+    page_table, k, v = paged_kv(pages_per, hkv, block, d, gen, dtype, spare=5, pad=2, fill=10**6)
     qt = torch.randn(len(seq_lens) * q, hkv * group, d, generator=gen).to(dtype)
     sel = random_selection(seq_lens, q, hkv, block, topk, gen)
     seq = torch.tensor(seq_lens, dtype=torch.int32)

@@ -153,6 +153,15 @@ class StepCase:
         )  # fmt: skip
         return ids, w.run(self.q, self.k, self.v, self.pt, ids, scale)
 
+    def assert_forms_agree(self, w: SparseDecodeWrapper, scale: float) -> None:
+        """The two-launch step and the step with scores handed to the attention: same ids, same
+        outputs bit for bit."""
+        want_ids, want_out = self.two_launch(w, scale)
+        want_out = want_out.clone()
+        got_ids, got_out = self.ranked_in_attention(w, scale)
+        assert torch.equal(got_ids, want_ids)
+        assert torch.equal(got_out, want_out)
+
     def ranked_in_attention(self, w: SparseDecodeWrapper, scale: float):
         qn, topk = self.shape[1], self.shape[6]
         sc = score_blocks_decode(
@@ -171,11 +180,7 @@ def test_wrapper_step_ranked_in_attention_equals_two_launches(qn):
     assert w.ranks_in_attention(case.pt.shape[1])
     ranked = SparseDecodeWrapper(DEV, backend="triton", ranked=True)
     assert ranked._split_config(8) == default_split_config(8, ranked=True) != w._split_config(8)
-    want_ids, want_out = case.two_launch(w, 0.2)
-    want_out = want_out.clone()
-    got_ids, got_out = case.ranked_in_attention(w, 0.2)
-    assert torch.equal(got_ids, want_ids)
-    assert torch.equal(got_out, want_out)
+    case.assert_forms_agree(w, 0.2)
 
 
 def test_wrapper_wide_rows_fall_back_to_the_topk_launch(monkeypatch):
@@ -185,11 +190,7 @@ def test_wrapper_wide_rows_fall_back_to_the_topk_launch(monkeypatch):
     w = case.wrapper()
     monkeypatch.setattr(sd_mod, "RANK_DEFAULT_MAX_BLOCKS", 4)
     assert not w.ranks_in_attention(case.pt.shape[1])
-    want_ids, want_out = case.two_launch(w, 0.3)
-    want_out = want_out.clone()
-    got_ids, got_out = case.ranked_in_attention(w, 0.3)
-    assert torch.equal(got_ids, want_ids)
-    assert torch.equal(got_out, want_out)
+    case.assert_forms_agree(w, 0.3)
 
 
 @pytest.mark.gpu
@@ -199,8 +200,4 @@ def test_gpu_flashinfer_backend_ranks_before_its_run():
     case = StepCase([700, 2500, 1300], 1, 2, 8, 64, 128, 8, 64, seed=5, dtype=torch.bfloat16)
     w = case.wrapper("flashinfer")
     assert not w.ranks_in_attention(case.pt.shape[1])
-    want_ids, want_out = case.two_launch(w, 0.2)
-    want_out = want_out.clone()
-    got_ids, got_out = case.ranked_in_attention(w, 0.2)
-    assert torch.equal(got_ids, want_ids)
-    assert torch.equal(got_out, want_out)
+    case.assert_forms_agree(w, 0.2)

@@ -22,6 +22,8 @@ from m3serve.kernels.msa.sparse_prefill import (
     sparse_prefill_attention,
 )
 
+from .decode_cases import paged_kv
+
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -30,15 +32,7 @@ def make_batch(seq_lens, q_lens, block, hq, hkv, d, seed, dtype=torch.bfloat16, 
     """Random HND caches behind a shuffled page table, q, and the ragged metadata."""
     gen = torch.Generator().manual_seed(seed)
     pages_per = [(n + block - 1) // block for n in seq_lens]
-    num_pages = sum(pages_per) + 3
-    perm = torch.randperm(num_pages, generator=gen)
-    page_table = torch.zeros(len(seq_lens), max(pages_per), dtype=torch.int32)
-    at = 0
-    for r, p in enumerate(pages_per):
-        page_table[r, :p] = perm[at : at + p].to(torch.int32)
-        at += p
-    k = torch.randn(num_pages, hkv, block, d, generator=gen).to(dtype)
-    v = torch.randn(num_pages, hkv, block, d, generator=gen).to(dtype)
+    page_table, k, v = paged_kv(pages_per, hkv, block, d, gen, dtype, spare=3, pad=0, fill=0)
     cu_q = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
     seq = torch.tensor(seq_lens, dtype=torch.int32)
     prefix = seq - torch.tensor(q_lens, dtype=torch.int32)
