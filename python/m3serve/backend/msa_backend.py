@@ -346,8 +346,12 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
         }
         if self.use_fast:
             from m3serve.kernels.msa.sparse_decode import SparseDecodeWrapper
+            from m3serve.kernels.msa.sparse_decode_split import RANK_DEFAULT_MAX_BLOCKS
 
-            g["decode"] = SparseDecodeWrapper(self.device, ranked=self.decode_rank == "attention")
+            # the graph's page table spans the context limit: past RANK_DEFAULT_MAX_BLOCKS the
+            # top-k launch runs, with the split configs measured best for it
+            ranked = self.decode_rank == "attention" and max_pages <= RANK_DEFAULT_MAX_BLOCKS
+            g["decode"] = SparseDecodeWrapper(self.device, ranked=ranked)
             g["decode"].reserve(
                 max_bs * self.num_kv_heads, self.topk, self.num_q_heads // self.num_kv_heads,
                 self.head_dim,
