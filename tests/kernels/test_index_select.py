@@ -23,6 +23,7 @@ from m3serve.kernels.msa.index_select import (
     DecodeSelectWorkspace,
     decode_blocks_per_program,
     prefill_block_scores,
+    score_blocks_decode,
     select_blocks_decode,
     select_blocks_prefill,
 )
@@ -191,6 +192,25 @@ def test_prefill_mixed_batch_chunked(topk, fp8):
     args = _to(DEV, iq, cache, scale, pt, cu_q, prefix, seq)
     got = select_blocks_prefill(*args, topk, k_major=fp8)  # FP8 cases take the other orientation
     _check(got, *args, topk)
+
+
+def test_decode_torch_path_checks_inputs(monkeypatch):
+    """Without Triton (CPU, no interpreter) decode selection is the torch reference, after the
+    same input checks as the kernel path; the scores-only entry point needs the kernel."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    gen = torch.Generator().manual_seed(3)
+    cache, _, pt = make_paged_index_cache([300, 77], 128, 16, gen, False)
+    iq = torch.randn(2, 2, 16, generator=gen).to(torch.bfloat16)
+    seq = torch.tensor([300, 77], dtype=torch.int32)
+    got = select_blocks_decode(iq, cache, None, pt, seq, 1, 4)
+    cu_q = torch.arange(3, dtype=torch.int32)
+    _check(got, iq, cache, None, pt, cu_q, seq - 1, seq, 4)
+    with pytest.raises(AssertionError, match=r"q_per_req must be in 1\.\.16"):
+        select_blocks_decode(iq.repeat(17, 1, 1), cache, None, pt, seq, 17, 4)
+    with pytest.raises(AssertionError, match="index_q has 2 rows, expected B·Q = 2·2"):
+        select_blocks_decode(iq, cache, None, pt, seq, 2, 4)
+    with pytest.raises(AssertionError, match="score_blocks_decode runs the Triton kernel"):
+        score_blocks_decode(iq, cache, None, pt, seq, 1, 4)
 
 
 @pytest.mark.parametrize("fp8", [False, True])

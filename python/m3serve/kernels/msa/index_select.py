@@ -632,7 +632,6 @@ def score_blocks_decode(
     """The scoring launch of ``select_blocks_decode`` alone (same arguments): the block scores,
     for a consumer that ranks them itself (``sparse_decode_split(scores=...)`` ranks inside the
     attention launch). GPU / interpreter only."""
-    assert use_triton(index_q), "score_blocks_decode runs the Triton kernel (CUDA or interpreter)"
     return _decode_select(
         index_q, index_k_cache, index_k_scale, page_table, seq_lens, q_per_req, topk, None,
         max_seq_len, workspace, k_major, q_fp8, launch, "none",
@@ -671,23 +670,10 @@ def select_blocks_decode(
     exact top-k over its Q·G rows: one kernel per step) instead of a second top-k launch;
     default ``fuse_topk_default(n_blocks)``. Both give the same ids.
     """
-    if not use_triton(index_q):
-        batch, qn = page_table.shape[0], q_per_req
-        _check_common(index_q, index_k_cache, index_k_scale, page_table, seq_lens, topk)
-        _check_q_fp8(q_fp8, index_k_cache, k_major)
-        cu_q = torch.arange(batch + 1, dtype=torch.int32, device=index_q.device) * qn
-        return ref.ref_select_blocks(
-            index_q, index_k_cache, index_k_scale, page_table, cu_q, seq_lens - qn, seq_lens, topk,
-            q_fp8=q_fp8,
-        )  # fmt: skip
-    if fuse_topk is None:
-        n_blocks = page_table.shape[1]
-        if max_seq_len is not None:
-            n_blocks = max(1, min(n_blocks, triton.cdiv(max_seq_len, index_k_cache.shape[1])))
-        fuse_topk = fuse_topk_default(n_blocks)
+    rank = "auto" if fuse_topk is None else "fused" if fuse_topk else "launch"
     return _decode_select(
         index_q, index_k_cache, index_k_scale, page_table, seq_lens, q_per_req, topk, out,
-        max_seq_len, workspace, k_major, q_fp8, launch, "fused" if fuse_topk else "launch",
+        max_seq_len, workspace, k_major, q_fp8, launch, rank,
     )  # fmt: skip
 
 
@@ -695,8 +681,9 @@ def _decode_select(
     index_q, index_k_cache, index_k_scale, page_table, seq_lens, q_per_req, topk, out,
     max_seq_len, workspace, k_major, q_fp8, launch, rank,
 ):  # fmt: skip
-    """select_blocks_decode / score_blocks_decode on Triton. rank: "fused" (in the scoring
-    launch), "launch" (a second, top-k launch) → topk_ids; "none" → DecodeScores."""
+    """select_blocks_decode / score_blocks_decode. rank: "fused" (in the scoring launch), "launch"
+    (a second, top-k launch), "auto" (fuse_topk_default) → topk_ids; "none" → DecodeScores
+    (Triton only). CPU tensors without TRITON_INTERPRET take the torch reference."""
     groups, d, block, is_fp8 = _check_common(
         index_q, index_k_cache, index_k_scale, page_table, seq_lens, topk
     )
@@ -707,7 +694,16 @@ def _decode_select(
     assert index_q.shape[0] == batch * qn, (
         f"index_q has {index_q.shape[0]} rows, expected B·Q = {batch}·{qn}"
     )
-    assert rank in ("fused", "launch", "none"), f"rank must be fused/launch/none, got {rank!r}"
+    assert rank in ("auto", "fused", "launch", "none"), (
+        f"rank must be auto/fused/launch/none, got {rank!r}"
+    )
+    if not use_triton(index_q):
+        assert rank != "none", "score_blocks_decode runs the Triton kernel (CUDA or interpreter)"
+        cu_q = torch.arange(batch + 1, dtype=torch.int32, device=index_q.device) * qn
+        return ref.ref_select_blocks(
+            index_q, index_k_cache, index_k_scale, page_table, cu_q, seq_lens - qn, seq_lens, topk,
+            q_fp8=q_fp8,
+        )  # fmt: skip
     if rank != "none":
         if out is None:
             out = torch.empty(groups, batch * qn, topk, dtype=torch.int32, device=index_q.device)
@@ -718,6 +714,8 @@ def _decode_select(
     n_blocks = page_table.shape[1]
     if max_seq_len is not None:
         n_blocks = max(1, min(n_blocks, triton.cdiv(max_seq_len, block)))
+    if rank == "auto":
+        rank = "fused" if fuse_topk_default(n_blocks) else "launch"
     rows = batch * qn * groups
     if batch == 0:
         if rank != "none":
@@ -738,10 +736,12 @@ def _decode_select(
     warps, stages, waves = launch[:3]
     balanced = bool(launch[3]) if len(launch) > 3 else True
     maxnreg = launch[4] if len(launch) > 4 else None
-    per = decode_blocks_per_program(batch, n_blocks, sms, waves, balanced)
-    grid = (batch, triton.cdiv(n_blocks, per))
-    # the kernel cuts each request's visible blocks over grid[1] programs, ≥ MIN_DECODE_CHUNK each
-    per = MIN_DECODE_CHUNK
+    # the grid comes from the width; the kernel cuts each request's visible blocks over grid[1]
+    # programs, ≥ MIN_DECODE_CHUNK each
+    grid = (
+        batch,
+        triton.cdiv(n_blocks, decode_blocks_per_program(batch, n_blocks, sms, waves, balanced)),
+    )
     fused = rank == "fused"
     pdl = pdl_active(index_q)
     assert n_blocks <= MAX_BLOCKS, f"{n_blocks} blocks per row > {MAX_BLOCKS} (1M tokens)"
@@ -762,7 +762,7 @@ def _decode_select(
         workspace.local,
         workspace.counters,
         out,
-        per,
+        MIN_DECODE_CHUNK,
         n_blocks,
         index_q.stride(0),
         index_q.stride(1),
