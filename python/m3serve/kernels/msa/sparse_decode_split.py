@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .pdl import launch_kwargs, pdl_active, pdl_prologue
-from .topk import MAX_BLOCKS, _packed_keys
+from .topk import MAX_BLOCKS, _key_id, _packed_keys
 
 LOG2E = 1.4426950408889634
 # ranking inside the attention launch (``scores=``) takes rows of up to MAX_BLOCKS blocks (1M
@@ -108,7 +108,7 @@ def _rank_split_pages(
             pg = tl.where(
                 mk >= mb, tl.sum(tl.where(hit, pts, 0)), tl.sum(tl.where(hit_b, best_pg, 0))
             )
-            blk = tl.where(j == i, (0x7FFFFFFF - (m & 0xFFFFFFFF)).to(tl.int32), blk)
+            blk = tl.where(j == i, _key_id(m), blk)
             page = tl.where(j == i, pg, page)
             keys = tl.where(hit, sentinel, keys)
             best = tl.where(hit_b, sentinel, best)

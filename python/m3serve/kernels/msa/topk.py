@@ -113,12 +113,18 @@ def _packed_keys(s, ids):
 
 
 @triton.jit
+def _key_id(key):
+    """The block id packed in a ``_packed_keys`` key (its low 32 bits)."""
+    return (0x7FFFFFFF - (key & 0xFFFFFFFF)).to(tl.int32)
+
+
+@triton.jit
 def _max_knockout(keys, ranked, slots, TOPK: tl.constexpr):
     """TOPK − 1 rounds of (row max, knock the winner out) over [ROWS, N] int64 keys."""
     sentinel = -9223372036854775807 - 1
     for i in tl.static_range(TOPK - 1):
         best = tl.max(keys, axis=1)
-        best_id = (0x7FFFFFFF - (best & 0xFFFFFFFF)).to(tl.int32)
+        best_id = _key_id(best)
         ranked = tl.where(slots[None, :] == i, best_id[:, None], ranked)
         keys = tl.where(keys == best[:, None], sentinel, keys)
     return ranked
