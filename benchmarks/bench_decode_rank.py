@@ -44,7 +44,6 @@ def run_case(b: int, n: int, peak: float, width: int | None = None) -> dict[str,
     from m3serve.kernels.msa.index_select import (
         DecodeSelectWorkspace,
         score_blocks_decode,
-        select_blocks_decode,
     )
     from m3serve.kernels.msa.sparse_decode import SparseDecodeWrapper
     from m3serve.kernels.msa.sparse_decode_split import RANK_MAX_BLOCKS, SPLIT_CONFIGS
@@ -75,25 +74,14 @@ def run_case(b: int, n: int, peak: float, width: int | None = None) -> dict[str,
     cyc = bsd.step_cycle_inputs(idx_k, q, idx_q, gen)
     res["cycle_layers"] = len(cyc["idx_k"])
 
-    def keys(i: int, fp8: bool):
-        layer = i % len(cyc["idx_k"])
-        if fp8:
-            return cyc["idx_k8"][layer], cyc["idx_s8"][layer]
-        return cyc["idx_k"][layer], None
+    def run(w, ranked: bool, i: int, fp8: bool) -> None:
+        bsd.decode_step(
+            w, ranked, cyc["q"][i], cyc["idx_q"][i], *bsd.cycle_keys(cyc, i, fp8), k, v, pt, seq,
+            ids, out, scale, ws, msl,
+        )  # fmt: skip
 
     def step(rank: str, fp8: bool):
-        def fn(i: int) -> None:
-            cache, sc = keys(i, fp8)
-            args = (cyc["idx_q"][i], cache, sc, pt, seq, 1, topk)
-            w = wrappers[rank]
-            if rank == "attention":
-                s = score_blocks_decode(*args, max_seq_len=msl, workspace=ws)
-                w.run(cyc["q"][i], k, v, pt, ids, scale, out=out, scores=s)
-            else:
-                select_blocks_decode(*args, out=ids, max_seq_len=msl, workspace=ws)
-                w.run(cyc["q"][i], k, v, pt, ids, scale, out=out)
-
-        return fn
+        return lambda i: run(wrappers[rank], rank == "attention", i, fp8)
 
     # -- the two forms give the same ids and, with the same split config, the same outputs (their
     #    default configs differ in split count, so there only within rounding) --
@@ -107,11 +95,8 @@ def run_case(b: int, n: int, peak: float, width: int | None = None) -> dict[str,
             step("attention", fp8)(i)
             same &= bool(torch.equal(ids, want_ids))
             maxdiff = max(maxdiff, float((out.float() - want_out.float()).abs().max()))
-            cache, sc = keys(i, fp8)
-            s = score_blocks_decode(cyc["idx_q"][i], cache, sc, pt, seq, 1, topk, max_seq_len=msl,
-                                    workspace=ws)  # fmt: skip
-            wrappers["launch"].run(cyc["q"][i], k, v, pt, ids, scale, out=out, scores=s)
-            same &= bool(torch.equal(out, want_out))  # same config, ranked inside: bit-equal
+            run(wrappers["launch"], True, i, fp8)  # the launch form's config, ranked inside
+            same &= bool(torch.equal(out, want_out))  # bit-equal
     res["same_ids_and_out"] = same
     res["default_configs_maxdiff"] = maxdiff
 

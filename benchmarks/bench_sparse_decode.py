@@ -133,6 +133,36 @@ def step_cycle_inputs(idx_k, q, idx_q, gen) -> dict[str, list[torch.Tensor]]:
     }  # fmt: skip
 
 
+def cycle_keys(cyc: dict[str, list[torch.Tensor]], i: int, fp8: bool):
+    """Step i's index keys in a step cycle (step_cycle_inputs): layer i mod the copies; (FP8 keys,
+    their scales) or (bf16 keys, None)."""
+    layer = i % len(cyc["idx_k"])
+    if fp8:
+        return cyc["idx_k8"][layer], cyc["idx_s8"][layer]
+    return cyc["idx_k"][layer], None
+
+
+def decode_step(
+    w, ranked: bool, q, iq, cache, sc, k, v, page_table, seq_lens, ids, out, scale, ws,
+    max_seq_len: int | None, q_fp8: bool = False, fuse: bool | None = None,
+) -> None:  # fmt: skip
+    """One MSA decode step (Q = 1) through wrapper ``w``: ``ranked``, the scoring launch alone and
+    the attention ranking the top-k itself (score_blocks_decode + run(scores=), how the backend
+    runs it by default); else select_blocks_decode (top-k fused into the scoring launch or not,
+    ``fuse``) and the attention reading its ids."""
+    from m3serve.kernels.msa.index_select import score_blocks_decode, select_blocks_decode
+
+    args = (iq, cache, sc, page_table, seq_lens, 1, TOPK)
+    if ranked:
+        s = score_blocks_decode(*args, max_seq_len=max_seq_len, workspace=ws, q_fp8=q_fp8)
+        w.run(q, k, v, page_table, ids, scale, out=out, scores=s)
+        return
+    select_blocks_decode(
+        *args, out=ids, max_seq_len=max_seq_len, workspace=ws, q_fp8=q_fp8, fuse_topk=fuse
+    )
+    w.run(q, k, v, page_table, ids, scale, out=out)
+
+
 def capture(fn) -> torch.cuda.CUDAGraph:
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -238,7 +268,6 @@ def run_case(b: int, n: int, sglang_fn, peak: float) -> dict[str, Any]:
     from m3serve.kernels.msa.index_select import (
         DecodeSelectWorkspace,
         fuse_topk_default,
-        score_blocks_decode,
         select_blocks_decode,
     )
     from m3serve.kernels.msa.pdl import pdl, pdl_active
@@ -320,18 +349,11 @@ def run_case(b: int, n: int, sglang_fn, peak: float) -> dict[str, Any]:
     res["step_rank"] = "attention" if rank_here else "launch"
 
     def run_step(qq, iq, cache, sc, q_fp8: bool = False, fuse: bool | None = None) -> None:
-        if rank_here and fuse is None:
-            s = score_blocks_decode(
-                iq, cache, sc, page_table, seq_lens, 1, TOPK, max_seq_len=n, workspace=ws,
-                q_fp8=q_fp8,
-            )  # fmt: skip
-            ranked.run(qq, k, v, page_table, topk_ids, scale, out=out, scores=s)
-            return
-        select_blocks_decode(
-            iq, cache, sc, page_table, seq_lens, 1, TOPK, out=topk_ids, max_seq_len=n,
-            workspace=ws, q_fp8=q_fp8, fuse_topk=fuse,
+        rank = rank_here and fuse is None
+        decode_step(
+            ranked if rank else wrappers[best], rank, qq, iq, cache, sc, k, v, page_table,
+            seq_lens, topk_ids, out, scale, ws, n, q_fp8, fuse,
         )  # fmt: skip
-        wrappers[best].run(qq, k, v, page_table, topk_ids, scale, out=out)
 
     def step(fp8: bool, q_fp8: bool = False, fuse: bool | None = None):
         def fn() -> None:
@@ -388,11 +410,7 @@ def run_case(b: int, n: int, sglang_fn, peak: float) -> dict[str, Any]:
 
     def step_i(fp8: bool):
         def fn(i: int) -> None:
-            layer = i % len(cyc["idx_k"])
-            cache, sc = (
-                (cyc["idx_k8"][layer], cyc["idx_s8"][layer]) if fp8 else (cyc["idx_k"][layer], None)
-            )
-            run_step(cyc["q"][i], cyc["idx_q"][i], cache, sc)
+            run_step(cyc["q"][i], cyc["idx_q"][i], *cycle_keys(cyc, i, fp8))
 
         return fn
 
