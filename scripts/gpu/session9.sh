@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Session 9's GPU runs. Lanes run in parallel, one card each, each writing $OUT/<lane>.txt; the
+# lanes' folders are packed into $OUT/session9_<call>.tgz (a run returns only a few files).
+#
+#   carry: [".dev-s8"]   timeout_s: 600
+#   .dev-s8/wheels   python scripts/gpu/make_wheelhouse.py --out .dev-s8/wheels (slim sglang + its
+#                    start-up deps + FlashInfer 0.6.18.post1), plus pytest and its deps
+#
+#   call 1 (4 GPUs):  main as session 8 left it, on the card: every GPU test (lanes k1 / k2:
+#                     kernels and the MoE; bt: the backend, CUDA-graph replay = eager, with the
+#                     top-k ranked in the attention, the default), and lane d8: session 8's
+#                     unrun call 8, bench_sparse_decode.py B8 x 128K with the step as the backend
+#                     runs it, beside SGLang 0.5.23's step (eager and in a graph).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+CALL="${1:?usage: session9.sh 1}"
+WHEELS=.dev-s8/wheels
+SITE=/tmp/m3serve-site9
+source scripts/gpu/lanes.sh
+export SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND=python  # the backend tests import sglang (GPU.md)
+echo "[setup $(( $(date +%s) - t0 )) s]"
+K=tests/kernels
+case "$CALL" in
+1)
+    lane k1 0 "timeout 520 $GT $K/test_topk.py $K/test_index_cache.py $K/test_index_select.py \
+        $K/test_decode_rank_in_attention.py $K/test_decode_step.py 2>&1 | tail -n 25"
+    lane k2 1 "timeout 520 $GT $K/test_sparse_decode.py $K/test_sparse_prefill.py \
+        tests/model/test_moe.py 2>&1 | tail -n 25"
+    lane bt 2 "export PYTHONPATH=$PWD/tests/sgl_kernel_standin:\$PYTHONPATH; \
+        timeout 520 $GT tests/backend 2>&1 | tail -n 25"
+    lane d8 3 "timeout 520 python3 benchmarks/bench_sparse_decode.py --batches 8 --contexts 131072 \
+        --no-mtp --out \$OUT 2>&1 | tail -n 40"
+    ;;
+*) echo "unknown call $CALL"; exit 2 ;;
+esac
+wait
+for f in "$OUT"/*.txt; do echo "===== $(basename "$f")"; tail -n 45 "$f"; done
+(cd "$OUT" && tar czf "session9_$CALL.tgz" --remove-files */ 2>/dev/null)
+echo "[total $(( $(date +%s) - t0 )) s]"
