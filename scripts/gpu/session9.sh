@@ -11,9 +11,14 @@
 #                     top-k ranked in the attention, the default), and lane d8: session 8's
 #                     unrun call 8, bench_sparse_decode.py B8 x 128K with the step as the backend
 #                     runs it, beside SGLang 0.5.23's step (eager and in a graph).
+#   call 2 (4 GPUs):  issue 5: L2 eviction hints in the KV-block-major prefill (query rows
+#                     "evict last", partials "evict first"; cache_hints, off by default until
+#                     measured): lanes p1 / p2 bench_sparse_prefill.py --sweep (the tile sweep
+#                     holds the hints on and off side by side; its fastest tile then runs every
+#                     case), the same on two cards; lane kt the prefill GPU tests (hints variant).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-CALL="${1:?usage: session9.sh 1}"
+CALL="${1:?usage: session9.sh 1..2}"
 WHEELS=.dev-s8/wheels
 SITE=/tmp/m3serve-site9
 source scripts/gpu/lanes.sh
@@ -30,6 +35,12 @@ case "$CALL" in
         timeout 520 $GT tests/backend 2>&1 | tail -n 25"
     lane d8 3 "timeout 520 python3 benchmarks/bench_sparse_decode.py --batches 8 --contexts 131072 \
         --no-mtp --out \$OUT 2>&1 | tail -n 40"
+    ;;
+2)
+    PRE="python3 benchmarks/bench_sparse_prefill.py --sweep --out \$OUT"
+    lane p1 0 "timeout 560 $PRE --contexts 32768,131072 --full-contexts 32768,131072 2>&1 | tail -n 40"
+    lane p2 1 "timeout 560 $PRE --contexts 131072 --full-contexts 32768,131072 2>&1 | tail -n 40"
+    lane kt 2 "timeout 400 $GT $K/test_sparse_prefill.py 2>&1 | tail -n 15"
     ;;
 *) echo "unknown call $CALL"; exit 2 ;;
 esac
