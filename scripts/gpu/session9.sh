@@ -12,10 +12,11 @@
 #                     unrun call 8, bench_sparse_decode.py B8 x 128K with the step as the backend
 #                     runs it, beside SGLang 0.5.23's step (eager and in a graph).
 #   call 2 (4 GPUs):  issue 5: L2 eviction hints in the KV-block-major prefill (query rows
-#                     "evict last", partials "evict first"; cache_hints, off by default until
-#                     measured): lanes p1 / p2 bench_sparse_prefill.py --sweep (the tile sweep
-#                     holds the hints on and off side by side; its fastest tile then runs every
-#                     case), the same on two cards; lane kt the prefill GPU tests (hints variant).
+#                     "evict last", partials "evict first"), then a tile-sweep knob: lanes p1 / p2
+#                     bench_sparse_prefill.py --sweep (hints on and off side by side; the fastest
+#                     tile then runs every case) on two cards; lane kt the prefill GPU tests. No
+#                     gain (sparse_prefill.md, session 9 note), so the knob was removed after; the
+#                     same command now runs the sweep without it.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CALL="${1:?usage: session9.sh 1..2}"
