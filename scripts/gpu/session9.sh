@@ -17,9 +17,12 @@
 #                     tile then runs every case) on two cards; lane kt the prefill GPU tests. No
 #                     gain (sparse_prefill.md, session 9 note), so the knob was removed after; the
 #                     same command now runs the sweep without it.
+#   call 3 (4 GPUs):  issue 5: a "lean" tile in the block-major main kernel (the causal mask skipped
+#                     for blocks wholly visible to every row of the tile, O scaled by a reciprocal
+#                     per row): lanes p1 / p2 / kt as in call 2, the sweep holding lean on and off.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-CALL="${1:?usage: session9.sh 1..2}"
+CALL="${1:?usage: session9.sh 1..3}"
 WHEELS=.dev-s8/wheels
 SITE=/tmp/m3serve-site9
 source scripts/gpu/lanes.sh
@@ -37,7 +40,7 @@ case "$CALL" in
     lane d8 3 "timeout 520 python3 benchmarks/bench_sparse_decode.py --batches 8 --contexts 131072 \
         --no-mtp --out \$OUT 2>&1 | tail -n 40"
     ;;
-2)
+2|3)
     PRE="python3 benchmarks/bench_sparse_prefill.py --sweep --out \$OUT"
     lane p1 0 "timeout 560 $PRE --contexts 32768,131072 --full-contexts 32768,131072 2>&1 | tail -n 40"
     lane p2 1 "timeout 560 $PRE --contexts 131072 --full-contexts 32768,131072 2>&1 | tail -n 40"
