@@ -9,7 +9,7 @@
 # Env: STAGES (default "tests e2e"; "setup": install + checkpoint only; "moe": the MoE bench; "long": the 1M-token request; "tp": tensor
 # parallel, scripts/gpu/tp_serving.py), TEST_S, E2E_S, LONG_S, TP_S (stage limits), E2E_ARGS,
 # LONG_ARGS, TP_ARGS (the scripts' arguments after the checkpoint), CKPT_ARGS (checkpoint sizes),
-# CKPT (checkpoint path, default /tmp/m3-gpu).
+# CKPT (checkpoint path, default /tmp/m3-gpu), WHEELS (wheel folders, default the two above).
 # NCCL_NVLS_ENABLE=0 etc. (NVLink multicast off) come from the machine's environment and are kept.
 set -uo pipefail
 OUT="${OUT:-$PWD/gpu-out}"; mkdir -p "$OUT"
@@ -17,8 +17,10 @@ SITE=/tmp/m3serve-site
 STAGES="${STAGES:-tests e2e}"
 t0=$(date +%s)
 if [ ! -f "$SITE/.done" ]; then
+    # WHEELS: the wheel folders (default: the two this script was written with)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
-        .dev-e2e/wheels/*.whl .dev-index/index_topk_wheels/*.whl > "$OUT/pip.log" 2>&1 \
+        $(for d in ${WHEELS:-.dev-e2e/wheels .dev-index/index_topk_wheels}; do echo "$d"/*.whl; done) \
+        > "$OUT/pip.log" 2>&1 \
         || { tail -20 "$OUT/pip.log"; exit 1; }
     # SGLang finds plugins through package metadata: declare m3serve's entry point (no Rust here)
     mkdir -p "$SITE/m3serve-0.1.0.dist-info"

@@ -20,9 +20,14 @@
 #   call 3 (4 GPUs):  issue 5: a "lean" tile in the block-major main kernel (the causal mask skipped
 #                     for blocks wholly visible to every row of the tile, O scaled by a reciprocal
 #                     per row): lanes p1 / p2 / kt as in call 2, the sweep holding lean on and off.
+#   call 4 (4 GPUs):  issue 8 on the current tree (decode ranked in the attention since session 8,
+#                     the lean prefill tile): serving, ours vs SGLang's in-tree MSA ops in the same
+#                     server (scripts/gpu/issue8_run.sh, stage e2e), one card per server; lane s4
+#                     (cards 0, 1) the 1 dense + 3 MSA checkpoint of run E, 128K input, c 1 / 8 /
+#                     32; lane mix (cards 2, 3) M3's layer mix (1 dense + 15 MSA) of run F, c 1 / 8.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-CALL="${1:?usage: session9.sh 1..3}"
+CALL="${1:?usage: session9.sh 1..4}"
 WHEELS=.dev-s8/wheels
 SITE=/tmp/m3serve-site9
 source scripts/gpu/lanes.sh
@@ -45,6 +50,16 @@ case "$CALL" in
     lane p1 0 "timeout 560 $PRE --contexts 32768,131072 --full-contexts 32768,131072 2>&1 | tail -n 40"
     lane p2 1 "timeout 560 $PRE --contexts 131072 --full-contexts 32768,131072 2>&1 | tail -n 40"
     lane kt 2 "timeout 400 $GT $K/test_sparse_prefill.py 2>&1 | tail -n 15"
+    ;;
+4)
+    S8="WHEELS=.dev-s8/wheels bash scripts/gpu/issue8_run.sh"
+    STAGES=none WHEELS=.dev-s8/wheels OUT="$OUT/setup" bash scripts/gpu/issue8_run.sh \
+        > "$OUT/setup.txt" 2>&1 || { tail -20 "$OUT/setup.txt"; exit 1; }
+    lane s4 0,1 "STAGES=e2e CKPT=/tmp/m3-gpu E2E_S=550 \
+        E2E_ARGS='--gpus 0,1 --workloads random:131072:512:1,8,32 --tag s9_128k --deadline 420' $S8"
+    lane mix 2,3 "STAGES=e2e CKPT=/tmp/m3-gpu-mix CKPT_ARGS='--dense-layers 1 --sparse-layers 15' \
+        E2E_S=550 E2E_ARGS='--gpus 0,1 --workloads random:131072:512:1,8 --prompts-per-conc 1 \
+        --tag s9_mix128k --deadline 400' $S8"
     ;;
 *) echo "unknown call $CALL"; exit 2 ;;
 esac
