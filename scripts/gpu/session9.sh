@@ -25,9 +25,13 @@
 #                     server (scripts/gpu/issue8_run.sh, stage e2e), one card per server; lane s4
 #                     (cards 0, 1) the 1 dense + 3 MSA checkpoint of run E, 128K input, c 1 / 8 /
 #                     32; lane mix (cards 2, 3) M3's layer mix (1 dense + 15 MSA) of run F, c 1 / 8.
+#   call 5 (1 H100):  kind nvidia-h100-x1: call 4's lanes disturbed each other (the SGLang-ops server
+#                     of lane s4 crashed; ours in lane mix ran at half speed while lane s4 ran):
+#                     the 1 dense + 3 MSA checkpoint alone on one card, both servers on it, cells
+#                     in turn, 128K input, c 1 / 8.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-CALL="${1:?usage: session9.sh 1..4}"
+CALL="${1:?usage: session9.sh 1..5}"
 WHEELS=.dev-s8/wheels
 SITE=/tmp/m3serve-site9
 source scripts/gpu/lanes.sh
@@ -60,6 +64,11 @@ case "$CALL" in
     lane mix 2,3 "STAGES=e2e CKPT=/tmp/m3-gpu-mix CKPT_ARGS='--dense-layers 1 --sparse-layers 15' \
         E2E_S=550 E2E_ARGS='--gpus 0,1 --workloads random:131072:512:1,8 --prompts-per-conc 1 \
         --tag s9_mix128k --deadline 400' $S8"
+    ;;
+5)  # one H100 (nvidia-h100-x1)
+    STAGES=e2e WHEELS=.dev-s8/wheels OUT="$OUT/one" CKPT=/tmp/m3-gpu E2E_S=540 \
+        E2E_ARGS="--workloads random:131072:512:1,8 --tag s9_h100_128k --deadline 420" \
+        bash scripts/gpu/issue8_run.sh > "$OUT/one.txt" 2>&1
     ;;
 *) echo "unknown call $CALL"; exit 2 ;;
 esac
