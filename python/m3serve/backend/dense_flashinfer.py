@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 WORKSPACE_BYTES = 256 << 20
@@ -23,6 +24,29 @@ def flashinfer_available() -> bool:
     except Exception:  # any import failure means "not here"
         return False
     return True
+
+
+def page_layout(
+    seq_lens: list[int], page_size: int, cols: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Host-side paged layout of one step: (flat positions in the [B, cols] page table of every
+    request's pages, in order (int64), kv_indptr [B + 1] int32, last_page_len [B] int32; 0 for
+    an empty request). Vectorised (numpy) because it runs before every decode step on the host:
+    at B64 it took 0.30 ms as one torch.arange per request, 0.02-0.04 ms like this."""
+    n = np.asarray(seq_lens, dtype=np.int64).reshape(-1)
+    assert (n >= 0).all(), "sequence lengths must be >= 0"
+    pages = (n + page_size - 1) // page_size
+    assert (pages <= cols).all(), f"a request needs more than the page table's {cols} pages"
+    indptr = np.zeros(n.size + 1, dtype=np.int64)
+    np.cumsum(pages, out=indptr[1:])
+    starts = np.arange(n.size, dtype=np.int64) * cols - indptr[:-1]
+    flat = np.arange(indptr[-1], dtype=np.int64) + np.repeat(starts, pages)
+    last = np.where(pages > 0, n - (pages - 1) * page_size, 0)
+    return (
+        torch.from_numpy(flat),
+        torch.from_numpy(indptr.astype(np.int32)),
+        torch.from_numpy(last.astype(np.int32)),
+    )
 
 
 class DenseFlashInfer:
@@ -89,19 +113,8 @@ class DenseFlashInfer:
     ) -> None:
         """q_lens / seq_lens: host lists per request; page_table [B, max_pages] int32 on device.
         ``graph``: a decode step replayed from a CUDA graph (plan into the fixed buffers)."""
-        npages = [(n + page_size - 1) // page_size for n in seq_lens]
-        cols = page_table.shape[1]
-        flat = torch.cat(
-            [torch.arange(p, dtype=torch.int64) + r * cols for r, p in enumerate(npages)]
-            or [torch.zeros(0, dtype=torch.int64)]
-        )
+        flat, kv_indptr, last = page_layout(seq_lens, page_size, page_table.shape[1])
         indices = page_table.reshape(-1)[flat.to(self.device, non_blocking=True)]
-        kv_indptr = torch.zeros(len(npages) + 1, dtype=torch.int32)
-        kv_indptr[1:] = torch.cumsum(torch.tensor(npages, dtype=torch.int32), 0)
-        last = torch.tensor(
-            [n - (p - 1) * page_size if p else 0 for n, p in zip(seq_lens, npages, strict=True)],
-            dtype=torch.int32,
-        )
         # indptrs / last-page lengths stay on the host: FlashInfer plans from host copies anyway
         if is_decode:
             self._active = self._graph_wrapper(len(seq_lens)) if graph else self.decode

@@ -213,8 +213,8 @@ class SparseDecodeWrapper:
             )
             num_splits = 0
         else:
-            self.kv_indptr[: rows + 1].copy_(indptr, non_blocking=True)
-            self.kv_last_page_len[:rows].copy_(last, non_blocking=True)
+            # the split kernel walks each row's slots from topk_ids and seq_lens: the row layout
+            # (indptr, last page lengths) is only checked here, not copied to the device
             waves = as_split_config(self._split_config(rows)).waves
             num_splits = num_splits_for(rows, topk, max(self._num_sms, 1), waves)
             self._scratch(num_splits * rows * group * head_dim, num_splits * rows * group)
