@@ -29,9 +29,12 @@
 #                     of lane s4 crashed; ours in lane mix ran at half speed while lane s4 ran):
 #                     the 1 dense + 3 MSA checkpoint alone on one card, both servers on it, cells
 #                     in turn, 128K input, c 1 / 8.
+#   call 6 (1 H100):  kind nvidia-h100-x1: after the host-work change (the dense page layout in
+#                     numpy, no unread row-layout copies in the split-KV plan): the backend GPU
+#                     tests, the sparse-decode GPU tests and scripts/gpu/host_sync_probe.py.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-CALL="${1:?usage: session9.sh 1..5}"
+CALL="${1:?usage: session9.sh 1..6}"
 WHEELS=.dev-s8/wheels
 SITE=/tmp/m3serve-site9
 source scripts/gpu/lanes.sh
@@ -69,6 +72,11 @@ case "$CALL" in
     STAGES=e2e WHEELS=.dev-s8/wheels OUT="$OUT/one" CKPT=/tmp/m3-gpu E2E_S=540 \
         E2E_ARGS="--workloads random:131072:512:1,8 --tag s9_h100_128k --deadline 420" \
         bash scripts/gpu/issue8_run.sh > "$OUT/one.txt" 2>&1
+    ;;
+6)  # one H100 (nvidia-h100-x1)
+    export PYTHONPATH=$PWD/tests/sgl_kernel_standin:$PYTHONPATH
+    timeout 150 python3 scripts/gpu/host_sync_probe.py 2>&1 | grep -v Warning | tee "$OUT/probe.txt"
+    timeout 330 $GT tests/backend $K/test_sparse_decode.py 2>&1 | tail -n 15 | tee "$OUT/tests.txt"
     ;;
 *) echo "unknown call $CALL"; exit 2 ;;
 esac
