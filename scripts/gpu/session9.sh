@@ -29,7 +29,8 @@
 #                     of lane s4 crashed; ours in lane mix ran at half speed while lane s4 ran):
 #                     the 1 dense + 3 MSA checkpoint alone on one card, both servers on it, cells
 #                     in turn, 128K input, c 1 / 8.
-#   call 6 (1 H100):  kind nvidia-h100-x1: after the host-work change (the dense page layout in
+#   call 6 (1 H100):  NOT RUN (session 9's device time was spent): the next session's first.
+#                     kind nvidia-h100-x1: after the host-work change (the dense page layout in
 #                     numpy, no unread row-layout copies in the split-KV plan): the backend GPU
 #                     tests, the sparse-decode GPU tests and scripts/gpu/host_sync_probe.py.
 set -uo pipefail
