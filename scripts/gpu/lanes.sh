@@ -1,8 +1,9 @@
 # Sourced by the session scripts (session6.sh .. session8.sh) from the repo root: installs the
 # carried wheels ($WHEELS, default .dev-s6/wheels: FlashInfer 0.6.18, tvm-ffi, pytest; session 8:
 # .dev-s8/wheels, slim sglang too) once into $SITE (default /tmp/m3serve-site6), puts this
-# tree's python/, $SITE and SGLang's MSA ops (.dev-s6/sglang_site) on PYTHONPATH, prints the card
-# and versions, and defines lane NAME GPU COMMAND: COMMAND in the background on one card, its
+# tree's python/, $SITE and SGLang's MSA ops (.dev-s6/sglang_site) on PYTHONPATH, prints the card,
+# versions and set-up time, sets SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND=python, and defines
+# lane NAME GPU COMMAND: COMMAND in the background on one card, its
 # output in $OUT/NAME.txt, its own Triton cache. Sets OUT, t0, SITE, BASE, DEC and GT.
 OUT="${OUT:-$PWD/gpu-out}"; mkdir -p "$OUT"
 t0=$(date +%s)
@@ -23,5 +24,7 @@ lane() {  # lane NAME GPU COMMAND: run in the background on one card, output in 
         bash -c "$*" > "$OUT/$name.txt" 2>&1
       echo "[lane $name exit $? after $(( $(date +%s) - t0 )) s]" >> "$OUT/$name.txt" ) &
 }
+export SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND=python  # tests importing sglang need it (GPU.md)
+echo "[setup $(( $(date +%s) - t0 )) s]"
 DEC="python3 benchmarks/bench_sparse_decode.py --sglang-site .dev-s6/sglang_site"
 GT="python3 -m pytest -q -m gpu -p no:cacheprovider --durations=5"

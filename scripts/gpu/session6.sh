@@ -39,7 +39,6 @@ source scripts/gpu/lanes.sh
 FI072=/tmp/m3serve-fi072
 if [ ! -d "$FI072/flashinfer" ]; then mkdir -p "$FI072" && tar xJf .dev-s6/fi072_site.tar.xz -C "$FI072"; fi
 PYTHONPATH="$FI072:$BASE" python3 -c "import flashinfer; print('flashinfer (0.7.2 lane)', flashinfer.__version__)"
-echo "[setup $(( $(date +%s) - t0 )) s]"
 SW="python3 benchmarks/sweep_kernels.py"
 case "$CALL" in
 1)

@@ -35,7 +35,6 @@ cd "$(dirname "$0")/../.."
 CALL="${1:?usage: session7.sh 1..8}"
 source scripts/gpu/lanes.sh
 git log --oneline -1 2>/dev/null || true
-echo "[setup $(( $(date +%s) - t0 )) s]"
 case "$CALL" in
 1)
     lane kt 0 "timeout 540 $GT tests/kernels/test_decode_step.py tests/kernels/test_index_select.py \

@@ -39,8 +39,6 @@ CALL="${1:?usage: session8.sh 1..8}"
 WHEELS=.dev-s8/wheels
 SITE=/tmp/m3serve-site8
 source scripts/gpu/lanes.sh
-export SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND=python  # the backend tests import sglang (GPU.md)
-echo "[setup $(( $(date +%s) - t0 )) s]"
 BT="$GT tests/backend"  # with tests/sgl_kernel_standin first on PYTHONPATH (lane bt)
 RANK="python3 benchmarks/bench_decode_rank.py --out \$OUT"
 case "$CALL" in

@@ -39,8 +39,6 @@ CALL="${1:?usage: session9.sh 1..6}"
 WHEELS=.dev-s8/wheels
 SITE=/tmp/m3serve-site9
 source scripts/gpu/lanes.sh
-export SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND=python  # the backend tests import sglang (GPU.md)
-echo "[setup $(( $(date +%s) - t0 )) s]"
 K=tests/kernels
 case "$CALL" in
 1)
