@@ -128,7 +128,7 @@ def main() -> int:
     ap.add_argument("--extra", default="", help="extra sglang args, space separated")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of this script (tiny model)")
     ap.add_argument("--page-size", type=int, default=128, help="= the checkpoint's MSA block")
-    ap.add_argument("--gpus", default="", help="one CUDA device id per server (e.g. 0,1)")
+    ap.add_argument("--gpus", default="", help="one device id per server, counted within the visible devices (e.g. 0,1)")
     ap.add_argument(
         "--prompts-per-conc",
         type=float,

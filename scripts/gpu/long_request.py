@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
-from serving_common import card_name, server_args, side_by_side_servers
+from serving_common import card_name, physical_gpus, server_args, side_by_side_servers
 
 from m3serve.launch import SGLangServer, start_staggered
 
@@ -125,7 +125,7 @@ def main() -> int:
     ap.add_argument("--extra", default="")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of this script (tiny model)")
     ap.add_argument("--page-size", type=int, default=128, help="= the checkpoint's MSA block")
-    ap.add_argument("--gpus", default="", help="one CUDA device id per server (e.g. 0,1)")
+    ap.add_argument("--gpus", default="", help="one device id per server, counted within the visible devices (e.g. 0,1)")
     args = ap.parse_args()
     gpus = [g for g in args.gpus.split(",") if g]
     out = Path(os.environ.get("OUT", "gpu-out"))
@@ -149,7 +149,8 @@ def main() -> int:
             print(f"server {n} failed to start:\n{e}", flush=True)
 
         def serve(n: str) -> None:
-            gpu = gpus[names.index(n)] if gpus else "0"
+            # nvidia-smi counts every card: the device behind the visible id
+            gpu = physical_gpus([gpus[names.index(n)] if gpus else "0"])[0]
             warm = [(7 * i) % 580 + 20 for i in range(min(20000, args.tokens // 2))]  # not a prefix
             one_request(servers[n], warm, 4, 8, gpu)  # warm-up: JIT compiles, graphs
             results[n] = r = one_request(servers[n], prompt, args.output, args.logprob_tail, gpu)

@@ -5,6 +5,7 @@ those cards are alike, and the card's name."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -31,6 +32,28 @@ def server_args(
     ]  # fmt: skip
 
 
+def physical_gpus(gpus: Sequence[str]) -> list[str]:
+    """The devices behind ``--gpus`` ids, which count within the visible devices
+    (CUDA_VISIBLE_DEVICES, when set), as in any CUDA program. A server pinned to a card gets a
+    CUDA_VISIBLE_DEVICES of its own, which replaces the inherited one, so it must name the device
+    itself: session 9's call 4 passed ``--gpus 0,1`` in a lane that saw cards 2,3, and its servers
+    landed on cards 0,1 beside the other lane's."""
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")]
+    visible = [v for v in visible if v]
+    if not visible or not gpus:
+        return list(gpus)
+    out = []
+    for g in gpus:
+        i = int(g)
+        if not 0 <= i < len(visible):
+            raise SystemExit(
+                f"--gpus {g}: only {len(visible)} devices are visible "
+                f"(CUDA_VISIBLE_DEVICES={','.join(visible)}); ids count within those"
+            )
+        out.append(visible[i])
+    return out
+
+
 def side_by_side_servers(
     ckpt: str,
     names: Sequence[str],
@@ -47,8 +70,8 @@ def side_by_side_servers(
 
     Without ``gpus`` they share the visible card: each profiles the memory the ones before it
     hold, so the first takes ``first_mem_fraction`` of the card and later ones 0.9 (SGLang's
-    fraction counts the whole card). With ``gpus`` (one CUDA device id per server) each has a
-    card of its own and takes 0.85 of it. Either way the same ``max_total_tokens`` gives them
+    fraction counts the whole card). With ``gpus`` (one device id per server, counted within the
+    visible devices: ``physical_gpus``) each has a card of its own and takes 0.85 of it. Either way the same ``max_total_tokens`` gives them
     equal KV capacity."""
     if gpus and len(gpus) < len(names):
         raise SystemExit(f"--gpus lists {len(gpus)} cards for {len(names)} servers")
@@ -59,8 +82,10 @@ def side_by_side_servers(
         frac = 0.85 if gpus else first_mem_fraction if i == 0 else 0.9
         return ["--mem-fraction-static", str(frac), *gpu_args]
 
+    cards = physical_gpus(gpus) if device == "cuda" else list(gpus)
+
     def env(i: int, n: str) -> dict[str, str]:
-        pin = {"CUDA_VISIBLE_DEVICES": gpus[i]} if gpus and device == "cuda" else {}
+        pin = {"CUDA_VISIBLE_DEVICES": cards[i]} if gpus and device == "cuda" else {}
         return {**IMPL_ENV[n], **pin}
 
     return {

@@ -23,7 +23,7 @@ from typing import Any
 
 import requests
 from e2e_serving import bench, parse_workload, warm_up
-from serving_common import IMPL_ENV, card_name, server_args
+from serving_common import IMPL_ENV, card_name, physical_gpus, server_args
 
 from m3serve.launch import SGLangServer
 
@@ -127,7 +127,7 @@ def main() -> int:
             continue
         env = dict(IMPL_ENV[impl])
         if cuda:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[:tp])
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(physical_gpus(gpus[:tp]))
         server = SGLangServer(
             args.ckpt, device=args.device, use_standin=True, max_total_tokens=args.max_total_tokens,
             extra_args=[*base, "--tp-size", str(tp)], env=env,
