@@ -1,4 +1,4 @@
-# Sourced by the session scripts (session6.sh .. session8.sh) from the repo root: installs the
+# Sourced by the session scripts (session6.sh .. session9.sh) from the repo root: installs the
 # carried wheels ($WHEELS, default .dev-s6/wheels: FlashInfer 0.6.18, tvm-ffi, pytest; session 8:
 # .dev-s8/wheels, slim sglang too) once into $SITE (default /tmp/m3serve-site6), puts this
 # tree's python/, $SITE and SGLang's MSA ops (.dev-s6/sglang_site) on PYTHONPATH, prints the card,

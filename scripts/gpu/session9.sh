@@ -25,6 +25,8 @@
 #                     server (scripts/gpu/issue8_run.sh, stage e2e), one card per server; lane s4
 #                     (cards 0, 1) the 1 dense + 3 MSA checkpoint of run E, 128K input, c 1 / 8 /
 #                     32; lane mix (cards 2, 3) M3's layer mix (1 dense + 15 MSA) of run F, c 1 / 8.
+#                     As run, both lanes' servers landed on cards 0, 1 (e2e_serving.py pinned the
+#                     raw --gpus ids); --gpus now counts within the lane's visible cards.
 #   call 5 (1 H100):  kind nvidia-h100-x1: call 4's lanes disturbed each other (the SGLang-ops server
 #                     of lane s4 crashed; ours in lane mix ran at half speed while lane s4 ran):
 #                     the 1 dense + 3 MSA checkpoint alone on one card, both servers on it, cells
