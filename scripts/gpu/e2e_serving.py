@@ -118,7 +118,8 @@ def main() -> int:
     ap.add_argument("ckpt")
     ap.add_argument("--servers", default="ours,sglang")
     ap.add_argument("--workloads", nargs="+", default=["random:32768:512:1,8"])
-    ap.add_argument("--mem-fraction", type=float, default=0.45, help="the first server's share")
+    ap.add_argument("--mem-fraction", type=float, default=0.4,
+                    help="each server's share of a shared card (the second reaches 2x it)")
     ap.add_argument("--max-total-tokens", type=int, default=5_000_000, help="KV tokens per server")
     ap.add_argument("--context-length", type=int, default=0, help="0: longest workload + 4096")
     ap.add_argument("--graphs", choices=("on", "off"), default="on")

@@ -121,7 +121,8 @@ def main() -> int:
     ap.add_argument("--output", type=int, default=32)
     ap.add_argument("--logprob-tail", type=int, default=64)
     ap.add_argument("--servers", default="ours,sglang")
-    ap.add_argument("--mem-fraction", type=float, default=0.45, help="the first server's share")
+    ap.add_argument("--mem-fraction", type=float, default=0.4,
+                    help="each server's share of a shared card (the second reaches 2x it)")
     ap.add_argument("--extra", default="")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of this script (tiny model)")
     ap.add_argument("--page-size", type=int, default=128, help="= the checkpoint's MSA block")

@@ -68,9 +68,9 @@ def side_by_side_servers(
 ) -> dict[str, SGLangServer]:
     """One server per implementation, to start with launch.start_staggered.
 
-    Without ``gpus`` they share the visible card: each profiles the memory the ones before it
-    hold, so the first takes ``first_mem_fraction`` of the card and later ones 0.9 (SGLang's
-    fraction counts the whole card). With ``gpus`` (one device id per server, counted within the
+    Without ``gpus`` they share the visible card: SGLang's fraction counts the whole card,
+    including what the servers before hold, so server i gets (i + 1) · ``first_mem_fraction``
+    (at most 0.9): equal shares, the rest left for activations. With ``gpus`` (one device id per server, counted within the
     visible devices: ``physical_gpus``) each has a card of its own and takes 0.85 of it. Either way the same ``max_total_tokens`` gives them
     equal KV capacity."""
     if gpus and len(gpus) < len(names):
@@ -79,7 +79,10 @@ def side_by_side_servers(
     def share(i: int) -> list[str]:
         if device != "cuda":  # a CPU dry run
             return []
-        frac = 0.85 if gpus else first_mem_fraction if i == 0 else 0.9
+        # sharing a card, server i may reach (i + 1) x the first's share of the whole card:
+        # equal shares, and what is left above them is room for activations (session 9 call 5:
+        # 0.45 then 0.9 left ours none; it ran out of memory in its warm-up)
+        frac = 0.85 if gpus else round(min(0.9, (i + 1) * first_mem_fraction), 3)
         return ["--mem-fraction-static", str(frac), *gpu_args]
 
     cards = physical_gpus(gpus) if device == "cuda" else list(gpus)
