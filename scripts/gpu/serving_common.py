@@ -70,9 +70,10 @@ def side_by_side_servers(
 
     Without ``gpus`` they share the visible card: SGLang's fraction counts the whole card,
     including what the servers before hold, so server i gets (i + 1) · ``first_mem_fraction``
-    (at most 0.9): equal shares, the rest left for activations. With ``gpus`` (one device id per server, counted within the
-    visible devices: ``physical_gpus``) each has a card of its own and takes 0.85 of it. Either way the same ``max_total_tokens`` gives them
-    equal KV capacity."""
+    (at most 0.9): equal shares, the rest left for activations. With ``gpus`` (one device id
+    per server, counted within the visible devices: ``physical_gpus``) each has a card of its
+    own and takes 0.85 of it. Either way the same ``max_total_tokens`` gives them equal KV
+    capacity."""
     if gpus and len(gpus) < len(names):
         raise SystemExit(f"--gpus lists {len(gpus)} cards for {len(names)} servers")
 
