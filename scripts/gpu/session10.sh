@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Session 10's GPU runs (lanes.sh: wheels installed once, lanes in parallel, one card each).
+#
+#   carry: [".dev-s8"]   timeout_s: 600
+#   .dev-s8/wheels   python scripts/gpu/make_wheelhouse.py --out .dev-s8/wheels (slim sglang + its
+#                    start-up deps + FlashInfer 0.6.18.post1), plus pytest and its deps
+#
+#   call 1 (1 H100):  kind nvidia-h100-x1, session 9's unrun call 6: after the host-work change (the
+#                     dense page layout in numpy, no unread row-layout copies in the split-KV plan):
+#                     scripts/gpu/host_sync_probe.py, the backend GPU tests, the sparse-decode GPU
+#                     tests; and whether this torch has float32-output bf16 GEMMs (torch.mm /
+#                     torch.bmm out_dtype), for a TP-invariant reduction mode.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+CALL="${1:?usage: session10.sh 1..}"
+WHEELS=.dev-s8/wheels
+SITE=/tmp/m3serve-site10
+source scripts/gpu/lanes.sh
+K=tests/kernels
+case "$CALL" in
+1)  # one H100 (nvidia-h100-x1)
+    export PYTHONPATH=$PWD/tests/sgl_kernel_standin:$PYTHONPATH
+    python3 - <<'PY' 2>&1 | tee "$OUT/mm_dtype.txt"
+import torch
+a = torch.randn(64, 512, device="cuda", dtype=torch.bfloat16)
+b = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16)
+for name, fn in [("mm", lambda: torch.mm(a, b, out_dtype=torch.float32)),
+                 ("bmm", lambda: torch.bmm(a[None], b[None], out_dtype=torch.float32))]:
+    try:
+        r = fn()
+        ref = a.float() @ b.float()
+        print(name, "out_dtype float32:", r.dtype, "max|diff| vs fp32 matmul", (r - ref).abs().max().item())
+    except Exception as e:  # noqa: BLE001
+        print(name, "out_dtype float32 unsupported:", type(e).__name__, str(e)[:120])
+PY
+    timeout 150 python3 scripts/gpu/host_sync_probe.py 2>&1 | grep -v Warning | tee "$OUT/probe.txt"
+    timeout 330 $GT tests/backend $K/test_sparse_decode.py 2>&1 | tail -n 15 | tee "$OUT/tests.txt"
+    ;;
+*) echo "unknown call $CALL"; exit 2 ;;
+esac
+wait
+for f in "$OUT"/*.txt; do echo "===== $(basename "$f")"; tail -n 45 "$f"; done
+(cd "$OUT" && tar czf "session10_$CALL.tgz" --remove-files */ 2>/dev/null)
+echo "[total $(( $(date +%s) - t0 )) s]"
