@@ -10,6 +10,10 @@
 #                     scripts/gpu/host_sync_probe.py, the backend GPU tests, the sparse-decode GPU
 #                     tests; and whether this torch has float32-output bf16 GEMMs (torch.mm /
 #                     torch.bmm out_dtype), for a TP-invariant reduction mode.
+#   call 2 (2 GPUs):  kind nvidia-h200-x2, issue 8's owed clean rerun of run E (session 9's run G put
+#                     both lanes' servers on the same cards): the 1 dense + 3 MSA checkpoint, 128K
+#                     input, c 1 / 8 / 32 / 64, ours on card 0 and SGLang's in-tree MSA ops on card 1
+#                     side by side, one lane, nothing else on the host.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CALL="${1:?usage: session10.sh 1..}"
@@ -35,6 +39,11 @@ for name, fn in [("mm", lambda: torch.mm(a, b, out_dtype=torch.float32)),
 PY
     timeout 150 python3 scripts/gpu/host_sync_probe.py 2>&1 | grep -v Warning | tee "$OUT/probe.txt"
     timeout 330 $GT tests/backend $K/test_sparse_decode.py 2>&1 | tail -n 15 | tee "$OUT/tests.txt"
+    ;;
+2)  # two GPUs (nvidia-h200-x2)
+    STAGES=e2e WHEELS=.dev-s8/wheels OUT="$OUT/e2e" CKPT=/tmp/m3-gpu E2E_S=560 \
+        E2E_ARGS="--gpus 0,1 --workloads random:131072:512:1,8,32,64 --prompts-per-conc 1 \
+        --tag s10_128k --deadline 470" bash scripts/gpu/issue8_run.sh > "$OUT/e2e.txt" 2>&1
     ;;
 *) echo "unknown call $CALL"; exit 2 ;;
 esac
