@@ -14,6 +14,10 @@
 #                     both lanes' servers on the same cards): the 1 dense + 3 MSA checkpoint, 128K
 #                     input, c 1 / 8 / 32 / 64, ours on card 0 and SGLang's in-tree MSA ops on card 1
 #                     side by side, one lane, nothing else on the host.
+#   call 3 (1 H100):  kind nvidia-h100-x1: why ours decodes slower at c1 in call 2 (2.28 vs 2.04 ms
+#                     per token): scripts/gpu/backend_decode_ab.py, the backend's decode step (1 dense
+#                     + 3 MSA layers, as the server runs it, in a CUDA graph) ours vs SGLang's ops,
+#                     B1 / B8 x 128K, with each side's GPU kernels of one eager step.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CALL="${1:?usage: session10.sh 1..}"
@@ -44,6 +48,11 @@ PY
     STAGES=e2e WHEELS=.dev-s8/wheels OUT="$OUT/e2e" CKPT=/tmp/m3-gpu E2E_S=560 \
         E2E_ARGS="--gpus 0,1 --workloads random:131072:512:1,8,32,64 --prompts-per-conc 1 \
         --tag s10_128k --deadline 470" bash scripts/gpu/issue8_run.sh > "$OUT/e2e.txt" 2>&1
+    ;;
+3)  # one H100 (nvidia-h100-x1)
+    export PYTHONPATH=$PWD/tests/sgl_kernel_standin:$PYTHONPATH
+    timeout 400 python3 scripts/gpu/backend_decode_ab.py --batches 1,8 2>&1 | grep -v Warning \
+        | tee "$OUT/ab.txt"
     ;;
 *) echo "unknown call $CALL"; exit 2 ;;
 esac
