@@ -18,6 +18,8 @@
 #                     per token): scripts/gpu/backend_decode_ab.py, the backend's decode step (1 dense
 #                     + 3 MSA layers, as the server runs it, in a CUDA graph) ours vs SGLang's ops,
 #                     B1 / B8 x 128K, with each side's GPU kernels of one eager step.
+#   call 4 (2 GPUs):  kind nvidia-h200-x2: call 2 with the cards swapped (ours on card 1, SGLang's
+#                     ops on card 0), c 1 / 8 only: does the c1 decode gap follow the card?
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CALL="${1:?usage: session10.sh 1..}"
@@ -53,6 +55,11 @@ PY
     export PYTHONPATH=$PWD/tests/sgl_kernel_standin:$PYTHONPATH
     timeout 400 python3 scripts/gpu/backend_decode_ab.py --batches 1,8 2>&1 | grep -v Warning \
         | tee "$OUT/ab.txt"
+    ;;
+4)  # two GPUs (nvidia-h200-x2)
+    STAGES=e2e WHEELS=.dev-s8/wheels OUT="$OUT/e2e" CKPT=/tmp/m3-gpu E2E_S=540 \
+        E2E_ARGS="--gpus 1,0 --workloads random:131072:512:1,8 --prompts-per-conc 1 \
+        --tag s10_swap --deadline 470" bash scripts/gpu/issue8_run.sh > "$OUT/e2e.txt" 2>&1
     ;;
 *) echo "unknown call $CALL"; exit 2 ;;
 esac
