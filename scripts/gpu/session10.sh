@@ -20,6 +20,9 @@
 #                     B1 / B8 x 128K, with each side's GPU kernels of one eager step.
 #   call 4 (2 GPUs):  kind nvidia-h200-x2: call 2 with the cards swapped (ours on card 1, SGLang's
 #                     ops on card 0), c 1 / 8 only: does the c1 decode gap follow the card?
+#   call 5 (1 H100):  kind nvidia-h100-x1: it does (call 4), so inside the servers:
+#                     scripts/gpu/profile_decode.py, both servers on the card, one 128K request
+#                     each, SGLang's profiler over 40 decode steps (GPU only, then with host stacks).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CALL="${1:?usage: session10.sh 1..}"
@@ -60,6 +63,14 @@ PY
     STAGES=e2e WHEELS=.dev-s8/wheels OUT="$OUT/e2e" CKPT=/tmp/m3-gpu E2E_S=540 \
         E2E_ARGS="--gpus 1,0 --workloads random:131072:512:1,8 --prompts-per-conc 1 \
         --tag s10_swap --deadline 470" bash scripts/gpu/issue8_run.sh > "$OUT/e2e.txt" 2>&1
+    ;;
+5)  # one H100 (nvidia-h100-x1)
+    STAGES=setup WHEELS=.dev-s8/wheels OUT="$OUT/setup" CKPT=/tmp/m3-gpu \
+        bash scripts/gpu/issue8_run.sh > "$OUT/setup.txt" 2>&1 || { tail -20 "$OUT/setup.txt"; exit 1; }
+    PYTHONPATH=/tmp/m3serve-site:$PWD/python OUT="$OUT/prof" timeout 370 \
+        python3 scripts/gpu/profile_decode.py /tmp/m3-gpu --input 131072 --new 1500 --steps 40 \
+        > "$OUT/prof.txt" 2>&1
+    cp "$OUT/prof/profile_decode.json" "$OUT/" 2>/dev/null
     ;;
 *) echo "unknown call $CALL"; exit 2 ;;
 esac
