@@ -67,8 +67,8 @@ PY
 5)  # one H100 (nvidia-h100-x1)
     STAGES=setup WHEELS=.dev-s8/wheels OUT="$OUT/setup" CKPT=/tmp/m3-gpu \
         bash scripts/gpu/issue8_run.sh > "$OUT/setup.txt" 2>&1 || { tail -20 "$OUT/setup.txt"; exit 1; }
-    PYTHONPATH=/tmp/m3serve-site:$PWD/python OUT="$OUT/prof" timeout 370 \
-        python3 scripts/gpu/profile_decode.py /tmp/m3-gpu --input 131072 --new 1500 --steps 40 \
+    PYTHONPATH=/tmp/m3serve-site:$PWD/python OUT="$OUT/prof" timeout 330 \
+        python3 scripts/gpu/profile_decode.py /tmp/m3-gpu --input 131072 --new 1200 --steps 30 \
         > "$OUT/prof.txt" 2>&1
     cp "$OUT/prof/profile_decode.json" "$OUT/" 2>/dev/null
     ;;
