@@ -1,6 +1,9 @@
 //! Min-of-N wall time of the image stages (robust on a shared box): `cargo run --release -p
 //! smg-core --example stage_min`.
 //!
+//! `stage_min pystage <w>x<h> <rounds>` times the stage the way the Python benchmark does (see
+//! [`pystage`]); run it from two builds alternately for an A/B of a change.
+//!
 //! `stage_min <hpass|vpass|resize|patchify|fused|whole> <w>x<h> <iters>` runs one stage only, for CPU-time
 //! counters that ignore time spent preempted: `perf stat -e task-clock target/release/examples/
 //! stage_min hpass 1280x960 200` (task-clock / iters ≈ CPU ms per call, plus set-up).
@@ -22,6 +25,24 @@ fn min_ms<T>(n: usize, mut f: impl FnMut() -> T) -> f64 {
     best
 }
 
+/// The synthetic test image as a quality-90 4:2:0 JPEG.
+fn synthetic_jpeg(w: u32, h: u32) -> Vec<u8> {
+    let full = synthetic(w, h);
+    turbojpeg::compress(
+        turbojpeg::Image {
+            pixels: full.rgb.as_slice(),
+            width: w as usize,
+            pitch: w as usize * 3,
+            height: h as usize,
+            format: turbojpeg::PixelFormat::RGB,
+        },
+        90,
+        turbojpeg::Subsamp::Sub2x2,
+    )
+    .expect("jpeg encode")
+    .to_vec()
+}
+
 /// One stage `iters` times (see the module docs).
 fn one_stage(stage: &str, size: &str, iters: usize) {
     let opts = ImageOptions::default();
@@ -33,19 +54,7 @@ fn one_stage(stage: &str, size: &str, iters: usize) {
         "patchify" => synthetic(ow, oh),
         _ => synthetic(w, h),
     };
-    let full = synthetic(w, h);
-    let jpeg = turbojpeg::compress(
-        turbojpeg::Image {
-            pixels: full.rgb.as_slice(),
-            width: w as usize,
-            pitch: w as usize * 3,
-            height: h as usize,
-            format: turbojpeg::PixelFormat::RGB,
-        },
-        90,
-        turbojpeg::Subsamp::Sub2x2,
-    )
-    .expect("jpeg encode");
+    let jpeg = synthetic_jpeg(w, h);
     let t = Instant::now();
     let mut runs = Vec::new();
     for _ in 0..iters {
@@ -119,11 +128,46 @@ fn ab(size: &str, rounds: usize) {
     }
 }
 
+/// `stage_min pystage <w>x<h> <rounds>`: the resize + normalise + patchify stage as the Python
+/// benchmark times it: before each call a fresh decode (`resize_and_hash`, so the decoded image
+/// is as cold as a caller's) and a fresh zero-filled output (what the binding's
+/// `PyByteArray::new_with` hands `patchify_into`); prints min / p25 / p50.
+fn pystage(size: &str, rounds: usize) {
+    let opts = ImageOptions::default();
+    let (w, h) = size.split_once('x').expect("<w>x<h>");
+    let (w, h): (u32, u32) = (w.parse().expect("width"), h.parse().expect("height"));
+    let jpeg = synthetic_jpeg(w, h);
+    let mut runs = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let resized = smg_core::image::resize_and_hash(&jpeg, &opts).expect("decode");
+        let n = resized.num_patches() * smg_core::image::PATCH_DIM * 2;
+        // malloc + memset as PyByteArray::new_with does; `vec![0; n]` (calloc) could hand out
+        // untouched zero pages and move their page faults into the timed call.
+        #[allow(clippy::slow_vector_initialization)]
+        let mut out: Vec<u8> = Vec::with_capacity(n);
+        out.resize(n, 0);
+        let t = Instant::now();
+        std::hint::black_box(resized.patchify_into(&mut out));
+        runs.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    runs.sort_by(f64::total_cmp);
+    let q = |f: usize| runs[runs.len() * f / 4];
+    println!(
+        "pystage {w}x{h}: min {:.3} p25 {:.3} p50 {:.3} ms",
+        runs[0],
+        q(1),
+        q(2)
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let [_, mode, size, rounds] = &args[..] {
         if mode == "ab" {
             return ab(size, rounds.parse().expect("rounds"));
+        }
+        if mode == "pystage" {
+            return pystage(size, rounds.parse().expect("rounds"));
         }
     }
     if let [_, stage, size, iters] = &args[..] {

@@ -2,11 +2,12 @@
 //!
 //! Same arithmetic as the portable kernels in `resize.rs` (i32 sums of `w_i · x_i`, exact in
 //! any tap order, then `clamp((half + Σ) >> p, 0, 255)`), laid out for `vpmaddwd`:
-//! - horizontal: strips of 16 rows are transposed (16×16 byte blocks) so each byte column
-//!   (`3x + c`) of the strip is one vector of 16 rows; tap pairs are then zero-extended,
-//!   interleaved to i16 pairs and multiplied with the broadcast weight pair, as the vertical
-//!   pass does down rows, and the results are transposed back. Every multiply lane is useful
-//!   and nothing crosses 128-bit lanes in the inner loop.
+//! - horizontal: strips of 16 rows are transposed (16×16 byte blocks, two at a time in the
+//!   128-bit lanes of a 256-bit transpose) so each byte column (`3x + c`) of the strip is one
+//!   vector of 16 rows; tap pairs are then zero-extended, interleaved to i16 pairs and
+//!   multiplied with the broadcast weight pair, as the vertical pass does down rows, and the
+//!   results are transposed back. Every multiply lane is useful and nothing crosses 128-bit
+//!   lanes in the inner loop.
 //! - vertical: rows k and k+1 are byte-interleaved (`vpunpck*bw`) and widened so one `vpmaddwd`
 //!   applies two taps to 16 pixels; the in-lane unpack order is undone by the final packs.
 //!
@@ -15,6 +16,18 @@
 //!
 //! Every function is `inline(always)` so it is compiled inside pulp's `#[target_feature]` entry
 //! point (see "Speed" in `resize.rs`); closures would not inherit the features, hence none here.
+//!
+//! Speed of the horizontal pass (Xeon KVM guest, AVX-512 capable; 1280×960 → 756 columns, all
+//! 60 strips, input hot): the filter is bound by vector-port throughput (per tap pair and
+//! channel 2 `vpmovzxbw` + 2 unpacks + 2 `vpmaddwd` + 2 adds), about 0.6 ms; the 256-bit
+//! transposes took the pass from 0.97-1.0 to 0.86-0.87 ms. Measured and not kept: widening
+//! each byte column once per strip (i16 pairs of columns b and b + 3, so the tap loop is
+//! `vpmaddwd` + add only; 1.08-1.13 ms, the widening costs what the tap loop saves, also with
+//! the widened columns blocked to stay in L1); storing the columns zero-extended to u16 (4 %
+//! faster on a hot input, no change in the stage); the same widened layout with AVX-512 BW
+//! (`V4`, one strip at a time: 1.07-1.17 ms against 0.87-1.02 ms); software prefetch of the
+//! next strip's input rows (within noise once the transposes were 256-bit). More in
+//! `benchmarks/results/preprocess_cpu.md` (session 10).
 
 #![allow(clippy::inline_always)]
 
@@ -51,6 +64,22 @@ fn transpose16(simd: V3, mut a: [__m128i; 16]) -> [__m128i; 16] {
         for i in 0..8 {
             b[2 * i] = sse2._mm_unpacklo_epi8(a[i], a[i + 8]);
             b[2 * i + 1] = sse2._mm_unpackhi_epi8(a[i], a[i + 8]);
+        }
+        a = b;
+    }
+    a
+}
+
+/// [`transpose16`] of two 16×16 blocks at once, one per 128-bit lane (the unpacks are
+/// in-lane): half the shuffle instructions per block, and the rows are 32-byte loads or stores.
+#[inline(always)]
+fn transpose16x2(simd: V3, mut a: [__m256i; 16]) -> [__m256i; 16] {
+    let avx2 = simd.avx2;
+    for _ in 0..4 {
+        let mut b = a;
+        for i in 0..8 {
+            b[2 * i] = avx2._mm256_unpacklo_epi8(a[i], a[i + 8]);
+            b[2 * i + 1] = avx2._mm256_unpackhi_epi8(a[i], a[i + 8]);
         }
         a = b;
     }
@@ -164,7 +193,20 @@ impl<'a> Horizontal<'a> {
         let shift = sse2._mm_cvtsi32_si128(self.precision as i32);
         let (cols, res) = (&mut self.cols, &mut self.res);
         // -- transpose the strip: cols[b] = byte b of each of the 16 rows (missing rows 0) --
-        for (g, dst) in cols.chunks_exact_mut(16).enumerate() {
+        // Whole pairs of 16-byte blocks go through the 256-bit transpose (block 2i in the low
+        // lane, 2i + 1 in the high one), the rest (at most one block, maybe partial) alone.
+        let block_pairs = in_row / 32;
+        for (g2, dst) in cols[..block_pairs * 32].chunks_exact_mut(32).enumerate() {
+            let mut blk = [zero; 16];
+            for (r, v) in blk.iter_mut().enumerate().take(rows) {
+                *v = load32(src, (y0 + r) * in_row + 32 * g2);
+            }
+            let (lo, hi) = dst.split_at_mut(16);
+            for ((d0, d1), v) in lo.iter_mut().zip(hi).zip(transpose16x2(simd, blk)) {
+                [*d0, *d1] = cast::<__m256i, [[u8; 16]; 2]>(v);
+            }
+        }
+        for (g, dst) in cols.chunks_exact_mut(16).enumerate().skip(2 * block_pairs) {
             let n = (in_row - 16 * g).min(16);
             let mut blk = [sse2._mm_setzero_si128(); 16];
             for (r, v) in blk.iter_mut().enumerate().take(rows) {
@@ -215,8 +257,16 @@ impl<'a> Horizontal<'a> {
                 }] = cast(v);
             }
         }
-        // -- transpose back into the strip's output rows --
-        for (g, blk) in res.chunks_exact(16).enumerate() {
+        // -- transpose back into the strip's output rows (pairs of blocks as above) --
+        let block_pairs = out_row / 32;
+        for (g2, blk) in res[..block_pairs * 32].chunks_exact(32).enumerate() {
+            let blk: [__m256i; 16] = core::array::from_fn(|i| cast([blk[i], blk[16 + i]]));
+            for (r, v) in transpose16x2(simd, blk).into_iter().enumerate().take(rows) {
+                let off = r * out_row + 32 * g2;
+                out[off..off + 32].copy_from_slice(&cast::<__m256i, [u8; 32]>(v));
+            }
+        }
+        for (g, blk) in res.chunks_exact(16).enumerate().skip(2 * block_pairs) {
             let n = (out_row - 16 * g).min(16);
             let blk: [__m128i; 16] = core::array::from_fn(|i| cast(blk[i]));
             for (r, v) in transpose16(simd, blk).into_iter().enumerate().take(rows) {
