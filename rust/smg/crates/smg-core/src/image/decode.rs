@@ -181,7 +181,8 @@ fn decode_png(bytes: &[u8], opts: &ImageOptions) -> Result<(DecodedImage, u16), 
     let info = reader.info();
     let (w, h) = (frame.width as usize, frame.height as usize);
     let line = frame.line_size;
-    let mut rgb = vec![0u8; w * h * 3];
+    // From the per-thread pool (see `buffers`): convert_png_row writes every pixel of every row.
+    let mut rgb = super::buffers::take(w * h * 3);
     let depth = frame.bit_depth as u8;
     let palette = info.palette.as_deref();
     for y in 0..h {
