@@ -100,7 +100,8 @@ struct ServeArgs {
     max_image_bytes: usize,
     #[arg(long, default_value_t = 10.0)]
     fetch_timeout: f64,
-    /// Concurrent image preprocessing tasks (default: number of cores).
+    /// Concurrent image preprocessing tasks (default: number of cores). A thread that ran one
+    /// keeps up to 64 MiB of pixel buffers for its next image (smg-core `image::buffers`).
     #[arg(long)]
     preprocess_threads: Option<usize>,
     /// Pass patches through /dev/shm (gateway and workers on one host).
