@@ -23,6 +23,11 @@
 #   call 5 (1 H100):  kind nvidia-h100-x1: it does (call 4), so inside the servers:
 #                     scripts/gpu/profile_decode.py, both servers on the card, one 128K request
 #                     each, SGLang's profiler over 40 decode steps (GPU only, then with host stacks).
+#                     As run: 270 s of device time were left; it ended before the 2nd server was up.
+#   call 6 (1 H100):  NOT RUN (no device time left): the next session's first, kind nvidia-h100-x1,
+#                     timeout_s 600: the c1 question again, with the time it needs: the extended
+#                     backend_decode_ab.py (refill GPU work + back-to-back loop), then
+#                     profile_decode.py (a server takes ~3.5 min to come up here).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CALL="${1:?usage: session10.sh 1..}"
@@ -68,6 +73,17 @@ PY
     STAGES=setup WHEELS=.dev-s8/wheels OUT="$OUT/setup" CKPT=/tmp/m3-gpu \
         bash scripts/gpu/issue8_run.sh > "$OUT/setup.txt" 2>&1 || { tail -20 "$OUT/setup.txt"; exit 1; }
     PYTHONPATH=/tmp/m3serve-site:$PWD/python OUT="$OUT/prof" timeout 330 \
+        python3 scripts/gpu/profile_decode.py /tmp/m3-gpu --input 131072 --new 1200 --steps 30 \
+        > "$OUT/prof.txt" 2>&1
+    cp "$OUT/prof/profile_decode.json" "$OUT/" 2>/dev/null
+    ;;
+6)  # one H100 (nvidia-h100-x1)
+    export PYTHONPATH=$PWD/tests/sgl_kernel_standin:$PYTHONPATH
+    timeout 150 python3 scripts/gpu/backend_decode_ab.py --batches 1,8 2>&1 | grep -v Warning \
+        | tail -n 8 | tee "$OUT/ab.txt"
+    STAGES=setup WHEELS=.dev-s8/wheels OUT="$OUT/setup" CKPT=/tmp/m3-gpu \
+        bash scripts/gpu/issue8_run.sh > "$OUT/setup.txt" 2>&1 || { tail -20 "$OUT/setup.txt"; exit 1; }
+    PYTHONPATH=/tmp/m3serve-site:$PWD/python OUT="$OUT/prof" timeout 400 \
         python3 scripts/gpu/profile_decode.py /tmp/m3-gpu --input 131072 --new 1200 --steps 30 \
         > "$OUT/prof.txt" 2>&1
     cp "$OUT/prof/profile_decode.json" "$OUT/" 2>/dev/null
