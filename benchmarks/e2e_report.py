@@ -111,14 +111,23 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plot_selection(doc: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """The pairs the plots draw: of the runs in ``plot_runs`` (all if unset), per cell the
+    latest run's. "Latest" is the order runs were added to the JSON (``--add``), whatever order
+    ``plot_runs`` lists them in (it listed them newest first until session 10, so the oldest
+    run's cells were drawn where a newer run had the same cell)."""
+    chosen = set(doc.get("plot_runs") or doc["runs"])
+    runs = [r for r in doc["runs"] if r in chosen]
+    return latest([r for r in doc["rows"] if r["run"] in runs], runs)
+
+
 def plots(doc: dict[str, Any]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = doc.get("plot_runs") or list(doc["runs"])
-    sel = latest([r for r in doc["rows"] if r["run"] in runs], runs)
+    sel = plot_selection(doc)
     loads = sorted({workload(o) for o, _ in sel}, key=lambda w: ("shared" in w, len(w), w))
     fig, axes = plt.subplots(1, len(loads), figsize=(5 * len(loads), 4), squeeze=False)
     for ax, w in zip(axes[0], loads, strict=True):
@@ -149,6 +158,7 @@ def plots(doc: dict[str, Any]) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("input tokens (random ids)")
     ax.set_ylabel("ours / SGLang output tok/s")
+    runs = sorted({o["run"] for o, _ in sel})
     ax.set_title(f"end-to-end speedup vs context (runs {', '.join(runs)})", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

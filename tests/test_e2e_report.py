@@ -71,3 +71,15 @@ def test_markdown_says_why_a_row_is_not_counted() -> None:
     assert "| 1.20 |" in next(
         ln for ln in md.splitlines() if ln.startswith("| X |") and "| ours | 300.0 |" in ln
     )
+
+
+def test_plots_take_the_latest_run_whatever_the_listed_order() -> None:
+    rep = _report()
+    doc = _doc()
+    for listed in (["X", "Y"], ["Y", "X"]):
+        doc["plot_runs"] = listed
+        sel = rep.plot_selection(doc)
+        assert [(o["run"], o["concurrency"]) for o, _ in sel] == [("Y", 8)], listed
+    doc["plot_runs"] = ["X"]
+    assert [(o["run"], o["concurrency"]) for o, _ in rep.plot_selection(doc)] == [("X", 8)]
+
