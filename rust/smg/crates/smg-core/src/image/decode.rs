@@ -174,6 +174,27 @@ fn decode_png(bytes: &[u8], opts: &ImageOptions) -> Result<(DecodedImage, u16), 
     let size = reader
         .output_buffer_size()
         .ok_or_else(|| ImageError::InvalidImage("PNG: image too large".into()))?;
+    if reader.output_color_type() == (png::ColorType::Rgb, png::BitDepth::Eight) {
+        // 8-bit RGB rows are already what convert_png_row would write: decode straight into
+        // the pooled output (next_frame writes every byte of a frame), no second buffer or copy
+        let mut rgb = super::buffers::take(size);
+        let frame = reader
+            .next_frame(&mut rgb)
+            .map_err(|e| invalid("PNG data", e))?;
+        let (w, h) = (frame.width as usize, frame.height as usize);
+        if frame.line_size != w * 3 || w * h * 3 != size {
+            return Err(ImageError::InvalidImage("PNG: unexpected RGB row layout".into()));
+        }
+        let orientation = reader.info().exif_metadata.as_deref().map_or(1, exif::orientation);
+        return Ok((
+            DecodedImage {
+                width: w as u32,
+                height: h as u32,
+                rgb,
+            },
+            orientation,
+        ));
+    }
     let mut raw = vec![0u8; size];
     let frame = reader
         .next_frame(&mut raw)
