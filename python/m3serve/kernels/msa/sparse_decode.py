@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .reference import ref_sparse_attention
-from .sparse_decode_indices import decode_row_layout, rewrite_kv_indices
+from .sparse_decode_indices import check_decode_lens, decode_row_layout, rewrite_kv_indices
 from .sparse_decode_split import (
     MAX_WAVES,
     RANK_DEFAULT_MAX_BLOCKS,
@@ -186,15 +186,16 @@ class SparseDecodeWrapper:
         )
         assert 1 <= q_per_req <= 16, f"q_per_req must be in 1..16, got {q_per_req}"
         lens_host = torch.as_tensor(seq_lens).to("cpu", torch.int32).flatten()
+        check_decode_lens(lens_host, q_per_req)
         batch = lens_host.numel()
-        layout_lens = seq_lens if isinstance(seq_lens, list) else lens_host  # lists skip a tolist()
-        indptr, last, _ = decode_row_layout(layout_lens, q_per_req, num_kv_heads, block, topk)
         rows = batch * q_per_req * num_kv_heads
         self._ensure_capacity(max(rows, batch), topk)
         backend = self.auto_pick(rows)
         group = num_q_heads // num_kv_heads
         self.seq_lens[:batch].copy_(lens_host, non_blocking=True)
         if backend == "flashinfer":
+            layout_lens = seq_lens if isinstance(seq_lens, list) else lens_host  # lists: no tolist()
+            indptr, last, _ = decode_row_layout(layout_lens, q_per_req, num_kv_heads, block, topk)
             wrapper = self._flashinfer_wrapper(rows, group, head_dim)
             # FlashInfer copies indptr / last_page_len into our buffers; kv_indices (empty here)
             # are written per layer by rewrite_kv_indices.
@@ -213,8 +214,8 @@ class SparseDecodeWrapper:
             )
             num_splits = 0
         else:
-            # the split kernel walks each row's slots from topk_ids and seq_lens: the row layout
-            # (indptr, last page lengths) is only checked here, not copied to the device
+            # the split kernel walks each row's slots from topk_ids and seq_lens: it needs no row
+            # layout (indptr, last page lengths), so none is built
             waves = as_split_config(self._split_config(rows)).waves
             num_splits = num_splits_for(rows, topk, max(self._num_sms, 1), waves)
             self._scratch(num_splits * rows * group * head_dim, num_splits * rows * group)

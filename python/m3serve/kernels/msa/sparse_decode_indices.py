@@ -40,9 +40,7 @@ def decode_row_layout(
     if len(seq_lens) * q_per_req * num_kv_heads <= _PY_ROWS:
         return _row_layout_py([int(x) for x in seq_lens], q_per_req, num_kv_heads, block, topk)
     lens = torch.as_tensor(seq_lens, dtype=torch.int64, device="cpu").flatten()
-    assert bool((lens >= q_per_req).all()), (
-        "every seq_len must be >= q_per_req (queries are in the cache)"
-    )
+    check_decode_lens(lens, q_per_req)
     pos = (lens[:, None] - q_per_req + torch.arange(q_per_req)[None, :]).flatten()  # [T]
     pages = torch.clamp(pos // block + 1, max=topk)
     last = pos % block + 1
@@ -54,15 +52,19 @@ def decode_row_layout(
 
 
 _PY_ROWS = 4096
+_LENS_MSG = "every seq_len must be >= q_per_req (queries are in the cache)"
+
+
+def check_decode_lens(lens: torch.Tensor, q_per_req: int) -> None:
+    """Every request holds its Q query tokens in the cache (host tensor of sequence lengths)."""
+    assert bool((lens >= q_per_req).all()), _LENS_MSG
 
 
 def _row_layout_py(
     lens: list[int], q_per_req: int, num_kv_heads: int, block: int, topk: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """decode_row_layout on Python ints (same result)."""
-    assert all(n >= q_per_req for n in lens), (
-        "every seq_len must be >= q_per_req (queries are in the cache)"
-    )
+    assert all(n >= q_per_req for n in lens), _LENS_MSG
     pages: list[int] = []
     last: list[int] = []
     for n in lens:
