@@ -29,27 +29,22 @@ thread_local! {
 /// A buffer of length `n`; its bytes are whatever a previous image left (callers overwrite all
 /// of them). Zero-fills only what no kept buffer already covers.
 pub fn take(n: usize) -> Vec<u8> {
-    if n > KEEP_MAX_BYTES {
-        let mut buf = LARGE.with(|l| std::mem::take(&mut *l.borrow_mut()));
-        if buf.len() >= n {
-            buf.truncate(n);
-        } else {
-            buf.resize(n, 0);
-        }
-        return buf;
-    }
-    let reused = POOL.with(|p| {
-        let mut p = p.borrow_mut();
-        // The smallest kept buffer that is long enough, else the longest one.
-        let pick = p
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| b.len() >= n)
-            .min_by_key(|(_, b)| b.len())
-            .or_else(|| p.iter().enumerate().max_by_key(|(_, b)| b.len()))
-            .map(|(i, _)| i);
-        pick.map(|i| p.swap_remove(i))
-    });
+    let reused = if n > KEEP_MAX_BYTES {
+        Some(LARGE.with(|l| std::mem::take(&mut *l.borrow_mut())))
+    } else {
+        POOL.with(|p| {
+            let mut p = p.borrow_mut();
+            // The smallest kept buffer that is long enough, else the longest one.
+            let pick = p
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| b.len() >= n)
+                .min_by_key(|(_, b)| b.len())
+                .or_else(|| p.iter().enumerate().max_by_key(|(_, b)| b.len()))
+                .map(|(i, _)| i);
+            pick.map(|i| p.swap_remove(i))
+        })
+    };
     let mut buf = reused.unwrap_or_default();
     if buf.len() >= n {
         buf.truncate(n);

@@ -174,7 +174,7 @@ fn decode_png(bytes: &[u8], opts: &ImageOptions) -> Result<(DecodedImage, u16), 
     let size = reader
         .output_buffer_size()
         .ok_or_else(|| ImageError::InvalidImage("PNG: image too large".into()))?;
-    if reader.output_color_type() == (png::ColorType::Rgb, png::BitDepth::Eight) {
+    let (w, h, rgb) = if reader.output_color_type() == (png::ColorType::Rgb, png::BitDepth::Eight) {
         // 8-bit RGB rows are already what convert_png_row would write: decode straight into
         // the pooled output (next_frame writes every byte of a frame), no second buffer or copy
         let mut rgb = super::buffers::take(size);
@@ -183,35 +183,34 @@ fn decode_png(bytes: &[u8], opts: &ImageOptions) -> Result<(DecodedImage, u16), 
             .map_err(|e| invalid("PNG data", e))?;
         let (w, h) = (frame.width as usize, frame.height as usize);
         if frame.line_size != w * 3 || w * h * 3 != size {
-            return Err(ImageError::InvalidImage("PNG: unexpected RGB row layout".into()));
+            return Err(ImageError::InvalidImage(
+                "PNG: unexpected RGB row layout".into(),
+            ));
         }
-        let orientation = reader.info().exif_metadata.as_deref().map_or(1, exif::orientation);
-        return Ok((
-            DecodedImage {
-                width: w as u32,
-                height: h as u32,
-                rgb,
-            },
-            orientation,
-        ));
-    }
-    let mut raw = vec![0u8; size];
-    let frame = reader
-        .next_frame(&mut raw)
-        .map_err(|e| invalid("PNG data", e))?;
-    let info = reader.info();
-    let (w, h) = (frame.width as usize, frame.height as usize);
-    let line = frame.line_size;
-    // From the per-thread pool (see `buffers`): convert_png_row writes every pixel of every row.
-    let mut rgb = super::buffers::take(w * h * 3);
-    let depth = frame.bit_depth as u8;
-    let palette = info.palette.as_deref();
-    for y in 0..h {
-        let row = &raw[y * line..(y + 1) * line];
-        let out = &mut rgb[y * w * 3..(y + 1) * w * 3];
-        convert_png_row(row, out, w, frame.color_type, depth, palette)?;
-    }
-    let orientation = info.exif_metadata.as_deref().map_or(1, exif::orientation);
+        (w, h, rgb)
+    } else {
+        let mut raw = vec![0u8; size];
+        let frame = reader
+            .next_frame(&mut raw)
+            .map_err(|e| invalid("PNG data", e))?;
+        let (w, h) = (frame.width as usize, frame.height as usize);
+        let line = frame.line_size;
+        // From the per-thread pool (see `buffers`): convert_png_row writes every pixel of every row.
+        let mut rgb = super::buffers::take(w * h * 3);
+        let depth = frame.bit_depth as u8;
+        let palette = reader.info().palette.as_deref();
+        for y in 0..h {
+            let row = &raw[y * line..(y + 1) * line];
+            let out = &mut rgb[y * w * 3..(y + 1) * w * 3];
+            convert_png_row(row, out, w, frame.color_type, depth, palette)?;
+        }
+        (w, h, rgb)
+    };
+    let orientation = reader
+        .info()
+        .exif_metadata
+        .as_deref()
+        .map_or(1, exif::orientation);
     Ok((
         DecodedImage {
             width: w as u32,
