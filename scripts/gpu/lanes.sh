@@ -4,7 +4,8 @@
 # tree's python/, $SITE and SGLang's MSA ops (.dev-s6/sglang_site) on PYTHONPATH, prints the card,
 # versions and set-up time, sets SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND=python, and defines
 # lane NAME GPU COMMAND: COMMAND in the background on one card, its
-# output in $OUT/NAME.txt, its own Triton cache. Sets OUT, t0, SITE, BASE, DEC and GT.
+# output in $OUT/NAME.txt, its own Triton cache; and profile_c1 LIMIT_S (issue 8's concurrency-1
+# profile: install + checkpoint, then profile_decode.py). Sets OUT, t0, SITE, BASE, DEC and GT.
 OUT="${OUT:-$PWD/gpu-out}"; mkdir -p "$OUT"
 t0=$(date +%s)
 SITE="${SITE:-/tmp/m3serve-site6}"
@@ -28,3 +29,11 @@ export SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND=python  # tests importing sglang n
 echo "[setup $(( $(date +%s) - t0 )) s]"
 DEC="python3 benchmarks/bench_sparse_decode.py --sglang-site .dev-s6/sglang_site"
 GT="python3 -m pytest -q -m gpu -p no:cacheprovider --durations=5"
+profile_c1() {  # profile_c1 LIMIT_S: install + checkpoint (issue8_run.sh setup), profile_decode.py
+    STAGES=setup WHEELS=.dev-s8/wheels OUT="$OUT/setup" CKPT=/tmp/m3-gpu \
+        bash scripts/gpu/issue8_run.sh > "$OUT/setup.txt" 2>&1 || { tail -20 "$OUT/setup.txt"; exit 1; }
+    PYTHONPATH=/tmp/m3serve-site:$PWD/python OUT="$OUT/prof" timeout "$1" \
+        python3 scripts/gpu/profile_decode.py /tmp/m3-gpu --input 131072 --new 1200 --steps 30 \
+        > "$OUT/prof.txt" 2>&1
+    cp "$OUT/prof/profile_decode.json" "$OUT/" 2>/dev/null
+}

@@ -35,14 +35,6 @@ WHEELS=.dev-s8/wheels
 SITE=/tmp/m3serve-site10
 source scripts/gpu/lanes.sh
 K=tests/kernels
-profile_c1() {  # profile_c1 LIMIT_S: install + checkpoint (issue8_run.sh setup), profile_decode.py
-    STAGES=setup WHEELS=.dev-s8/wheels OUT="$OUT/setup" CKPT=/tmp/m3-gpu \
-        bash scripts/gpu/issue8_run.sh > "$OUT/setup.txt" 2>&1 || { tail -20 "$OUT/setup.txt"; exit 1; }
-    PYTHONPATH=/tmp/m3serve-site:$PWD/python OUT="$OUT/prof" timeout "$1" \
-        python3 scripts/gpu/profile_decode.py /tmp/m3-gpu --input 131072 --new 1200 --steps 30 \
-        > "$OUT/prof.txt" 2>&1
-    cp "$OUT/prof/profile_decode.json" "$OUT/" 2>/dev/null
-}
 case "$CALL" in
 1)  # one H100 (nvidia-h100-x1)
     export PYTHONPATH=$PWD/tests/sgl_kernel_standin:$PYTHONPATH
