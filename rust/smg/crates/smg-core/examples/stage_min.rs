@@ -133,13 +133,39 @@ fn ab(size: &str, rounds: usize) {
 /// is as cold as a caller's) and a fresh zero-filled output (what the binding's
 /// `PyByteArray::new_with` hands `patchify_into`); prints min / p25 / p50.
 fn pystage(size: &str, rounds: usize) {
-    let opts = ImageOptions::default();
     let (w, h) = size.split_once('x').expect("<w>x<h>");
     let (w, h): (u32, u32) = (w.parse().expect("width"), h.parse().expect("height"));
-    let jpeg = synthetic_jpeg(w, h);
+    let runs = stage_runs(&synthetic_jpeg(w, h), rounds);
+    let q = |f: usize| runs[runs.len() * f / 4];
+    println!(
+        "pystage {w}x{h}: min {:.3} p25 {:.3} p50 {:.3} ms",
+        runs[0],
+        q(1),
+        q(2)
+    );
+}
+
+/// `stage_min pyfile <path> <rounds>`: [`pystage`] on an encoded image file (e.g. the Python
+/// benchmark's own JPEG and PNG, written out), so both formats' pixels can be timed.
+fn pyfile(path: &str, rounds: usize) {
+    let bytes = std::fs::read(path).expect("read the image file");
+    let runs = stage_runs(&bytes, rounds);
+    let q = |f: usize| runs[runs.len() * f / 4];
+    println!(
+        "pyfile {path}: min {:.3} p25 {:.3} p50 {:.3} ms",
+        runs[0],
+        q(1),
+        q(2)
+    );
+}
+
+/// The stage's wall times (ms, sorted) over `rounds` calls, each after a fresh decode + hash and
+/// a fresh zero-filled output, as the Python binding runs it.
+fn stage_runs(bytes: &[u8], rounds: usize) -> Vec<f64> {
+    let opts = ImageOptions::default();
     let mut runs = Vec::with_capacity(rounds);
     for _ in 0..rounds {
-        let resized = smg_core::image::resize_and_hash(&jpeg, &opts).expect("decode");
+        let resized = smg_core::image::resize_and_hash(bytes, &opts).expect("decode");
         let n = resized.num_patches() * smg_core::image::PATCH_DIM * 2;
         // malloc + memset as PyByteArray::new_with does; `vec![0; n]` (calloc) could hand out
         // untouched zero pages and move their page faults into the timed call.
@@ -151,13 +177,7 @@ fn pystage(size: &str, rounds: usize) {
         runs.push(t.elapsed().as_secs_f64() * 1e3);
     }
     runs.sort_by(f64::total_cmp);
-    let q = |f: usize| runs[runs.len() * f / 4];
-    println!(
-        "pystage {w}x{h}: min {:.3} p25 {:.3} p50 {:.3} ms",
-        runs[0],
-        q(1),
-        q(2)
-    );
+    runs
 }
 
 fn main() {
@@ -168,6 +188,9 @@ fn main() {
         }
         if mode == "pystage" {
             return pystage(size, rounds.parse().expect("rounds"));
+        }
+        if mode == "pyfile" {
+            return pyfile(size, rounds.parse().expect("rounds"));
         }
     }
     if let [_, stage, size, iters] = &args[..] {
