@@ -7,7 +7,8 @@
 //!   vector of 16 rows; tap pairs are then zero-extended, interleaved to i16 pairs and
 //!   multiplied with the broadcast weight pair, as the vertical pass does down rows, and the
 //!   results are transposed back. Every multiply lane is useful and nothing crosses 128-bit
-//!   lanes in the inner loop.
+//!   lanes in the inner loop. The transposed columns go to a small ring (a few KB, L1), each
+//!   block followed by the output pixels it completes.
 //! - vertical: rows k and k+1 are byte-interleaved (`vpunpck*bw`) and widened so one `vpmaddwd`
 //!   applies two taps to 16 pixels; the in-lane unpack order is undone by the final packs.
 //!
@@ -28,6 +29,16 @@
 //! (`V4`, one strip at a time: 1.07-1.17 ms against 0.87-1.02 ms); software prefetch of the
 //! next strip's input rows (within noise once the transposes were 256-bit). More in
 //! `benchmarks/results/preprocess_cpu.md` (session 10).
+//!
+//! At 4032×3024 (→ 756 columns, the 36.6 MB input cold) the pass was 8.3 ms: the filter 4.4 ms,
+//! the transposes in 3.5 ms, of which only 1.4 ms when the same rows are transposed again
+//! (hot), so ~2 ms waited on memory, with no filter work to overlap it: the whole strip was
+//! transposed into a 193 KB column buffer (L2) first, then filtered. Transposing block by
+//! block into the L1 ring, each block followed by the pixels it completes, spreads the loads
+//! over the filter's arithmetic: stage -10 % at 4032×3024, unchanged at 1280×960. Software
+//! prefetch of the next strip into L2 took the transposes to 1.5 ms but slowed the filter by
+//! 0.9 ms (its column loads then missed L1 and queued behind the prefetches), and with the ring
+//! it was 3-5 % slower than none (session 11).
 
 #![allow(clippy::inline_always)]
 
@@ -126,10 +137,13 @@ pub struct Horizontal<'a> {
     precision: u32,
     planar: bool,
     /// Tap pairs of every output pixel as (first byte column, second byte column, i16 weight
-    /// pair); byte column 3k is pixel k's R. Output x's are `pairs[ranges[x]..ranges[x + 1]]`.
+    /// pair), columns as slots of the `cols` ring (byte column b in slot `b % ring`; byte column
+    /// 3k is pixel k's R). Output x's are `pairs[ranges[x]..ranges[x + 1]]`.
     pairs: Vec<(u32, u32, i32)>,
     ranges: Vec<usize>,
-    /// The transposed strip: `cols[b]` is byte column b of the 16 rows.
+    /// Byte columns output x reads: all below `need[x]` (non-decreasing in x).
+    need: Vec<usize>,
+    /// The ring of transposed byte columns: slot `b % ring` is byte column b of the 16 rows.
     cols: Vec<[u8; 16]>,
     /// Results per output byte column (16 rows), before the transpose back.
     res: Vec<[u8; 16]>,
@@ -148,8 +162,16 @@ impl<'a> Horizontal<'a> {
     ) -> Self {
         let out_w = ax.start.len();
         assert_eq!(src.len(), h * in_w * 3, "horizontal: input size");
+        // -- the ring of transposed columns --
+        // Output x is filtered once the columns below need[x] are in, right after the block
+        // that brought them (at most 32 columns), so the ring holds its window
+        // 3·start[x] .. need[x] (at most 3·ksize + 3 columns) if it has that plus 32 more. A
+        // multiple of 96 keeps each block (16 or 32 columns at a multiple of 16) and each
+        // pixel's 3 columns (at a multiple of 3) contiguous in the ring.
+        let ring = (3 * ax.stride + 3 + 32).div_ceil(96) * 96;
         let mut pairs: Vec<(u32, u32, i32)> = Vec::new();
         let mut ranges = Vec::with_capacity(out_w + 1);
+        let mut need = Vec::with_capacity(out_w);
         ranges.push(0usize);
         for x in 0..out_w {
             let s = ax.start[x];
@@ -159,9 +181,10 @@ impl<'a> Horizontal<'a> {
                 let k = s + 2 * j;
                 let (k1, w1) = if p.len() == 2 { (k + 1, p[1]) } else { (k, 0) };
                 let wp = (i32::from(w1) << 16) | i32::from(p[0] as u16);
-                pairs.push((3 * k as u32, 3 * k1 as u32, wp));
+                pairs.push(((3 * k % ring) as u32, (3 * k1 % ring) as u32, wp));
             }
             ranges.push(pairs.len());
+            need.push(3 * (s + ax.len[x]));
         }
         Self {
             simd,
@@ -173,40 +196,50 @@ impl<'a> Horizontal<'a> {
             planar,
             pairs,
             ranges,
-            cols: vec![[0; 16]; (in_w * 3).div_ceil(16) * 16],
+            need,
+            cols: vec![[0; 16]; ring],
             res: vec![[0; 16]; (out_w * 3).div_ceil(16) * 16],
         }
     }
 
     /// Rows `y0..y0 + n` (`y0` a multiple of 16, `n = min(16, h - y0)`) into `out`
     /// (`n × out_w × 3` bytes).
+    ///
+    /// The strip is transposed one block (pair) at a time into the ring, each block followed
+    /// by the output pixels it completes, so the columns are read from L1 right after they are
+    /// written, and the input's loads are spread over the filter's arithmetic.
     #[inline(always)]
     pub fn strip(&mut self, y0: usize, out: &mut [u8]) {
         let simd = self.simd;
-        let (avx, avx2, sse2) = (simd.avx, simd.avx2, simd.sse2);
+        let sse2 = simd.sse2;
         let (src, out_w) = (self.src, self.out_w);
         let (in_row, out_row) = (self.in_w * 3, out_w * 3);
         let rows = STRIP.min(self.h - y0);
         assert_eq!(out.len(), rows * out_row, "horizontal: strip size");
-        let zero = avx._mm256_setzero_si256();
-        let half = avx._mm256_set1_epi32(1 << (self.precision - 1));
-        let shift = sse2._mm_cvtsi32_si128(self.precision as i32);
-        let (cols, res) = (&mut self.cols, &mut self.res);
-        // -- transpose the strip: cols[b] = byte b of each of the 16 rows (missing rows 0) --
-        // Whole pairs of 16-byte blocks go through the 256-bit transpose (block 2i in the low
-        // lane, 2i + 1 in the high one), the rest (at most one block, maybe partial) alone.
+        let zero = simd.avx._mm256_setzero_si256();
+        let ring = self.cols.len();
+        let mut x = 0;
+        // -- whole pairs of 16-byte blocks through the 256-bit transpose (block 2i in the low
+        // lane, 2i + 1 in the high one), the rest (at most two blocks, the last maybe partial)
+        // alone --
         let block_pairs = in_row / 32;
-        for (g2, dst) in cols[..block_pairs * 32].chunks_exact_mut(32).enumerate() {
+        for g2 in 0..block_pairs {
             let mut blk = [zero; 16];
             for (r, v) in blk.iter_mut().enumerate().take(rows) {
                 *v = load32(src, (y0 + r) * in_row + 32 * g2);
             }
-            let (lo, hi) = dst.split_at_mut(16);
+            let slot = 32 * g2 % ring;
+            let (lo, hi) = self.cols[slot..slot + 32].split_at_mut(16);
             for ((d0, d1), v) in lo.iter_mut().zip(hi).zip(transpose16x2(simd, blk)) {
                 [*d0, *d1] = cast::<__m256i, [[u8; 16]; 2]>(v);
             }
+            let done = 32 * (g2 + 1);
+            while x < out_w && self.need[x] <= done {
+                self.filter_pixel(x);
+                x += 1;
+            }
         }
-        for (g, dst) in cols.chunks_exact_mut(16).enumerate().skip(2 * block_pairs) {
+        for g in 2 * block_pairs..in_row.div_ceil(16) {
             let n = (in_row - 16 * g).min(16);
             let mut blk = [sse2._mm_setzero_si128(); 16];
             for (r, v) in blk.iter_mut().enumerate().take(rows) {
@@ -219,45 +252,17 @@ impl<'a> Horizontal<'a> {
                     cast(b)
                 };
             }
-            for (d, v) in dst.iter_mut().zip(transpose16(simd, blk)) {
+            let slot = 16 * g % ring;
+            for (d, v) in self.cols[slot..slot + 16].iter_mut().zip(transpose16(simd, blk)) {
                 *d = cast(v);
             }
         }
-        // -- filter: the 3 byte columns of one output pixel, 16 rows each --
-        for x in 0..out_w {
-            let mut acc = [half; 6];
-            for &(k0, k1, wp) in &self.pairs[self.ranges[x]..self.ranges[x + 1]] {
-                let wv = avx._mm256_set1_epi32(wp);
-                let a3 = &cols[k0 as usize..k0 as usize + 3];
-                let b3 = &cols[k1 as usize..k1 as usize + 3];
-                for c in 0..3 {
-                    let a = avx2._mm256_cvtepu8_epi16(cast(a3[c]));
-                    let b = avx2._mm256_cvtepu8_epi16(cast(b3[c]));
-                    // lo: rows 0-3 | 8-11, hi: rows 4-7 | 12-15 (in-lane unpacks)
-                    let lo = avx2._mm256_madd_epi16(avx2._mm256_unpacklo_epi16(a, b), wv);
-                    let hi = avx2._mm256_madd_epi16(avx2._mm256_unpackhi_epi16(a, b), wv);
-                    acc[2 * c] = avx2._mm256_add_epi32(acc[2 * c], lo);
-                    acc[2 * c + 1] = avx2._mm256_add_epi32(acc[2 * c + 1], hi);
-                }
-            }
-            for c in 0..3 {
-                let v = avx2._mm256_packs_epi32(
-                    avx2._mm256_sra_epi32(acc[2 * c], shift),
-                    avx2._mm256_sra_epi32(acc[2 * c + 1], shift),
-                ); // rows 0-7 | 8-15 as i16
-                let v = avx2._mm256_packus_epi16(v, zero);
-                let v = sse2._mm_unpacklo_epi64(
-                    avx._mm256_castsi256_si128(v),
-                    avx2._mm256_extracti128_si256::<1>(v),
-                );
-                res[if self.planar {
-                    c * out_w + x
-                } else {
-                    3 * x + c
-                }] = cast(v);
-            }
+        while x < out_w {
+            self.filter_pixel(x);
+            x += 1;
         }
         // -- transpose back into the strip's output rows (pairs of blocks as above) --
+        let res = &self.res;
         let block_pairs = out_row / 32;
         for (g2, blk) in res[..block_pairs * 32].chunks_exact(32).enumerate() {
             let blk: [__m256i; 16] = core::array::from_fn(|i| cast([blk[i], blk[16 + i]]));
@@ -278,6 +283,49 @@ impl<'a> Horizontal<'a> {
                     out[off..off + n].copy_from_slice(&b[..n]);
                 }
             }
+        }
+    }
+
+    /// The filter on the 3 byte columns of output pixel x, 16 rows each (its columns are in
+    /// the ring), into `res`.
+    #[inline(always)]
+    fn filter_pixel(&mut self, x: usize) {
+        let simd = self.simd;
+        let (avx, avx2, sse2) = (simd.avx, simd.avx2, simd.sse2);
+        let zero = avx._mm256_setzero_si256();
+        let half = avx._mm256_set1_epi32(1 << (self.precision - 1));
+        let shift = sse2._mm_cvtsi32_si128(self.precision as i32);
+        let cols = &self.cols;
+        let mut acc = [half; 6];
+        for &(k0, k1, wp) in &self.pairs[self.ranges[x]..self.ranges[x + 1]] {
+            let wv = avx._mm256_set1_epi32(wp);
+            let a3 = &cols[k0 as usize..k0 as usize + 3];
+            let b3 = &cols[k1 as usize..k1 as usize + 3];
+            for c in 0..3 {
+                let a = avx2._mm256_cvtepu8_epi16(cast(a3[c]));
+                let b = avx2._mm256_cvtepu8_epi16(cast(b3[c]));
+                // lo: rows 0-3 | 8-11, hi: rows 4-7 | 12-15 (in-lane unpacks)
+                let lo = avx2._mm256_madd_epi16(avx2._mm256_unpacklo_epi16(a, b), wv);
+                let hi = avx2._mm256_madd_epi16(avx2._mm256_unpackhi_epi16(a, b), wv);
+                acc[2 * c] = avx2._mm256_add_epi32(acc[2 * c], lo);
+                acc[2 * c + 1] = avx2._mm256_add_epi32(acc[2 * c + 1], hi);
+            }
+        }
+        for c in 0..3 {
+            let v = avx2._mm256_packs_epi32(
+                avx2._mm256_sra_epi32(acc[2 * c], shift),
+                avx2._mm256_sra_epi32(acc[2 * c + 1], shift),
+            ); // rows 0-7 | 8-15 as i16
+            let v = avx2._mm256_packus_epi16(v, zero);
+            let v = sse2._mm_unpacklo_epi64(
+                avx._mm256_castsi256_si128(v),
+                avx2._mm256_extracti128_si256::<1>(v),
+            );
+            self.res[if self.planar {
+                c * self.out_w + x
+            } else {
+                3 * x + c
+            }] = cast(v);
         }
     }
 }
