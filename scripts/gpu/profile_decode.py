@@ -33,14 +33,24 @@ from serving_common import server_args, side_by_side_servers
 from m3serve.launch import start_staggered
 
 
-def load_trace(folder: Path) -> dict[str, Any] | None:
-    files = sorted(folder.rglob("*.json*"), key=lambda p: p.stat().st_mtime)
-    if not files:
-        return None
-    f = files[-1]
-    opener = gzip.open if f.suffix == ".gz" else open
-    with opener(f, "rt") as fh:
-        return json.load(fh)
+def load_trace(folder: Path, wait_s: float = 0.0) -> dict[str, Any] | None:
+    """The newest trace under ``folder``; with ``wait_s``, retried until it parses: the server
+    writes it after the window ends, and a host trace with stacks takes seconds (session 11's
+    first run read one half-written and stopped)."""
+    deadline = time.time() + wait_s
+    while True:
+        files = sorted(folder.rglob("*.json*"), key=lambda p: p.stat().st_mtime)
+        try:
+            if files:
+                f = files[-1]
+                opener = gzip.open if f.suffix == ".gz" else open
+                with opener(f, "rt") as fh:
+                    return json.load(fh)
+        except (EOFError, OSError, json.JSONDecodeError):
+            pass
+        if time.time() >= deadline:
+            return None
+        time.sleep(0.5)
 
 
 def union_us(spans: list[tuple[float, float]]) -> float:
@@ -157,11 +167,7 @@ def main() -> int:
                     "output_dir": str(pdir), "num_steps": args.steps, "activities": acts,
                     "with_stack": stack, "record_shapes": False}, timeout=120)  # fmt: skip
                 print(f"{n} {wname}: start_profile {r.status_code} {r.text[:120]}", flush=True)
-                t_w = time.time()
-                while time.time() - t_w < 60 and not list(pdir.rglob("*.json*")):
-                    time.sleep(0.2)
-                time.sleep(1.0)  # the trace file is complete once written
-                tr = load_trace(pdir)
+                tr = load_trace(pdir, wait_s=90)
                 summ = summarise(tr, args.steps) if tr else {"error": "no trace written"}
                 result[f"{n}_{wname}"] = summ
                 if stack:  # a host trace with stacks runs to tens of MB: the summary is kept

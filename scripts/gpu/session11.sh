@@ -10,6 +10,14 @@
 #                     (both servers on the card, one 128K request each, SGLang's profiler over 30
 #                     decode steps: GPU only, then with host stacks). Both servers take ~7 min to
 #                     come up one after the other, so nothing else runs in this call.
+#                     As run: the first server's host trace was read half-written, the script
+#                     stopped before the second server (load_trace now retries until it parses).
+#   call 2 (2 H100):  kind nvidia-h100-x2: issue 8's "TP 2 greedy tokens identical to TP 1" with the
+#                     TP-invariant mode (M3SERVE_TP_INVARIANT=2, m3serve.models.invariant): the
+#                     backend's shard calls = rank backends bit for bit on the fast kernels (GPU
+#                     test), then tp_serving.py inv:1 then inv:2 on the M3-shaped checkpoint
+#                     (greedy tokens, logprobs, a short throughput run).
+#   call 3 (1 H100):  kind nvidia-h100-x1: call 1 again (the c1 profile, both servers).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CALL="${1:?usage: session11.sh 1..}"
@@ -17,8 +25,19 @@ WHEELS=.dev-s8/wheels
 SITE=/tmp/m3serve-site11
 source scripts/gpu/lanes.sh
 case "$CALL" in
-1)  # one H100 (nvidia-h100-x1)
+1|3)  # one H100 (nvidia-h100-x1)
     profile_c1 520
+    ;;
+2)  # two H100 (nvidia-h100-x2)
+    lane inv 0 "timeout 150 $GT tests/backend/test_msa_backend_paths.py -k invariant 2>&1 | tail -n 12"
+    STAGES=setup WHEELS=.dev-s8/wheels OUT="$OUT/setup" CKPT=/tmp/m3-gpu \
+        bash scripts/gpu/issue8_run.sh > "$OUT/setup.txt" 2>&1 || { tail -20 "$OUT/setup.txt"; exit 1; }
+    wait
+    STAGES=tp WHEELS=.dev-s8/wheels OUT="$OUT/tp" CKPT=/tmp/m3-gpu TP_S=470 \
+        TP_ARGS="--gpus 0,1 --configs inv:1,inv:2 --workloads random:8192:128:8 --deadline 280 \
+        --tag s11_inv" \
+        bash scripts/gpu/issue8_run.sh > "$OUT/tp.txt" 2>&1
+    cp "$OUT"/tp/tp_*.json "$OUT/" 2>/dev/null
     ;;
 *) echo "unknown call $CALL"; exit 2 ;;
 esac

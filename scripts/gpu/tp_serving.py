@@ -3,7 +3,8 @@
 Serves one configuration after another (each a real ``python -m sglang.launch_server`` with
 ``--tp-size N`` on the first N of ``--gpus``), by default ``ours:1,ours:2,sglang:2``: our kernels at
 TP 1 (the reference), our kernels at TP 2, SGLang's in-tree MSA ops at TP 2 (M3SERVE_MSA_IMPL, see
-e2e_serving.py). For each: the same greedy prompt set (random ids of several lengths, output
+e2e_serving.py); ``inv:N`` is ours in the TP-invariant mode (M3SERVE_TP_INVARIANT=2), whose TP 2
+must equal its TP 1 bit for bit. For each: the same greedy prompt set (random ids of several lengths, output
 logprobs and the top-2 logprobs of every step), then the same ``sglang.benchmark.serving``
 workloads. Checks every configuration's greedy tokens against the first's, and where they part
 gives the step and the reference's top-2 margin there (a bf16 all-reduce sums in another order

@@ -28,8 +28,10 @@ BLOCK, TOPK, HQ, HKV, D, DI = 16, 4, 4, 2, 32, 32
 class _Pool:
     """HND [pages, H, block, D] K/V per layer with SGLang's set_kv_buffer signature."""
 
-    def __init__(self, pages: int, device: str, dtype: torch.dtype) -> None:
-        shape = (pages, HKV, BLOCK, D)
+    def __init__(
+        self, pages: int, device: str, dtype: torch.dtype, heads: int = HKV, d: int = D
+    ) -> None:
+        shape = (pages, heads, BLOCK, d)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(2)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(2)]
 
@@ -46,15 +48,19 @@ class _Pool:
         self.v[layer.layer_id][p, :, o] = v.to(self.v[0].dtype)
 
 
-def _backend(device: str, dtype: torch.dtype, fast: bool, index_dtype: str = "bf16") -> Any:
+def _backend(
+    device: str, dtype: torch.dtype, fast: bool, index_dtype: str = "bf16", *,
+    pool_heads: int = HKV, d: int = D, dense_impl: str = "torch", tp_invariant: bool = False,
+) -> Any:  # fmt: skip
     from m3serve.backend.msa_backend import MSAAttnBackend
 
     b = object.__new__(MSAAttnBackend)
     b.setup(
-        device=device, kv_pool=_Pool(64, device, dtype), req_to_token_pool=None, block=BLOCK,
-        topk=TOPK, index_dim=DI, sparse_layers={1}, num_q_heads=HQ, num_kv_heads=HKV,
-        q_dtype=dtype, context_len=64 * BLOCK, impl="auto" if fast else "reference",
-        index_dtype=index_dtype, dense_impl="torch",
+        device=device, kv_pool=_Pool(64, device, dtype, pool_heads, d), req_to_token_pool=None,
+        block=BLOCK, topk=TOPK, index_dim=DI, sparse_layers={1}, num_q_heads=HQ,
+        num_kv_heads=HKV, q_dtype=dtype, context_len=64 * BLOCK,
+        impl="auto" if fast else "reference", index_dtype=index_dtype, dense_impl=dense_impl,
+        tp_invariant=tp_invariant,
     )  # fmt: skip
     assert b.use_fast == fast
     return b
@@ -183,3 +189,66 @@ def test_rank_heads_must_match_the_plan() -> None:
     k, v = torch.randn(20, HKV, D), torch.randn(20, HKV, D)
     with pytest.raises(ValueError, match=rf"{2 * HQ} q / {HKV} KV heads .* planned {HQ} / {HKV}"):
         b._run(q, k, v, layer, fb, True, None, None)
+
+
+def _serve_shards(device: str, fast: bool, dtype: torch.dtype, d: int, dense_impl: str):
+    """TP-invariant mode (m3serve.models.invariant): the same two shards served (a) by one
+    backend over a pool of both shards' KV heads, called once per shard with the shard's head
+    offset (TP 1), (b) by one backend per shard over a pool of its KV heads alone (the TP 2
+    ranks). Returns each side's outputs and its K/V pools, shard by shard."""
+    g = torch.Generator().manual_seed(5)
+    kw = dict(d=d, dense_impl=dense_impl, tp_invariant=True)
+    whole = _backend(device, dtype, fast, pool_heads=2 * HKV, **kw)
+    ranks = [_backend(device, dtype, fast, pool_heads=HKV, **kw) for _ in range(2)]
+    assert whole.decode_backend == "triton", "shard calls stay on the split-KV decode kernel"
+    table = torch.randperm(60, generator=g)[:40].view(2, 20).to(torch.int32).to(device)
+    out_whole: list[torch.Tensor] = []
+    out_ranks: list[torch.Tensor] = []
+    steps = (([150, 37], [0, 0], False), ([90, 64], [150, 37], False), ([1, 1], [240, 101], True))
+    for q_lens, prefixes, decode in steps:
+        fbs = [_batch(b, q_lens, prefixes, decode, table)[1] for b in (whole, *ranks)]
+        t = sum(q_lens)
+        ik = torch.randn(t, 1, DI, generator=g).to(device, dtype)
+        for layer_id in (0, 1):
+            for j in range(2):
+                q = torch.randn(t, HQ, d, generator=g).to(device, dtype)
+                k, v = (torch.randn(t, HKV, d, generator=g).to(device, dtype) for _ in range(2))
+                iq = torch.randn(t, HKV, DI, generator=g).to(device, dtype)
+                idx = (iq, ik) if layer_id else (None, None)
+                for b, fb, h0, outs in ((whole, fbs[0], j * HKV, out_whole),
+                                        (ranks[j], fbs[1 + j], 0, out_ranks)):  # fmt: skip
+                    layer = SimpleNamespace(
+                        layer_id=layer_id, tp_q_head_num=HQ, tp_k_head_num=HKV, head_dim=d,
+                        scaling=d**-0.5, m3_kv_head_offset=h0,
+                    )  # fmt: skip
+                    o = b._run(q.view(t, -1) if layer_id == 0 else q, k, v, layer, fb, True, *idx)
+                    outs.append((o if layer_id == 0 else o[1]).reshape(t, HQ, d).cpu())
+    pools = [
+        [torch.stack([p.k[i], p.v[i]]).cpu() for i in (0, 1)]
+        for p in (whole.token_to_kv_pool, *(r.token_to_kv_pool for r in ranks))
+    ]
+    return out_whole, out_ranks, pools
+
+
+def _check_shards_bitwise(device: str, fast: bool, dtype: torch.dtype, d: int, dense: str) -> None:
+    out_whole, out_ranks, pools = _serve_shards(device, fast, dtype, d, dense)
+    for n, (a, b) in enumerate(zip(out_whole, out_ranks, strict=True)):
+        assert torch.equal(a, b), f"call {n}: max |diff| {(a.float() - b.float()).abs().max()}"
+    assert any(o.abs().sum() > 0 for o in out_whole)
+    for i in (0, 1):  # the shared pool holds shard j's heads at j·HKV..; each rank its own
+        for j in range(2):
+            assert torch.equal(pools[0][i][:, :, j * HKV : (j + 1) * HKV], pools[1 + j][i])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tp_invariant_shard_calls_equal_rank_backends(dtype: torch.dtype) -> None:
+    """CPU (torch paths): a shard call on the shared pool = the TP 2 rank's call, bit for bit."""
+    _check_shards_bitwise("cpu", False, dtype, D, "torch")
+
+
+@pytest.mark.gpu
+def test_tp_invariant_shard_calls_equal_rank_backends_gpu() -> None:
+    """GPU: the fast kernels (MSA selection, block-major prefill, split-KV decode) and FlashInfer
+    dense attention on a head slice of the pool = on a pool of those heads, bit for bit."""
+    pytest.importorskip("flashinfer")
+    _check_shards_bitwise("cuda", True, torch.bfloat16, 128, "auto")

@@ -27,8 +27,11 @@ def m3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny(tmp_path_factory.mktemp("tiny-m3"))
 
 
-def _m3_cpu_server(m3_dir: Path, log: Path, *extra: str) -> Any:
-    """A (not yet started) CPU server of the tiny M3 with the flags every e2e test shares."""
+def _m3_cpu_server(
+    m3_dir: Path, log: Path, *extra: str, env: dict[str, str] | None = None
+) -> Any:
+    """A (not yet started) CPU server of the tiny M3 with the flags every e2e test shares, plus
+    ``extra`` flags and ``env`` settings."""
     from m3serve.launch import SGLangServer
 
     return SGLangServer(
@@ -42,6 +45,7 @@ def _m3_cpu_server(m3_dir: Path, log: Path, *extra: str) -> Any:
             "--chunked-prefill-size", str(CHUNK),
             *extra,
         ],
+        env=env,
     )  # fmt: skip
 
 

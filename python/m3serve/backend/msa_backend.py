@@ -34,6 +34,13 @@ captured batch (page table as wide as the context limit, seq lens, FlashInfer pl
 ``init_forward_metadata_out_graph`` refills them before capture and before every replay (host
 work, outside the graph), so the captured per-layer launches read fresh metadata at fixed
 addresses. Prefill runs eagerly (the plugin switches prefill graphs off).
+
+TP-invariant mode (``M3SERVE_TP_INVARIANT=2``, m3serve.models.invariant): the model calls each
+layer's attention once per shard, with the shard's heads. The backend then plans for shard heads
+(what a TP 2 rank holds), takes the shard's KV heads of the rank's pool from the layer's
+``m3_kv_head_offset`` (writes and reads), and runs the sparse decode on the split-KV kernel at
+every batch size (FlashInfer's rows need the whole pool as one-head pages), so a TP 1 shard and a
+TP 2 rank run the same kernels with the same plans.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ import torch
 from m3serve.backend.dense_flashinfer import HEAD_DIMS, flashinfer_available
 from m3serve.backend.torch_attention import paged_attention
 from m3serve.kernels.msa import reference as ref
+from m3serve.models import invariant as inv
 from m3serve.parallel import tp_rank_size
 
 logger = logging.getLogger(__name__)
@@ -147,6 +155,7 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
             )
         text = model_runner.model_config.hf_text_config
         tp = tp_rank_size()[1]  # the model's own split (m3serve.parallel)
+        shards = inv.local_shards(tp)  # 1 unless TP-invariant (shard heads: models/invariant.py)
         self.setup(
             device=model_runner.device,
             kv_pool=model_runner.token_to_kv_pool,
@@ -155,10 +164,11 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
             topk=s["topk"],
             index_dim=s["index_dim"],
             sparse_layers=s["sparse_layers"],
-            num_q_heads=text.num_attention_heads // tp,
-            num_kv_heads=max(1, text.num_key_value_heads // tp),
+            num_q_heads=text.num_attention_heads // tp // shards,
+            num_kv_heads=max(1, text.num_key_value_heads // tp) // shards,
             q_dtype=model_runner.dtype,
             context_len=int(model_runner.model_config.context_len),
+            tp_invariant=inv.invariant_shards() > 0,
         )
 
     def setup(
@@ -179,10 +189,11 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
         index_dtype: str | None = None,
         dense_impl: str | None = None,
         index_q_fp8: bool | None = None,
+        tp_invariant: bool = False,
     ) -> None:
         """Everything the backend needs, without a model runner (tests build it this way).
         ``impl`` / ``index_dtype`` / ``dense_impl`` / ``index_q_fp8`` default to the environment
-        switches."""
+        switches; ``tp_invariant``: the TP-invariant mode's per-shard calls (module docstring)."""
         self.device = device
         self.token_to_kv_pool = kv_pool
         self.req_to_token_pool = req_to_token_pool
@@ -190,6 +201,11 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
         self.sparse_layers = set(sparse_layers)
         self.num_q_heads, self.num_kv_heads, self.q_dtype = num_q_heads, num_kv_heads, q_dtype
         self.context_len = context_len
+        self.tp_invariant = tp_invariant
+        # the sparse decode's kernel: "auto" picks FlashInfer rows from 2·SMs rows on, which read
+        # the whole pool as one-head pages, so shard calls (a slice of the pool's heads) stay on
+        # the split-KV kernel, at TP 1 and TP 2 alike
+        self.decode_backend = "triton" if tp_invariant else "auto"
         on_cuda = torch.device(device).type == "cuda"
         kbuf = kv_pool.get_key_buffer(min(self.sparse_layers | {0}))
         self.kv_is_hnd = kbuf.dim() == 4
@@ -237,6 +253,11 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
                 )
             if self.index_dtype != torch.bfloat16:
                 raise ValueError("M3SERVE_MSA_IMPL=sglang supports bf16 index keys only")
+            if tp_invariant:
+                raise ValueError(
+                    "M3SERVE_TP_INVARIANT runs m3serve's kernels per shard: not with "
+                    "M3SERVE_MSA_IMPL=sglang"
+                )
             self.sparse_impl = "sglang"
         elif (
             impl != "reference" and on_cuda and self.kv_is_hnd and self.index_dtype != torch.float32
@@ -351,7 +372,9 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
             # the graph's page table spans the context limit: past RANK_DEFAULT_MAX_BLOCKS the
             # top-k launch runs, with the split configs measured best for it
             ranked = self.decode_rank == "attention" and max_pages <= RANK_DEFAULT_MAX_BLOCKS
-            g["decode"] = SparseDecodeWrapper(self.device, ranked=ranked)
+            g["decode"] = SparseDecodeWrapper(
+                self.device, backend=self.decode_backend, ranked=ranked
+            )
             g["decode"].reserve(
                 max_bs * self.num_kv_heads, self.topk, self.num_q_heads // self.num_kv_heads,
                 self.head_dim,
@@ -418,7 +441,7 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
         if md.is_decode:
             if self._decode_wrapper is None:
                 self._decode_wrapper = SparseDecodeWrapper(
-                    self.device, ranked=self.decode_rank == "attention"
+                    self.device, backend=self.decode_backend, ranked=self.decode_rank == "attention"
                 )
             self._plan_decode(self._decode_wrapper, seq_lens_cpu)
         else:
@@ -563,6 +586,20 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
 
         self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc.for_batch(forward_batch), k, v)
 
+    def _save_kv_heads(self, layer_id: int, h0: int, loc: torch.Tensor, k, v) -> None:
+        """A shard's K/V [T, h, D] into KV heads h0.. of the pool (TP-invariant mode)."""
+        loc = loc.long()
+        for buf, x in (
+            (self.token_to_kv_pool.get_key_buffer(layer_id), k),
+            (self.token_to_kv_pool.get_value_buffer(layer_id), v),
+        ):
+            x = x.view(x.shape[0], -1, buf.shape[-1]).to(buf.dtype)
+            heads = slice(h0, h0 + x.shape[1])
+            if buf.dim() == 4:  # HND [pages, H, block, D]
+                buf[:, heads][loc // self.block, :, loc % self.block] = x
+            else:  # token-major [slots, H, D]
+                buf[loc, heads] = x
+
     def _store_index_k(self, layer_id: int, idx_k: torch.Tensor, slots: torch.Tensor) -> None:
         cache, scale = self.index_k[layer_id], self.index_k_scale[layer_id]
         flat = idx_k.reshape(idx_k.shape[0], -1)
@@ -592,10 +629,16 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
                 f"layer {layer.layer_id} has {hq} q / {layer.tp_k_head_num} KV heads on this rank; "
                 f"the msa backend planned {self.num_q_heads} / {self.num_kv_heads}"
             )
-        if save_kv_cache and k is not None:
-            self._save_kv(layer, forward_batch, k, v)
         q3 = q.view(-1, hq, d)
         k_cache, v_cache = self._paged_kv(layer.layer_id)
+        h0 = getattr(layer, "m3_kv_head_offset", 0)  # a TP-invariant shard's first KV head
+        if h0 or layer.tp_k_head_num != k_cache.shape[1]:
+            heads = slice(h0, h0 + layer.tp_k_head_num)
+            k_cache, v_cache = k_cache[:, heads], v_cache[:, heads]
+            if save_kv_cache and k is not None:
+                self._save_kv_heads(layer.layer_id, h0, md.out_cache_loc, k, v)
+        elif save_kv_cache and k is not None:
+            self._save_kv(layer, forward_batch, k, v)
         if idx_q is None:  # a dense layer
             if self.dense_fast and q3.dtype in (torch.bfloat16, torch.float16) and d in HEAD_DIMS:
                 out = self._dense_flashinfer(md, q3, layer, k_cache, v_cache)
@@ -606,7 +649,7 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
             )  # fmt: skip
             return out.view(q3.shape[0], hq * d)
         assert layer.layer_id in self.sparse_layers, f"layer {layer.layer_id} is not an MSA layer"
-        if save_kv_cache and idx_k is not None:
+        if save_kv_cache and idx_k is not None and h0 == 0:  # shards share one index key
             self._store_index_k(layer.layer_id, idx_k, md.out_cache_loc)
         cache, scale = self.index_k[layer.layer_id], self.index_k_scale[layer.layer_id]
         # FP8 keys are scored against bf16 queries; other caches take the queries in their dtype

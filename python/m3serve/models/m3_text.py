@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from m3serve.models import invariant as inv
 from m3serve.models.moe import moe_experts
 from m3serve.models.ops import GemmaRMSNorm, PartialRope, swigluoai
 from m3serve.parallel import tp_rank_size
@@ -48,6 +49,20 @@ def _all_reduce(x: torch.Tensor) -> torch.Tensor:
     return tensor_model_parallel_all_reduce(x)
 
 
+def _reduce_f32(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """TP-invariant mode: this rank's float32 shard partials summed in shard order, all-reduced
+    in float32, rounded once (models/invariant.py)."""
+    total = parts[0]
+    for p in parts[1:]:
+        total = total + p
+    return _all_reduce(total).to(dtype)
+
+
+def _free(param: nn.Parameter) -> None:
+    """Drop a weight whose per-shard copy replaced it (TP-invariant mode)."""
+    param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+
+
 class M3MLP(nn.Module):
     """Dense / shared-expert MLP: merged gate_up (column parallel) → swigluoai → down (row)."""
 
@@ -67,8 +82,28 @@ class M3MLP(nn.Module):
         )
         self.alpha = float(config.swiglu_alpha)
         self.limit = float(config.swiglu_limit)
+        self.reduce_results = reduce_results
+        self.shards = inv.local_shards(tp_rank_size()[1]) if inv.invariant_shards() else 0
+
+    def m3_after_load(self) -> None:
+        if self.shards:
+            w = self.gate_up_proj.weight
+            self.gate_up_shards = inv.shard_rows(w, [w.shape[0] // 2] * 2, self.shards)
+            self.down_shards = inv.shard_cols(self.down_proj.weight, self.shards)
+            _free(self.gate_up_proj.weight)
+            _free(self.down_proj.weight)
+
+    def partials(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """TP-invariant mode: float32 down-projection partials, one per shard."""
+        return [
+            inv.mm_f32(swigluoai(inv.linear(x, gu), self.alpha, self.limit), down)
+            for gu, down in zip(self.gate_up_shards, self.down_shards, strict=True)
+        ]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shards:
+            assert self.reduce_results, "a shared expert's partials go through partials()"
+            return _reduce_f32(self.partials(x), x.dtype)
         gate_up, _ = self.gate_up_proj(x)
         out, _ = self.down_proj(swigluoai(gate_up, self.alpha, self.limit))
         return out
@@ -94,6 +129,16 @@ class M3Experts(nn.Module):
         self.alpha, self.limit = alpha, limit
         self.w13_weight = nn.Parameter(torch.empty(num_experts, 2 * self.local_inter, hidden))
         self.w2_weight = nn.Parameter(torch.empty(num_experts, hidden, self.local_inter))
+        self.shards = inv.local_shards(size) if inv.invariant_shards() else 0
+
+    def m3_after_load(self) -> None:
+        if self.shards:
+            n, (e, two_i, h) = self.shards, self.w13_weight.shape
+            w13 = self.w13_weight.view(e, 2, n, two_i // (2 * n), h)
+            self.w13_shards = [w13[:, :, j].reshape(e, -1, h).contiguous() for j in range(n)]
+            self.w2_shards = list(inv.shard_cols(self.w2_weight, n))
+            _free(self.w13_weight)
+            _free(self.w2_weight)
 
     def load_expert(self, name: str, expert: int, loaded: torch.Tensor) -> None:
         """name: the checkpoint's w1 (gate), w3 (up) or w2 (down)."""
@@ -112,6 +157,14 @@ class M3Experts(nn.Module):
         """Float32 [T, H]: the weighted sum of each token's top-k expert outputs."""
         return moe_experts(
             x, self.w13_weight, self.w2_weight, topk_ids, topk_w, self.alpha, self.limit
+        )
+
+    def forward_shard(
+        self, j: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor
+    ) -> torch.Tensor:
+        """TP-invariant mode: shard j's float32 partial (its slice of every expert's FFN)."""
+        return moe_experts(
+            x, self.w13_shards[j], self.w2_shards[j], topk_ids, topk_w, self.alpha, self.limit
         )
 
 
@@ -145,6 +198,13 @@ class M3SparseMoE(nn.Module):
         if x.shape[0] == 0:
             return x
         ids, w = self.route(x)
+        if self.experts.shards:  # TP-invariant mode: per-shard float32 partials
+            shared = self.shared_experts.partials(x) if self.shared_experts is not None else None
+            parts = []
+            for j in range(self.experts.shards):
+                p = self.experts.forward_shard(j, x, ids, w) * self.routed_scaling
+                parts.append(p if shared is None else p + shared[j])
+            return _reduce_f32(parts, x.dtype)
         out = self.experts(x, ids, w) * self.routed_scaling
         if self.shared_experts is not None:
             out = out + self.shared_experts(x).float()
@@ -189,6 +249,24 @@ class M3Attention(nn.Module):
             self.num_heads, self.head_dim, self.head_dim**-0.5, num_kv_heads=self.num_kv,
             layer_id=layer_id, prefix=f"{prefix}.attn",
         )  # fmt: skip
+        # TP-invariant mode: one attention call per shard (its heads, its KV heads of the pool);
+        # a plain list, so SGLang's module walks see only self.attn
+        self.shards = inv.local_shards(size) if inv.invariant_shards() else 0
+        self.shard_attn: list[Any] = []
+        if self.shards:
+            assert self.total_kv >= size and self.num_kv % self.shards == 0, (
+                f"TP-invariant mode needs {self.shards} shards of whole KV heads per rank "
+                f"({self.num_kv} KV heads here)"
+            )
+            self.shard_heads = self.num_heads // self.shards
+            self.shard_kv = self.num_kv // self.shards
+            for j in range(self.shards):
+                a = RadixAttention(
+                    self.shard_heads, self.head_dim, self.head_dim**-0.5,
+                    num_kv_heads=self.shard_kv, layer_id=layer_id, prefix=f"{prefix}.attn.{j}",
+                )  # fmt: skip
+                a.m3_kv_head_offset = j * self.shard_kv  # within this rank's pool
+                self.shard_attn.append(a)
         if sparse:
             sc = config.sparse_attention_config
             self.idx_heads, self.idx_dim = sc["sparse_num_index_heads"], sc["sparse_index_dim"]
@@ -204,7 +282,42 @@ class M3Attention(nn.Module):
             self.index_q_norm = GemmaRMSNorm(self.idx_dim, eps)
             self.index_k_norm = GemmaRMSNorm(self.idx_dim, eps)
 
+    def m3_after_load(self) -> None:
+        if self.shards:
+            d = self.head_dim
+            segs = [self.num_heads * d, self.num_kv * d, self.num_kv * d]
+            self.qkv_shards = inv.shard_rows(self.qkv_proj.weight, segs, self.shards)
+            self.o_shards = inv.shard_cols(self.o_proj.weight, self.shards)
+            _free(self.qkv_proj.weight)
+            _free(self.o_proj.weight)
+
+    def forward_invariant(self, positions: torch.Tensor, x: torch.Tensor, fb: Any) -> torch.Tensor:
+        """TP-invariant mode (models/invariant.py): each shard as a TP-2 rank would run it."""
+        t, d, hs, ks = x.shape[0], self.head_dim, self.shard_heads, self.shard_kv
+        cos, sin = self.rope.cos_sin(positions)
+        if self.sparse:
+            iq_all = self.index_q_proj(x)[0].view(t, self.idx_heads, self.idx_dim)
+            ik, _ = self.index_k_proj(x)
+            ik = self.rope.apply(self.index_k_norm(ik.view(t, 1, self.idx_dim)), cos, sin)
+            ik = ik.contiguous()
+        parts = []
+        for j, attn in enumerate(self.shard_attn):
+            q, k, v = inv.linear(x, self.qkv_shards[j]).split([hs * d, ks * d, ks * d], dim=-1)
+            q = self.rope.apply(self.q_norm(q.view(t, hs, d)), cos, sin)
+            k = self.rope.apply(self.k_norm(k.view(t, ks, d)), cos, sin)
+            v = v.view(t, ks, d)
+            if not self.sparse:
+                out = attn(q.reshape(t, -1), k.reshape(t, -1), v.reshape(t, -1), fb)
+            else:
+                g0 = self.kv_start + j * ks
+                iq = self.rope.apply(self.index_q_norm(iq_all[:, g0 : g0 + ks]), cos, sin)
+                _, out = attn(q, k, v, fb, idx_q=iq.contiguous(), idx_k=ik, idx_v=None)
+            parts.append(inv.mm_f32(out.reshape(t, -1), self.o_shards[j]))
+        return _reduce_f32(parts, x.dtype)
+
     def forward(self, positions: torch.Tensor, x: torch.Tensor, forward_batch: Any) -> torch.Tensor:
+        if self.shards:
+            return self.forward_invariant(positions, x, forward_batch)
         t = x.shape[0]
         qkv, _ = self.qkv_proj(x)
         q, k, v = qkv.split(
@@ -311,6 +424,7 @@ class StrictLoader:
     """
 
     def __init__(self, model: nn.Module) -> None:
+        self.model = model
         self.params = dict(model.named_parameters())
         self.modules = dict(model.named_modules())
         self.loaded: set[str] = set()
@@ -356,6 +470,15 @@ class StrictLoader:
                 f"M3 checkpoint does not match the model: unexpected {self.unexpected[:20]}, "
                 f"missing {missing[:20]}"
             )
+        for m in self.model.modules():  # per-shard weights of the TP-invariant mode
+            if hasattr(m, "m3_after_load"):
+                m.m3_after_load()
+        lm_head = getattr(self.model, "lm_head", None)
+        if lm_head is not None and inv.invariant_shards():
+            n = inv.local_shards(tp_rank_size()[1])
+            w = lm_head.weight  # vocabulary shards are row blocks: a view, no copy
+            lm_head.shard_weights = w.view(n, w.shape[0] // n, w.shape[1])
+            lm_head.quant_method = inv.ShardedLMHeadMethod()
         return self.loaded
 
 
