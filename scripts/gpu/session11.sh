@@ -17,7 +17,12 @@
 #                     backend's shard calls = rank backends bit for bit on the fast kernels (GPU
 #                     test), then tp_serving.py inv:1 then inv:2 on the M3-shaped checkpoint
 #                     (greedy tokens, logprobs, a short throughput run).
-#   call 3 (1 H100):  kind nvidia-h100-x1: call 1 again (the c1 profile, both servers).
+#                     As run (2x H200): inv TP 2 = inv TP 1 on all 5 prompts (32 greedy tokens each,
+#                     output and 315 prompt logprobs: max |diff| 0.0); the GPU test stopped on an
+#                     sgl_kernel import (the lane lacked the stand-in on PYTHONPATH).
+#   call 3 (1 H100):  kind nvidia-h100-x1: call 1 again (the c1 profile, both servers), and beside
+#                     it on the same card, while the servers come up, the backend's GPU path tests
+#                     (the invariant one with the stand-in sgl_kernel this time).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CALL="${1:?usage: session11.sh 1..}"
@@ -25,8 +30,13 @@ WHEELS=.dev-s8/wheels
 SITE=/tmp/m3serve-site11
 source scripts/gpu/lanes.sh
 case "$CALL" in
-1|3)  # one H100 (nvidia-h100-x1)
+1)  # one H100 (nvidia-h100-x1)
     profile_c1 520
+    ;;
+3)  # one H100 (nvidia-h100-x1)
+    lane bt 0 "PYTHONPATH=$PWD/tests/sgl_kernel_standin:\$PYTHONPATH timeout 200 $GT \
+        tests/backend/test_msa_backend_paths.py 2>&1 | tail -n 12"
+    profile_c1 470
     ;;
 2)  # two H100 (nvidia-h100-x2)
     lane inv 0 "timeout 150 $GT tests/backend/test_msa_backend_paths.py -k invariant 2>&1 | tail -n 12"
