@@ -135,7 +135,7 @@ fn ab(size: &str, rounds: usize) {
 fn pystage(size: &str, rounds: usize) {
     let (w, h) = size.split_once('x').expect("<w>x<h>");
     let (w, h): (u32, u32) = (w.parse().expect("width"), h.parse().expect("height"));
-    let runs = stage_runs(&synthetic_jpeg(w, h), rounds);
+    let runs = stage_runs(&synthetic_jpeg(w, h), rounds, &mut Vec::new());
     let q = |f: usize| runs[runs.len() * f / 4];
     println!(
         "pystage {w}x{h}: min {:.3} p25 {:.3} p50 {:.3} ms",
@@ -147,24 +147,30 @@ fn pystage(size: &str, rounds: usize) {
 
 /// `stage_min pyfile <path> <rounds>`: [`pystage`] on an encoded image file (e.g. the Python
 /// benchmark's own JPEG and PNG, written out), so both formats' pixels can be timed.
+/// Also prints the whole call (decode, hash, output buffer and the stage).
 fn pyfile(path: &str, rounds: usize) {
     let bytes = std::fs::read(path).expect("read the image file");
-    let runs = stage_runs(&bytes, rounds);
-    let q = |f: usize| runs[runs.len() * f / 4];
+    let mut whole = Vec::with_capacity(rounds);
+    let runs = stage_runs(&bytes, rounds, &mut whole);
+    whole.sort_by(f64::total_cmp);
+    let q = |v: &[f64], f: usize| v[v.len() * f / 4];
     println!(
-        "pyfile {path}: min {:.3} p25 {:.3} p50 {:.3} ms",
+        "pyfile {path}: min {:.3} p25 {:.3} p50 {:.3} ms (whole call p50 {:.3} ms)",
         runs[0],
-        q(1),
-        q(2)
+        q(&runs, 1),
+        q(&runs, 2),
+        q(&whole, 2)
     );
 }
 
 /// The stage's wall times (ms, sorted) over `rounds` calls, each after a fresh decode + hash and
-/// a fresh zero-filled output, as the Python binding runs it.
-fn stage_runs(bytes: &[u8], rounds: usize) -> Vec<f64> {
+/// a fresh zero-filled output, as the Python binding runs it; each whole call's time is pushed
+/// to `whole`.
+fn stage_runs(bytes: &[u8], rounds: usize, whole: &mut Vec<f64>) -> Vec<f64> {
     let opts = ImageOptions::default();
     let mut runs = Vec::with_capacity(rounds);
     for _ in 0..rounds {
+        let t0 = Instant::now();
         let resized = smg_core::image::resize_and_hash(bytes, &opts).expect("decode");
         let n = resized.num_patches() * smg_core::image::PATCH_DIM * 2;
         // malloc + memset as PyByteArray::new_with does; `vec![0; n]` (calloc) could hand out
@@ -175,6 +181,7 @@ fn stage_runs(bytes: &[u8], rounds: usize) -> Vec<f64> {
         let t = Instant::now();
         std::hint::black_box(resized.patchify_into(&mut out));
         runs.push(t.elapsed().as_secs_f64() * 1e3);
+        whole.push(t0.elapsed().as_secs_f64() * 1e3);
     }
     runs.sort_by(f64::total_cmp);
     runs
