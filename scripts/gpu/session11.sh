@@ -23,6 +23,9 @@
 #   call 3 (1 H100):  kind nvidia-h100-x1: call 1 again (the c1 profile, both servers), and beside
 #                     it on the same card, while the servers come up, the backend's GPU path tests
 #                     (the invariant one with the stand-in sgl_kernel this time).
+#   call 4 (1 H100):  kind nvidia-h100-x1: the fused RMSNorm / norm + RoPE Triton kernels
+#                     (m3serve.models.fused_ops): their GPU tests and benchmarks/bench_fused_ops.py
+#                     (torch ops vs fused, CUDA-graph replays, kernels per call).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CALL="${1:?usage: session11.sh 1..}"
@@ -37,6 +40,12 @@ case "$CALL" in
     lane bt 0 "PYTHONPATH=$PWD/tests/sgl_kernel_standin:\$PYTHONPATH timeout 200 $GT \
         tests/backend/test_msa_backend_paths.py 2>&1 | tail -n 12"
     profile_c1 470
+    ;;
+4)  # one H100 (nvidia-h100-x1)
+    timeout 150 $GT tests/kernels/test_fused_ops.py 2>&1 | grep -E "^E |passed|failed" | head -n 30 \
+        | tee "$OUT/tests.txt"
+    [ -n "${NO_BENCH:-}" ] || timeout 150 python3 benchmarks/bench_fused_ops.py --out "$OUT" \
+        2>&1 | grep -v Warning | tail -n 16 | tee "$OUT/bench.txt"
     ;;
 2)  # two H100 (nvidia-h100-x2)
     lane inv 0 "timeout 150 $GT tests/backend/test_msa_backend_paths.py -k invariant 2>&1 | tail -n 12"

@@ -23,7 +23,7 @@ from torch import nn
 
 from m3serve.models import invariant as inv
 from m3serve.models.moe import moe_experts
-from m3serve.models.ops import GemmaRMSNorm, PartialRope, swigluoai
+from m3serve.models.ops import GemmaRMSNorm, PartialRope, fused_ok, norm_rope, swigluoai
 from m3serve.parallel import tp_rank_size
 
 logger = logging.getLogger(__name__)
@@ -291,27 +291,30 @@ class M3Attention(nn.Module):
             _free(self.qkv_proj.weight)
             _free(self.o_proj.weight)
 
+    def _norm_rope(self, norm: GemmaRMSNorm, x: torch.Tensor, positions, cs) -> torch.Tensor:
+        """rope(norm(x)) for x [T, H, D], contiguous (one Triton kernel on CUDA: ops.norm_rope)."""
+        return norm_rope(norm, self.rope, x, positions, cs).contiguous()
+
     def forward_invariant(self, positions: torch.Tensor, x: torch.Tensor, fb: Any) -> torch.Tensor:
         """TP-invariant mode (models/invariant.py): each shard as a TP-2 rank would run it."""
         t, d, hs, ks = x.shape[0], self.head_dim, self.shard_heads, self.shard_kv
-        cos, sin = self.rope.cos_sin(positions)
+        cs = None if fused_ok(x) else self.rope.cos_sin(positions)
         if self.sparse:
             iq_all = self.index_q_proj(x)[0].view(t, self.idx_heads, self.idx_dim)
             ik, _ = self.index_k_proj(x)
-            ik = self.rope.apply(self.index_k_norm(ik.view(t, 1, self.idx_dim)), cos, sin)
-            ik = ik.contiguous()
+            ik = self._norm_rope(self.index_k_norm, ik.view(t, 1, self.idx_dim), positions, cs)
         parts = []
         for j, attn in enumerate(self.shard_attn):
             q, k, v = inv.linear(x, self.qkv_shards[j]).split([hs * d, ks * d, ks * d], dim=-1)
-            q = self.rope.apply(self.q_norm(q.view(t, hs, d)), cos, sin)
-            k = self.rope.apply(self.k_norm(k.view(t, ks, d)), cos, sin)
+            q = self._norm_rope(self.q_norm, q.view(t, hs, d), positions, cs)
+            k = self._norm_rope(self.k_norm, k.view(t, ks, d), positions, cs)
             v = v.view(t, ks, d)
             if not self.sparse:
                 out = attn(q.reshape(t, -1), k.reshape(t, -1), v.reshape(t, -1), fb)
             else:
                 g0 = self.kv_start + j * ks
-                iq = self.rope.apply(self.index_q_norm(iq_all[:, g0 : g0 + ks]), cos, sin)
-                _, out = attn(q, k, v, fb, idx_q=iq.contiguous(), idx_k=ik, idx_v=None)
+                iq = self._norm_rope(self.index_q_norm, iq_all[:, g0 : g0 + ks], positions, cs)
+                _, out = attn(q, k, v, fb, idx_q=iq, idx_k=ik, idx_v=None)
             parts.append(inv.mm_f32(out.reshape(t, -1), self.o_shards[j]))
         return _reduce_f32(parts, x.dtype)
 
@@ -328,9 +331,9 @@ class M3Attention(nn.Module):
             ],
             dim=-1,
         )
-        cos, sin = self.rope.cos_sin(positions)
-        q = self.rope.apply(self.q_norm(q.view(t, self.num_heads, self.head_dim)), cos, sin)
-        k = self.rope.apply(self.k_norm(k.view(t, self.num_kv, self.head_dim)), cos, sin)
+        cs = None if fused_ok(x) else self.rope.cos_sin(positions)
+        q = self._norm_rope(self.q_norm, q.view(t, self.num_heads, self.head_dim), positions, cs)
+        k = self._norm_rope(self.k_norm, k.view(t, self.num_kv, self.head_dim), positions, cs)
         v = v.view(t, self.num_kv, self.head_dim)
         if not self.sparse:
             out = self.attn(q.reshape(t, -1), k.reshape(t, -1), v.reshape(t, -1), forward_batch)
@@ -340,8 +343,8 @@ class M3Attention(nn.Module):
             iq = iq.view(t, self.idx_heads, self.idx_dim)[
                 :, self.kv_start : self.kv_start + self.num_kv
             ]
-            iq = self.rope.apply(self.index_q_norm(iq), cos, sin).contiguous()
-            ik = self.rope.apply(self.index_k_norm(ik.view(t, 1, self.idx_dim)), cos, sin)
+            iq = self._norm_rope(self.index_q_norm, iq, positions, cs)
+            ik = self._norm_rope(self.index_k_norm, ik.view(t, 1, self.idx_dim), positions, cs)
             _, out = self.attn(q, k, v, forward_batch, idx_q=iq, idx_k=ik.contiguous(), idx_v=None)
         out, _ = self.o_proj(out.reshape(t, -1))
         return out

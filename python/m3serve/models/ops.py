@@ -1,14 +1,29 @@
-"""Torch-native building blocks of the M3 model: Gemma RMSNorm, partial NeoX RoPE, swigluoai.
+"""Building blocks of the M3 model: Gemma RMSNorm, partial NeoX RoPE, swigluoai.
 
-Written in plain torch on purpose: SGLang's own RMSNorm / rotary / activation layers dispatch to
-``sgl_kernel`` ops on CUDA, and neither the CPU CI machine nor the GPU test machine has a working
-``sgl_kernel`` (DESIGN.md). The math follows transformers 5.19's ``minimax_m3_vl`` reference.
+The torch code here is the reference and the CPU path: SGLang's own RMSNorm / rotary /
+activation layers dispatch to ``sgl_kernel`` ops on CUDA, and neither the CPU CI machine nor the
+GPU test machine has a working ``sgl_kernel`` (DESIGN.md). The math follows transformers 5.19's
+``minimax_m3_vl`` reference. On CUDA the norms, and a head norm with its RoPE, run as one Triton
+kernel each (``fused_ops``; ``M3SERVE_FUSED_OPS=0`` keeps these torch ops there too).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
+
+
+def fused_ok(x: torch.Tensor) -> bool:
+    """Whether ``x`` takes the Triton kernels of ``fused_ops`` (CUDA, last dim contiguous)."""
+    return (
+        x.is_cuda
+        and x.dim() in (2, 3)
+        and x.stride(-1) == 1
+        and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and os.environ.get("M3SERVE_FUSED_OPS", "1") != "0"
+    )
 
 
 class GemmaRMSNorm(nn.Module):
@@ -20,6 +35,13 @@ class GemmaRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_ok(x):
+            from m3serve.models import fused_ops
+
+            return fused_ops.rmsnorm(x, self.weight, self.eps)
+        return self.reference(x)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (xf * (1.0 + self.weight.float())).to(x.dtype)
@@ -57,3 +79,21 @@ def swigluoai(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor
     gate = gate.clamp(max=limit)
     up = up.clamp(min=-limit, max=limit)
     return (up + 1.0) * (gate * torch.sigmoid(gate * alpha))
+
+
+def norm_rope(
+    norm: GemmaRMSNorm,
+    rope: PartialRope,
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``rope.apply(norm(x), cos, sin)`` for x [T, H, D]: one Triton kernel on CUDA, else the torch
+    ops (with ``cos_sin`` from ``rope.cos_sin(positions)`` when the caller has it)."""
+    if fused_ok(x):
+        from m3serve.models import fused_ops
+
+        inv = rope.inv_freq.to(x.device)
+        return fused_ops.norm_rope(x, norm.weight, norm.eps, positions, inv, rope.rotary_dim)
+    cos, sin = cos_sin if cos_sin is not None else rope.cos_sin(positions)
+    return rope.apply(norm.reference(x), cos, sin)
