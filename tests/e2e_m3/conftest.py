@@ -27,9 +27,7 @@ def m3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny(tmp_path_factory.mktemp("tiny-m3"))
 
 
-def _m3_cpu_server(
-    m3_dir: Path, log: Path, *extra: str, env: dict[str, str] | None = None
-) -> Any:
+def _m3_cpu_server(m3_dir: Path, log: Path, *extra: str, env: dict[str, str] | None = None) -> Any:
     """A (not yet started) CPU server of the tiny M3 with the flags every e2e test shares, plus
     ``extra`` flags and ``env`` settings."""
     from m3serve.launch import SGLangServer
@@ -53,6 +51,29 @@ def _m3_cpu_server(
 def m3_cpu_server() -> Callable[..., Any]:
     """The factory of the session server's siblings (same flags plus extras, e.g. --tp-size)."""
     return _m3_cpu_server
+
+
+@pytest.fixture(scope="session")
+def greedy_logprobs() -> Callable[[Any, list[int], int], dict[str, Any]]:
+    """``generate(server, ids, new)``: POST /generate, greedy, ``new`` tokens, with every prompt
+    and output logprob (what the TP comparisons read)."""
+    import requests
+
+    def generate(server: Any, ids: list[int], new: int) -> dict[str, Any]:
+        r = requests.post(
+            server.url + "/generate",
+            json={
+                "input_ids": ids,
+                "sampling_params": {"max_new_tokens": new, "temperature": 0},
+                "return_logprob": True,
+                "logprob_start_len": 0,
+            },
+            timeout=600,
+        )
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    return generate
 
 
 @pytest.fixture(scope="session")

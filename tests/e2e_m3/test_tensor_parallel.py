@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 import torch
 
 TP = 2
@@ -80,27 +79,14 @@ def _prompt(n: int, seed: int) -> list[int]:
     return torch.randint(10, 600, (n,), generator=g).tolist()
 
 
-def _generate(server: Any, ids: list[int]) -> dict[str, Any]:
-    r = requests.post(
-        server.url + "/generate",
-        json={
-            "input_ids": ids,
-            "sampling_params": {"max_new_tokens": NEW, "temperature": 0},
-            "return_logprob": True,
-            "logprob_start_len": 0,
-        },
-        timeout=600,
-    )
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("n", LENGTHS)
-def test_tp2_equals_tp1(servers: tuple[Any, Any], n: int) -> None:
+def test_tp2_equals_tp1(
+    servers: tuple[Any, Any], greedy_logprobs: Callable[..., Any], n: int
+) -> None:
     tp1, tp2 = servers
     ids = _prompt(n, seed=2000 + n)
-    a, b = _generate(tp1, ids), _generate(tp2, ids)
+    a, b = greedy_logprobs(tp1, ids, NEW), greedy_logprobs(tp2, ids, NEW)
     assert a["output_ids"] == b["output_ids"]
     for key in ("input_token_logprobs", "output_token_logprobs"):
         la = torch.tensor([x[0] for x in a["meta_info"][key] if x[0] is not None])

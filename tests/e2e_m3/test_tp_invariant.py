@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 import torch
 
 LENGTHS = [40, 150, 333]
@@ -55,28 +54,15 @@ def servers(
             assert s.stop(), "server process group still has live processes"
 
 
-def _generate(server: Any, ids: list[int]) -> dict[str, Any]:
-    r = requests.post(
-        server.url + "/generate",
-        json={
-            "input_ids": ids,
-            "sampling_params": {"max_new_tokens": NEW, "temperature": 0},
-            "return_logprob": True,
-            "logprob_start_len": 0,
-        },
-        timeout=600,
-    )
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("n", LENGTHS)
-def test_tp2_bit_identical_to_tp1(servers: tuple[Any, Any], n: int) -> None:
+def test_tp2_bit_identical_to_tp1(
+    servers: tuple[Any, Any], greedy_logprobs: Callable[..., Any], n: int
+) -> None:
     tp1, tp2 = servers
     g = torch.Generator().manual_seed(3000 + n)
     ids = torch.randint(10, 600, (n,), generator=g).tolist()
-    a, b = _generate(tp1, ids), _generate(tp2, ids)
+    a, b = greedy_logprobs(tp1, ids, NEW), greedy_logprobs(tp2, ids, NEW)
     assert a["output_ids"] == b["output_ids"]
     for key in ("input_token_logprobs", "output_token_logprobs"):
         la = [x[0] for x in a["meta_info"][key] if x[0] is not None]
@@ -90,10 +76,12 @@ def test_tp2_bit_identical_to_tp1(servers: tuple[Any, Any], n: int) -> None:
 
 
 @pytest.mark.slow
-def test_invariant_mode_is_the_same_model(servers: tuple[Any, Any], m3_server: Any) -> None:
+def test_invariant_mode_is_the_same_model(
+    servers: tuple[Any, Any], m3_server: Any, greedy_logprobs: Callable[..., Any]
+) -> None:
     """The mode's TP 1 = the plain TP 1 server: same greedy tokens, logprobs within 1e-4."""
     ids = torch.randint(10, 600, (222,), generator=torch.Generator().manual_seed(7)).tolist()
-    a, b = _generate(servers[0], ids), _generate(m3_server, ids)
+    a, b = greedy_logprobs(servers[0], ids, NEW), greedy_logprobs(m3_server, ids, NEW)
     assert a["output_ids"] == b["output_ids"]
     for key in ("input_token_logprobs", "output_token_logprobs"):
         la = torch.tensor([x[0] for x in a["meta_info"][key] if x[0] is not None])
