@@ -16,7 +16,7 @@ traffic are identical; only the MSA layers differ):
 Workloads: ``random:IN:OUT:C1,C2`` (random-ids, exact lengths) and ``gsp:PREFIX:Q:OUT:C1,C2``
 (generated-shared-prefix: one shared PREFIX-token system prompt, Q new tokens per request: the
 agentic shape, served through radix-cache hits). Writes $OUT/e2e_<tag>.json and prints a table
-with the ours/sglang ratio of output throughput. Usage:
+with the ratio of ours' output throughput to the other server's (sglang, or e.g. unfused). Usage:
 python scripts/gpu/e2e_serving.py CKPT --servers ours,sglang --workloads random:32768:512:1,8
 """
 
@@ -220,10 +220,11 @@ def main() -> int:
     }
     (out / f"e2e_{args.tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"card: {meta['card']}")
+    base = next((n for n in names if n != "ours"), "sglang")  # the baseline: sglang, unfused, ..
     print("| workload | in | conc | impl | out tok/s | total tok/s | TTFT p50 ms | TPOT p50 ms | "
-          "TPOT p99 ms | valid | ours/sglang out tok/s |")  # fmt: skip
+          f"TPOT p99 ms | valid | ours/{base} out tok/s |")  # fmt: skip
     for r in rows:
-        pair = [x for x in rows if x["impl"] == "sglang" and x["kind"] == r["kind"]
+        pair = [x for x in rows if x["impl"] == base and x["kind"] == r["kind"]
                 and x["input_len"] == r["input_len"] and x["concurrency"] == r["concurrency"]]  # fmt: skip
         ratio = ""
         if r["impl"] == "ours" and pair and pair[0].get("output_throughput"):

@@ -15,11 +15,13 @@ from typing import Any
 from m3serve.launch import SGLangServer
 
 # only the MSA layers differ: m3serve's kernels vs SGLang 0.5.23's in-tree MSA ops; "inv": ours in
-# the TP-invariant mode (m3serve.models.invariant: TP 1 and TP 2 give the same bits)
+# the TP-invariant mode (m3serve.models.invariant: TP 1 and TP 2 give the same bits); "unfused":
+# ours with the model's norms / RoPE as torch ops (M3SERVE_FUSED_OPS=0, the A/B of fused_ops)
 IMPL_ENV = {
     "ours": {"M3SERVE_MSA_IMPL": "auto"},
     "sglang": {"M3SERVE_MSA_IMPL": "sglang"},
     "inv": {"M3SERVE_MSA_IMPL": "auto", "M3SERVE_TP_INVARIANT": "2"},
+    "unfused": {"M3SERVE_MSA_IMPL": "auto", "M3SERVE_FUSED_OPS": "0"},
 }
 
 
