@@ -5,7 +5,8 @@
 //! - horizontal: strips of 16 rows are transposed (16×16 byte blocks, two at a time in the
 //!   128-bit lanes of a 256-bit transpose) so each byte column (`3x + c`) of the strip is one
 //!   vector of 16 rows; tap pairs are then zero-extended, interleaved to i16 pairs and
-//!   multiplied with the broadcast weight pair, as the vertical pass does down rows, and the
+//!   multiplied with the broadcast weight pair, as the vertical pass does down rows (R and G
+//!   together: one 32-byte load holds both, see `Horizontal::filter_pixel`), and the
 //!   results are transposed back. Every multiply lane is useful and nothing crosses 128-bit
 //!   lanes in the inner loop. The transposed columns go to a small ring (a few KB, L1), each
 //!   block followed by the output pixels it completes.
@@ -40,6 +41,10 @@
 //! 0.9 ms (its column loads then missed L1 and queued behind the prefetches), and with the ring
 //! it was 3-5 % slower than none; `prefetchnta` 4 or 8 block pairs ahead +20 %; `prefetcht0`
 //! 8 block pairs ahead in each row (what is kept, [`PREFETCH_PAIRS`]) -5 % (session 11).
+//! R and G of each tap pair through one 32-byte load, byte unpack and unpacks with zero
+//! (3 in-lane shuffles per channel, not 2 port-5-only `vpmovzxbw` + 2 unpacks), with the
+//! tables holding byte offsets so each tap pixel costs one bounds check: stage -4 to -5 % at
+//! 4032×3024 and 1280×960 (session 11, second pass).
 
 #![allow(clippy::inline_always)]
 
@@ -158,9 +163,10 @@ pub struct HorizontalPlan {
     precision: u32,
     /// Byte columns in the ring of transposed columns (see [`Self::new`]).
     ring: usize,
-    /// Tap pairs of every output pixel as (first byte column, second byte column, i16 weight
-    /// pair), columns as slots of the ring (byte column b in slot `b % ring`; byte column 3k
-    /// is pixel k's R). Output x's are `pairs[ranges[x]..ranges[x + 1]]`.
+    /// Tap pairs of every output pixel as (byte offset of the first tap pixel's R column in
+    /// the ring, that of the second, i16 weight pair): byte column b is in slot `b % ring`, at
+    /// byte `16 · slot`; byte column 3k is pixel k's R, its G and B the next two slots. Output
+    /// x's are `pairs[ranges[x]..ranges[x + 1]]`.
     pairs: Vec<(u32, u32, i32)>,
     ranges: Vec<usize>,
     /// Byte columns output x reads: all below `need[x]` (non-decreasing in x).
@@ -193,7 +199,7 @@ impl HorizontalPlan {
                 let wp = (i32::from(w1) << 16) | i32::from(p[0] as u16);
                 let b0 = modulo_near(3 * k, &mut base, ring);
                 let b1 = modulo_near(3 * k1, &mut base, ring);
-                pairs.push((b0 as u32, b1 as u32, wp));
+                pairs.push((16 * b0 as u32, 16 * b1 as u32, wp));
             }
             ranges.push(pairs.len());
             need.push(3 * (s + ax.len[x]));
@@ -337,37 +343,69 @@ impl<'a> Horizontal<'a> {
         let half = avx._mm256_set1_epi32(1 << (plan.precision - 1));
         let shift = sse2._mm_cvtsi32_si128(plan.precision as i32);
         let cols = &self.cols;
-        let mut acc = [half; 6];
+        let flat: &[u8] = pulp::bytemuck::cast_slice(cols);
+        // R and G of a pixel are adjacent ring slots, so one 32-byte load holds both (R in the
+        // low lane): one byte unpack interleaves the two taps of both channels, and unpacks
+        // with zero widen them, 3 in-lane shuffles per channel against 4 (two of them the
+        // port-5-only `vpmovzxbw`) for B, which is done as before.
+        let mut rg = [half; 4]; // rows 0-3, 4-7, 8-11, 12-15, each [R | G]
+        let mut bb = [half; 2];
         for &(k0, k1, wp) in &plan.pairs[plan.ranges[x]..plan.ranges[x + 1]] {
             let wv = avx._mm256_set1_epi32(wp);
-            let a3 = &cols[k0 as usize..k0 as usize + 3];
-            let b3 = &cols[k1 as usize..k1 as usize + 3];
-            for c in 0..3 {
-                let a = avx2._mm256_cvtepu8_epi16(cast(a3[c]));
-                let b = avx2._mm256_cvtepu8_epi16(cast(b3[c]));
-                // lo: rows 0-3 | 8-11, hi: rows 4-7 | 12-15 (in-lane unpacks)
-                let lo = avx2._mm256_madd_epi16(avx2._mm256_unpacklo_epi16(a, b), wv);
-                let hi = avx2._mm256_madd_epi16(avx2._mm256_unpackhi_epi16(a, b), wv);
-                acc[2 * c] = avx2._mm256_add_epi32(acc[2 * c], lo);
-                acc[2 * c + 1] = avx2._mm256_add_epi32(acc[2 * c + 1], hi);
+            // One bounds check per pixel's 3 columns; the loads inside are then unchecked.
+            let a3: &[u8; 48] = flat[k0 as usize..k0 as usize + 48].try_into().expect("48");
+            let b3: &[u8; 48] = flat[k1 as usize..k1 as usize + 48].try_into().expect("48");
+            let a = load32(a3, 0);
+            let b = load32(b3, 0);
+            let lo = avx2._mm256_unpacklo_epi8(a, b); // rows 0-7 of [R | G], tap pairs
+            let hi = avx2._mm256_unpackhi_epi8(a, b); // rows 8-15
+            let parts = [
+                avx2._mm256_unpacklo_epi8(lo, zero),
+                avx2._mm256_unpackhi_epi8(lo, zero),
+                avx2._mm256_unpacklo_epi8(hi, zero),
+                avx2._mm256_unpackhi_epi8(hi, zero),
+            ];
+            for (acc, p) in rg.iter_mut().zip(parts) {
+                *acc = avx2._mm256_add_epi32(*acc, avx2._mm256_madd_epi16(p, wv));
             }
+            let a = avx2._mm256_cvtepu8_epi16(load16(a3, 32));
+            let b = avx2._mm256_cvtepu8_epi16(load16(b3, 32));
+            // lo: rows 0-3 | 8-11, hi: rows 4-7 | 12-15 (in-lane unpacks)
+            let lo = avx2._mm256_madd_epi16(avx2._mm256_unpacklo_epi16(a, b), wv);
+            let hi = avx2._mm256_madd_epi16(avx2._mm256_unpackhi_epi16(a, b), wv);
+            bb[0] = avx2._mm256_add_epi32(bb[0], lo);
+            bb[1] = avx2._mm256_add_epi32(bb[1], hi);
         }
-        for c in 0..3 {
-            let v = avx2._mm256_packs_epi32(
-                avx2._mm256_sra_epi32(acc[2 * c], shift),
-                avx2._mm256_sra_epi32(acc[2 * c + 1], shift),
-            ); // rows 0-7 | 8-15 as i16
-            let v = avx2._mm256_packus_epi16(v, zero);
-            let v = sse2._mm_unpacklo_epi64(
-                avx._mm256_castsi256_si128(v),
-                avx2._mm256_extracti128_si256::<1>(v),
-            );
-            self.res[if self.planar {
+        let slot = |c: usize| {
+            if self.planar {
                 c * plan.out_w + x
             } else {
                 3 * x + c
-            }] = cast(v);
-        }
+            }
+        };
+        // [R rows 0-15 | G rows 0-15] as bytes: the packs undo the unpacks' row order.
+        let [s0, s1, s2, s3] = rg.map(|a| avx2._mm256_sra_epi32(a, shift));
+        let v = avx2._mm256_packus_epi16(
+            avx2._mm256_packs_epi32(s0, s1),
+            avx2._mm256_packs_epi32(s2, s3),
+        );
+        let (r, g): ([u8; 16], [u8; 16]) = (
+            cast(avx._mm256_castsi256_si128(v)),
+            cast(avx2._mm256_extracti128_si256::<1>(v)),
+        );
+        let v = avx2._mm256_packs_epi32(
+            avx2._mm256_sra_epi32(bb[0], shift),
+            avx2._mm256_sra_epi32(bb[1], shift),
+        ); // rows 0-7 | 8-15 as i16
+        let v = avx2._mm256_packus_epi16(v, zero);
+        let v = sse2._mm_unpacklo_epi64(
+            avx._mm256_castsi256_si128(v),
+            avx2._mm256_extracti128_si256::<1>(v),
+        );
+        let (sr, sg, sb) = (slot(0), slot(1), slot(2));
+        self.res[sr] = r;
+        self.res[sg] = g;
+        self.res[sb] = cast(v);
     }
 }
 
