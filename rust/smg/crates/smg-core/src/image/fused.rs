@@ -321,6 +321,23 @@ mod tests {
         }
     }
 
+    /// The vertical pass takes rows 64 columns at a time from 64 columns up (32 below), the
+    /// last chunk overlapping the one before: widths around both chunk sizes equal the unfused
+    /// path.
+    #[test]
+    fn vertical_chunk_widths_equal_unfused() {
+        for (i, ow) in [32u32, 33, 63, 64, 65, 95, 96, 127, 128, 129, 191]
+            .into_iter()
+            .enumerate()
+        {
+            let (w, h) = (ow * 2 + 3, 90);
+            let img = noise(w, h, 300 + i as u64);
+            let got = resize_normalize_patchify(&img, ow, 56).expect("fused applies");
+            let want = patchify::normalize_patchify(&resize_torch_bicubic_aa(&img, ow, 56));
+            assert!(got.0 == want.0, "{w}x{h} -> {ow}x56: patches differ");
+        }
+    }
+
     /// Sizes the fused path must refuse: a side unchanged, an output narrower than 32 pixels.
     #[test]
     fn refuses_what_it_cannot_do() {
