@@ -12,10 +12,12 @@ from m3serve.models import invariant as inv
 def test_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(inv.ENV, raising=False)
     assert inv.invariant_shards() == 0 and inv.local_shards(1) == 1 and inv.local_shards(4) == 1
+    assert inv.rank_shards(1) == 0 and inv.rank_shards(4) == 0
     for on in ("2", "on", "true"):
         monkeypatch.setenv(inv.ENV, on)
         assert inv.invariant_shards() == 2
         assert (inv.local_shards(1), inv.local_shards(2)) == (2, 1)
+        assert (inv.rank_shards(1), inv.rank_shards(2)) == (2, 1)
     with pytest.raises(ValueError, match="use TP 1 or TP 2"):
         inv.local_shards(4)
     monkeypatch.setenv(inv.ENV, "4")

@@ -155,7 +155,7 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
             )
         text = model_runner.model_config.hf_text_config
         tp = tp_rank_size()[1]  # the model's own split (m3serve.parallel)
-        shards = inv.local_shards(tp)  # 1 unless TP-invariant (shard heads: models/invariant.py)
+        shards = inv.rank_shards(tp)  # 0 unless TP-invariant (shard heads: models/invariant.py)
         self.setup(
             device=model_runner.device,
             kv_pool=model_runner.token_to_kv_pool,
@@ -164,11 +164,11 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
             topk=s["topk"],
             index_dim=s["index_dim"],
             sparse_layers=s["sparse_layers"],
-            num_q_heads=text.num_attention_heads // tp // shards,
-            num_kv_heads=max(1, text.num_key_value_heads // tp) // shards,
+            num_q_heads=text.num_attention_heads // tp // max(shards, 1),
+            num_kv_heads=max(1, text.num_key_value_heads // tp) // max(shards, 1),
             q_dtype=model_runner.dtype,
             context_len=int(model_runner.model_config.context_len),
-            tp_invariant=inv.invariant_shards() > 0,
+            tp_invariant=shards > 0,
         )
 
     def setup(
@@ -589,6 +589,7 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
     def _save_kv_heads(self, layer_id: int, h0: int, loc: torch.Tensor, k, v) -> None:
         """A shard's K/V [T, h, D] into KV heads h0.. of the pool (TP-invariant mode)."""
         loc = loc.long()
+        page, off = loc // self.block, loc % self.block  # HND pools
         for buf, x in (
             (self.token_to_kv_pool.get_key_buffer(layer_id), k),
             (self.token_to_kv_pool.get_value_buffer(layer_id), v),
@@ -596,7 +597,7 @@ class MSAAttnBackend(_sglang_base()):  # type: ignore[misc]
             x = x.view(x.shape[0], -1, buf.shape[-1]).to(buf.dtype)
             heads = slice(h0, h0 + x.shape[1])
             if buf.dim() == 4:  # HND [pages, H, block, D]
-                buf[:, heads][loc // self.block, :, loc % self.block] = x
+                buf[:, heads][page, :, off] = x
             else:  # token-major [slots, H, D]
                 buf[loc, heads] = x
 

@@ -62,6 +62,12 @@ def local_shards(tp_size: int) -> int:
     return s // tp_size
 
 
+def rank_shards(tp_size: int) -> int:
+    """Shards this rank runs in the mode (S / tp), or 0 with the mode off: what the model's
+    layers and the backend branch on."""
+    return local_shards(tp_size) if invariant_shards() else 0
+
+
 def shard_rows(w: torch.Tensor, segments: Sequence[int], n: int) -> torch.Tensor:
     """A column-parallel weight [sum(segments), K] → [n, sum(segments) / n, K], contiguous.
 

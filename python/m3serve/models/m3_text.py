@@ -83,7 +83,7 @@ class M3MLP(nn.Module):
         self.alpha = float(config.swiglu_alpha)
         self.limit = float(config.swiglu_limit)
         self.reduce_results = reduce_results
-        self.shards = inv.local_shards(tp_rank_size()[1]) if inv.invariant_shards() else 0
+        self.shards = inv.rank_shards(tp_rank_size()[1])
 
     def m3_after_load(self) -> None:
         if self.shards:
@@ -129,7 +129,7 @@ class M3Experts(nn.Module):
         self.alpha, self.limit = alpha, limit
         self.w13_weight = nn.Parameter(torch.empty(num_experts, 2 * self.local_inter, hidden))
         self.w2_weight = nn.Parameter(torch.empty(num_experts, hidden, self.local_inter))
-        self.shards = inv.local_shards(size) if inv.invariant_shards() else 0
+        self.shards = inv.rank_shards(size)
 
     def m3_after_load(self) -> None:
         if self.shards:
@@ -251,7 +251,7 @@ class M3Attention(nn.Module):
         )  # fmt: skip
         # TP-invariant mode: one attention call per shard (its heads, its KV heads of the pool);
         # a plain list, so SGLang's module walks see only self.attn
-        self.shards = inv.local_shards(size) if inv.invariant_shards() else 0
+        self.shards = inv.rank_shards(size)
         self.shard_attn: list[Any] = []
         if self.shards:
             assert self.total_kv >= size and self.num_kv % self.shards == 0, (
@@ -345,7 +345,7 @@ class M3Attention(nn.Module):
             ]
             iq = self._norm_rope(self.index_q_norm, iq, positions, cs)
             ik = self._norm_rope(self.index_k_norm, ik.view(t, 1, self.idx_dim), positions, cs)
-            _, out = self.attn(q, k, v, forward_batch, idx_q=iq, idx_k=ik.contiguous(), idx_v=None)
+            _, out = self.attn(q, k, v, forward_batch, idx_q=iq, idx_k=ik, idx_v=None)
         out, _ = self.o_proj(out.reshape(t, -1))
         return out
 
@@ -477,8 +477,8 @@ class StrictLoader:
             if hasattr(m, "m3_after_load"):
                 m.m3_after_load()
         lm_head = getattr(self.model, "lm_head", None)
-        if lm_head is not None and inv.invariant_shards():
-            n = inv.local_shards(tp_rank_size()[1])
+        n = inv.rank_shards(tp_rank_size()[1])
+        if lm_head is not None and n:
             w = lm_head.weight  # vocabulary shards are row blocks: a view, no copy
             lm_head.shard_weights = w.view(n, w.shape[0] // n, w.shape[1])
             lm_head.quant_method = inv.ShardedLMHeadMethod()
