@@ -67,6 +67,28 @@ fn load32(s: &[u8], off: usize) -> __m256i {
     cast(a)
 }
 
+/// One tap pair on 32 byte lanes: `a`, `b` are the two taps' bytes; interleaving them and
+/// widening with zero gives four vectors of (a, b) u16 pairs (lanes 0-3 | 16-19, 4-7 | 20-23,
+/// 8-11 | 24-27, 12-15 | 28-31: the order of the in-lane unpacks), and `acc[i] += madd(pairs,
+/// w)` with `w` the weight pair. The horizontal filter (R | G of 16 rows) and the vertical
+/// pass (32 columns) share it.
+#[inline(always)]
+fn madd_tap_pair(simd: V3, acc: &mut [__m256i; 4], a: __m256i, b: __m256i, w: __m256i) {
+    let avx2 = simd.avx2;
+    let zero = simd.avx._mm256_setzero_si256();
+    let lo = avx2._mm256_unpacklo_epi8(a, b);
+    let hi = avx2._mm256_unpackhi_epi8(a, b);
+    let parts = [
+        avx2._mm256_unpacklo_epi8(lo, zero),
+        avx2._mm256_unpackhi_epi8(lo, zero),
+        avx2._mm256_unpacklo_epi8(hi, zero),
+        avx2._mm256_unpackhi_epi8(hi, zero),
+    ];
+    for (acc, p) in acc.iter_mut().zip(parts) {
+        *acc = avx2._mm256_add_epi32(*acc, avx2._mm256_madd_epi16(p, w));
+    }
+}
+
 /// Rows per strip of the horizontal pass: one byte lane per row in a 16-byte vector.
 pub const STRIP: usize = 16;
 
@@ -355,19 +377,8 @@ impl<'a> Horizontal<'a> {
             // One bounds check per pixel's 3 columns; the loads inside are then unchecked.
             let a3: &[u8; 48] = flat[k0 as usize..k0 as usize + 48].try_into().expect("48");
             let b3: &[u8; 48] = flat[k1 as usize..k1 as usize + 48].try_into().expect("48");
-            let a = load32(a3, 0);
-            let b = load32(b3, 0);
-            let lo = avx2._mm256_unpacklo_epi8(a, b); // rows 0-7 of [R | G], tap pairs
-            let hi = avx2._mm256_unpackhi_epi8(a, b); // rows 8-15
-            let parts = [
-                avx2._mm256_unpacklo_epi8(lo, zero),
-                avx2._mm256_unpackhi_epi8(lo, zero),
-                avx2._mm256_unpacklo_epi8(hi, zero),
-                avx2._mm256_unpackhi_epi8(hi, zero),
-            ];
-            for (acc, p) in rg.iter_mut().zip(parts) {
-                *acc = avx2._mm256_add_epi32(*acc, avx2._mm256_madd_epi16(p, wv));
-            }
+            // [R | G] rows 0-3, 4-7, 8-11, 12-15
+            madd_tap_pair(simd, &mut rg, load32(a3, 0), load32(b3, 0), wv);
             let a = avx2._mm256_cvtepu8_epi16(load16(a3, 32));
             let b = avx2._mm256_cvtepu8_epi16(load16(b3, 32));
             // lo: rows 0-3 | 8-11, hi: rows 4-7 | 12-15 (in-lane unpacks)
@@ -490,27 +501,13 @@ fn vertical_n<const N: usize>(
     pairs: &[(usize, usize, i32)],
     half: __m256i,
 ) -> [[__m256i; 4]; N] {
-    let avx2 = simd.avx2;
-    let zero = simd.avx._mm256_setzero_si256();
     let mut acc = [[half; 4]; N];
     for &(o0, o1, wp) in pairs {
         let wp = simd.avx._mm256_set1_epi32(wp);
         let ra = &src[o0 + col..o0 + col + 32 * N];
         let rb = &src[o1 + col..o1 + col + 32 * N];
         for (j, acc) in acc.iter_mut().enumerate() {
-            let a = load32(ra, 32 * j);
-            let b = load32(rb, 32 * j);
-            let lo = avx2._mm256_unpacklo_epi8(a, b);
-            let hi = avx2._mm256_unpackhi_epi8(a, b);
-            let parts = [
-                avx2._mm256_unpacklo_epi8(lo, zero),
-                avx2._mm256_unpackhi_epi8(lo, zero),
-                avx2._mm256_unpacklo_epi8(hi, zero),
-                avx2._mm256_unpackhi_epi8(hi, zero),
-            ];
-            for (a, p) in acc.iter_mut().zip(parts) {
-                *a = avx2._mm256_add_epi32(*a, avx2._mm256_madd_epi16(p, wp));
-            }
+            madd_tap_pair(simd, acc, load32(ra, 32 * j), load32(rb, 32 * j), wp);
         }
     }
     acc
