@@ -244,7 +244,7 @@ def main_case(x, ids, fns, tile: dict[str, Any], with_dense: bool = True) -> dic
     r["ours_ms"] = bench(lambda: w.run(x["q"], x["k"], x["v"], ids, sm, out=out))
     r["tile"] = (
         f"BLOCK_M={w.p.block_m} ITEM_Q={w.p.item_q} hoist={w.p.hoist_kv} "
-        f"prefetch={w.p.prefetch} unroll={w.p.combine_unroll} fused={w.p.fused_combine}"
+        f"prefetch={w.p.prefetch} unroll={w.p.combine_unroll}"
     )
     w = None
     wq, _ = wrapper(x, variant="query_major")
@@ -323,13 +323,14 @@ def full_case(x, fns, tile: dict[str, Any], with_sglang: bool) -> dict[str, Any]
     return r
 
 
-SWEEP = [  # (BLOCK_M, ITEM_Q, hoist K/V, prefetch, unrolled combine, combine fused in the main)
-    (64, 64, True, True, False, False),
-    (64, 64, True, True, False, True),
-    (64, 128, True, True, False, False),
-    (64, 128, True, True, False, True),
-    (64, 256, True, True, False, True),
-    (64, 64, True, False, False, True),
+SWEEP = [  # (BLOCK_M, ITEM_Q, hoist K/V, prefetch, unrolled combine)
+    (64, 64, True, False, False),
+    (64, 64, True, True, False),
+    (64, 64, True, True, True),
+    (64, 128, True, True, False),
+    (64, 256, True, True, False),
+    (128, 64, True, True, False),
+    (64, 64, False, True, False),
 ]
 
 
@@ -340,11 +341,7 @@ def sweep(fns) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, float]]:
     reference by --check); the winner's phases are timed apart (index build, main, combine).
     """
     from m3serve.kernels.msa.sparse_prefill_plan import build_inverse_index
-    from m3serve.kernels.msa.sparse_prefill_triton import (
-        FusedCombine,
-        launch_block_major,
-        launch_combine,
-    )
+    from m3serve.kernels.msa.sparse_prefill_triton import launch_block_major, launch_combine
 
     x = make_inputs(SWEEP_CTX, CHUNK, *HEADS[0])
     ids = select(x)
@@ -353,10 +350,8 @@ def sweep(fns) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, float]]:
     ref_out = wq.run(x["q"], x["k"], x["v"], ids, sm)
     rows = []
     best, best_ms = {}, float("inf")
-    for bm, iq, hoist, pf, un, fu in SWEEP:
-        tile = dict(
-            block_m=bm, item_q=iq, hoist_kv=hoist, prefetch=pf, combine_unroll=un, fused_combine=fu
-        )
+    for bm, iq, hoist, pf, un in SWEEP:
+        tile = dict(block_m=bm, item_q=iq, hoist_kv=hoist, prefetch=pf, combine_unroll=un)
         try:
             w, _ = wrapper(x, **tile)
             out = w.run(x["q"], x["k"], x["v"], ids, sm)
@@ -377,26 +372,22 @@ def sweep(fns) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, float]]:
         p, m = w.p, w.p.meta
         out = w.run(x["q"], x["k"], x["v"], ids, sm)
 
-        fz = FusedCombine(ids, p.nvalid, p.tickets, out, None) if p.fused_combine else None
-
         def build():
             build_inverse_index(ids, m, p.block, p.item_q, p.counts, p.row_ptr, p.item_ptr,
-                                p.entries, p.work_row, p.work_start, p.nvalid,
-                                out if fz else None)  # fmt: skip
+                                p.entries, p.work_row, p.work_start)  # fmt: skip
 
-        def main_k():  # with the fused combine: main kernel + merge, one launch
+        def main_k():
             launch_block_major(x["q"], x["k"], x["v"], p.o_part, p.lse_part, p.entries,
                                p.row_ptr, p.item_ptr, p.work_row, p.work_start, m.q_pos,
                                m.gb_page, m.gb_start, m.gb_len, m.num_blocks, p.topk, sm,
-                               p.block_m, p.item_q, p.hoist_kv, p.prefetch, fz)  # fmt: skip
+                               p.block_m, p.item_q, p.hoist_kv, p.prefetch)  # fmt: skip
 
         def combine():
             launch_combine(p.o_part, p.lse_part, ids, m.q_pos, out, None, p.num_kv_heads,
                            p.block, p.combine_unroll)  # fmt: skip
 
         phases = {"index_build_ms": bench(build), "main_kernel_ms": bench(main_k),
-                  "combine_ms": None if fz else bench(combine),
-                  "fused_combine": bool(fz), "work_items": int(p.item_ptr[-1]),
+                  "combine_ms": bench(combine), "work_items": int(p.item_ptr[-1]),
                   "partials_GB": p.o_part.numel() * p.o_part.element_size() / 1e9}  # fmt: skip
         print("phases (128K, 64/4):", phases, flush=True)
     except Exception:
@@ -566,8 +557,7 @@ def write_markdown(doc: dict[str, Any], path: Path) -> None:
     if doc.get("sweep"):
         lines += ["", "Tile sweep (128K, 64/4, main branch ms): " + ", ".join(
             f"BLOCK_M={s['block_m']} ITEM_Q={s['item_q']} hoist={s['hoist_kv']} "
-            f"prefetch={s['prefetch']} unroll={s['combine_unroll']} "
-            f"fused={s.get('fused_combine', False)}: {s['ms']:.3f}"
+            f"prefetch={s['prefetch']} unroll={s['combine_unroll']}: {s['ms']:.3f}"
             for s in doc["sweep"])]  # fmt: skip
     if doc.get("phases"):
         lines += ["", f"Phases of the chosen tile (128K, 64/4): {json.dumps(doc['phases'])}"]
@@ -644,7 +634,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="time tile variants first, keep the best")
     ap.add_argument("--check", action="store_true", help="correctness vs the reference first")
     ap.add_argument(
-        "--tile", default=None, help="block_m,item_q,hoist,prefetch,unroll[,fused] (64,64,1,1,0,1)"
+        "--tile", default=None, help="block_m,item_q,hoist,prefetch,unroll (64,64,1,1,1)"
     )
     ap.add_argument("--plot-only", action="store_true")
     args = ap.parse_args()
@@ -674,11 +664,10 @@ def main() -> None:
             traceback.print_exc()
     tile: dict[str, Any] = {}
     if args.tile:
-        bm, iq, h, pf, un, *fu = (int(v) for v in args.tile.split(","))
+        bm, iq, h, pf, un = (int(v) for v in args.tile.split(","))
         tile = dict(
-            block_m=bm, item_q=iq, hoist_kv=bool(h), prefetch=bool(pf), combine_unroll=bool(un),
-            fused_combine=bool(fu and fu[0]),
-        )  # fmt: skip
+            block_m=bm, item_q=iq, hoist_kv=bool(h), prefetch=bool(pf), combine_unroll=bool(un)
+        )
     if args.sweep:
         tile, doc["sweep"], doc["phases"] = sweep(fns)
     doc["tile"] = tile or "default"

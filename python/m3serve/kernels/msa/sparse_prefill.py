@@ -8,9 +8,7 @@
 
 run() per layer: build the inverse index of this layer's topk_ids (count → scan → fill → work
 list, sparse_prefill_plan.py), run the KV-block-major main kernel into per-(query, slot)
-partials, merge them by log-sum-exp (sparse_prefill_triton.py; with ``fused_combine`` the main
-kernel's tiles merge each (query, head) as its last partial lands, no combine launch). Every
-buffer it touches was
+partials, merge them by log-sum-exp (sparse_prefill_triton.py). Every buffer it touches was
 sized in plan() for the worst case, so the launches can be captured in a CUDA graph.
 ``variant="query_major"`` runs the comparison kernel (sparse_prefill_query_major.py) instead.
 
@@ -37,7 +35,7 @@ from .sparse_prefill_plan import (
     max_work_items,
 )
 from .sparse_prefill_query_major import launch_query_major
-from .sparse_prefill_triton import FusedCombine, launch_block_major, launch_combine
+from .sparse_prefill_triton import launch_block_major, launch_combine
 
 
 @dataclass
@@ -63,9 +61,6 @@ class SparsePrefillPlan:
     work_start: torch.Tensor  # [max_items] int32
     o_part: torch.Tensor  # [T*k, Hq, D] partial outputs
     lse_part: torch.Tensor  # [T*k, Hq] float32 partial log2-sum-exp
-    fused_combine: bool = False
-    nvalid: torch.Tensor | None = None  # fused: [G*T] int32 valid slots per (KV head, query)
-    tickets: torch.Tensor | None = None  # fused: [T*Hq] int32, zero between runs
 
 
 def default_tile(group: int) -> tuple[int, int]:
@@ -94,15 +89,8 @@ class SparsePrefillWrapper:
         prefetch: bool = True,
         combine_unroll: bool = False,
         partial_dtype: torch.dtype = torch.bfloat16,
-        fused_combine: bool | None = None,
     ) -> None:
-        """``fused_combine``: merge the partials inside the main kernel (the tile that writes a
-        (query, head)'s last partial merges it) instead of a combine launch after it; None: the
-        M3SERVE_PREFILL_FUSED_COMBINE environment variable (default off)."""
         assert variant in ("block_major", "query_major"), f"unknown variant {variant!r}"
-        if fused_combine is None:
-            fused_combine = os.environ.get("M3SERVE_PREFILL_FUSED_COMBINE", "0") == "1"
-        self._fused_combine = fused_combine and variant == "block_major"
         self.variant = variant
         self._block_m = block_m
         self._item_q = item_q
@@ -170,9 +158,6 @@ class SparsePrefillWrapper:
             work_start=torch.empty(n_items if block_major else 0, **i32),
             o_part=torch.empty(e, num_q_heads, head_dim, dtype=self._partial_dtype, device=device),
             lse_part=torch.empty(e, num_q_heads, dtype=torch.float32, device=device),
-            fused_combine=self._fused_combine,
-            nvalid=torch.empty(num_kv_heads * t, **i32) if self._fused_combine else None,
-            tickets=torch.zeros(t * num_q_heads, **i32) if self._fused_combine else None,
         )
         return self.p
 
@@ -239,7 +224,6 @@ class SparsePrefillWrapper:
                 sm_scale,
             )
             return out
-        fused = FusedCombine(topk_ids, p.nvalid, p.tickets, out, lse) if p.fused_combine else None
         # -- 1. inverse index of this layer's selection (fixed buffers, no sync) --
         build_inverse_index(
             topk_ids,
@@ -252,9 +236,6 @@ class SparsePrefillWrapper:
             p.entries,
             p.work_row,
             p.work_start,
-            p.nvalid,
-            out if fused else None,
-            lse if fused else None,
         )
         # -- 2. KV-block-major main kernel → per-(query, slot) partials --
         launch_block_major(
@@ -279,10 +260,7 @@ class SparsePrefillWrapper:
             p.item_q,
             p.hoist_kv,
             p.prefetch,
-            fused,
         )
-        if fused is not None:  # merged by the main kernel's tiles
-            return out
         # -- 3. log-sum-exp merge of the ≤ k partials per (query, head) --
         launch_combine(
             p.o_part, p.lse_part, topk_ids, m.q_pos, out, lse, p.num_kv_heads, p.block,

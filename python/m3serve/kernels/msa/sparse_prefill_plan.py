@@ -131,24 +131,14 @@ def _count_kernel(
     q_pos_ptr,
     q_gb0_ptr,
     counts_ptr,
-    nvalid_ptr,
-    out_ptr,
-    lse_out_ptr,
     T,
     num_blocks,
     stride_tg,
     stride_tt,
-    group,
-    num_q_heads,
-    stride_ot,
-    stride_oh,
     TOPK: tl.constexpr,
     BLOCK: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BQ: tl.constexpr,
-    NVALID: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    HAS_LSE: tl.constexpr,
 ):
     # -- one program per (BQ queries, KV head): bump the CSR row of every valid slot --
     _t, _s, valid, rows = _slots(
@@ -165,27 +155,6 @@ def _count_kernel(
         BQ,
     )
     tl.atomic_add(counts_ptr + rows, 1, mask=valid)
-    if NVALID:
-        # -- the fused combine's per-(KV head, query) slot count; a query with no valid slot
-        #    gets no partial, so no tile would merge it: its output (0, lse −inf) is written here
-        g = tl.program_id(1)
-        t1 = tl.program_id(0) * BQ + tl.arange(0, BQ)
-        n = tl.sum(valid.to(tl.int32), 1)
-        tl.store(nvalid_ptr + g * T + t1, n, mask=t1 < T)
-        empty = (t1 < T) & (n == 0)
-        offs_d = tl.arange(0, HEAD_DIM)
-        for h in range(g * group, (g + 1) * group):
-            tl.store(
-                out_ptr + t1.to(tl.int64)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
-                tl.zeros([BQ, HEAD_DIM], tl.float32).to(out_ptr.dtype.element_ty),
-                mask=empty[:, None],
-            )
-            if HAS_LSE:
-                tl.store(
-                    lse_out_ptr + t1.to(tl.int64) * num_q_heads + h,
-                    tl.full([BQ], float("-inf"), tl.float32),
-                    mask=empty,
-                )
 
 
 @triton.jit
@@ -264,15 +233,10 @@ def build_inverse_index(
     entries: torch.Tensor,
     work_row: torch.Tensor,
     work_start: torch.Tensor,
-    nvalid: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
-    lse_out: torch.Tensor | None = None,
 ) -> None:
     """Device side (per layer): fills row_ptr, item_ptr, entries, work_row, work_start in place.
 
-    ``counts`` [G*NB] must be zero on entry and is zero again on exit. ``nvalid`` [G*T] (for the
-    main kernel's fused combine) receives the valid slots per (KV head, query); then ``out``
-    [T, H_q, D] (and ``lse_out`` [T, H_q]) get 0 (−inf) for queries without one.
+    ``counts`` [G*NB] must be zero on entry and is zero again on exit.
     """
     g, t, k = topk_ids.shape
     assert topk_ids.dtype == torch.int32, f"topk_ids must be int32, got {topk_ids.dtype}"
@@ -290,36 +254,19 @@ def build_inverse_index(
     bq = 64
     grid = (triton.cdiv(t, bq), g)
     # -- 1. count --
-    fused = nvalid is not None
-    if fused:
-        assert out is not None and out.shape[0] == t and out.stride(2) == 1, (
-            "the fused combine needs out [T, H_q, D], contiguous in head_dim"
-        )
-        assert nvalid.numel() >= g * t and nvalid.dtype == torch.int32, "nvalid must be [G*T] int32"
-    hq = out.shape[1] if fused else g
     _count_kernel[grid](
         topk_ids,
         meta.q_pos,
         meta.q_gb0,
         counts,
-        nvalid if fused else counts,
-        out if fused else counts,
-        lse_out if lse_out is not None else counts,
         t,
         meta.num_blocks,
         topk_ids.stride(0),
         topk_ids.stride(1),
-        hq // g,
-        hq,
-        out.stride(0) if fused else 0,
-        out.stride(1) if fused else 0,
         TOPK=k,
         BLOCK=block,
         BLOCK_S=block_s,
         BQ=bq,
-        NVALID=fused,
-        HEAD_DIM=out.shape[2] if fused else 16,
-        HAS_LSE=fused and lse_out is not None,
     )
     # -- 2. scan: CSR offsets and per-row work-item offsets --
     torch.cumsum(counts, 0, dtype=torch.int32, out=row_ptr[1:])

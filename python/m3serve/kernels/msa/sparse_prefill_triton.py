@@ -18,12 +18,6 @@ log-sum-exp in slot order (deterministic whatever order the inverse index had):
 
     m = max_s lse_s;  out = Σ_s 2^(lse_s − m) O_s / Σ_s 2^(lse_s − m)
 
-Fused combine (FUSE, opt-in): no combine launch. Each tile, after writing its partials, takes a
-ticket per (query, head) row; the row that takes the query's last ticket (its valid-slot count,
-from the inverse-index build) merges it right there, the same formula in the same slot order.
-The merge's partial reads then overlap other tiles' MMAs instead of running as a second,
-memory-bound pass.
-
 Rows of a tile are query-major-then-head (row = q·GP + h, GP = next power of two ≥ group), so
 the GQA group shares each K/V tile: a 64-row tile is 4 queries × 16 heads at M3's group 16, 64
 queries × 1 head at group 1; padded heads (non-power-of-two groups) are masked.
@@ -40,7 +34,6 @@ on H200); the main kernel's MMAs are ≈ 0.53 TFLOP of useful work.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -116,81 +109,12 @@ def _tile(o_part_ptr, lse_part_ptr, q, pos, kt, v, ent, in_item, hi, head, key_p
     tl.store(lse_part_ptr + ent64 * stride_le + head, lse, mask=rmask)
 
 
-@triton.jit
-def _fused_combine(o_part_ptr, lse_part_ptr, topk_ptr, nvalid_ptr, ticket_ptr, out_ptr,
-                   lse_out_ptr, ent, pos, rmask, g, head, offs_d, T, num_q_heads, stride_pe,
-                   stride_ph, stride_le, stride_tg, stride_tt, stride_ot, stride_oh,
-                   TOPK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
-                   HAS_LSE: tl.constexpr):  # fmt: skip
-    """The combine, done by whichever tile writes a (query, head)'s last partial.
-
-    Every tile bumps a ticket per (query, head) row it wrote (release: the tile's partial stores
-    come first); the row whose ticket reaches the query's valid-slot count (counted by the
-    inverse-index build) merges that row's partials in slot order exactly as the combine kernel
-    does, writes the output (and LSE), and re-zeroes the ticket for the next run. So the merge's
-    2.1 GB of partial reads are spread over the main kernel, behind other tiles' MMAs, instead of
-    a second, purely memory-bound launch after it."""
-    t = ent // TOPK
-    tl.debug_barrier()  # every thread's partial stores precede the release below
-    tix = t.to(tl.int64) * num_q_heads + head
-    old = tl.atomic_add(ticket_ptr + tix, 1, mask=rmask, sem="acq_rel")
-    n_valid = tl.load(nvalid_ptr + g * T + t, mask=rmask, other=0)
-    last = rmask & (old == n_valid - 1)
-    if tl.max(last.to(tl.int32), 0) > 0:
-        local = pos // BLOCK
-        offs_s = tl.arange(0, BLOCK_S)
-        bid2 = tl.load(
-            topk_ptr + g * stride_tg + t[:, None] * stride_tt + offs_s[None, :],
-            mask=last[:, None] & (offs_s[None, :] < TOPK),
-            other=-1,
-        )
-        ok2 = last[:, None] & (bid2 >= 0) & (bid2 <= local[:, None])
-        e2 = (t[:, None] * TOPK + offs_s[None, :]).to(tl.int64)
-        lse2 = tl.load(
-            lse_part_ptr + e2 * stride_le + head[:, None],
-            mask=ok2,
-            other=float("-inf"),
-            cache_modifier=".cg",
-        )
-        m = tl.max(lse2, 1)
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        l_sum = tl.sum(tl.exp2(lse2 - m_safe[:, None]), 1)
-        acc = tl.zeros([t.shape[0], offs_d.shape[0]], tl.float32)
-        for s in range(TOPK):
-            acc += _slot_term(o_part_ptr, lse_part_ptr, topk_ptr, s, g, t, last, last, local,
-                              head, offs_d, m_safe, stride_pe, stride_ph, stride_le, stride_tg,
-                              stride_tt, TOPK, True)  # fmt: skip
-        _store_out(out_ptr, lse_out_ptr, acc, m, l_sum, t, head, offs_d, last, num_q_heads,
-                   stride_ot, stride_oh, HAS_LSE)  # fmt: skip
-        tl.store(ticket_ptr + tix, 0, mask=last)
-
-
-@triton.jit
-def _store_out(out_ptr, lse_out_ptr, acc, m, l_sum, t, head, offs_d, rmask, num_q_heads,
-               stride_ot, stride_oh, HAS_LSE: tl.constexpr):  # fmt: skip
-    """out = acc / Σ weights (q's dtype) and, if asked, the natural-log LSE."""
-    out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
-    t64 = t.to(tl.int64)
-    tl.store(
-        out_ptr + t64[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
-        out.to(out_ptr.dtype.element_ty),
-        mask=rmask[:, None],
-    )
-    if HAS_LSE:
-        lse_nat = tl.where(
-            l_sum > 0,
-            (m + tl.log2(tl.where(l_sum > 0, l_sum, 1.0))) * 0.6931471805599453,
-            float("-inf"),
-        )
-        tl.store(lse_out_ptr + t64 * num_q_heads + head, lse_nat, mask=rmask)
-
-
 # Small on purpose: the tile shape (BLOCK_M, BLOCK_N = block, HEAD_DIM) is fixed by the plan, so
 # only warps and pipeline depth are left; 8 warps suit 128-row tiles, 4 warps 64-row ones, and
 # stages > 3 only add shared memory (the K/V tile is already resident for the whole item).
 @triton.autotune(
     configs=_configs([(4, 2), (8, 2), (4, 3), (8, 3)]),
-    key=["HEAD_DIM", "BLOCK_N", "GP", "BLOCK_M", "ITEM_Q", "HOIST_KV", "PREFETCH", "FUSE"],
+    key=["HEAD_DIM", "BLOCK_N", "GP", "BLOCK_M", "ITEM_Q", "HOIST_KV", "PREFETCH"],
 )
 @triton.jit
 def _block_major_kernel(
@@ -223,17 +147,6 @@ def _block_major_kernel(
     stride_pe,
     stride_ph,
     stride_le,
-    topk_ptr,  # FUSE only, from here on: the combine's inputs and outputs
-    nvalid_ptr,
-    ticket_ptr,
-    out_ptr,
-    lse_out_ptr,
-    T,
-    num_q_heads,
-    stride_tg,
-    stride_tt,
-    stride_ot,
-    stride_oh,
     TOPK: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -242,10 +155,6 @@ def _block_major_kernel(
     ITEM_Q: tl.constexpr,
     HOIST_KV: tl.constexpr,
     PREFETCH: tl.constexpr,
-    FUSE: tl.constexpr,
-    BLOCK: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    HAS_LSE: tl.constexpr,
 ):
     QPT: tl.constexpr = BLOCK_M // GP
     # -- which work item: (CSR row = KV head × global block, first entry) --
@@ -299,12 +208,6 @@ def _block_major_kernel(
             _tile(o_part_ptr, lse_part_ptr, q, pos, kt, v, ent, (q0 + qi) < e1, hi, head,
                   key_pos, key_ok, offs_d, group, sm_scale_log2, stride_pe, stride_ph,
                   stride_le)  # fmt: skip
-            if FUSE:
-                _fused_combine(o_part_ptr, lse_part_ptr, topk_ptr, nvalid_ptr, ticket_ptr,
-                               out_ptr, lse_out_ptr, ent, pos, ((q0 + qi) < e1) & (hi < group),
-                               g, head, offs_d, T, num_q_heads, stride_pe, stride_ph, stride_le,
-                               stride_tg, stride_tt, stride_ot, stride_oh, TOPK, BLOCK, BLOCK_S,
-                               HAS_LSE)  # fmt: skip
             ent = ent_n
             ent_n = ent_nn
             q = q_n
@@ -321,40 +224,22 @@ def _block_major_kernel(
                 v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
             _tile(o_part_ptr, lse_part_ptr, q, pos, kt, v, ent, in_item, hi, head, key_pos,
                   key_ok, offs_d, group, sm_scale_log2, stride_pe, stride_ph, stride_le)  # fmt: skip
-            if FUSE:
-                _fused_combine(o_part_ptr, lse_part_ptr, topk_ptr, nvalid_ptr, ticket_ptr,
-                               out_ptr, lse_out_ptr, ent, pos, in_item & (hi < group), g, head,
-                               offs_d, T, num_q_heads, stride_pe, stride_ph, stride_le,
-                               stride_tg, stride_tt, stride_ot, stride_oh, TOPK, BLOCK, BLOCK_S,
-                               HAS_LSE)  # fmt: skip
 
 
 @triton.jit
 def _slot_term(o_part_ptr, lse_part_ptr, topk_ptr, s, g, t, tmask, rmask, local, head, offs_d,
                m_safe, stride_pe, stride_ph, stride_le, stride_tg, stride_tt,
-               TOPK: tl.constexpr, CG: tl.constexpr):  # fmt: skip
-    """2^(lse_s − m) · O_s for slot s of each row (0 where the slot is invalid). CG: load the
-    partials through L2 only (the fused combine reads what other SMs wrote in this launch)."""
+               TOPK: tl.constexpr):  # fmt: skip
+    """2^(lse_s − m) · O_s for slot s of each row (0 where the slot is invalid)."""
     bid = tl.load(topk_ptr + g * stride_tg + t * stride_tt + s, mask=tmask, other=-1)
     ok = rmask & (bid >= 0) & (bid <= local)
     e = (t * TOPK + s).to(tl.int64)
-    if CG:
-        lse = tl.load(
-            lse_part_ptr + e * stride_le + head, mask=ok, other=float("-inf"), cache_modifier=".cg"
-        )
-        o = tl.load(
-            o_part_ptr + e[:, None] * stride_pe + head[:, None] * stride_ph + offs_d[None, :],
-            mask=ok[:, None],
-            other=0.0,
-            cache_modifier=".cg",
-        ).to(tl.float32)
-    else:
-        lse = tl.load(lse_part_ptr + e * stride_le + head, mask=ok, other=float("-inf"))
-        o = tl.load(
-            o_part_ptr + e[:, None] * stride_pe + head[:, None] * stride_ph + offs_d[None, :],
-            mask=ok[:, None],
-            other=0.0,
-        ).to(tl.float32)
+    lse = tl.load(lse_part_ptr + e * stride_le + head, mask=ok, other=float("-inf"))
+    o = tl.load(
+        o_part_ptr + e[:, None] * stride_pe + head[:, None] * stride_ph + offs_d[None, :],
+        mask=ok[:, None],
+        other=0.0,
+    ).to(tl.float32)
     return o * tl.exp2(lse - m_safe)[:, None]
 
 
@@ -415,46 +300,26 @@ def _combine_kernel(
         for s in tl.static_range(TOPK):
             acc += _slot_term(o_part_ptr, lse_part_ptr, topk_ptr, s, g, t, tmask, rmask, local,
                               head, offs_d, m_safe, stride_pe, stride_ph, stride_le, stride_tg,
-                              stride_tt, TOPK, False)  # fmt: skip
+                              stride_tt, TOPK)  # fmt: skip
     else:
         for s in range(TOPK):
             acc += _slot_term(o_part_ptr, lse_part_ptr, topk_ptr, s, g, t, tmask, rmask, local,
                               head, offs_d, m_safe, stride_pe, stride_ph, stride_le, stride_tg,
-                              stride_tt, TOPK, False)  # fmt: skip
-    _store_out(out_ptr, lse_out_ptr, acc, m, l_sum, t, head, offs_d, rmask, num_q_heads,
-               stride_ot, stride_oh, HAS_LSE)  # fmt: skip
-
-
-@dataclass
-class FusedCombine:
-    """What the main kernel needs to merge the partials itself (launch_block_major(fused=)).
-
-    topk_ids [G, T, k] (the slots, in order); nvalid [G·T] int32 valid slots per (KV head,
-    query), written by the inverse-index build; tickets [T·H_q] int32, zero between runs (the
-    merging tile re-zeroes its rows); out [T, H_q, D]; lse_out [T, H_q] float32 or None.
-    """
-
-    topk_ids: torch.Tensor
-    nvalid: torch.Tensor
-    tickets: torch.Tensor
-    out: torch.Tensor
-    lse_out: torch.Tensor | None
-
-    def args(self, dummy: torch.Tensor) -> tuple:
-        t, hq, _ = self.out.shape
-        assert self.out.stride(2) == 1, "out must be contiguous in head_dim"
-        assert self.tickets.numel() >= t * hq and self.tickets.dtype == torch.int32
-        assert self.nvalid.numel() >= self.topk_ids.shape[0] * t
-        if self.lse_out is not None:
-            assert self.lse_out.shape == (t, hq) and self.lse_out.is_contiguous(), (
-                "lse_out must be a contiguous [T, Hq]"
-            )
-        return (
-            self.topk_ids, self.nvalid, self.tickets, self.out,
-            self.lse_out if self.lse_out is not None else dummy, t, hq,
-            self.topk_ids.stride(0), self.topk_ids.stride(1), self.out.stride(0),
-            self.out.stride(1),
-        )  # fmt: skip
+                              stride_tt, TOPK)  # fmt: skip
+    out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
+    t64 = t.to(tl.int64)
+    tl.store(
+        out_ptr + t64[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=rmask[:, None],
+    )
+    if HAS_LSE:
+        lse_nat = tl.where(
+            l_sum > 0,
+            (m + tl.log2(tl.where(l_sum > 0, l_sum, 1.0))) * 0.6931471805599453,
+            float("-inf"),
+        )
+        tl.store(lse_out_ptr + t64 * num_q_heads + head, lse_nat, mask=rmask)
 
 
 def launch_block_major(
@@ -479,12 +344,8 @@ def launch_block_major(
     item_q: int,
     hoist_kv: bool,
     prefetch: bool = True,
-    fused: FusedCombine | None = None,
 ) -> None:
-    """Main kernel: one CTA per work item (grid = the plan's worst-case item count).
-
-    ``fused``: merge the partials inside this launch (_fused_combine) into ``fused.out``; the
-    combine kernel is then not launched."""
+    """Main kernel: one CTA per work item (grid = the plan's worst-case item count)."""
     _, hq, d = q.shape
     _, hkv, block, _ = k_cache.shape
     group = hq // hkv
@@ -531,7 +392,6 @@ def launch_block_major(
         o_part.stride(0),
         o_part.stride(1),
         lse_part.stride(0),
-        *(fused.args(lse_part) if fused is not None else (lse_part,) * 5 + (0,) * 6),
         TOPK=topk,
         HEAD_DIM=d,
         BLOCK_N=block,
@@ -540,10 +400,6 @@ def launch_block_major(
         ITEM_Q=item_q,
         HOIST_KV=hoist_kv,
         PREFETCH=prefetch,
-        FUSE=fused is not None,
-        BLOCK=block,
-        BLOCK_S=max(2, triton.next_power_of_2(topk)),
-        HAS_LSE=fused is not None and fused.lse_out is not None,
     )
 
 
