@@ -20,6 +20,10 @@
 #                     (inv TP 1 vs inv TP 2: greedy tokens and logprobs equal?);
 #                     lane cost (cards 2, 3): its cost at TP 1 against the plain server, side by
 #                     side on the TP run's workload (8K in, 128 out, c 8) and at 128K c 8.
+#   call 3 (1 GPU):   the prefill main branch with one main launch per KV head and each head's
+#                     combine on a side stream beside the next head's tiles (overlap=True), vs the
+#                     one-launch form, in bench_sparse_prefill.py's sweep (then 32K / 128K main and
+#                     full prefill with the fastest); the sparse-prefill GPU tests first.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CALL="${1:?usage: session12.sh 1..}"
@@ -52,6 +56,13 @@ case "$CALL" in
         E2E_S=500 E2E_ARGS="--servers inv,ours --gpus 0,1 \
         --workloads random:8192:128:8 random:131072:512:8 --prompts-per-conc 1 --tag s12_invcost \
         --deadline 380" bash scripts/gpu/issue8_run.sh > "$OUT/cost.txt" 2>&1) &
+    ;;
+3)  # one GPU
+    timeout 200 $GT $K/test_sparse_prefill.py 2>&1 | tail -n 12 > "$OUT/kt.txt"
+    mkdir -p "$OUT/pre"
+    timeout 380 python3 benchmarks/bench_sparse_prefill.py --sweep --out "$OUT/pre" \
+        --contexts 32768,131072 --full-contexts 32768,131072 2>&1 | grep -v Warning | tail -n 45 \
+        > "$OUT/pre.txt"
     ;;
 *) echo "unknown call $CALL"; exit 2 ;;
 esac
