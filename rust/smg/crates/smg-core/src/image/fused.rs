@@ -116,7 +116,7 @@ mod x86 {
 
     use super::super::patchify::{emit_band, fma_coefficients, PatchOut, MERGE, PATCH};
     use super::super::resize::avx2::{
-        self, Bf16Affine, Horizontal, HorizontalPlan, RowPairs, STRIP,
+        self, Bf16Affine, Horizontal, HorizontalPlan, RowPairs, WritePrefetch, STRIP,
     };
     use super::super::resize::torch_axis;
     use super::super::DecodedImage;
@@ -204,7 +204,11 @@ mod x86 {
             let mut filled = 0; // input rows through the horizontal pass so far
             let norm: [Bf16Affine; 3] = core::array::from_fn(|c| {
                 let (scale, bias) = fma_coefficients(c);
-                Bf16Affine { scale, bias }
+                Bf16Affine {
+                    precision: vy.precision,
+                    scale,
+                    bias,
+                }
             });
             // planes[c][yy * w + x] for one band of 28 output rows, as in patchify.rs.
             let band = MERGE * PATCH;
@@ -212,7 +216,12 @@ mod x86 {
             for plane in &mut planes {
                 plane.resize(band * w, 0);
             }
+            // The band's patches are prefetched over its vertical rows (a few lines per 64- or
+            // 32-column chunk: 28 rows × 3 channels × chunks per row), see `WritePrefetch`.
+            let patches = w / PATCH / MERGE * MERGE * MERGE;
+            let chunks = band * 3 * if w >= 64 { w.div_ceil(64) } else { 1 };
             for bh in 0..height / band {
+                let mut pf = WritePrefetch::new(out.upcoming(patches), chunks);
                 for yy in 0..band {
                     let y = bh * band + yy;
                     let end = vy.start[y] + vy.len[y];
@@ -228,9 +237,9 @@ mod x86 {
                             &rows,
                             c * w,
                             pairs.row(y),
-                            vy.precision,
                             norm[c],
                             &mut plane[yy * w..(yy + 1) * w],
+                            &mut pf,
                         );
                     }
                 }

@@ -221,10 +221,20 @@ pub fn grid_of(w: u32, h: u32) -> (u32, u32) {
 /// `[u16; 1176]` to fill in place.
 pub(crate) trait PatchOut {
     fn next(&mut self) -> &mut [u16; PATCH_DIM];
+
+    /// The addresses the next `n` patches will be written to (at most to the end of the
+    /// output), for prefetching; never dereferenced.
+    fn upcoming(&self, n: usize) -> core::ops::Range<usize>;
 }
 
 /// Appends to a `Vec` (reserved up front; each new patch is zero-filled in L1, then written).
 impl PatchOut for Vec<u16> {
+    fn upcoming(&self, n: usize) -> core::ops::Range<usize> {
+        let start = self.as_ptr() as usize + 2 * self.len();
+        let room = self.capacity() - self.len();
+        start..start + 2 * room.min(n * PATCH_DIM)
+    }
+
     fn next(&mut self) -> &mut [u16; PATCH_DIM] {
         let n = self.len();
         self.resize(n + PATCH_DIM, 0);
@@ -238,6 +248,9 @@ pub(crate) struct PatchSink<'a> {
     out: core::slice::ChunksExactMut<'a, u8>,
     pending: Option<&'a mut [u8]>,
     buf: [u16; PATCH_DIM],
+    /// Address of the next patch and the end of `out` (for [`PatchOut::upcoming`]).
+    next_addr: usize,
+    end_addr: usize,
 }
 
 impl<'a> PatchSink<'a> {
@@ -247,7 +260,10 @@ impl<'a> PatchSink<'a> {
             gh as usize * gw as usize * PATCH_DIM * 2,
             "patch buffer size"
         );
+        let next_addr = out.as_ptr() as usize;
         Self {
+            next_addr,
+            end_addr: next_addr + out.len(),
             out: out.chunks_exact_mut(PATCH_DIM * 2),
             pending: None,
             buf: [0; PATCH_DIM],
@@ -263,8 +279,14 @@ impl<'a> PatchSink<'a> {
 }
 
 impl PatchOut for PatchSink<'_> {
+    fn upcoming(&self, n: usize) -> core::ops::Range<usize> {
+        let start = self.next_addr;
+        start..self.end_addr.min(start + n * PATCH_DIM * 2)
+    }
+
     fn next(&mut self) -> &mut [u16; PATCH_DIM] {
         self.finish();
+        self.next_addr += PATCH_DIM * 2;
         let dst = self.out.next().expect("patch buffer holds every patch");
         if pulp::bytemuck::try_cast_slice::<u8, u16>(dst).is_ok() {
             let dst: &mut [u16] = pulp::bytemuck::cast_slice_mut(dst);
