@@ -244,8 +244,7 @@ def main_case(x, ids, fns, tile: dict[str, Any], with_dense: bool = True) -> dic
     r["ours_ms"] = bench(lambda: w.run(x["q"], x["k"], x["v"], ids, sm, out=out))
     r["tile"] = (
         f"BLOCK_M={w.p.block_m} ITEM_Q={w.p.item_q} hoist={w.p.hoist_kv} "
-        f"prefetch={w.p.prefetch} unroll={w.p.combine_unroll} overlap={w._overlap} "
-        f"main_config={w._main_config}"
+        f"prefetch={w.p.prefetch} unroll={w.p.combine_unroll}"
     )
     w = None
     wq, _ = wrapper(x, variant="query_major")
@@ -324,16 +323,14 @@ def full_case(x, fns, tile: dict[str, Any], with_sglang: bool) -> dict[str, Any]
     return r
 
 
-SWEEP = [  # (BLOCK_M, ITEM_Q, hoist K/V, prefetch, unrolled combine, overlap, main warps/stages)
-    (64, 64, True, True, False, False, None),
-    (64, 128, True, True, False, False, None),
-    (64, 128, True, True, False, False, (8, 2)),
-    (64, 128, True, True, False, False, (4, 2)),
-    (64, 128, True, True, False, True, None),
-    (64, 128, True, True, False, True, (8, 2)),
-    (64, 128, True, True, False, True, (8, 3)),
-    (64, 128, True, True, False, True, (4, 2)),
-    (64, 64, True, True, False, True, (8, 2)),
+SWEEP = [  # (BLOCK_M, ITEM_Q, hoist K/V, prefetch, unrolled combine)
+    (64, 64, True, False, False),
+    (64, 64, True, True, False),
+    (64, 64, True, True, True),
+    (64, 128, True, True, False),
+    (64, 256, True, True, False),
+    (128, 64, True, True, False),
+    (64, 64, False, True, False),
 ]
 
 
@@ -353,11 +350,8 @@ def sweep(fns) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, float]]:
     ref_out = wq.run(x["q"], x["k"], x["v"], ids, sm)
     rows = []
     best, best_ms = {}, float("inf")
-    for bm, iq, hoist, pf, un, ov, mc in SWEEP:
-        tile = dict(
-            block_m=bm, item_q=iq, hoist_kv=hoist, prefetch=pf, combine_unroll=un, overlap=ov,
-            main_config=mc,
-        )  # fmt: skip
+    for bm, iq, hoist, pf, un in SWEEP:
+        tile = dict(block_m=bm, item_q=iq, hoist_kv=hoist, prefetch=pf, combine_unroll=un)
         try:
             w, _ = wrapper(x, **tile)
             out = w.run(x["q"], x["k"], x["v"], ids, sm)
@@ -386,8 +380,7 @@ def sweep(fns) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, float]]:
             launch_block_major(x["q"], x["k"], x["v"], p.o_part, p.lse_part, p.entries,
                                p.row_ptr, p.item_ptr, p.work_row, p.work_start, m.q_pos,
                                m.gb_page, m.gb_start, m.gb_len, m.num_blocks, p.topk, sm,
-                               p.block_m, p.item_q, p.hoist_kv, p.prefetch,
-                               config=best.get("main_config"))  # fmt: skip
+                               p.block_m, p.item_q, p.hoist_kv, p.prefetch)  # fmt: skip
 
         def combine():
             launch_combine(p.o_part, p.lse_part, ids, m.q_pos, out, None, p.num_kv_heads,
@@ -564,8 +557,7 @@ def write_markdown(doc: dict[str, Any], path: Path) -> None:
     if doc.get("sweep"):
         lines += ["", "Tile sweep (128K, 64/4, main branch ms): " + ", ".join(
             f"BLOCK_M={s['block_m']} ITEM_Q={s['item_q']} hoist={s['hoist_kv']} "
-            f"prefetch={s['prefetch']} unroll={s['combine_unroll']} "
-            f"overlap={s.get('overlap', False)} main={s.get('main_config')}: {s['ms']:.3f}"
+            f"prefetch={s['prefetch']} unroll={s['combine_unroll']}: {s['ms']:.3f}"
             for s in doc["sweep"])]  # fmt: skip
     if doc.get("phases"):
         lines += ["", f"Phases of the chosen tile (128K, 64/4): {json.dumps(doc['phases'])}"]

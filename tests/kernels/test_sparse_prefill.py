@@ -84,9 +84,8 @@ FUZZ = [
 ]
 
 
-@pytest.mark.parametrize("overlap", [False, True], ids=["one_launch", "per_kv_head"])
 @pytest.mark.parametrize("case", range(len(FUZZ)))
-def test_block_major_fuzz(case, overlap):
+def test_block_major_fuzz(case):
     seq_lens, q_lens, hq, hkv, block = FUZZ[case]
     d, k = 32, 4
     tensors, gen = make_batch(seq_lens, q_lens, block, hq, hkv, d, seed=case * 31 + hq)
@@ -95,14 +94,7 @@ def test_block_major_fuzz(case, overlap):
     lse = torch.full((q.shape[0], hq), float("nan"), device=DEV)
     # odd cases also run the unrolled combine (off by default: slower on the GPU)
     out, _ = run_wrapper(
-        "block_major",
-        tensors,
-        topk_ids,
-        block,
-        k,
-        lse=lse,
-        combine_unroll=case % 2 == 1,
-        overlap=overlap,
+        "block_major", tensors, topk_ids, block, k, lse=lse, combine_unroll=case % 2 == 1
     )
     expect, expect_lse = ref.ref_sparse_attention(
         q, kc, vc, pt, cu_q, prefix, seq, topk_ids, 1 / math.sqrt(d), return_lse=True
@@ -198,9 +190,7 @@ def test_public_function_and_errors():
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("hq,hkv", [(64, 4), (16, 1), (8, 8)])
-@pytest.mark.parametrize(
-    "variant", ["block_major", "block_major_plain", "block_major_overlap", "query_major"]
-)
+@pytest.mark.parametrize("variant", ["block_major", "block_major_plain", "query_major"])
 def test_gpu_m3_shapes(variant, hq, hkv):
     block, d, k = 128, 128, 16
     seq_lens, q_lens = [6000, 1111, 3000], [1024, 1111, 333]  # chunk after a prefix, odd tails
@@ -210,8 +200,6 @@ def test_gpu_m3_shapes(variant, hq, hkv):
     kw = {}
     if variant == "block_major_plain":
         variant, kw = "block_major", dict(prefetch=False, combine_unroll=False, hoist_kv=False)
-    elif variant == "block_major_overlap":  # per-KV-head launches, combines on a side stream
-        variant, kw = "block_major", dict(overlap=True, main_config=(8, 2))
     out, _ = run_wrapper(variant, tensors, topk_ids, block, k, **kw)
     expect = ref.ref_sparse_attention(q, kc, vc, pt, cu_q, prefix, seq, topk_ids, 1 / math.sqrt(d))
     check(out, expect)
@@ -219,13 +207,12 @@ def test_gpu_m3_shapes(variant, hq, hkv):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("overlap", [False, True], ids=["one_launch", "per_kv_head"])
-def test_gpu_cuda_graph_capture(overlap):
+def test_gpu_cuda_graph_capture():
     block, d, k, hq, hkv = 128, 128, 16, 64, 4
     tensors, gen = make_batch([4000, 900], [2048, 900], block, hq, hkv, d, seed=1)
     q, kc, vc, pt, cu_q, prefix, seq = tensors
     ids = [realistic_topk(gen, pt, cu_q, prefix, seq, block, hkv, k) for _ in range(2)]
-    w = SparsePrefillWrapper(overlap=overlap)
+    w = SparsePrefillWrapper()
     w.plan(cu_q, prefix, seq, pt, hq, hkv, d, block, k)
     sel = ids[0].clone()
     out = torch.empty_like(q)

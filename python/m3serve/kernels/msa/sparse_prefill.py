@@ -21,7 +21,6 @@ tile holds whole groups, BLOCK_M = max(64, next_pow2(group))), topk_ids distinct
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 
@@ -90,17 +89,8 @@ class SparsePrefillWrapper:
         prefetch: bool = True,
         combine_unroll: bool = False,
         partial_dtype: torch.dtype = torch.bfloat16,
-        overlap: bool = False,
-        main_config: tuple[int, int] | None = None,
     ) -> None:
-        """``overlap``: one main-kernel launch per KV head, each head's combine on a side stream
-        while the next head's main kernel runs (the memory-bound merge beside the MMA-bound
-        tiles, where registers leave room for both on an SM). ``main_config`` (warps, stages):
-        the main kernel's launch config instead of the autotuner's pick."""
         assert variant in ("block_major", "query_major"), f"unknown variant {variant!r}"
-        self._overlap = overlap
-        self._main_config = main_config
-        self._side: torch.cuda.Stream | None = None
         self.variant = variant
         self._block_m = block_m
         self._item_q = item_q
@@ -247,9 +237,6 @@ class SparsePrefillWrapper:
             p.work_row,
             p.work_start,
         )
-        if self._overlap and p.num_kv_heads > 1:
-            self._run_overlapped(q, k_cache, v_cache, topk_ids, sm_scale, out, lse)
-            return out
         # -- 2. KV-block-major main kernel → per-(query, slot) partials --
         launch_block_major(
             q,
@@ -273,7 +260,6 @@ class SparsePrefillWrapper:
             p.item_q,
             p.hoist_kv,
             p.prefetch,
-            config=self._main_config,
         )
         # -- 3. log-sum-exp merge of the ≤ k partials per (query, head) --
         launch_combine(
@@ -281,38 +267,6 @@ class SparsePrefillWrapper:
             p.combine_unroll,
         )  # fmt: skip
         return out
-
-    def _run_overlapped(self, q, k_cache, v_cache, topk_ids, sm_scale, out, lse) -> None:
-        """Steps 2 and 3 per KV head: main(g) on the caller's stream, then combine(g) on a side
-        stream once main(g) is done, so it runs beside main(g + 1). Fork and join with events
-        (CUDA-graph capturable); without CUDA (the interpreter) the same launches in order."""
-        p, m = self.p, self.p.meta
-        per_head = max_work_items(1, m.num_queries, m.num_blocks, p.topk, p.item_q)
-        cur = side = None
-        if q.is_cuda:
-            cur = torch.cuda.current_stream(q.device)
-            if self._side is None or self._side.device != q.device:
-                self._side = torch.cuda.Stream(q.device)
-            side = self._side
-            side.wait_stream(cur)  # inputs and out are ready on the side stream too
-        for g in range(p.num_kv_heads):
-            launch_block_major(
-                q, k_cache, v_cache, p.o_part, p.lse_part, p.entries, p.row_ptr, p.item_ptr,
-                p.work_row, p.work_start, m.q_pos, m.gb_page, m.gb_start, m.gb_len,
-                m.num_blocks, p.topk, sm_scale, p.block_m, p.item_q, p.hoist_kv, p.prefetch,
-                kv_heads=(g, g + 1), max_items=per_head, config=self._main_config,
-            )  # fmt: skip
-            if side is not None:
-                done = torch.cuda.Event()
-                done.record(cur)
-                side.wait_event(done)
-            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-                launch_combine(
-                    p.o_part, p.lse_part, topk_ids, m.q_pos, out, lse, p.num_kv_heads,
-                    p.block, p.combine_unroll, kv_heads=(g, g + 1),
-                )  # fmt: skip
-        if side is not None:
-            cur.wait_stream(side)
 
 
 def _triton_can_run(x: torch.Tensor) -> bool:

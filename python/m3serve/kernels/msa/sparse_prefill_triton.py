@@ -133,8 +133,7 @@ def _block_major_kernel(
     gb_start_ptr,
     gb_len_ptr,
     num_blocks,
-    row_lo,
-    row_hi,
+    n_rows,
     group,
     sm_scale_log2,
     stride_qt,
@@ -158,10 +157,9 @@ def _block_major_kernel(
     PREFETCH: tl.constexpr,
 ):
     QPT: tl.constexpr = BLOCK_M // GP
-    # -- which work item: (CSR row = KV head × global block, first entry); this launch covers
-    #    the items of CSR rows row_lo .. row_hi − 1 (all rows, or one KV head's) --
-    w = tl.load(item_ptr_ptr + row_lo) + tl.program_id(0)
-    if w >= tl.load(item_ptr_ptr + row_hi):
+    # -- which work item: (CSR row = KV head × global block, first entry) --
+    w = tl.program_id(0)
+    if w >= tl.load(item_ptr_ptr + n_rows):
         return
     row = tl.load(work_row_ptr + w)
     e0 = tl.load(work_start_ptr + w)
@@ -255,7 +253,6 @@ def _combine_kernel(
     out_ptr,
     lse_out_ptr,
     T,
-    g0,
     group,
     num_q_heads,
     stride_pe,
@@ -274,7 +271,7 @@ def _combine_kernel(
     UNROLL: tl.constexpr,
     HAS_LSE: tl.constexpr,
 ):
-    g = g0 + tl.program_id(1)
+    g = tl.program_id(1)
     offs_r = tl.arange(0, QB * GP)
     t = tl.program_id(0) * QB + offs_r // GP
     hi = offs_r % GP
@@ -347,19 +344,10 @@ def launch_block_major(
     item_q: int,
     hoist_kv: bool,
     prefetch: bool = True,
-    kv_heads: tuple[int, int] | None = None,
-    max_items: int | None = None,
-    config: tuple[int, int] | None = None,
 ) -> None:
-    """Main kernel: one CTA per work item (grid = the plan's worst-case item count).
-
-    ``kv_heads`` (g0, g1): only the items of KV heads g0 .. g1 − 1, on a grid of ``max_items``
-    (the worst case for those heads). ``config`` (warps, stages): skip the autotuner.
-    """
+    """Main kernel: one CTA per work item (grid = the plan's worst-case item count)."""
     _, hq, d = q.shape
     _, hkv, block, _ = k_cache.shape
-    g0, g1 = kv_heads or (0, hkv)
-    assert 0 <= g0 < g1 <= hkv, f"kv_heads {kv_heads} outside 0..{hkv}"
     group = hq // hkv
     gp = triton.next_power_of_2(group)
     assert block_m % gp == 0 and block_m >= 16, (
@@ -371,15 +359,10 @@ def launch_block_major(
     assert o_part.stride(-1) == 1 and o_part.shape[-2:] == (hq, d), (
         f"o_part {tuple(o_part.shape)} must be [T*k, {hq}, {d}], last dim contiguous"
     )
-    grid = (max_items if max_items is not None else work_row.numel(),)
+    grid = (work_row.numel(),)
     if grid[0] == 0:
         return
-    kernel = _block_major_kernel
-    launch_opts = {}
-    if config is not None:
-        kernel = _block_major_kernel.fn
-        launch_opts = dict(num_warps=config[0], num_stages=config[1])
-    kernel[grid](
+    _block_major_kernel[grid](
         q,
         k_cache,
         v_cache,
@@ -395,8 +378,7 @@ def launch_block_major(
         gb_start,
         gb_len,
         num_blocks,
-        g0 * num_blocks,
-        g1 * num_blocks,
+        hkv * num_blocks,
         group,
         sm_scale * 1.4426950408889634,
         q.stride(0),
@@ -418,7 +400,6 @@ def launch_block_major(
         ITEM_Q=item_q,
         HOIST_KV=hoist_kv,
         PREFETCH=prefetch,
-        **launch_opts,
     )
 
 
@@ -432,14 +413,10 @@ def launch_combine(
     num_kv_heads: int,
     block: int,
     unroll: bool = True,
-    kv_heads: tuple[int, int] | None = None,
 ) -> None:
-    """Combine kernel: grid (T, H_kv); out [T, Hq, D] in any float dtype, last dim contiguous.
-    ``kv_heads`` (g0, g1): only the query heads of KV heads g0 .. g1 − 1."""
+    """Combine kernel: grid (T, H_kv); out [T, Hq, D] in any float dtype, last dim contiguous."""
     t, hq, d = out.shape
     group = hq // num_kv_heads
-    g0, g1 = kv_heads or (0, num_kv_heads)
-    assert 0 <= g0 < g1 <= num_kv_heads, f"kv_heads {kv_heads} outside 0..{num_kv_heads}"
     topk = topk_ids.shape[-1]
     assert out.stride(2) == 1, "out must be contiguous in head_dim"
     if lse_out is not None:
@@ -451,7 +428,7 @@ def launch_combine(
     gp = triton.next_power_of_2(group)
     # the interpreter pays per op, not per element: many queries per program there
     qb = 64 if _INTERPRET else max(1, 32 // gp)
-    _combine_kernel[(triton.cdiv(t, qb), g1 - g0)](
+    _combine_kernel[(triton.cdiv(t, qb), num_kv_heads)](
         o_part,
         lse_part,
         topk_ids,
@@ -459,7 +436,6 @@ def launch_combine(
         out,
         lse_out if lse_out is not None else lse_part,
         t,
-        g0,
         group,
         hq,
         o_part.stride(0),
