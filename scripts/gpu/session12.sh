@@ -24,6 +24,10 @@
 #                     combine on a side stream beside the next head's tiles (overlap=True), vs the
 #                     one-launch form, in bench_sparse_prefill.py's sweep (then 32K / 128K main and
 #                     full prefill with the fastest); the sparse-prefill GPU tests first.
+#   call 4 (1 GPU):   issue 6's B8 question: what a kernel that only reads the bytes reaches at
+#                     each size (bench_read_ceiling.py: random pages as the decode reads them,
+#                     contiguous, persistent), timed as the decode attention is, beside the split
+#                     attention's B8 / B32 sweep (sweep_kernels.py decode-split) in the same call.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CALL="${1:?usage: session12.sh 1..}"
@@ -63,6 +67,15 @@ case "$CALL" in
     timeout 380 python3 benchmarks/bench_sparse_prefill.py --sweep --out "$OUT/pre" \
         --contexts 32768,131072 --full-contexts 32768,131072 2>&1 | grep -v Warning | tail -n 45 \
         > "$OUT/pre.txt"
+    ;;
+4)  # one GPU
+    timeout 120 $GT $K/test_read_ceiling.py 2>&1 | tail -n 3 > "$OUT/kt.txt"
+    mkdir -p "$OUT/rc" "$OUT/ds"
+    timeout 200 python3 benchmarks/bench_read_ceiling.py --out "$OUT/rc" 2>&1 | grep -v Warning \
+        | tail -n 14 > "$OUT/rc.txt"
+    timeout 260 python3 benchmarks/sweep_kernels.py decode-split --batches 8,32 --budget-s 200 \
+        --out "$OUT/ds" 2>&1 | grep -v Warning | tail -n 24 > "$OUT/ds.txt"
+    cp "$OUT"/rc/read_ceiling.* "$OUT/" 2>/dev/null
     ;;
 *) echo "unknown call $CALL"; exit 2 ;;
 esac
