@@ -28,6 +28,9 @@
 #                     each size (bench_read_ceiling.py: random pages as the decode reads them,
 #                     contiguous, persistent), timed as the decode attention is, beside the split
 #                     attention's B8 / B32 sweep (sweep_kernels.py decode-split) in the same call.
+#   call 5 (1 GPU):   issue 8's ratio after the fused kernels: ours vs SGLang's in-tree MSA ops
+#                     in the same server, both servers on the one card (each cell run by one server
+#                     after the other), 128K input, 512 output, c 1 / 8.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CALL="${1:?usage: session12.sh 1..}"
@@ -76,6 +79,12 @@ case "$CALL" in
     timeout 260 python3 benchmarks/sweep_kernels.py decode-split --batches 8,32 --budget-s 200 \
         --out "$OUT/ds" 2>&1 | grep -v Warning | tail -n 24 > "$OUT/ds.txt"
     cp "$OUT"/rc/read_ceiling.* "$OUT/" 2>/dev/null
+    ;;
+5)  # one GPU
+    STAGES="setup e2e" WHEELS=.dev-s8/wheels OUT="$OUT/e2e" CKPT=/tmp/m3-gpu E2E_S=540 \
+        E2E_ARGS="--servers ours,sglang --workloads random:131072:512:1,8 --prompts-per-conc 1 \
+        --tag s12_ab --deadline 430" \
+        bash scripts/gpu/issue8_run.sh > "$OUT/e2e.txt" 2>&1
     ;;
 *) echo "unknown call $CALL"; exit 2 ;;
 esac
