@@ -8,7 +8,8 @@ Cases, per input (640x480, 1280x960, 4032x3024; JPEG q90 and PNG):
 - decode alone: ours (libjpeg-turbo / png) vs PIL `open + exif_transpose + convert("RGB")`;
 - after decode (resize + normalise + patchify): ours vs the M3 processor on a decoded image.
 Throughput (img/s per core) is 1000 / p50 ms. torch runs with 1 thread; ours is single-threaded.
-All in one process on the same bytes. Writes benchmarks/results/preprocess_cpu.{json,md}.
+All in one process on the same bytes. Writes benchmarks/results/preprocess_cpu.{json,md}
+(the md's table is replaced; the hand-written run notes below it are kept).
 Usage: python benchmarks/bench_preprocess.py [--iters 15]  (pins itself to one CPU; the
 thread-scaling case then widens the affinity to every CPU).
 """
@@ -80,6 +81,21 @@ def p50(x: list[float]) -> float:
 
 def p99(x: list[float]) -> float:
     return float(np.percentile(x, 99))
+
+
+def hand_written_notes(md: str) -> list[str]:
+    """The lines below the results table of a previous preprocess_cpu.md (run notes written by
+    hand), so a rerun replaces the table and keeps them."""
+    lines = md.splitlines()
+    try:
+        i = next(k for k, line in enumerate(lines) if line.startswith("| case | ours p50"))
+    except StopIteration:
+        return []
+    while i < len(lines) and lines[i].startswith("|"):
+        i += 1
+    while i < len(lines) and not lines[i].strip():
+        i += 1
+    return [*lines[i:], ""] if i < len(lines) else []
 
 
 def pil_decode(data: bytes) -> Image.Image:
@@ -241,6 +257,8 @@ def main() -> None:
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "preprocess_cpu.json").write_text(json.dumps(result, indent=2) + "\n")
+    md_path = RESULTS / "preprocess_cpu.md"
+    notes = hand_written_notes(md_path.read_text() if md_path.exists() else "")
     md = [
         f"# preprocess_cpu — {result['card']}, {result['date']}, one core (torch threads 1)",
         "",
@@ -254,8 +272,9 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|",
         *rows,
         "",
+        *notes,
     ]
-    (RESULTS / "preprocess_cpu.md").write_text("\n".join(md))
+    md_path.write_text("\n".join(md))
     print(f"wrote {RESULTS / 'preprocess_cpu.json'}")
 
 
