@@ -31,6 +31,9 @@
 #   call 5 (1 GPU):   issue 8's ratio after the fused kernels: ours vs SGLang's in-tree MSA ops
 #                     in the same server, both servers on the one card (each cell run by one server
 #                     after the other), 128K input, 512 output, c 1 / 8.
+#   call 6 (1 GPU):   the split decode attention with each split's first page hoisted above the
+#                     seq_lens load, and whole-page (n128) tiles: sweep_kernels.py decode-split
+#                     --focus at B8 / B32 (hoisted and not, side by side); the decode GPU tests first.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CALL="${1:?usage: session12.sh 1..}"
@@ -85,6 +88,13 @@ case "$CALL" in
         E2E_ARGS="--servers ours,sglang --workloads random:131072:512:1,8 --prompts-per-conc 1 \
         --tag s12_ab --deadline 430" \
         bash scripts/gpu/issue8_run.sh > "$OUT/e2e.txt" 2>&1
+    ;;
+6)  # one GPU
+    timeout 200 $GT $K/test_sparse_decode.py 2>&1 | tail -n 6 > "$OUT/kt.txt"
+    mkdir -p "$OUT/ds"
+    timeout 300 python3 benchmarks/sweep_kernels.py decode-split --focus --batches 8,32 \
+        --out "$OUT/ds" 2>&1 | grep -v Warning | tail -n 20 > "$OUT/ds.txt"
+    cp "$OUT"/ds/sweep_*.json "$OUT/" 2>/dev/null
     ;;
 *) echo "unknown call $CALL"; exit 2 ;;
 esac
