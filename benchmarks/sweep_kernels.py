@@ -61,18 +61,6 @@ def decode_split(args: argparse.Namespace) -> list[dict[str, Any]]:
     from m3serve.kernels.msa.sparse_decode_split import SPLIT_CONFIGS, SplitConfig
 
     peak = copy_bandwidth()
-    if args.focus:  # session 12: each split's first page hoisted above seq_lens, whole-page tiles
-        grid = [
-            SplitConfig(n, s, w, "kernel", wv, None, h)
-            for h, wv, (n, s, w) in itertools.product(
-                (False, True), (4, 2), ((64, 2, 4), (128, 1, 8), (128, 2, 8), (128, 1, 4))
-            )
-        ]
-        return [
-            row
-            for b in args.batches
-            for row in decode_split_batch(b, args.context, grid, {}, peak, time.time() + 1e9)
-        ]
     # session 7: register-capped launches (more programs per SM) and the unrolled fused merge
     # first (new), then session 6's grid
     grid = (
@@ -152,8 +140,7 @@ def decode_split_batch(b, n, grid, names, peak, t_end) -> list[dict[str, Any]]:
         print(
             f"  {r['ms'] * 1e3:7.1f} us {r['GBps']:6.0f} GB/s {r['pct_peak']:4.0f}%  "
             f"n{c['block_n']} s{c['stages']} w{c['warps']} {c['merge']:6s} "
-            f"waves {c['waves']} maxnreg {c['maxnreg']} hoist {c.get('hoist', False)} "
-            f"splits {r['splits']} {r['name']}",
+            f"waves {c['waves']} maxnreg {c['maxnreg']} splits {r['splits']} {r['name']}",
             flush=True,
         )
     return rows
@@ -343,7 +330,6 @@ def main() -> None:
         "--select-contexts", type=lambda s: [int(x) for x in s.split(",")], default=[131072, 32768]
     )
     ap.add_argument("--budget-s", type=float, default=400, help="stop timing new points after")
-    ap.add_argument("--focus", action="store_true", help="decode-split: session 12's small grid")
     args = ap.parse_args()
     rows = PARTS[args.part](args)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -116,7 +116,6 @@ def test_rewrite_kernel_matches_reference(case):
     [
         (1, "n64s2", 4), (3, "n64s2", 4), (3, "n64s2f", 4), (8, "n64s3f-w1", 8),
         (3, "n64s2u", 4), (8, "n64s3u-w1", 8), (16, "n64s2u", 16),
-        (3, "n64s2h", 4), (8, "n64s2h", 8), (2, "n128s2h-w8", 4),
     ],
 )  # fmt: skip
 def test_split_kernel(num_splits, config, topk):

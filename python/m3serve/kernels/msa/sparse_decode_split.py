@@ -172,7 +172,6 @@ def _sparse_decode_split_kernel(
     NC: tl.constexpr,  # SELECT: blocks per ranking chunk (a power of two)
     PPS: tl.constexpr,  # SELECT: power of two ≥ pages_per_split
     K_PAD: tl.constexpr,  # SELECT: power of two ≥ topk − 1
-    HOIST: tl.constexpr,  # not SELECT: the split's first page id / page loaded before seq_lens
 ):
     pdl_prologue(PDL)
     SUB: tl.constexpr = BLOCK // BLOCK_N
@@ -181,18 +180,10 @@ def _sparse_decode_split_kernel(
     t = row // H_KV
     g = row % H_KV
     req = t // Q_PER_REQ
-    j0 = split * pages_per_split
-    ids_row = topk_ptr + g * stride_tg + t.to(tl.int64) * stride_tt
-    pt_row = page_table_ptr + req.to(tl.int64) * stride_pt
-    if HOIST:
-        # -- the split's first page (id, then page) is independent of the sequence length: issue
-        #    it before seq_lens, so the first K/V load waits on one chain, not two in a row --
-        blk0 = tl.load(ids_row + j0)
-        ok0 = (blk0 >= 0) & (blk0 < stride_pt)
-        page0 = tl.load(pt_row + tl.where(ok0, blk0, 0), mask=ok0, other=0)
     # -- this query's position, visible page count, and this split's page range --
     pos = tl.load(seq_lens_ptr + req) - Q_PER_REQ + t % Q_PER_REQ
     n_pages = tl.minimum(pos // BLOCK + 1, TOPK)
+    j0 = split * pages_per_split
     j1 = tl.minimum(j0 + pages_per_split, n_pages)
 
     offs_h = tl.arange(0, BLOCK_H)
@@ -207,6 +198,8 @@ def _sparse_decode_split_kernel(
         mask=h_ok[:, None],
         other=0.0,
     )
+    ids_row = topk_ptr + g * stride_tg + t.to(tl.int64) * stride_tt
+    pt_row = page_table_ptr + req.to(tl.int64) * stride_pt
     if SELECT:
         offs_pp = tl.arange(0, PPS)
         blk_v, page_v = _rank_split_pages(
@@ -225,11 +218,6 @@ def _sparse_decode_split_kernel(
             here = offs_pp == j - j0
             blk = tl.sum(tl.where(here, blk_v, 0))
             page = tl.sum(tl.where(here, page_v, 0)).to(tl.int64)
-        elif HOIST:
-            blk = tl.where(j == j0, blk0, tl.load(ids_row + j, mask=j != j0, other=0))
-            page = tl.where(j == j0, page0, tl.load(pt_row + blk, mask=j != j0, other=0)).to(
-                tl.int64
-            )
         else:
             blk = tl.load(ids_row + j)
             page = tl.load(pt_row + blk).to(tl.int64)
@@ -367,8 +355,7 @@ class SplitConfig(NamedTuple):
     leave shared memory for more programs per SM, larger ones fewer loop steps); stages: Triton's
     software-pipelining depth; warps: per program; merge: "kernel" (second launch), "serial" or
     "unrolled" (fused: the row's last split merges); waves: programs per SM the split count aims at
-    (num_splits_for), i.e. how finely each row's pages are cut; hoist: load each split's first page
-    id and page before the sequence length (ranked launches ignore it); maxnreg: an optional register cap
+    (num_splits_for), i.e. how finely each row's pages are cut; maxnreg: an optional register cap
     per thread (more programs per SM: 128 fits 4 of 4 warps where the uncapped 164-168 fit 3, so
     a batch-8 step's 512 programs run in one wave; on H200 it changed nothing at B8 — 17.0 µs
     capped or not, at 8 or 16 splits — and lost from B32 up, so no named config uses it;
@@ -381,7 +368,6 @@ class SplitConfig(NamedTuple):
     merge: str
     waves: float = 4
     maxnreg: int | None = None
-    hoist: bool = False
 
 
 MERGES = {"kernel": 0, "serial": 1, "unrolled": 2}
@@ -389,8 +375,7 @@ MAX_WAVES = 4  # reserve() sizes the split scratch for this many programs per SM
 
 # Named configs: the benchmark times each one, the tests run each one. Suffix "f": fused merge
 # (runtime loop over the splits); "u": fused merge unrolled over the split count;
-# "-w1"/"-w2": 1 / 2 programs per SM instead of 4 (fewer, longer splits); "h": each split's first
-# page id / page loaded before the sequence length (session 12); "-w8" after "h": 8 warps.
+# "-w1"/"-w2": 1 / 2 programs per SM instead of 4 (fewer, longer splits).
 SPLIT_CONFIGS = {
     "n64s2": SplitConfig(64, 2, 4, "kernel"),
     "n64s2f": SplitConfig(64, 2, 4, "serial"),
@@ -402,8 +387,6 @@ SPLIT_CONFIGS = {
     "n64s2u": SplitConfig(64, 2, 4, "unrolled"),
     "n64s3u-w1": SplitConfig(64, 3, 4, "unrolled", 1),
     "n64s3u-w2": SplitConfig(64, 3, 4, "unrolled", 2),
-    "n64s2h": SplitConfig(64, 2, 4, "kernel", hoist=True),
-    "n128s2h-w8": SplitConfig(128, 2, 8, "kernel", hoist=True),
 }
 # Defaults from the session-6 sweep on H200 (benchmarks/results/decode_split_sweep.md: CUDA-graph
 # replays, 8 selections cycled, B 8 / 32 / 64 at 128K): below SMALL_ROWS rows (batch < 16 at M3's
@@ -586,7 +569,6 @@ def sparse_decode_split(
         NC=max(16, min(RANK_CHUNK, triton.next_power_of_2(scores.shape[1]))) if select else 16,
         PPS=max(2, triton.next_power_of_2(pages_per_split)),
         K_PAD=max(2, triton.next_power_of_2(topk - 1)),
-        HOIST=cfg.hoist and not select,
         num_warps=warps,
         num_stages=stages,
         **launch_kwargs(pdl, cfg.maxnreg),
