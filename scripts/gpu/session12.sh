@@ -34,6 +34,9 @@
 #   call 6 (1 GPU):   the split decode attention with each split's first page hoisted above the
 #                     seq_lens load, and whole-page (n128) tiles: sweep_kernels.py decode-split
 #                     --focus at B8 / B32 (hoisted and not, side by side); the decode GPU tests first.
+#   call 7 (1 GPU):   for the next session's issue 5 work: Nsight Compute on the prefill main
+#                     kernel and the combine at 128K, 64 / 4 (stall reasons, occupancy, memory),
+#                     if ncu is on the machine and may read the counters; else which tools are.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CALL="${1:?usage: session12.sh 1..}"
@@ -95,6 +98,20 @@ case "$CALL" in
     timeout 300 python3 benchmarks/sweep_kernels.py decode-split --focus --batches 8,32 \
         --out "$OUT/ds" 2>&1 | grep -v Warning | tail -n 20 > "$OUT/ds.txt"
     cp "$OUT"/ds/sweep_*.json "$OUT/" 2>/dev/null
+    ;;
+7)  # one GPU
+    NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+    { echo "ncu: ${NCU:-none}"; ls /usr/local/cuda*/bin 2>/dev/null | grep -i -E "ncu|nsys|nsight" ; } \
+        > "$OUT/tools.txt"
+    if [ -n "$NCU" ]; then
+        for k in _block_major_kernel _combine_kernel; do
+            timeout 240 "$NCU" --profile-from-start off -k "regex:$k" -c 1 --section SpeedOfLight \
+                --section Occupancy --section LaunchStats --section WarpStateStats \
+                --section MemoryWorkloadAnalysis --section SchedulerStats \
+                python3 scripts/gpu/ncu_prefill.py > "$OUT/ncu_$k.txt" 2>&1
+            grep -v "^==PROF==" "$OUT/ncu_$k.txt" | tail -n 120 > "$OUT/ncu_${k}_tail.txt"
+        done
+    fi
     ;;
 *) echo "unknown call $CALL"; exit 2 ;;
 esac
