@@ -37,6 +37,7 @@
 #   call 7 (1 GPU):   for the next session's issue 5 work: Nsight Compute on the prefill main
 #                     kernel and the combine at 128K, 64 / 4 (stall reasons, occupancy, memory),
 #                     if ncu is on the machine and may read the counters; else which tools are.
+#   call 8 (1 GPU):   every GPU test of the kernels, the backend and the model on the final tree.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CALL="${1:?usage: session12.sh 1..}"
@@ -112,6 +113,10 @@ case "$CALL" in
             grep -v "^==PROF==" "$OUT/ncu_$k.txt" | tail -n 120 > "$OUT/ncu_${k}_tail.txt"
         done
     fi
+    ;;
+8)  # one GPU
+    PYTHONPATH="$PWD/tests/sgl_kernel_standin:$PYTHONPATH" timeout 540 $GT tests/kernels \
+        tests/backend tests/model 2>&1 | tail -n 15 > "$OUT/gpu_tests.txt"
     ;;
 *) echo "unknown call $CALL"; exit 2 ;;
 esac
