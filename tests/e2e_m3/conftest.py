@@ -77,6 +77,18 @@ def greedy_logprobs() -> Callable[[Any, list[int], int], dict[str, Any]]:
 
 
 @pytest.fixture(scope="session")
+def logprob_values() -> Callable[[dict[str, Any], str], list[float]]:
+    """``values(response, key)``: the logprobs of a greedy_logprobs response's
+    ``meta_info[key]`` (input_token_logprobs / output_token_logprobs), the first prompt
+    position's None left out."""
+
+    def values(response: dict[str, Any], key: str) -> list[float]:
+        return [x[0] for x in response["meta_info"][key] if x[0] is not None]
+
+    return values
+
+
+@pytest.fixture(scope="session")
 def m3_server(m3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     log = tmp_path_factory.mktemp("m3-server") / "server.log"
     server = _m3_cpu_server(m3_dir, log, "--enable-cache-report")

@@ -82,15 +82,17 @@ def _prompt(n: int, seed: int) -> list[int]:
 @pytest.mark.slow
 @pytest.mark.parametrize("n", LENGTHS)
 def test_tp2_equals_tp1(
-    servers: tuple[Any, Any], greedy_logprobs: Callable[..., Any], n: int
+    servers: tuple[Any, Any],
+    greedy_logprobs: Callable[..., Any],
+    logprob_values: Callable[..., list[float]],
+    n: int,
 ) -> None:
     tp1, tp2 = servers
     ids = _prompt(n, seed=2000 + n)
     a, b = greedy_logprobs(tp1, ids, NEW), greedy_logprobs(tp2, ids, NEW)
     assert a["output_ids"] == b["output_ids"]
     for key in ("input_token_logprobs", "output_token_logprobs"):
-        la = torch.tensor([x[0] for x in a["meta_info"][key] if x[0] is not None])
-        lb = torch.tensor([x[0] for x in b["meta_info"][key] if x[0] is not None])
+        la, lb = torch.tensor(logprob_values(a, key)), torch.tensor(logprob_values(b, key))
         assert la.shape == lb.shape and la.numel() >= (NEW if key[0] == "o" else n - 1)
         err = (la - lb).abs()
         assert err.max() < ATOL, f"{key}: max |Δ| {err.max():.2e} at {int(err.argmax())}"

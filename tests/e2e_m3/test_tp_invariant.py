@@ -57,7 +57,10 @@ def servers(
 @pytest.mark.slow
 @pytest.mark.parametrize("n", LENGTHS)
 def test_tp2_bit_identical_to_tp1(
-    servers: tuple[Any, Any], greedy_logprobs: Callable[..., Any], n: int
+    servers: tuple[Any, Any],
+    greedy_logprobs: Callable[..., Any],
+    logprob_values: Callable[..., list[float]],
+    n: int,
 ) -> None:
     tp1, tp2 = servers
     g = torch.Generator().manual_seed(3000 + n)
@@ -65,8 +68,7 @@ def test_tp2_bit_identical_to_tp1(
     a, b = greedy_logprobs(tp1, ids, NEW), greedy_logprobs(tp2, ids, NEW)
     assert a["output_ids"] == b["output_ids"]
     for key in ("input_token_logprobs", "output_token_logprobs"):
-        la = [x[0] for x in a["meta_info"][key] if x[0] is not None]
-        lb = [x[0] for x in b["meta_info"][key] if x[0] is not None]
+        la, lb = logprob_values(a, key), logprob_values(b, key)
         assert len(la) == len(lb) >= (NEW if key[0] == "o" else n - 1)
         diff = [i for i, (x, y) in enumerate(zip(la, lb, strict=True)) if x != y]
         assert not diff, (
@@ -77,14 +79,16 @@ def test_tp2_bit_identical_to_tp1(
 
 @pytest.mark.slow
 def test_invariant_mode_is_the_same_model(
-    servers: tuple[Any, Any], m3_server: Any, greedy_logprobs: Callable[..., Any]
+    servers: tuple[Any, Any],
+    m3_server: Any,
+    greedy_logprobs: Callable[..., Any],
+    logprob_values: Callable[..., list[float]],
 ) -> None:
     """The mode's TP 1 = the plain TP 1 server: same greedy tokens, logprobs within 1e-4."""
     ids = torch.randint(10, 600, (222,), generator=torch.Generator().manual_seed(7)).tolist()
     a, b = greedy_logprobs(servers[0], ids, NEW), greedy_logprobs(m3_server, ids, NEW)
     assert a["output_ids"] == b["output_ids"]
     for key in ("input_token_logprobs", "output_token_logprobs"):
-        la = torch.tensor([x[0] for x in a["meta_info"][key] if x[0] is not None])
-        lb = torch.tensor([x[0] for x in b["meta_info"][key] if x[0] is not None])
+        la, lb = torch.tensor(logprob_values(a, key)), torch.tensor(logprob_values(b, key))
         assert la.shape == lb.shape and la.numel() >= NEW
         assert (la - lb).abs().max() < 1e-4
