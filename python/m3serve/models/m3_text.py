@@ -291,6 +291,11 @@ class M3Attention(nn.Module):
             _free(self.qkv_proj.weight)
             _free(self.o_proj.weight)
 
+    def _cos_sin(self, x: torch.Tensor, positions: torch.Tensor):
+        """The layer's cos/sin, computed once for its norm + RoPE calls; None where those run as
+        the fused kernel, which computes its own."""
+        return None if fused_ok(x) else self.rope.cos_sin(positions)
+
     def _norm_rope(self, norm: GemmaRMSNorm, x: torch.Tensor, positions, cs) -> torch.Tensor:
         """rope(norm(x)) for x [T, H, D], contiguous (one Triton kernel on CUDA: ops.norm_rope)."""
         return norm_rope(norm, self.rope, x, positions, cs).contiguous()
@@ -298,7 +303,7 @@ class M3Attention(nn.Module):
     def forward_invariant(self, positions: torch.Tensor, x: torch.Tensor, fb: Any) -> torch.Tensor:
         """TP-invariant mode (models/invariant.py): each shard as a TP-2 rank would run it."""
         t, d, hs, ks = x.shape[0], self.head_dim, self.shard_heads, self.shard_kv
-        cs = None if fused_ok(x) else self.rope.cos_sin(positions)
+        cs = self._cos_sin(x, positions)
         if self.sparse:
             iq_all = self.index_q_proj(x)[0].view(t, self.idx_heads, self.idx_dim)
             ik, _ = self.index_k_proj(x)
@@ -331,7 +336,7 @@ class M3Attention(nn.Module):
             ],
             dim=-1,
         )
-        cs = None if fused_ok(x) else self.rope.cos_sin(positions)
+        cs = self._cos_sin(x, positions)
         q = self._norm_rope(self.q_norm, q.view(t, self.num_heads, self.head_dim), positions, cs)
         k = self._norm_rope(self.k_norm, k.view(t, self.num_kv, self.head_dim), positions, cs)
         v = v.view(t, self.num_kv, self.head_dim)
