@@ -1,8 +1,9 @@
 """The per-thread buffer pool (smg-core image/buffers.rs) never leaks one image into the next.
 
 Decoded pixels come from a reused buffer (the small slots up to 8 MiB, and since session 10 one
-large slot up to 40 MiB for photos of up to 12.6 megapixels), so a decoder or resampler that
-left bytes unwritten would show the previous image's pixels. Each case preprocesses B alone,
+large slot up to 40 MiB for photos of up to 12.6 megapixels; on Linux, since session 13, a
+huge-page mapping), so a decoder or resampler that left bytes unwritten would show the previous
+image's pixels. Each case preprocesses B alone,
 then a different A (which leaves its buffers in the pool), then B again: B's patches and its
 resized pixels must be identical both times.
 """

@@ -19,7 +19,7 @@ const SIZES: [(u32, u32); 3] = [(640, 480), (1280, 960), (4032, 3024)];
 
 fn jpeg(img: &DecodedImage) -> Vec<u8> {
     let image = turbojpeg::Image {
-        pixels: img.rgb.as_slice(),
+        pixels: &img.rgb[..],
         width: img.width as usize,
         pitch: img.width as usize * 3,
         height: img.height as usize,

@@ -30,7 +30,7 @@ fn synthetic_jpeg(w: u32, h: u32) -> Vec<u8> {
     let full = synthetic(w, h);
     turbojpeg::compress(
         turbojpeg::Image {
-            pixels: full.rgb.as_slice(),
+            pixels: &full.rgb,
             width: w as usize,
             pitch: w as usize * 3,
             height: h as usize,

@@ -18,6 +18,6 @@ pub fn synthetic(w: u32, h: u32) -> DecodedImage {
     DecodedImage {
         width: w,
         height: h,
-        rgb,
+        rgb: rgb.into(),
     }
 }

@@ -18,6 +18,7 @@
 
 use std::io::Cursor;
 
+use super::buffers::PixelBuf;
 use super::{exif, ImageError, ImageOptions};
 
 /// 8-bit interleaved RGB, row-major, `width * height * 3` bytes.
@@ -25,7 +26,8 @@ use super::{exif, ImageError, ImageOptions};
 pub struct DecodedImage {
     pub width: u32,
     pub height: u32,
-    pub rgb: Vec<u8>,
+    /// A `Vec` or, for large images, a huge-page mapping from the pool (see `buffers`).
+    pub rgb: PixelBuf,
 }
 
 /// Container formats recognised from magic bytes.
@@ -141,7 +143,7 @@ fn decode_jpeg(bytes: &[u8], opts: &ImageOptions) -> Result<(DecodedImage, u16),
     // From the per-thread pool (see `buffers`): the decoder writes every byte.
     let mut rgb = super::buffers::take(w * h * 3);
     let out = turbojpeg::Image {
-        pixels: rgb.as_mut_slice(),
+        pixels: &mut rgb[..],
         width: w,
         pitch: w * 3,
         height: h,
@@ -329,7 +331,8 @@ fn decode_webp(bytes: &[u8], opts: &ImageOptions) -> Result<(DecodedImage, u16),
         rgb
     } else {
         buf
-    };
+    }
+    .into();
     let orientation = dec
         .exif_metadata()
         .ok()
@@ -377,6 +380,6 @@ fn decode_gif(bytes: &[u8], opts: &ImageOptions) -> Result<DecodedImage, ImageEr
     Ok(DecodedImage {
         width: sw as u32,
         height: sh as u32,
-        rgb,
+        rgb: rgb.into(),
     })
 }

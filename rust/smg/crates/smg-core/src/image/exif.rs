@@ -80,6 +80,6 @@ pub fn apply(img: DecodedImage, o: u16) -> DecodedImage {
     DecodedImage {
         width: ow as u32,
         height: oh as u32,
-        rgb: out,
+        rgb: out.into(),
     }
 }

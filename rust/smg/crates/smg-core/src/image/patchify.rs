@@ -412,7 +412,7 @@ mod tests {
         let img = DecodedImage {
             width: w,
             height: h,
-            rgb: rgb.clone(),
+            rgb: rgb.clone().into(),
         };
         let (got, gh, gw) = normalize_patchify(&img);
         assert_eq!((gh, gw), (4, 6));

@@ -13,7 +13,8 @@
 //! away from zero, which is what both reference kernels compute (in any tap order: the sum is
 //! exact in i32).
 
-use super::{buffers, DecodedImage};
+use super::buffers::{self, PixelBuf};
+use super::DecodedImage;
 
 #[cfg(target_arch = "x86_64")]
 pub(super) mod avx2;
@@ -328,11 +329,11 @@ fn resize_impl(img: &DecodedImage, out_w: u32, out_h: u32, precision: Precision)
         return DecodedImage {
             width: out_w,
             height: out_h,
-            rgb,
+            rgb: rgb.into(),
         };
     }
     let mut rgb = if ow == in_w {
-        img.rgb.clone()
+        img.rgb.to_vec()
     } else {
         hpass(&img.rgb, in_h, in_w, &axis_weights(in_w, ow, precision))
     };
@@ -342,7 +343,7 @@ fn resize_impl(img: &DecodedImage, out_w: u32, out_h: u32, precision: Precision)
     DecodedImage {
         width: out_w,
         height: out_h,
-        rgb,
+        rgb: rgb.into(),
     }
 }
 
@@ -392,7 +393,7 @@ impl pulp::WithSimd for ResizeTorchV3<'_> {
         let (hw, vw) = (hx.w16.as_deref()?, vy.w16.as_deref()?);
         let (hx, vy) = (&hx.ax, &vy.ax);
         // Both outputs come from the per-thread pool: every byte is written, no zeroing.
-        let mut h_out = Vec::new();
+        let mut h_out = PixelBuf::default();
         let rows: &[u8] = if ow == in_w {
             &img.rgb
         } else {
@@ -401,7 +402,7 @@ impl pulp::WithSimd for ResizeTorchV3<'_> {
             &h_out
         };
         let rgb = if oh == in_h {
-            rows.to_vec()
+            rows.to_vec().into()
         } else {
             let mut rgb = buffers::take(oh * ow * 3);
             let tail = vertical_strip::<i16, V_CHUNK>;
