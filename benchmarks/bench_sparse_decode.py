@@ -37,7 +37,6 @@ Usage: python benchmarks/bench_sparse_decode.py [--batches 1,8,32,64] [--context
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import math
@@ -162,22 +161,6 @@ def decode_step(
         *args, out=ids, max_seq_len=max_seq_len, workspace=ws, q_fp8=q_fp8, fuse_topk=fuse
     )
     w.run(q, k, v, page_table, ids, scale, out=out)
-
-
-@contextlib.contextmanager
-def tma_keys(fp8: bool):
-    """The decode scoring launch for bf16 (or FP8) keys with the TMA option on, in this scope."""
-    from m3serve.kernels.msa import index_select as isel
-
-    name = "DECODE_SCORE_LAUNCH_FP8" if fp8 else "DECODE_SCORE_LAUNCH"
-    saved = getattr(isel, name)
-    base = tuple(saved[:5])
-    base += (True, None)[len(base) - 3 :]  # (warps, stages, waves, balanced, maxnreg)
-    setattr(isel, name, (*base, 1))
-    try:
-        yield
-    finally:
-        setattr(isel, name, saved)
 
 
 def capture(fn) -> torch.cuda.CUDAGraph:
@@ -439,14 +422,6 @@ def run_case(b: int, n: int, sglang_fn, peak: float) -> dict[str, Any]:
         print(f"  dense FlashInfer under a CUDA graph: {type(err).__name__}: {str(err)[:200]}")
     res["step_bf16_cycle_ms"] = graph_cycle_ms(step_i(False), STEP_CYCLE, STEP_CYCLE)
     res["step_fp8_cycle_ms"] = graph_cycle_ms(step_i(True), STEP_CYCLE, STEP_CYCLE)
-    # session 13: the scoring launch with its keys through a TMA descriptor, same cycle
-    for fp8 in (False, True):
-        with tma_keys(fp8):
-            key = f"step_{'fp8' if fp8 else 'bf16'}_tma_cycle_ms"
-            try:
-                res[key] = graph_cycle_ms(step_i(fp8), STEP_CYCLE, STEP_CYCLE)
-            except Exception as err:
-                print(f"  {key}: {type(err).__name__}: {str(err)[:200]}")
 
     # -- SGLang 0.5.23 on the same values, token-major (its layout) --
     if sglang_fn is not None:

@@ -37,7 +37,6 @@ Usage: PYTHONPATH=python:<sglang site> python benchmarks/bench_sparse_prefill.py
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import math
@@ -324,30 +323,15 @@ def full_case(x, fns, tile: dict[str, Any], with_sglang: bool) -> dict[str, Any]
     return r
 
 
-SWEEP = [  # (BLOCK_M, ITEM_Q, hoist K/V, prefetch, unrolled combine, mask decided per item)
-    # session 13: the causal mask decided once per work item vs per tile, at ITEM_Q 64 / 128
-    # (earlier sessions swept BLOCK_M 128, ITEM_Q 256, no prefetch, K/V per tile, the unrolled
-    # combine: all slower, sparse_prefill.md)
-    (64, 64, True, True, False, False),
-    (64, 64, True, True, False, True),
-    (64, 128, True, True, False, False),
-    (64, 128, True, True, False, True),
+SWEEP = [  # (BLOCK_M, ITEM_Q, hoist K/V, prefetch, unrolled combine)
+    (64, 64, True, False, False),
+    (64, 64, True, True, False),
+    (64, 64, True, True, True),
+    (64, 128, True, True, False),
+    (64, 256, True, True, False),
+    (128, 64, True, True, False),
+    (64, 64, False, True, False),
 ]
-
-
-@contextlib.contextmanager
-def item_mask(on: bool | None):
-    """The main kernel's mask decided per work item (True) or per tile (False) in this scope;
-    None leaves the default."""
-    from m3serve.kernels.msa import sparse_prefill_triton as spt
-
-    saved = spt.ITEM_MASK
-    if on is not None:
-        spt.ITEM_MASK = bool(on)
-    try:
-        yield
-    finally:
-        spt.ITEM_MASK = saved
 
 
 def sweep(fns) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, float]]:
@@ -366,15 +350,13 @@ def sweep(fns) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, float]]:
     ref_out = wq.run(x["q"], x["k"], x["v"], ids, sm)
     rows = []
     best, best_ms = {}, float("inf")
-    for bm, iq, hoist, pf, un, im in SWEEP:
+    for bm, iq, hoist, pf, un in SWEEP:
         tile = dict(block_m=bm, item_q=iq, hoist_kv=hoist, prefetch=pf, combine_unroll=un)
         try:
-            with item_mask(im):
-                w, _ = wrapper(x, **tile)
-                out = w.run(x["q"], x["k"], x["v"], ids, sm)
-                err = max_err(out, ref_out)
-                ms = bench(lambda w=w, out=out: w.run(x["q"], x["k"], x["v"], ids, sm, out=out))
-            tile["item_mask"] = im
+            w, _ = wrapper(x, **tile)
+            out = w.run(x["q"], x["k"], x["v"], ids, sm)
+            err = max_err(out, ref_out)
+            ms = bench(lambda w=w, out=out: w.run(x["q"], x["k"], x["v"], ids, sm, out=out))
         except Exception as err:
             print(f"[sweep {tile} failed: {type(err).__name__}: {str(err)[:300]}]")
             continue
@@ -386,8 +368,7 @@ def sweep(fns) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, float]]:
         torch.cuda.empty_cache()
     phases: dict[str, float] = {}
     try:
-        spt_mask = best.get("item_mask")
-        w, _ = wrapper(x, **{k: v for k, v in best.items() if k != "item_mask"})
+        w, _ = wrapper(x, **best)
         p, m = w.p, w.p.meta
         out = w.run(x["q"], x["k"], x["v"], ids, sm)
 
@@ -405,9 +386,7 @@ def sweep(fns) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, float]]:
             launch_combine(p.o_part, p.lse_part, ids, m.q_pos, out, None, p.num_kv_heads,
                            p.block, p.combine_unroll)  # fmt: skip
 
-        with item_mask(spt_mask):
-            main_ms = bench(main_k)
-        phases = {"index_build_ms": bench(build), "main_kernel_ms": main_ms,
+        phases = {"index_build_ms": bench(build), "main_kernel_ms": bench(main_k),
                   "combine_ms": bench(combine), "work_items": int(p.item_ptr[-1]),
                   "partials_GB": p.o_part.numel() * p.o_part.element_size() / 1e9}  # fmt: skip
         print("phases (128K, 64/4):", phases, flush=True)
@@ -578,8 +557,7 @@ def write_markdown(doc: dict[str, Any], path: Path) -> None:
     if doc.get("sweep"):
         lines += ["", "Tile sweep (128K, 64/4, main branch ms): " + ", ".join(
             f"BLOCK_M={s['block_m']} ITEM_Q={s['item_q']} hoist={s['hoist_kv']} "
-            f"prefetch={s['prefetch']} unroll={s['combine_unroll']} "
-            f"item_mask={s.get('item_mask')}: {s['ms']:.3f}"
+            f"prefetch={s['prefetch']} unroll={s['combine_unroll']}: {s['ms']:.3f}"
             for s in doc["sweep"])]  # fmt: skip
     if doc.get("phases"):
         lines += ["", f"Phases of the chosen tile (128K, 64/4): {json.dumps(doc['phases'])}"]
@@ -691,11 +669,7 @@ def main() -> None:
             block_m=bm, item_q=iq, hoist_kv=bool(h), prefetch=bool(pf), combine_unroll=bool(un)
         )
     if args.sweep:
-        from m3serve.kernels.msa import sparse_prefill_triton as spt
-
         tile, doc["sweep"], doc["phases"] = sweep(fns)
-        spt.ITEM_MASK = bool(tile.pop("item_mask", spt.ITEM_MASK))  # the winner's, from here on
-        doc["item_mask"] = spt.ITEM_MASK
     doc["tile"] = tile or "default"
     for ctx in [int(c) for c in args.contexts.split(",") if c]:
         for hq, hkv in HEADS:

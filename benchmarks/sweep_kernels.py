@@ -152,12 +152,7 @@ def decode_select(args: argparse.Namespace) -> list[dict[str, Any]]:
     # resident slots (balanced) instead of a power-of-two chunk at ~waves programs per SM
     # session 7 (2nd sweep): a register cap (maxnreg) for more programs per SM — the decode tile
     # compiles to mma.sync with plain loads, so programs per SM set the bytes in flight
-    # session 13: the keys through a TMA descriptor (launch[5] = 1; bulk async copies that the
-    # pipeliner stages in shared memory, so stages, not registers, set the bytes in flight),
-    # beside both defaults
-    grid = [(4, 3, 4, True, None, 0), (4, 5, 4, True, 128, 0)] + [
-        (4, st, w, True, None, 1) for st in (2, 3, 4, 5) for w in (2, 3, 4)
-    ]
+    grid = [(4, st, w, True, mx) for st in (5, 3) for w in (4, 5, 6) for mx in (None, 128, 96)]
     rows: list[dict[str, Any]] = []
     t_end = time.time() + args.budget_s
     for b, n in ((8, 131072), (8, 1048576), (1, 1048576), (32, 131072), (32, 32768)):
@@ -212,7 +207,7 @@ def decode_select_case(b, n, grid, peak, t_end) -> list[dict[str, Any]]:
             rows.append(
                 dict(
                     mode=mode, batch=b, context=n, warps=launch[0], stages=launch[1],
-                    waves=launch[2], balanced=launch[3], maxnreg=launch[4], tma=launch[5], ms=ms, GBps=nbytes / ms / 1e6,
+                    waves=launch[2], balanced=launch[3], maxnreg=launch[4], ms=ms, GBps=nbytes / ms / 1e6,
                     pct_peak=100 * nbytes / (ms * 1e-3) / peak, rows_same_as_first=same,
                 )
             )  # fmt: skip
@@ -222,7 +217,6 @@ def decode_select_case(b, n, grid, peak, t_end) -> list[dict[str, Any]]:
             print(
                 f"  {r['ms'] * 1e3:7.1f} us {r['pct_peak']:4.0f}%  w{r['warps']} s{r['stages']}"
                 f" waves {r['waves']} {'balanced' if r['balanced'] else 'pow2'} maxnreg {r['maxnreg']}"
-                f" tma {r['tma']}"
                 f" same {r['rows_same_as_first']:.3f}"
                 + (
                     "  (default)"

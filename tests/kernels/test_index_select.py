@@ -266,8 +266,7 @@ def test_decode_split_k_chunks_fill_the_slots_once():
 @pytest.mark.parametrize("fp8", [False, True])
 def test_decode_launch_configs_agree(fp8):
     """``launch=`` (warps, stages, programs per SM) moves the split-K chunk boundaries (and with
-    FP8 keys the scale prefetch's last, masked block); every launch gives the reference's ids,
-    the last one with the keys loaded through a TMA descriptor."""
+    FP8 keys the scale prefetch's last, masked block); every launch gives the reference's ids."""
     gen = torch.Generator().manual_seed(17 + fp8)
     seq_lens, block, groups, d, topk = [5000, 777, 129], 128, 4, 32, 8
     cache, scale, pt = make_paged_index_cache(seq_lens, block, d, gen, fp8)
@@ -276,7 +275,7 @@ def test_decode_launch_configs_agree(fp8):
     args = _to(DEV, iq, cache, scale, pt, seq)
     cu_q = torch.arange(len(seq_lens) + 1, dtype=torch.int32, device=DEV)
     iq_, cache_, scale_, pt_, seq_ = args
-    for launch in ((4, 3, 4), (4, 5, 1), (8, 2, 8), (4, 5, 3, False), (4, 3, 6, True, 128), (4, 5, 4, True, 0, 1)):
+    for launch in ((4, 3, 4), (4, 5, 1), (8, 2, 8), (4, 5, 3, False), (4, 3, 6, True, 128)):
         got = select_blocks_decode(*args, 1, topk, launch=launch)
         _check(got, iq_, cache_, scale_, pt_, cu_q, seq_ - 1, seq_, topk)
 
@@ -380,10 +379,7 @@ def test_launcher_names_the_failed_constraint():
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("fp8", [False, True])
-@pytest.mark.parametrize("tma", [False, True])
-def test_gpu_decode_long_contexts_and_graph(fp8, tma):
-    """Long rows, poisoned outputs, graph replay == eager; keys by pointer loads or by a TMA
-    descriptor (the launch option)."""
+def test_gpu_decode_long_contexts_and_graph(fp8):
     gen = torch.Generator().manual_seed(21)
     seq_lens = [32768 + 77, 131072, 4099, 2, 262144 - 5]  # ≥ Q = 2
     q_per_req, block, groups, d, topk = 2, 128, 4, 128, 16
@@ -394,16 +390,14 @@ def test_gpu_decode_long_contexts_and_graph(fp8, tma):
     iq, cache, scale, pt, seq = _to("cuda", iq, cache, scale, pt, seq)
     out = torch.full((groups, batch * q_per_req, topk), 12345, dtype=torch.int32, device="cuda")
     ws = DecodeSelectWorkspace(batch * q_per_req * groups, pt.shape[1], "cuda")
-    launch = (4, 5, 4, True, 128, 1) if tma else None
-    kw = {"out": out, "workspace": ws, "launch": launch}
-    select_blocks_decode(iq, cache, scale, pt, seq, q_per_req, topk, **kw)
+    select_blocks_decode(iq, cache, scale, pt, seq, q_per_req, topk, out=out, workspace=ws)
     cu_q = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * q_per_req
     _check(out, iq, cache, scale, pt, cu_q, seq - q_per_req, seq, topk)
     eager = out.clone()
     # CUDA graph: capture once, change the inputs in place, replay
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        select_blocks_decode(iq, cache, scale, pt, seq, q_per_req, topk, **kw)
+        select_blocks_decode(iq, cache, scale, pt, seq, q_per_req, topk, out=out, workspace=ws)
     out.fill_(12345)
     graph.replay()
     torch.cuda.synchronize()

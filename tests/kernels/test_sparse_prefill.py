@@ -17,7 +17,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from m3serve.kernels.msa import reference as ref
-from m3serve.kernels.msa import sparse_prefill_triton
 from m3serve.kernels.msa.sparse_prefill import (
     SparsePrefillWrapper,
     sparse_prefill_attention,
@@ -104,10 +103,8 @@ def test_block_major_fuzz(case):
     torch.testing.assert_close(lse, expect_lse, atol=2e-2, rtol=1e-3)
 
 
-def test_plan_reused_across_layers_and_tiles(monkeypatch):
-    """One plan, several layers (different selections): the counts must come back to zero.
-    Runs the main kernel's per-tile mask decision (ITEM_MASK off) too."""
-    monkeypatch.setattr(sparse_prefill_triton, "ITEM_MASK", False)
+def test_plan_reused_across_layers_and_tiles():
+    """One plan, several layers (different selections): the counts must come back to zero."""
     block, d, k, hq, hkv = 32, 32, 4, 8, 2
     tensors, gen = make_batch([150, 40], [70, 40], block, hq, hkv, d, seed=7)
     q, kc, vc, pt, cu_q, prefix, seq = tensors
@@ -194,7 +191,7 @@ def test_public_function_and_errors():
 @gpu
 @pytest.mark.parametrize("hq,hkv", [(64, 4), (16, 1), (8, 8)])
 @pytest.mark.parametrize("variant", ["block_major", "block_major_plain", "query_major"])
-def test_gpu_m3_shapes(variant, hq, hkv, monkeypatch):
+def test_gpu_m3_shapes(variant, hq, hkv):
     block, d, k = 128, 128, 16
     seq_lens, q_lens = [6000, 1111, 3000], [1024, 1111, 333]  # chunk after a prefix, odd tails
     tensors, gen = make_batch(seq_lens, q_lens, block, hq, hkv, d, seed=hq)
@@ -203,7 +200,6 @@ def test_gpu_m3_shapes(variant, hq, hkv, monkeypatch):
     kw = {}
     if variant == "block_major_plain":
         variant, kw = "block_major", dict(prefetch=False, combine_unroll=False, hoist_kv=False)
-        monkeypatch.setattr(sparse_prefill_triton, "ITEM_MASK", False)
     out, _ = run_wrapper(variant, tensors, topk_ids, block, k, **kw)
     expect = ref.ref_sparse_attention(q, kc, vc, pt, cu_q, prefix, seq, topk_ids, 1 / math.sqrt(d))
     check(out, expect)

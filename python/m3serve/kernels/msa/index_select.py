@@ -112,15 +112,9 @@ def _page_scales(ks_ptr, page, stride_sp, tok):
 
 
 @triton.jit
-def _load_k(k_ptr, page, stride_kp, stride_kb, tok, d, BLOCK: tl.constexpr, TMA: tl.constexpr):
-    """One page's index keys [BLOCK, D] in their storage dtype (bf16, or e4m3). TMA: ``k_ptr``
-    is a tensor descriptor over the cache viewed as [pages · BLOCK, D] (one bulk async copy per
-    page into shared memory, which the pipeliner stages without registers)."""
-    if TMA:
-        k = k_ptr.load([(page * BLOCK).to(tl.int32), 0])
-    else:
-        k = tl.load(k_ptr + page * stride_kp + tok[:, None] * stride_kb + d[None, :])
-    return k
+def _load_k(k_ptr, page, stride_kp, stride_kb, tok, d):
+    """One page's index keys [BLOCK, D] in their storage dtype (bf16, or e4m3)."""
+    return tl.load(k_ptr + page * stride_kp + tok[:, None] * stride_kb + d[None, :])
 
 
 @triton.jit
@@ -165,8 +159,6 @@ def _score_blocks(
     IS_FP8: tl.constexpr,
     K_MAJOR: tl.constexpr,
     Q_FP8: tl.constexpr,
-    BLOCK: tl.constexpr,
-    TMA: tl.constexpr,
 ):
     """Blocks j0 ≤ j < j1 of one page-table row: each row's max score per block into
     sc_row[:, j] (rows with store_ok and j < row_lim). Both scoring kernels' loop."""
@@ -181,7 +173,7 @@ def _score_blocks(
             pg_next = _page_at(pt_row, j + 2, j1)
         else:
             ks = tok  # unused
-        k = _load_k(k_ptr, page, stride_kp, stride_kb, tok, d, BLOCK, TMA)
+        k = _load_k(k_ptr, page, stride_kp, stride_kb, tok, d)
         m = _score_k(q, k, ks, IS_FP8, K_MAJOR)
         if Q_FP8:
             # a positive per-row factor commutes with the max (rounding is monotone)
@@ -247,7 +239,7 @@ def _prefill_block_scores_kernel(
         sc_row = sc_ptr + row * stride_sc
         _score_blocks(
             q, q_scale, k_ptr, ks_ptr, pt_row, sc_row, row_ok, loc, 0, lmax, stride_kp,
-            stride_kb, stride_sp, tok, d, IS_FP8, K_MAJOR, Q_FP8, BLOCK, False,
+            stride_kb, stride_sp, tok, d, IS_FP8, K_MAJOR, Q_FP8,
         )  # fmt: skip
 
 
@@ -289,7 +281,6 @@ def _decode_block_scores_kernel(
     TILE_R: tl.constexpr,
     BLOCK_NC: tl.constexpr,
     PDL: tl.constexpr,
-    TMA: tl.constexpr = False,
 ):
     pdl_prologue(PDL)
     # -- program (b, split): one of the grid's splits of request b's *visible* blocks, all Q·G
@@ -328,7 +319,7 @@ def _decode_block_scores_kernel(
         sc_row = sc_ptr + row * stride_sc
         _score_blocks(
             q, q_scale, k_ptr, ks_ptr, pt_row, sc_row, row_ok, j1, j0, j1, stride_kp,
-            stride_kb, stride_sp, tok, d, IS_FP8, K_MAJOR, Q_FP8, BLOCK, TMA,
+            stride_kb, stride_sp, tok, d, IS_FP8, K_MAJOR, Q_FP8,
         )  # fmt: skip
     if FUSE_TOPK:
         # -- the request's last program to finish ranks its Q·G rows (one launch per step):
@@ -564,28 +555,8 @@ DECODE_SCORE_LAUNCH = (4, 3, 4)
 DECODE_SCORE_LAUNCH_FP8 = (4, 5, 4, True, 128)
 
 
-def _key_descriptor(index_k_cache: torch.Tensor):
-    """A TMA tensor descriptor over the index-K cache viewed as [pages · BLOCK, D], one page
-    per box (the decode scoring's ``TMA`` launch option), or the cache itself where a
-    descriptor cannot describe it (a strided view, or a pointer not 16-byte aligned)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    pages, block, d = index_k_cache.shape
-    ok = (
-        index_k_cache.stride(2) == 1
-        and index_k_cache.stride(0) == block * index_k_cache.stride(1)
-        and (index_k_cache.stride(1) * index_k_cache.element_size()) % 16 == 0
-        and index_k_cache.data_ptr() % 16 == 0
-    )
-    if not ok:
-        return index_k_cache
-    flat = index_k_cache.as_strided((pages * block, d), (index_k_cache.stride(1), 1))
-    return TensorDescriptor.from_tensor(flat, [block, d])
-
-
 def _launch_env(name: str, default: tuple) -> tuple:
-    """M3SERVE_DECODE_SCORE_LAUNCH(_FP8)="warps,stages,waves[,balanced[,maxnreg[,tma]]]"
-    (sweeps; maxnreg 0 = no cap; tma 1 = keys through a TMA descriptor, _key_descriptor)."""
+    """M3SERVE_DECODE_SCORE_LAUNCH(_FP8)="warps,stages,waves[,balanced[,maxnreg]]" (sweeps)."""
     spec = os.environ.get(name)
     if not spec:
         return default
@@ -693,7 +664,7 @@ def select_blocks_decode(
     orientation (a benchmark knob; queries-as-A, the default, measured faster for FP8 too).
     ``q_fp8``: as in ``select_blocks_prefill`` (FP8 keys only; e4m3 × e4m3 scoring). The block
     scores stay in ``workspace.scores`` (columns below each row's local block). ``launch``:
-    (warps, stages, programs per SM[, balanced[, maxnreg[, tma]]]) of the scoring kernel, default
+    (warps, stages, programs per SM[, balanced[, maxnreg]]) of the scoring kernel, default
     DECODE_SCORE_LAUNCH(_FP8); see decode_blocks_per_program.
     ``fuse_topk``: rank inside the scoring launch (each request's last program to finish runs the
     exact top-k over its Q·G rows: one kernel per step) instead of a second top-k launch;
@@ -765,8 +736,6 @@ def _decode_select(
     warps, stages, waves = launch[:3]
     balanced = bool(launch[3]) if len(launch) > 3 else True
     maxnreg = launch[4] if len(launch) > 4 else None
-    tma = bool(launch[5]) if len(launch) > 5 else False
-    k_arg = _key_descriptor(index_k_cache) if tma else index_k_cache
     # the grid comes from the width; the kernel cuts each request's visible blocks over grid[1]
     # programs, ≥ MIN_DECODE_CHUNK each
     grid = (
@@ -785,7 +754,7 @@ def _decode_select(
 
     _decode_block_scores_kernel[grid](
         index_q,
-        k_arg,
+        index_k_cache,
         index_k_scale if is_fp8 else index_k_cache,
         page_table,
         seq_lens,
@@ -820,7 +789,6 @@ def _decode_select(
         TILE_R=tile_r,
         BLOCK_NC=block_nc,
         PDL=pdl,
-        TMA=k_arg is not index_k_cache,
         num_warps=warps,
         num_stages=stages,
         **launch_kwargs(pdl, maxnreg),

@@ -76,24 +76,18 @@ def _gather_rows(q_ptr, q_pos_ptr, ent, in_item, hi, head, offs_d, group, stride
 
 @triton.jit
 def _tile(o_part_ptr, lse_part_ptr, q, pos, kt, v, ent, in_item, hi, head, key_pos, key_ok,
-          last_key, need_item, offs_d, group, sm_scale_log2, stride_pe, stride_ph, stride_le,
-          ITEM_MASK: tl.constexpr):  # fmt: skip
+          offs_d, group, sm_scale_log2, stride_pe, stride_ph, stride_le):  # fmt: skip
     """One-block softmax of a tile against the resident K/V block; writes O and lse partials.
 
     A block wholly visible to every row of the tile (all of a query's blocks but its local one,
     unless it is the prompt's partial last block) skips the mask, and O is scaled by one
     reciprocal per row (H200, 128K, 64/4: run() 2.35-2.40 ms vs 2.43-2.49 with the mask and a
-    division everywhere; sparse_prefill.md, session 9). ``last_key``: the block's last key
-    position (int max for a partial block: its missing keys are masked too). ITEM_MASK: whether
-    to mask was decided once per work item (``need_item``), not per tile (a cross-warp min of
-    the tile's positions every tile)."""
+    division everywhere; sparse_prefill.md, session 9)."""
     # -- S = Q·Kᵀ, causal ∩ in-block mask where some key is hidden from some row --
     s = mma(q, kt) * sm_scale_log2
-    if ITEM_MASK:  # noqa: SIM108 (a constexpr branch: only one side is compiled)
-        need = need_item
-    else:
-        need = last_key > tl.min(tl.where(in_item, pos, 2147483647))
-    if need:
+    first_pos = tl.min(tl.where(in_item, pos, 2147483647))
+    last_key = tl.max(tl.where(key_ok, key_pos, 2147483647))
+    if last_key > first_pos:
         keep = (key_pos[None, :] <= pos[:, None]) & key_ok[None, :]
         s = tl.where(keep, s, float("-inf"))
     m = tl.max(s, 1)
@@ -120,7 +114,7 @@ def _tile(o_part_ptr, lse_part_ptr, q, pos, kt, v, ent, in_item, hi, head, key_p
 # stages > 3 only add shared memory (the K/V tile is already resident for the whole item).
 @triton.autotune(
     configs=_configs([(4, 2), (8, 2), (4, 3), (8, 3)]),
-    key=["HEAD_DIM", "BLOCK_N", "GP", "BLOCK_M", "ITEM_Q", "HOIST_KV", "PREFETCH", "ITEM_MASK"],
+    key=["HEAD_DIM", "BLOCK_N", "GP", "BLOCK_M", "ITEM_Q", "HOIST_KV", "PREFETCH"],
 )
 @triton.jit
 def _block_major_kernel(
@@ -161,7 +155,6 @@ def _block_major_kernel(
     ITEM_Q: tl.constexpr,
     HOIST_KV: tl.constexpr,
     PREFETCH: tl.constexpr,
-    ITEM_MASK: tl.constexpr,
 ):
     QPT: tl.constexpr = BLOCK_M // GP
     # -- which work item: (CSR row = KV head × global block, first entry) --
@@ -195,16 +188,6 @@ def _block_major_kernel(
     hi = offs_m % GP
     head = g * group + hi
     key_pos = kv0 + offs_n
-    # the block's last key, past every position for a partial block (its tail is masked)
-    last_key = tl.where(kv_len < BLOCK_N, 2147483647, kv0 + kv_len - 1)
-    need_item = last_key >= 0
-    if ITEM_MASK:
-        # -- mask or not, once for the whole item: does any of its queries precede a key? --
-        offs_i = tl.arange(0, ITEM_Q)
-        in_i = (e0 + offs_i) < e1
-        ent_i = tl.load(entries_ptr + e0 + offs_i, mask=in_i, other=0)
-        pos_i = tl.load(q_pos_ptr + ent_i // TOPK, mask=in_i, other=2147483647)
-        need_item = last_key > tl.min(pos_i)
 
     if PREFETCH:
         # -- software pipeline: entries two tiles ahead, query rows one tile ahead, so the
@@ -223,8 +206,8 @@ def _block_major_kernel(
                 kt = tl.load(k_ptrs, mask=key_ok[None, :], other=0.0)
                 v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
             _tile(o_part_ptr, lse_part_ptr, q, pos, kt, v, ent, (q0 + qi) < e1, hi, head,
-                  key_pos, key_ok, last_key, need_item, offs_d, group, sm_scale_log2,
-                  stride_pe, stride_ph, stride_le, ITEM_MASK)  # fmt: skip
+                  key_pos, key_ok, offs_d, group, sm_scale_log2, stride_pe, stride_ph,
+                  stride_le)  # fmt: skip
             ent = ent_n
             ent_n = ent_nn
             q = q_n
@@ -240,8 +223,7 @@ def _block_major_kernel(
                 kt = tl.load(k_ptrs, mask=key_ok[None, :], other=0.0)
                 v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
             _tile(o_part_ptr, lse_part_ptr, q, pos, kt, v, ent, in_item, hi, head, key_pos,
-                  key_ok, last_key, need_item, offs_d, group, sm_scale_log2, stride_pe,
-                  stride_ph, stride_le, ITEM_MASK)  # fmt: skip
+                  key_ok, offs_d, group, sm_scale_log2, stride_pe, stride_ph, stride_le)  # fmt: skip
 
 
 @triton.jit
@@ -340,11 +322,6 @@ def _combine_kernel(
         tl.store(lse_out_ptr + t64 * num_q_heads + head, lse_nat, mask=rmask)
 
 
-# Whether the main kernel decides its causal mask per work item (one min over the item's query
-# positions) instead of per tile (session 13; the benchmark's sweep times both).
-ITEM_MASK = True
-
-
 def launch_block_major(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -367,10 +344,8 @@ def launch_block_major(
     item_q: int,
     hoist_kv: bool,
     prefetch: bool = True,
-    item_mask: bool | None = None,
 ) -> None:
-    """Main kernel: one CTA per work item (grid = the plan's worst-case item count).
-    ``item_mask``: decide the causal mask once per item (default ``ITEM_MASK``)."""
+    """Main kernel: one CTA per work item (grid = the plan's worst-case item count)."""
     _, hq, d = q.shape
     _, hkv, block, _ = k_cache.shape
     group = hq // hkv
@@ -425,7 +400,6 @@ def launch_block_major(
         ITEM_Q=item_q,
         HOIST_KV=hoist_kv,
         PREFETCH=prefetch,
-        ITEM_MASK=ITEM_MASK if item_mask is None else bool(item_mask),
     )
 
 
