@@ -1,4 +1,5 @@
-//! The torch resampler fused with normalise + patchify (AVX2 + FMA), streaming in L2.
+//! The torch resampler fused with normalise + patchify (AVX2 + FMA, and AVX-VNNI where the CPU
+//! has it), streaming in L2.
 //!
 //! Unfused, the horizontal pass writes a whole intermediate image (2.2 MB for 1280×960 →
 //! 756×560), the vertical pass reads it back and writes the resized uint8 image, and
@@ -94,7 +95,12 @@ fn run(img: &DecodedImage, out_w: u32, out_h: u32, out: &mut impl PatchOut) -> b
             height: out_h as usize,
             out,
         };
-        pulp::Simd::vectorize(simd, op)
+        // AVX-VNNI's one-instruction multiply-accumulate in the tap loops where the CPU has
+        // it (see resize/vnni.rs), else AVX2.
+        match super::resize::vnni::V3Vnni::try_new() {
+            Some(vnni) => vnni.vectorize(op),
+            None => pulp::Simd::vectorize(simd, op),
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -116,9 +122,10 @@ mod x86 {
 
     use super::super::patchify::{emit_band, fma_coefficients, PatchOut, MERGE, PATCH};
     use super::super::resize::avx2::{
-        self, Bf16Affine, Horizontal, HorizontalPlan, RowPairs, WritePrefetch, STRIP,
+        self, Bf16Affine, Horizontal, HorizontalPlan, RowPairs, Taps, WritePrefetch, STRIP,
     };
     use super::super::resize::torch_axis;
+    use super::super::resize::vnni::WithTaps;
     use super::super::DecodedImage;
 
     /// The tap tables of one `in_w × in_h → w × h` size, and its ring of horizontal-pass rows.
@@ -158,6 +165,7 @@ mod x86 {
     }
 
     pub struct Fused<'a, O> {
+        /// What pulp's entry (the AVX2 path) passes on as the [`Taps`].
         pub simd: V3,
         pub img: &'a DecodedImage,
         pub width: usize,
@@ -170,8 +178,18 @@ mod x86 {
 
         #[inline(always)]
         fn with_simd<S: pulp::Simd>(self, _simd: S) -> bool {
+            let v3 = self.simd;
+            self.with_taps(v3)
+        }
+    }
+
+    impl<O: PatchOut> WithTaps for Fused<'_, O> {
+        type Output = bool;
+
+        #[inline(always)]
+        fn with_taps<T: Taps>(self, taps: T) -> bool {
             let Self {
-                simd,
+                simd: _,
                 img,
                 width: w,
                 height,
@@ -198,7 +216,7 @@ mod x86 {
                 }
             });
             let (pairs, ring) = (&t.vpairs, t.ring);
-            let mut hpass = Horizontal::new(simd, &img.rgb, in_h, &t.hplan, true);
+            let mut hpass = Horizontal::new(taps, &img.rgb, in_h, &t.hplan, true);
             let (mut rows, mut planes) = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
             rows.resize(ring * row_len, 0);
             let mut filled = 0; // input rows through the horizontal pass so far
@@ -233,7 +251,7 @@ mod x86 {
                     }
                     for (c, plane) in planes.iter_mut().enumerate() {
                         avx2::vertical_bf16_row(
-                            simd,
+                            taps,
                             &rows,
                             c * w,
                             pairs.row(y),
@@ -257,25 +275,28 @@ mod tests {
     use crate::image::resize::resize_torch_bicubic_aa;
     use crate::image::resize::tests::noise;
 
+    /// `in_w, in_h, out_w, out_h`: see `fused_equals_unfused`.
+    const CASES: [(u32, u32, u32, u32); 12] = [
+        (1280, 960, 756, 560),
+        (640, 480, 644, 476),
+        (4032, 3024, 756, 560),
+        (333, 1111, 168, 588),
+        (100, 100, 56, 56),
+        (57, 3000, 56, 2996),
+        (3000, 40, 2996, 56),
+        (1500, 7, 84, 28),
+        (90, 90, 61, 59),
+        (31, 45, 33, 30),
+        (28, 28, 56, 56),
+        (700, 2000, 112, 84),
+    ];
+
     /// Fused patches equal resize → normalize_patchify bit for bit: down- and upscaling, sides
     /// not multiples of 32 (overlapping last chunk), partial merge blocks (rows and columns
     /// past the last whole 28 dropped), extreme ratios, large downscales (ring of 48 rows).
     #[test]
     fn fused_equals_unfused() {
-        let cases = [
-            (1280, 960, 756, 560),
-            (640, 480, 644, 476),
-            (4032, 3024, 756, 560),
-            (333, 1111, 168, 588),
-            (100, 100, 56, 56),
-            (57, 3000, 56, 2996),
-            (3000, 40, 2996, 56),
-            (1500, 7, 84, 28),
-            (90, 90, 61, 59),
-            (31, 45, 33, 30),
-            (28, 28, 56, 56),
-            (700, 2000, 112, 84),
-        ];
+        let cases = CASES;
         let mut fused_runs = 0;
         for (i, &(w, h, ow, oh)) in cases.iter().enumerate() {
             let img = noise(w, h, i as u64 + 7);
@@ -301,6 +322,40 @@ mod tests {
         }
         if pulp::x86::V3::try_new().is_some() {
             assert_eq!(fused_runs, cases.len(), "the fused path ran on every case");
+        }
+    }
+
+    /// The AVX-VNNI tap loops give the AVX2 ones' patches bit for bit (skipped without
+    /// AVX-VNNI; `fused_equals_unfused` then runs the AVX2 path).
+    #[test]
+    fn vnni_and_avx2_give_the_same_patches() {
+        use crate::image::resize::vnni::V3Vnni;
+        let (Some(simd), Some(vnni)) = (pulp::x86::V3::try_new(), V3Vnni::try_new()) else {
+            eprintln!("no AVX-VNNI here: skipped");
+            return;
+        };
+        for (i, &(w, h, ow, oh)) in CASES.iter().enumerate() {
+            let img = noise(w, h, i as u64 + 70);
+            let (gh, gw) = patchify::grid_of(ow, oh);
+            let run_with = |use_vnni: bool| {
+                let n = gh as usize * gw as usize * PATCH_DIM;
+                let mut out: Vec<u16> = Vec::with_capacity(n);
+                let op = x86::Fused {
+                    simd,
+                    img: &img,
+                    width: ow as usize,
+                    height: oh as usize,
+                    out: &mut out,
+                };
+                let done = if use_vnni {
+                    vnni.vectorize(op)
+                } else {
+                    pulp::Simd::vectorize(simd, op)
+                };
+                assert!(done && out.len() == n, "{w}x{h} -> {ow}x{oh}: ran");
+                out
+            };
+            assert!(run_with(true) == run_with(false), "{w}x{h} -> {ow}x{oh}");
         }
     }
 

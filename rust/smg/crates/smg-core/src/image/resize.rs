@@ -18,6 +18,8 @@ use super::DecodedImage;
 
 #[cfg(target_arch = "x86_64")]
 pub(super) mod avx2;
+#[cfg(target_arch = "x86_64")]
+pub(super) mod vnni;
 /// Keys' cubic convolution kernel with a = −0.5 (Pillow's `bicubic_filter`, torch's
 /// `aa_filter` for bicubic), same operation order so the f64 results are identical.
 fn cubic(x: f64) -> f64 {

@@ -16,6 +16,10 @@
 //! Vertical reads past a row's end hit either the next row or zero padding and always carry
 //! weight 0.
 //!
+//! The multiply-accumulate of both tap loops goes through [`Taps`]: `vpmaddwd` + `vpaddd` with
+//! pulp's [`V3`], one `vpdpwssd` with `vnni.rs`'s token, which the fused path takes where the
+//! CPU has AVX-VNNI.
+//!
 //! Every function is `inline(always)` so it is compiled inside pulp's `#[target_feature]` entry
 //! point (see "Speed" in `resize.rs`); closures would not inherit the features, hence none here.
 //!
@@ -67,13 +71,36 @@ fn load32(s: &[u8], off: usize) -> __m256i {
     cast(a)
 }
 
+/// The tap loops' multiply-accumulate, `acc + madd(pairs, w)` (per i32 lane, two i16 products
+/// summed): `vpmaddwd` + `vpaddd` on [`V3`], one `vpdpwssd` on [`super::vnni::V3Vnni`]. The
+/// kernels on the fused path are generic over it; everything else they do goes through
+/// [`Taps::v3`].
+pub trait Taps: Copy {
+    fn v3(self) -> V3;
+    fn madd_add(self, acc: __m256i, pairs: __m256i, w: __m256i) -> __m256i;
+}
+
+impl Taps for V3 {
+    #[inline(always)]
+    fn v3(self) -> V3 {
+        self
+    }
+
+    #[inline(always)]
+    fn madd_add(self, acc: __m256i, pairs: __m256i, w: __m256i) -> __m256i {
+        let avx2 = self.avx2;
+        avx2._mm256_add_epi32(acc, avx2._mm256_madd_epi16(pairs, w))
+    }
+}
+
 /// One tap pair on 32 byte lanes: `a`, `b` are the two taps' bytes; interleaving them and
 /// widening with zero gives four vectors of (a, b) u16 pairs (lanes 0-3 | 16-19, 4-7 | 20-23,
 /// 8-11 | 24-27, 12-15 | 28-31: the order of the in-lane unpacks), and `acc[i] += madd(pairs,
 /// w)` with `w` the weight pair. The horizontal filter (R | G of 16 rows) and the vertical
 /// pass (32 columns) share it.
 #[inline(always)]
-fn madd_tap_pair(simd: V3, acc: &mut [__m256i; 4], a: __m256i, b: __m256i, w: __m256i) {
+fn madd_tap_pair<T: Taps>(taps: T, acc: &mut [__m256i; 4], a: __m256i, b: __m256i, w: __m256i) {
+    let simd = taps.v3();
     let avx2 = simd.avx2;
     let zero = simd.avx._mm256_setzero_si256();
     let lo = avx2._mm256_unpacklo_epi8(a, b);
@@ -85,7 +112,7 @@ fn madd_tap_pair(simd: V3, acc: &mut [__m256i; 4], a: __m256i, b: __m256i, w: __
         avx2._mm256_unpackhi_epi8(hi, zero),
     ];
     for (acc, p) in acc.iter_mut().zip(parts) {
-        *acc = avx2._mm256_add_epi32(*acc, avx2._mm256_madd_epi16(p, w));
+        *acc = taps.madd_add(*acc, p, w);
     }
 }
 
@@ -162,8 +189,8 @@ pub fn horizontal(
 /// into interleaved RGB rows or, with `planar`, rows of the three channel planes side by side
 /// (`[R × out_w | G × out_w | B × out_w]`, what the fused vertical pass reads): the layout only
 /// changes where each result column goes before the transpose back, so it costs nothing.
-pub struct Horizontal<'a> {
-    simd: V3,
+pub struct Horizontal<'a, T: Taps = V3> {
+    taps: T,
     src: &'a [u8],
     h: usize,
     in_w: usize,
@@ -238,15 +265,15 @@ impl HorizontalPlan {
     }
 }
 
-impl<'a> Horizontal<'a> {
+impl<'a, T: Taps> Horizontal<'a, T> {
     /// The pass over `src` (`h` rows of `plan`'s `in_w` pixels), writing interleaved RGB rows
     /// or, with `planar`, channel-planar ones (see above).
     #[inline(always)]
-    pub fn new(simd: V3, src: &'a [u8], h: usize, plan: &'a HorizontalPlan, planar: bool) -> Self {
+    pub fn new(taps: T, src: &'a [u8], h: usize, plan: &'a HorizontalPlan, planar: bool) -> Self {
         let in_w = plan.in_w;
         assert_eq!(src.len(), h * in_w * 3, "horizontal: input size");
         Self {
-            simd,
+            taps,
             src,
             h,
             in_w,
@@ -265,7 +292,7 @@ impl<'a> Horizontal<'a> {
     /// written, and the input's loads are spread over the filter's arithmetic.
     #[inline(always)]
     pub fn strip(&mut self, y0: usize, out: &mut [u8]) {
-        let simd = self.simd;
+        let simd = self.taps.v3();
         let sse2 = simd.sse2;
         let (src, out_w) = (self.src, self.plan.out_w);
         let (in_row, out_row) = (self.in_w * 3, out_w * 3);
@@ -358,7 +385,8 @@ impl<'a> Horizontal<'a> {
     /// the ring), into `res`.
     #[inline(always)]
     fn filter_pixel(&mut self, x: usize) {
-        let simd = self.simd;
+        let taps = self.taps;
+        let simd = taps.v3();
         let (avx, avx2, sse2) = (simd.avx, simd.avx2, simd.sse2);
         let zero = avx._mm256_setzero_si256();
         let plan = self.plan;
@@ -378,14 +406,12 @@ impl<'a> Horizontal<'a> {
             let a3: &[u8; 48] = flat[k0 as usize..k0 as usize + 48].try_into().expect("48");
             let b3: &[u8; 48] = flat[k1 as usize..k1 as usize + 48].try_into().expect("48");
             // [R | G] rows 0-3, 4-7, 8-11, 12-15
-            madd_tap_pair(simd, &mut rg, load32(a3, 0), load32(b3, 0), wv);
+            madd_tap_pair(taps, &mut rg, load32(a3, 0), load32(b3, 0), wv);
             let a = avx2._mm256_cvtepu8_epi16(load16(a3, 32));
             let b = avx2._mm256_cvtepu8_epi16(load16(b3, 32));
             // lo: rows 0-3 | 8-11, hi: rows 4-7 | 12-15 (in-lane unpacks)
-            let lo = avx2._mm256_madd_epi16(avx2._mm256_unpacklo_epi16(a, b), wv);
-            let hi = avx2._mm256_madd_epi16(avx2._mm256_unpackhi_epi16(a, b), wv);
-            bb[0] = avx2._mm256_add_epi32(bb[0], lo);
-            bb[1] = avx2._mm256_add_epi32(bb[1], hi);
+            bb[0] = taps.madd_add(bb[0], avx2._mm256_unpacklo_epi16(a, b), wv);
+            bb[1] = taps.madd_add(bb[1], avx2._mm256_unpackhi_epi16(a, b), wv);
         }
         let slot = |c: usize| {
             if self.planar {
@@ -480,22 +506,22 @@ impl RowPairs {
 /// vectors of `half + Σ w · x` holding columns `[0-3 | 16-19]`, `[4-7 | 20-23]`, `[8-11 | 24-27]`,
 /// `[12-15 | 28-31]` (the order of the in-lane unpacks).
 #[inline(always)]
-fn vertical32(
-    simd: V3,
+fn vertical32<T: Taps>(
+    taps: T,
     src: &[u8],
     col: usize,
     pairs: &[(usize, usize, i32)],
     half: __m256i,
 ) -> [__m256i; 4] {
-    let [acc] = vertical_n::<1>(simd, src, col, pairs, half);
+    let [acc] = vertical_n::<T, 1>(taps, src, col, pairs, half);
     acc
 }
 
 /// [`vertical32`] on `N` consecutive 32-column chunks at once: each tap pair's weight
 /// broadcast, table entries and bounds checks serve `N` chunks.
 #[inline(always)]
-fn vertical_n<const N: usize>(
-    simd: V3,
+fn vertical_n<T: Taps, const N: usize>(
+    taps: T,
     src: &[u8],
     col: usize,
     pairs: &[(usize, usize, i32)],
@@ -503,11 +529,11 @@ fn vertical_n<const N: usize>(
 ) -> [[__m256i; 4]; N] {
     let mut acc = [[half; 4]; N];
     for &(o0, o1, wp) in pairs {
-        let wp = simd.avx._mm256_set1_epi32(wp);
+        let wp = taps.v3().avx._mm256_set1_epi32(wp);
         let ra = &src[o0 + col..o0 + col + 32 * N];
         let rb = &src[o1 + col..o1 + col + 32 * N];
         for (j, acc) in acc.iter_mut().enumerate() {
-            madd_tap_pair(simd, acc, load32(ra, 32 * j), load32(rb, 32 * j), wp);
+            madd_tap_pair(taps, acc, load32(ra, 32 * j), load32(rb, 32 * j), wp);
         }
     }
     acc
@@ -643,8 +669,8 @@ impl WritePrefetch {
 /// pair for both halves; stage -2 to -7 % at 4032×3024 and -3 % at 1280×960 (session 11,
 /// second pass). Each chunk also issues `pf`'s next prefetches (see [`WritePrefetch`]).
 #[inline(always)]
-pub fn vertical_bf16_row(
-    simd: V3,
+pub fn vertical_bf16_row<T: Taps>(
+    taps: T,
     src: &[u8],
     col0: usize,
     pairs: &[(usize, usize, i32)],
@@ -652,6 +678,7 @@ pub fn vertical_bf16_row(
     dst: &mut [u16],
     pf: &mut WritePrefetch,
 ) {
+    let simd = taps.v3();
     let avx = simd.avx;
     let width = dst.len();
     assert!(width >= 32, "vertical_bf16_row: at least 32 columns");
@@ -665,11 +692,11 @@ pub fn vertical_bf16_row(
         let c = col.min(width - step);
         pf.lines(simd);
         if step == 64 {
-            let [lo, hi] = vertical_n::<2>(simd, src, col0 + c, pairs, half);
+            let [lo, hi] = vertical_n::<T, 2>(taps, src, col0 + c, pairs, half);
             store_bf16(simd, lo, shift, norm, &mut dst[c..c + 32]);
             store_bf16(simd, hi, shift, norm, &mut dst[c + 32..c + 64]);
         } else {
-            let acc = vertical32(simd, src, col0 + c, pairs, half);
+            let acc = vertical32(taps, src, col0 + c, pairs, half);
             store_bf16(simd, acc, shift, norm, &mut dst[c..c + 32]);
         }
         if c == width - step {
