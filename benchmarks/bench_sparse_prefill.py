@@ -244,7 +244,7 @@ def main_case(x, ids, fns, tile: dict[str, Any], with_dense: bool = True) -> dic
     r["ours_ms"] = bench(lambda: w.run(x["q"], x["k"], x["v"], ids, sm, out=out))
     r["tile"] = (
         f"BLOCK_M={w.p.block_m} ITEM_Q={w.p.item_q} hoist={w.p.hoist_kv} "
-        f"prefetch={w.p.prefetch} unroll={w.p.combine_unroll}"
+        f"prefetch={w.p.prefetch} unroll={w.p.combine_unroll} main={w.p.main_kernel}"
     )
     w = None
     wq, _ = wrapper(x, variant="query_major")
@@ -323,15 +323,16 @@ def full_case(x, fns, tile: dict[str, Any], with_sglang: bool) -> dict[str, Any]
     return r
 
 
-SWEEP = [  # (BLOCK_M, ITEM_Q, hoist K/V, prefetch, unrolled combine)
-    (64, 64, True, False, False),
-    (64, 64, True, True, False),
-    (64, 64, True, True, True),
-    (64, 128, True, True, False),
-    (64, 256, True, True, False),
-    (128, 64, True, True, False),
-    (64, 64, False, True, False),
+SWEEP = [  # (BLOCK_M, ITEM_Q, hoist K/V, prefetch, unrolled combine, main kernel)
+    (64, 64, True, False, False, "triton"),
+    (64, 64, True, True, False, "triton"),
+    (64, 128, True, True, False, "triton"),
+    (64, 64, True, True, False, "cuda"),
+    (64, 128, True, True, False, "cuda"),
 ]
+# the CUDA kernel's transposed-V descriptor strides, both readings of the PTX table (a wrong one
+# fails the error gate below); V_LBO/V_SBO default 16384/1024 in sparse_prefill_main.cu
+CUDA_VARIANTS = [(), ("-DV_LBO=1024", "-DV_SBO=16384")]
 
 
 def sweep(fns) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, float]]:
@@ -340,6 +341,7 @@ def sweep(fns) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, float]]:
     Each variant is also checked against the query-major output (itself checked against the
     reference by --check); the winner's phases are timed apart (index build, main, combine).
     """
+    from m3serve.kernels.msa.sparse_prefill_cuda import launch_block_major_cuda
     from m3serve.kernels.msa.sparse_prefill_plan import build_inverse_index
     from m3serve.kernels.msa.sparse_prefill_triton import launch_block_major, launch_combine
 
@@ -350,8 +352,12 @@ def sweep(fns) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, float]]:
     ref_out = wq.run(x["q"], x["k"], x["v"], ids, sm)
     rows = []
     best, best_ms = {}, float("inf")
-    for bm, iq, hoist, pf, un in SWEEP:
-        tile = dict(block_m=bm, item_q=iq, hoist_kv=hoist, prefetch=pf, combine_unroll=un)
+    tiles = []
+    for bm, iq, hoist, pf, un, mk in SWEEP:
+        tile = dict(block_m=bm, item_q=iq, hoist_kv=hoist, prefetch=pf, combine_unroll=un,
+                    main_kernel=mk)  # fmt: skip
+        tiles += [{**tile, "cuda_options": o} for o in CUDA_VARIANTS] if mk == "cuda" else [tile]
+    for tile in tiles:
         try:
             w, _ = wrapper(x, **tile)
             out = w.run(x["q"], x["k"], x["v"], ids, sm)
@@ -377,6 +383,12 @@ def sweep(fns) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, float]]:
                                 p.entries, p.work_row, p.work_start)  # fmt: skip
 
         def main_k():
+            if p.main_kernel == "cuda":
+                launch_block_major_cuda(x["q"], x["k"], x["v"], p.o_part, p.lse_part, p.entries,
+                                        p.row_ptr, p.item_ptr, p.work_row, p.work_start, m.q_pos,
+                                        m.gb_page, m.gb_start, m.gb_len, m.num_blocks, p.topk,
+                                        sm, p.block_m, p.item_q, w._cuda_options)  # fmt: skip
+                return
             launch_block_major(x["q"], x["k"], x["v"], p.o_part, p.lse_part, p.entries,
                                p.row_ptr, p.item_ptr, p.work_row, p.work_start, m.q_pos,
                                m.gb_page, m.gb_start, m.gb_len, m.num_blocks, p.topk, sm,
@@ -634,7 +646,9 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="time tile variants first, keep the best")
     ap.add_argument("--check", action="store_true", help="correctness vs the reference first")
     ap.add_argument(
-        "--tile", default=None, help="block_m,item_q,hoist,prefetch,unroll (64,64,1,1,1)"
+        "--tile",
+        default=None,
+        help="block_m,item_q,hoist,prefetch,unroll[,triton|cuda] (64,64,1,1,0,cuda)",
     )
     ap.add_argument("--plot-only", action="store_true")
     args = ap.parse_args()
@@ -664,10 +678,12 @@ def main() -> None:
             traceback.print_exc()
     tile: dict[str, Any] = {}
     if args.tile:
-        bm, iq, h, pf, un = (int(v) for v in args.tile.split(","))
+        f = args.tile.split(",")
+        bm, iq, h, pf, un = (int(v) for v in f[:5])
         tile = dict(
-            block_m=bm, item_q=iq, hoist_kv=bool(h), prefetch=bool(pf), combine_unroll=bool(un)
-        )
+            block_m=bm, item_q=iq, hoist_kv=bool(h), prefetch=bool(pf), combine_unroll=bool(un),
+            main_kernel=f[5] if len(f) > 5 else "triton",
+        )  # fmt: skip
     if args.sweep:
         tile, doc["sweep"], doc["phases"] = sweep(fns)
     doc["tile"] = tile or "default"

@@ -230,3 +230,129 @@ def test_gpu_cuda_graph_capture():
             q, kc, vc, pt, cu_q, prefix, seq, layer_ids, 1 / math.sqrt(d)
         )
         check(out, expect)
+
+
+# ------------------------------------------------ the CUDA (wgmma) main kernel, sm_90a only
+def _nvrtc_or_skip():
+    from m3serve.kernels.msa import cuda_rtc
+
+    try:
+        cuda_rtc._nvrtc()
+    except cuda_rtc.CudaRtcError as e:
+        pytest.skip(f"no NVRTC here: {e}")
+    return cuda_rtc
+
+
+@pytest.mark.parametrize("gp,item_q", [(16, 64), (1, 64), (16, 128)])
+def test_cuda_main_kernel_compiles_for_hopper(gp, item_q):
+    """NVRTC builds the kernel for sm_90a without a GPU: no spills, ≤ 255 registers (two CTAs
+    of 128 threads per SM), and no wgmma serialisation (ptxas C7514: a non-wgmma instruction
+    touching an in-flight accumulator would make every MMA wait for the previous one)."""
+    cuda_rtc = _nvrtc_or_skip()
+    from m3serve.kernels.msa import sparse_prefill_cuda as spc
+
+    c = cuda_rtc.compile_cubin(
+        spc.source(), spc.kernel_name(gp, item_q), "sm_90a", ("-Xptxas", "-v")
+    )
+    assert c.image[:4] == b"\x7fELF" and c.lowered_name.startswith("_Z16msa_prefill_main")
+    regs = [int(x.split("Used ")[1].split()[0]) for x in c.log.splitlines() if "Used " in x]
+    assert regs and regs[0] <= 255, c.log
+    assert "0 bytes spill stores, 0 bytes spill loads" in c.log, c.log
+    assert "C7514" not in c.log, c.log
+    assert 2 * spc.smem_bytes(item_q) <= 227 * 1024, "two CTAs per SM must fit"
+
+
+def test_cuda_main_kernel_rejects_unsupported_shapes():
+    from m3serve.kernels.msa import sparse_prefill_cuda as spc
+
+    q = torch.zeros(4, 16, 128, dtype=torch.bfloat16)
+    kc = torch.zeros(2, 1, 128, 128, dtype=torch.bfloat16)
+    assert spc.check_supported(q, kc, 16, 64, 64) == 16
+    with pytest.raises(ValueError, match="bf16"):
+        spc.check_supported(q.half(), kc.half(), 16, 64, 64)
+    with pytest.raises(ValueError, match="head_dim 128 and block 128"):
+        spc.check_supported(q[..., :64], kc[..., :64, :], 16, 64, 64)
+    with pytest.raises(ValueError, match="BLOCK_M 64"):
+        spc.check_supported(q, kc, 16, 128, 64)
+    with pytest.raises(ValueError, match="multiple of 4 queries"):
+        spc.check_supported(q, kc, 16, 64, 66)
+    with pytest.raises(AssertionError, match="main_kernel"):
+        SparsePrefillWrapper(main_kernel="cutlass")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("hq,hkv", [(64, 4), (16, 1), (8, 8), (12, 4)])
+@pytest.mark.parametrize("item_q", [64, 128])
+def test_gpu_cuda_main_kernel(hq, hkv, item_q):
+    """The CUDA main kernel against the float32 reference: chunk after a prefix, odd tails,
+    partial last blocks, groups 16 / 1 / 3 (padded rows), poisoned partials and output."""
+    block, d, k = 128, 128, 16
+    seq_lens, q_lens = [6000, 1111, 3000, 77], [1024, 1111, 333, 1]
+    tensors, gen = make_batch(seq_lens, q_lens, block, hq, hkv, d, seed=hq + item_q)
+    q, kc, vc, pt, cu_q, prefix, seq = tensors
+    topk_ids = realistic_topk(gen, pt, cu_q, prefix, seq, block, hkv, k)
+    lse = torch.full((q.shape[0], hq), float("nan"), device=DEV)
+    out, w = run_wrapper(
+        "block_major", tensors, topk_ids, block, k, lse=lse, main_kernel="cuda", item_q=item_q
+    )
+    assert w.p.main_kernel == "cuda"
+    expect, expect_lse = ref.ref_sparse_attention(
+        q, kc, vc, pt, cu_q, prefix, seq, topk_ids, 1 / math.sqrt(d), return_lse=True
+    )
+    check(out, expect)
+    torch.testing.assert_close(lse, expect_lse, atol=2e-2, rtol=1e-3)
+    triton_out, _ = run_wrapper("block_major", tensors, topk_ids, block, k)
+    assert (out.float() - triton_out.float()).abs().max() < 2e-2
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("kind", ["all_same_block", "all_same_list", "only_local"])
+def test_gpu_cuda_adversarial_selections(kind):
+    block, d, k, hq, hkv = 128, 128, 16, 64, 4
+    seq_lens, q_lens = [5000, 700], [3000, 700]
+    tensors, _ = make_batch(seq_lens, q_lens, block, hq, hkv, d, seed=9)
+    q, kc, vc, pt, cu_q, prefix, seq = tensors
+    t = q.shape[0]
+    pos = torch.cat([torch.arange(int(p), int(s)) for p, s in zip(prefix, seq, strict=True)])
+    local = (pos // block).to(torch.int32)
+    ids = torch.full((hkv, t, k), -1, dtype=torch.int32)
+    if kind == "all_same_block":  # one inverse-index row holds every query (many work items)
+        ids[:, :, 0] = 0
+    elif kind == "all_same_list":
+        cand = torch.arange(k, dtype=torch.int32)[None, :].expand(t, k)
+        ids[:] = torch.where(cand <= local[:, None], cand, -1)
+    else:
+        ids[:, :, 0] = local
+    ids = ids.to(DEV)
+    out, _ = run_wrapper("block_major", tensors, ids, block, k, main_kernel="cuda")
+    expect = ref.ref_sparse_attention(q, kc, vc, pt, cu_q, prefix, seq, ids, 1 / math.sqrt(d))
+    check(out, expect)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_cuda_main_kernel_graph_capture():
+    block, d, k, hq, hkv = 128, 128, 16, 64, 4
+    tensors, gen = make_batch([4000, 900], [2048, 900], block, hq, hkv, d, seed=2)
+    q, kc, vc, pt, cu_q, prefix, seq = tensors
+    ids = [realistic_topk(gen, pt, cu_q, prefix, seq, block, hkv, k) for _ in range(2)]
+    w = SparsePrefillWrapper(main_kernel="cuda")
+    w.plan(cu_q, prefix, seq, pt, hq, hkv, d, block, k)
+    sel = ids[0].clone()
+    out = torch.empty_like(q)
+    w.run(q, kc, vc, sel, 1 / math.sqrt(d), out=out)  # NVRTC compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        w.run(q, kc, vc, sel, 1 / math.sqrt(d), out=out)
+    for layer_ids in ids:
+        sel.copy_(layer_ids)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        expect = ref.ref_sparse_attention(
+            q, kc, vc, pt, cu_q, prefix, seq, layer_ids, 1 / math.sqrt(d)
+        )
+        check(out, expect)

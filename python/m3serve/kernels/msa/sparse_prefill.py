@@ -28,6 +28,8 @@ import torch
 import triton
 
 from . import reference
+from .sparse_prefill_cuda import check_supported as cuda_check_supported
+from .sparse_prefill_cuda import launch_block_major_cuda
 from .sparse_prefill_plan import (
     HostMetadata,
     build_host_metadata,
@@ -53,6 +55,7 @@ class SparsePrefillPlan:
     hoist_kv: bool
     prefetch: bool
     combine_unroll: bool
+    main_kernel: str  # "triton" or "cuda" (sparse_prefill_main.cu, Hopper, bf16, d 128)
     counts: torch.Tensor  # [G*NB] int32, zero between runs
     row_ptr: torch.Tensor  # [G*NB+1] int32 CSR offsets
     item_ptr: torch.Tensor  # [G*NB+1] int32 work-item offsets
@@ -89,8 +92,13 @@ class SparsePrefillWrapper:
         prefetch: bool = True,
         combine_unroll: bool = False,
         partial_dtype: torch.dtype = torch.bfloat16,
+        main_kernel: str = "triton",
+        cuda_options: tuple[str, ...] = (),
     ) -> None:
         assert variant in ("block_major", "query_major"), f"unknown variant {variant!r}"
+        assert main_kernel in ("triton", "cuda"), f"unknown main_kernel {main_kernel!r}"
+        self._main_kernel = main_kernel
+        self._cuda_options = tuple(cuda_options)
         self.variant = variant
         self._block_m = block_m
         self._item_q = item_q
@@ -150,6 +158,7 @@ class SparsePrefillWrapper:
             self._hoist_kv,
             self._prefetch,
             self._combine_unroll,
+            self._main_kernel if block_major else "triton",
             counts=torch.zeros(nrows, **i32),
             row_ptr=torch.zeros(nrows + 1, **i32),
             item_ptr=torch.zeros(nrows + 1, **i32),
@@ -238,7 +247,12 @@ class SparsePrefillWrapper:
             p.work_start,
         )
         # -- 2. KV-block-major main kernel → per-(query, slot) partials --
-        launch_block_major(
+        main = launch_block_major
+        extra: tuple = (p.hoist_kv, p.prefetch)
+        if p.main_kernel == "cuda":
+            cuda_check_supported(q, k_cache, p.num_q_heads // p.num_kv_heads, p.block_m, p.item_q)
+            main, extra = launch_block_major_cuda, (self._cuda_options,)
+        main(
             q,
             k_cache,
             v_cache,
@@ -258,8 +272,7 @@ class SparsePrefillWrapper:
             sm_scale,
             p.block_m,
             p.item_q,
-            p.hoist_kv,
-            p.prefetch,
+            *extra,
         )
         # -- 3. log-sum-exp merge of the ≤ k partials per (query, head) --
         launch_combine(

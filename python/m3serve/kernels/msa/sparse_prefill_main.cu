@@ -1,0 +1,382 @@
+// KV-block-major sparse prefill, main kernel, CUDA for Hopper (sm_90a): wgmma + cp.async.
+//
+// Same contract as _block_major_kernel in sparse_prefill_triton.py (the readable form of the
+// algorithm; reference.py has the torch reference): one CTA per work item of the inverse index
+// (KV head g, global block gb, ≤ ITEM_Q (query, slot) entries); the block's K and V are loaded
+// once into shared memory; the item's entries are walked in 64-row tiles (64 / GP queries × GP
+// heads), each a complete one-block softmax written as a bf16 partial O and an fp32 log2-sum-exp.
+//
+// What it does that the Triton kernel cannot (its TTGIR waits on every wgmma at once and routes
+// layouts through shared memory with CTA barriers, sparse_prefill.md, sessions 12-13):
+//   * S(i+1) = Q(i+1)·Kᵀ is issued before the softmax of tile i and O(i) = P(i)·V right after,
+//     so both wgmmas run while the warps do the softmax (FA3's intra-warpgroup overlap);
+//   * P stays in registers: the S accumulator fragment is the A fragment of the P·V wgmma;
+//   * query rows are gathered with cp.async straight into the 128-byte-swizzled layout wgmma
+//     reads; the next tile's rows are in flight during this tile's MMAs;
+//   * O and lse go from the accumulator registers to global memory, no shared-memory staging.
+// One warpgroup (128 threads) per CTA, ~100 KB shared memory: two CTAs per SM.
+//
+// Shared memory tiles are [rows × 128] bf16 in two 64-column halves, each [rows × 128 B] with
+// the 16-byte chunk c of row r stored at chunk c ^ (r % 8) (the 128-byte swizzle).
+
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#ifndef V_LBO
+#define V_LBO 16384  // V as the transposed (MN-major) B operand: stride between 64-dim halves
+#endif
+#ifndef V_SBO
+#define V_SBO 1024  // ... and between groups of 8 keys
+#endif
+
+namespace {
+
+#define NEG_INF __int_as_float(0xff800000)
+__device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
+
+constexpr int D = 128;      // head_dim
+constexpr int BN = 128;     // keys per block (= page)
+constexpr int BM = 64;      // rows per tile (one wgmma M)
+constexpr int Q_TILE = BM * D * 2;  // 16 KB
+constexpr int KV_TILE = BN * D * 2; // 32 KB
+
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+  return static_cast<u32>(__cvta_generic_to_shared(p));
+}
+
+// byte offset of 16-byte chunk c16 (0..15) of row r in a [rows × 128] bf16 swizzled tile
+__device__ __forceinline__ u32 swz(int rows, int r, int c16) {
+  return (c16 >> 3) * rows * 128 + r * 128 + (((c16 & 7) ^ (r & 7)) << 4);
+}
+
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+__device__ __forceinline__ u64 desc(u32 saddr, u32 lbo, u32 sbo) {
+  return (u64)((saddr & 0x3FFFF) >> 4) | ((u64)(lbo >> 4) << 16) | ((u64)(sbo >> 4) << 32) |
+         (1ull << 62);  // 128-byte swizzle
+}
+
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void wg_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// keep the compiler from moving reads/writes of wgmma registers across issue/wait
+__device__ __forceinline__ void reg_fence(float& x) { asm volatile("" : "+f"(x)::"memory"); }
+__device__ __forceinline__ void reg_fence(u32& x) { asm volatile("" : "+r"(x)::"memory"); }
+
+#define ACC8(i) "+f"(d[i + 0]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), \
+                "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
+#define ACC64 ACC8(0), ACC8(8), ACC8(16), ACC8(24), ACC8(32), ACC8(40), ACC8(48), ACC8(56)
+#define DREGS                                                                                   \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
+  "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "  \
+  "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "  \
+  "%56, %57, %58, %59, %60, %61, %62, %63}"
+
+// d[64] (+)= A(smem desc) · B(smem desc), m64n128k16, bf16 in, fp32 accumulate
+__device__ __forceinline__ void wgmma_ss(float* d, u64 da, u64 db, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " DREGS
+      ", %64, %65, p, 1, 1, 0, 0;\n}\n"
+      : ACC64
+      : "l"(da), "l"(db), "r"(accumulate));
+}
+
+// d[64] (+)= A(registers a0..a3) · B(smem desc, transposed: MN-major), m64n128k16
+__device__ __forceinline__ void wgmma_rs(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u64 db,
+                                         int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " DREGS
+      ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+      : ACC64
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(db), "r"(accumulate));
+}
+
+__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
+  u32 r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+struct Row {  // one accumulator row of this thread in the current tile
+  int ent;    // (query, slot) entry = t * topk + slot
+  int head;   // query head
+  int lim;    // last visible key column in the block (< 0: nothing visible / padding row)
+  bool ok;    // row holds a real (query, head)
+};
+
+}  // namespace
+
+template <int GP, int ITEM_Q>
+__global__ void __launch_bounds__(128, 2) msa_prefill_main(
+    const unsigned short* __restrict__ q, const unsigned short* __restrict__ k_cache,
+    const unsigned short* __restrict__ v_cache, unsigned short* __restrict__ o_part,
+    float* __restrict__ lse_part, const int* __restrict__ entries, const int* __restrict__ row_ptr,
+    const int* __restrict__ item_ptr, const int* __restrict__ work_row,
+    const int* __restrict__ work_start, const int* __restrict__ q_pos,
+    const int* __restrict__ gb_page, const int* __restrict__ gb_start,
+    const int* __restrict__ gb_len, int num_blocks, int n_rows, int group, int topk,
+    float sm_scale_log2, long long stride_qt, long long stride_qh, long long stride_kp,
+    long long stride_kh, long long stride_kn, long long stride_vp, long long stride_vh,
+    long long stride_vn, long long stride_pe, long long stride_ph, long long stride_le) {
+  constexpr int QPT = BM / GP;  // queries per tile
+  extern __shared__ unsigned char smem_raw[];
+  // 1024-byte aligned base (the swizzle pattern repeats every 8 rows of 128 B)
+  unsigned char* smem =
+      smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+  unsigned char* ks = smem;
+  unsigned char* vs = smem + KV_TILE;
+  unsigned char* qs = smem + 2 * KV_TILE;  // two Q buffers
+  int* ent_s = reinterpret_cast<int*>(smem + 2 * KV_TILE + 2 * Q_TILE);
+  int* t_s = ent_s + ITEM_Q;
+  int* pos_s = t_s + ITEM_Q;
+
+  const int w = blockIdx.x;
+  if (w >= item_ptr[n_rows]) return;
+  const int tid = threadIdx.x;
+  const int row = work_row[w];
+  const int e0 = work_start[w];
+  const int e1 = imin(e0 + ITEM_Q, row_ptr[row + 1]);
+  const int g = row / num_blocks;
+  const int gb = row - g * num_blocks;
+  const long long page = gb_page[gb];
+  const int kv0 = gb_start[gb];
+  const int kv_len = gb_len[gb];
+  const int n_tiles = (e1 - e0 + QPT - 1) / QPT;
+
+  // -- the item's entries, their query index and position --
+  for (int i = tid; i < ITEM_Q; i += 128) {
+    const bool in = e0 + i < e1;
+    const int ent = in ? entries[e0 + i] : 0;
+    const int t = ent / topk;
+    ent_s[i] = ent;
+    t_s[i] = t;
+    pos_s[i] = in ? q_pos[t] : -1;
+  }
+  // -- the KV block, once (keys past a partial last block read as 0) --
+  {
+    const unsigned short* kb = k_cache + page * stride_kp + g * stride_kh;
+    const unsigned short* vb = v_cache + page * stride_vp + g * stride_vh;
+#pragma unroll
+    for (int j = 0; j < BN * 16 / 128; ++j) {
+      const int idx = tid + 128 * j;
+      const int r = idx >> 4, c16 = idx & 15;
+      const int nbytes = r < kv_len ? 16 : 0;
+      const int rr = r < kv_len ? r : 0;
+      cp_async16(smem_u32(ks) + swz(BN, r, c16), kb + rr * stride_kn + c16 * 8, nbytes);
+      cp_async16(smem_u32(vs) + swz(BN, r, c16), vb + rr * stride_vn + c16 * 8, nbytes);
+    }
+    cp_async_commit();
+  }
+  __syncthreads();  // ent_s / t_s / pos_s
+
+  const unsigned short* qg = q + (long long)(g * group) * stride_qh;
+  auto load_q = [&](int tile, int buf) {
+    const u32 dst = smem_u32(qs + buf * Q_TILE);
+#pragma unroll
+    for (int j = 0; j < BM * 16 / 128; ++j) {
+      const int idx = tid + 128 * j;
+      const int r = idx >> 4, c16 = idx & 15;
+      const int qi = tile * QPT + r / GP, hi = r % GP;
+      const bool ok = pos_s[qi] >= 0 && hi < group;
+      const unsigned short* src =
+          qg + (ok ? (long long)t_s[qi] * stride_qt + hi * stride_qh : 0) + c16 * 8;
+      cp_async16(dst + swz(BM, r, c16), src, ok ? 16 : 0);
+    }
+    cp_async_commit();
+  };
+
+  const int warp = tid >> 5, lane = tid & 31;
+  const int r0 = warp * 16 + (lane >> 2);  // this thread's rows: r0 and r0 + 8
+  const int c0 = 2 * (lane & 3);           // its columns: 8j + c0, 8j + c0 + 1
+  auto row_info = [&](int tile, int r) {
+    Row x;
+    const int qi = tile * QPT + r / GP, hi = r % GP;
+    const int pos = pos_s[qi];
+    x.ok = pos >= 0 && hi < group;
+    x.ent = ent_s[qi];
+    x.head = g * group + hi;
+    x.lim = x.ok ? imin(pos - kv0, kv_len - 1) : -1;
+    return x;
+  };
+
+  float s[64];  // S accumulator, then P (fp32) of the tile being softmaxed
+  float o[64];  // O accumulator
+  u32 p[32];    // P (bf16x2) of the tile whose P·V is in flight
+
+  const u32 ks_a = smem_u32(ks), vs_a = smem_u32(vs), qs_a = smem_u32(qs);
+  auto issue_s = [&](int buf) {
+#pragma unroll
+    for (int j = 0; j < 64; ++j) reg_fence(s[j]);
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const u32 off = (kk & 3) << 5;  // 16 columns = 32 B into the 128-B row
+      const u64 da = desc(qs_a + buf * Q_TILE + (kk >> 2) * (BM * 128) + off, 16, 1024);
+      const u64 db = desc(ks_a + (kk >> 2) * (BN * 128) + off, 16, 1024);
+      wgmma_ss(s, da, db, kk > 0);
+    }
+    wg_commit();
+#pragma unroll
+    for (int j = 0; j < 64; ++j) reg_fence(s[j]);
+  };
+  auto issue_o = [&]() {
+#pragma unroll
+    for (int j = 0; j < 64; ++j) reg_fence(o[j]);
+#pragma unroll
+    for (int j = 0; j < 32; ++j) reg_fence(p[j]);
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      const u64 db = desc(vs_a + kk * 16 * 128, V_LBO, V_SBO);
+      wgmma_rs(o, p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3], db, kk > 0);
+    }
+    wg_commit();
+#pragma unroll
+    for (int j = 0; j < 64; ++j) reg_fence(o[j]);
+  };
+  // softmax of s (in place, fp32 probabilities) for rows a / b; returns row max and sum
+  auto softmax = [&](const Row& a, const Row& b, float& ma, float& mb, float& la, float& lb) {
+    ma = NEG_INF;
+    mb = NEG_INF;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = 8 * j + c0 + e;
+        float x0 = s[4 * j + e] * sm_scale_log2, x1 = s[4 * j + 2 + e] * sm_scale_log2;
+        x0 = col <= a.lim ? x0 : NEG_INF;
+        x1 = col <= b.lim ? x1 : NEG_INF;
+        s[4 * j + e] = x0;
+        s[4 * j + 2 + e] = x1;
+        ma = fmaxf(ma, x0);
+        mb = fmaxf(mb, x1);
+      }
+    }
+    ma = fmaxf(ma, __shfl_xor_sync(0xffffffff, ma, 1));
+    ma = fmaxf(ma, __shfl_xor_sync(0xffffffff, ma, 2));
+    mb = fmaxf(mb, __shfl_xor_sync(0xffffffff, mb, 1));
+    mb = fmaxf(mb, __shfl_xor_sync(0xffffffff, mb, 2));
+    const float sa = ma == NEG_INF ? 0.f : ma, sb = mb == NEG_INF ? 0.f : mb;
+    la = 0.f;
+    lb = 0.f;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float x0 = fast_exp2(s[4 * j + e] - sa), x1 = fast_exp2(s[4 * j + 2 + e] - sb);
+        s[4 * j + e] = x0;
+        s[4 * j + 2 + e] = x1;
+        la += x0;
+        lb += x1;
+      }
+    }
+    la += __shfl_xor_sync(0xffffffff, la, 1);
+    la += __shfl_xor_sync(0xffffffff, la, 2);
+    lb += __shfl_xor_sync(0xffffffff, lb, 1);
+    lb += __shfl_xor_sync(0xffffffff, lb, 2);
+    ma = sa;
+    mb = sb;
+  };
+  auto store = [&](const Row& x, int half, float m, float l) {
+    if (!x.ok) return;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    unsigned short* dst = o_part + (long long)x.ent * stride_pe + (long long)x.head * stride_ph + c0;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const u32 v = pack_bf16(o[4 * j + 2 * half] * inv, o[4 * j + 2 * half + 1] * inv);
+      *reinterpret_cast<u32*>(dst + 8 * j) = v;
+    }
+    if ((lane & 3) == 0)
+      lse_part[(long long)x.ent * stride_le + x.head] = l > 0.f ? m + __log2f(l) : NEG_INF;
+  };
+
+  // -- prologue: Q(0) (and Q(1)) in flight behind the KV block; S(0) and its softmax --
+  load_q(0, 0);
+  if (n_tiles > 1) {
+    load_q(1, 1);
+    cp_async_wait<1>();
+  } else {
+    cp_async_wait<0>();
+  }
+  fence_proxy_async();
+  __syncthreads();
+  issue_s(0);
+  wg_wait<0>();
+#pragma unroll
+  for (int i = 0; i < 64; ++i) reg_fence(s[i]);
+  Row ca = row_info(0, r0), cb = row_info(0, r0 + 8);
+  float ma, mb, la, lb;
+  softmax(ca, cb, ma, mb, la, lb);
+#pragma unroll
+  for (int i = 0; i < 32; ++i) p[i] = pack_bf16(s[2 * i], s[2 * i + 1]);
+
+  for (int i = 1; i < n_tiles; ++i) {
+    cp_async_wait<0>();  // Q(i) landed
+    fence_proxy_async();
+    __syncthreads();
+    issue_s(i & 1);      // S(i) = Q(i)·Kᵀ
+#ifdef SYNC_S
+    wg_wait<0>();
+#endif
+    issue_o();           // O(i-1) = P(i-1)·V, behind it
+#ifdef SYNC_O
+    wg_wait<0>();
+#endif
+    // Q(i+1) into the buffer S(i-1) read (complete: waited last iteration, then the barrier)
+    if (i + 1 < n_tiles) load_q(i + 1, (i + 1) & 1);
+    wg_wait<1>();  // S(i) done; O(i-1) may still run during the softmax
+#pragma unroll
+    for (int j = 0; j < 64; ++j) reg_fence(s[j]);
+    const Row na = row_info(i, r0), nb = row_info(i, r0 + 8);
+    float nma, nmb, nla, nlb;
+    softmax(na, nb, nma, nmb, nla, nlb);
+    wg_wait<0>();  // O(i-1) done
+#pragma unroll
+    for (int j = 0; j < 64; ++j) reg_fence(o[j]);
+#pragma unroll
+    for (int j = 0; j < 32; ++j) reg_fence(p[j]);
+    store(ca, 0, ma, la);
+    store(cb, 1, mb, lb);
+#pragma unroll
+    for (int j = 0; j < 32; ++j) p[j] = pack_bf16(s[2 * j], s[2 * j + 1]);
+    ca = na;
+    cb = nb;
+    ma = nma;
+    mb = nmb;
+    la = nla;
+    lb = nlb;
+  }
+  // -- the last tile's P·V and partials --
+  issue_o();
+  wg_wait<0>();
+#pragma unroll
+  for (int j = 0; j < 64; ++j) reg_fence(o[j]);
+#pragma unroll
+  for (int j = 0; j < 32; ++j) reg_fence(p[j]);
+  store(ca, 0, ma, la);
+  store(cb, 1, mb, lb);
+}
+
