@@ -324,15 +324,15 @@ def full_case(x, fns, tile: dict[str, Any], with_sglang: bool) -> dict[str, Any]
 
 
 SWEEP = [  # (BLOCK_M, ITEM_Q, hoist K/V, prefetch, unrolled combine, main kernel)
-    (64, 64, True, False, False, "triton"),
     (64, 64, True, True, False, "triton"),
     (64, 128, True, True, False, "triton"),
     (64, 64, True, True, False, "cuda"),
     (64, 128, True, True, False, "cuda"),
+    (64, 256, True, True, False, "cuda"),
 ]
-# the CUDA kernel's transposed-V descriptor strides, both readings of the PTX table (a wrong one
-# fails the error gate below); V_LBO/V_SBO default 16384/1024 in sparse_prefill_main.cu
-CUDA_VARIANTS = [(), ("-DV_LBO=1024", "-DV_SBO=16384")]
+# the CUDA kernel's compile-time variants: default (O staged with stmatrix, 16-byte stores) and
+# O stored straight from the accumulator fragment
+CUDA_VARIANTS = [(), ("-DSTORE_DIRECT",)]
 
 
 def sweep(fns) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, float]]:

@@ -8,6 +8,9 @@
 #                    graph capture), then bench_sparse_prefill.py's sweep (Triton and CUDA main
 #                    kernels, both readings of the transposed-V descriptor) and main / full
 #                    prefill at 32K / 128K vs SGLang's ops with the winner.
+#   call 2 (1 GPU):  the same after the kernel's second form (S(i+1) issued before O(i-1)'s
+#                    stores; slimmer softmax; O staged with stmatrix, 16-byte stores), both store
+#                    forms in the sweep (-DSTORE_DIRECT), ITEM_Q 64 / 128 / 256.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CALL="${1:?usage: session14.sh 1..}"
@@ -16,7 +19,7 @@ SITE=/tmp/m3serve-site14
 source scripts/gpu/lanes.sh
 K=tests/kernels
 case "$CALL" in
-1)
+1|2)
     timeout 200 $GT $K/test_sparse_prefill.py -k cuda 2>&1 | tail -n 30 > "$OUT/kt.txt"
     mkdir -p "$OUT/pre"
     timeout 360 python3 benchmarks/bench_sparse_prefill.py --sweep --out "$OUT/pre" \

@@ -6,7 +6,7 @@
 // once into shared memory; the item's entries are walked in 64-row tiles (64 / GP queries × GP
 // heads), each a complete one-block softmax written as a bf16 partial O and an fp32 log2-sum-exp.
 //
-// What it does that the Triton kernel cannot (its TTGIR waits on every wgmma at once and routes
+// What it does that the Triton kernel does not (its TTGIR waits on every wgmma at once and routes
 // layouts through shared memory with CTA barriers, sparse_prefill.md, sessions 12-13):
 //   * S(i+1) = Q(i+1)·Kᵀ is issued before the softmax of tile i and O(i) = P(i)·V right after,
 //     so both wgmmas run while the warps do the softmax (FA3's intra-warpgroup overlap);
@@ -22,12 +22,11 @@
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
-#ifndef V_LBO
-#define V_LBO 16384  // V as the transposed (MN-major) B operand: stride between 64-dim halves
-#endif
-#ifndef V_SBO
-#define V_SBO 1024  // ... and between groups of 8 keys
-#endif
+// V as the transposed (MN-major) B operand of P·V: leading byte offset = stride between the two
+// 64-dim halves, stride byte offset = between groups of 8 keys (H200, session 14: the swapped
+// reading gave errors of 0.56, this one 0.002 against the query-major kernel)
+#define V_LBO 16384
+#define V_SBO 1024
 
 namespace {
 
@@ -193,12 +192,15 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
   __syncthreads();  // ent_s / t_s / pos_s
 
   const unsigned short* qg = q + (long long)(g * group) * stride_qh;
+  const int warp = tid >> 5, lane = tid & 31;
+  // each warp gathers its own 16 rows (the rows of its wgmma accumulator fragment), so a warp
+  // can reuse its rows of a consumed Q buffer to stage its O stores without a CTA barrier
   auto load_q = [&](int tile, int buf) {
     const u32 dst = smem_u32(qs + buf * Q_TILE);
 #pragma unroll
-    for (int j = 0; j < BM * 16 / 128; ++j) {
-      const int idx = tid + 128 * j;
-      const int r = idx >> 4, c16 = idx & 15;
+    for (int j = 0; j < 8; ++j) {
+      const int idx = lane + 32 * j;
+      const int r = warp * 16 + (idx >> 4), c16 = idx & 15;
       const int qi = tile * QPT + r / GP, hi = r % GP;
       const bool ok = pos_s[qi] >= 0 && hi < group;
       const unsigned short* src =
@@ -208,7 +210,6 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
     cp_async_commit();
   };
 
-  const int warp = tid >> 5, lane = tid & 31;
   const int r0 = warp * 16 + (lane >> 2);  // this thread's rows: r0 and r0 + 8
   const int c0 = 2 * (lane & 3);           // its columns: 8j + c0, 8j + c0 + 1
   auto row_info = [&](int tile, int r) {
@@ -259,34 +260,41 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
   };
   // softmax of s (in place, fp32 probabilities) for rows a / b; returns row max and sum
   auto softmax = [&](const Row& a, const Row& b, float& ma, float& mb, float& la, float& lb) {
+    // keys past a row's position (its local block) or past a partial last block: −inf; a block
+    // wholly visible to both rows (all but the local one) skips the selects
+    if (a.lim < BN - 1 || b.lim < BN - 1) {
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = 8 * j + c0 + e;
+          s[4 * j + e] = col <= a.lim ? s[4 * j + e] : NEG_INF;
+          s[4 * j + 2 + e] = col <= b.lim ? s[4 * j + 2 + e] : NEG_INF;
+        }
+      }
+    }
     ma = NEG_INF;
     mb = NEG_INF;
 #pragma unroll
     for (int j = 0; j < 16; ++j) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int col = 8 * j + c0 + e;
-        float x0 = s[4 * j + e] * sm_scale_log2, x1 = s[4 * j + 2 + e] * sm_scale_log2;
-        x0 = col <= a.lim ? x0 : NEG_INF;
-        x1 = col <= b.lim ? x1 : NEG_INF;
-        s[4 * j + e] = x0;
-        s[4 * j + 2 + e] = x1;
-        ma = fmaxf(ma, x0);
-        mb = fmaxf(mb, x1);
-      }
+      ma = fmaxf(ma, fmaxf(s[4 * j], s[4 * j + 1]));
+      mb = fmaxf(mb, fmaxf(s[4 * j + 2], s[4 * j + 3]));
     }
     ma = fmaxf(ma, __shfl_xor_sync(0xffffffff, ma, 1));
     ma = fmaxf(ma, __shfl_xor_sync(0xffffffff, ma, 2));
     mb = fmaxf(mb, __shfl_xor_sync(0xffffffff, mb, 1));
     mb = fmaxf(mb, __shfl_xor_sync(0xffffffff, mb, 2));
-    const float sa = ma == NEG_INF ? 0.f : ma, sb = mb == NEG_INF ? 0.f : mb;
+    // scaled row max (log2 units); 0 for a row with nothing visible
+    const float sa = ma == NEG_INF ? 0.f : ma * sm_scale_log2;
+    const float sb = mb == NEG_INF ? 0.f : mb * sm_scale_log2;
     la = 0.f;
     lb = 0.f;
 #pragma unroll
     for (int j = 0; j < 16; ++j) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const float x0 = fast_exp2(s[4 * j + e] - sa), x1 = fast_exp2(s[4 * j + 2 + e] - sb);
+        const float x0 = fast_exp2(fmaf(s[4 * j + e], sm_scale_log2, -sa));
+        const float x1 = fast_exp2(fmaf(s[4 * j + 2 + e], sm_scale_log2, -sb));
         s[4 * j + e] = x0;
         s[4 * j + 2 + e] = x1;
         la += x0;
@@ -300,20 +308,71 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
     ma = sa;
     mb = sb;
   };
-  auto store = [&](const Row& x, int half, float m, float l) {
-    if (!x.ok) return;
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    unsigned short* dst = o_part + (long long)x.ent * stride_pe + (long long)x.head * stride_ph + c0;
-#pragma unroll
-    for (int j = 0; j < 16; ++j) {
-      const u32 v = pack_bf16(o[4 * j + 2 * half] * inv, o[4 * j + 2 * half + 1] * inv);
-      *reinterpret_cast<u32*>(dst + 8 * j) = v;
-    }
-    if ((lane & 3) == 0)
+  auto store_lse = [&](const Row& x, float m, float l) {
+    if (x.ok && (lane & 3) == 0)
       lse_part[(long long)x.ent * stride_le + x.head] = l > 0.f ? m + __log2f(l) : NEG_INF;
   };
+#ifdef STORE_DIRECT
+  // O(tile) / l straight from the accumulator fragment: 4-byte stores, 16 B per row and warp
+  auto store = [&](int tile, int buf, const Row& xa, const Row& xb, float ma, float la,
+                   float mb, float lb) {
+    const Row* xs[2] = {&xa, &xb};
+    const float ls[2] = {la, lb};
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const Row& x = *xs[half];
+      if (!x.ok) continue;
+      const float inv = ls[half] > 0.f ? 1.f / ls[half] : 0.f;
+      unsigned short* dst =
+          o_part + (long long)x.ent * stride_pe + (long long)x.head * stride_ph + c0;
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        const u32 v = pack_bf16(o[4 * j + 2 * half] * inv, o[4 * j + 2 * half + 1] * inv);
+        *reinterpret_cast<u32*>(dst + 8 * j) = v;
+      }
+    }
+    store_lse(xa, ma, la);
+    store_lse(xb, mb, lb);
+  };
+#else
+  // O(tile) / l staged through this warp's 16 rows of a consumed Q buffer (stmatrix, the
+  // accumulator fragment is its input layout), then 16-byte coalesced stores of whole rows
+  auto store = [&](int tile, int buf, const Row& xa, const Row& xb, float ma, float la,
+                   float mb, float lb) {
+    const float ia = la > 0.f ? 1.f / la : 0.f, ib = lb > 0.f ? 1.f / lb : 0.f;
+    const u32 stage = smem_u32(qs + buf * Q_TILE);
+    const int mi = lane >> 3, rr = (lane & 7) + ((mi & 1) << 3);  // matrix, row in the warp
+#pragma unroll
+    for (int j = 0; j < 16; j += 2) {
+      const u32 addr = stage + swz(BM, warp * 16 + rr, j + (mi >> 1));
+      const u32 v0 = pack_bf16(o[4 * j] * ia, o[4 * j + 1] * ia);
+      const u32 v1 = pack_bf16(o[4 * j + 2] * ib, o[4 * j + 3] * ib);
+      const u32 v2 = pack_bf16(o[4 * j + 4] * ia, o[4 * j + 5] * ia);
+      const u32 v3 = pack_bf16(o[4 * j + 6] * ib, o[4 * j + 7] * ib);
+      asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr),
+                   "r"(v0), "r"(v1), "r"(v2), "r"(v3)
+                   : "memory");
+    }
+    __syncwarp();
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const int r = warp * 16 + 2 * k + (lane >> 4), c16 = lane & 15;
+      const Row x = row_info(tile, r);
+      uint4 v;
+      asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                   : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                   : "r"(stage + swz(BM, r, c16)));
+      if (x.ok)
+        *reinterpret_cast<uint4*>(o_part + (long long)x.ent * stride_pe +
+                                  (long long)x.head * stride_ph + c16 * 8) = v;
+    }
+    __syncwarp();
+    store_lse(xa, ma, la);
+    store_lse(xb, mb, lb);
+  };
+#endif
 
-  // -- prologue: Q(0) (and Q(1)) in flight behind the KV block; S(0) and its softmax --
+  // -- prologue: Q(0), Q(1) in flight behind the KV block; S(0), its softmax; S(1) issued --
   load_q(0, 0);
   if (n_tiles > 1) {
     load_q(1, 1);
@@ -326,28 +385,25 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
   issue_s(0);
   wg_wait<0>();
 #pragma unroll
-  for (int i = 0; i < 64; ++i) reg_fence(s[i]);
+  for (int j = 0; j < 64; ++j) reg_fence(s[j]);
   Row ca = row_info(0, r0), cb = row_info(0, r0 + 8);
   float ma, mb, la, lb;
   softmax(ca, cb, ma, mb, la, lb);
 #pragma unroll
-  for (int i = 0; i < 32; ++i) p[i] = pack_bf16(s[2 * i], s[2 * i + 1]);
-
-  for (int i = 1; i < n_tiles; ++i) {
-    cp_async_wait<0>();  // Q(i) landed
+  for (int j = 0; j < 32; ++j) p[j] = pack_bf16(s[2 * j], s[2 * j + 1]);
+  if (n_tiles > 1) {
+    cp_async_wait<0>();
     fence_proxy_async();
-    __syncthreads();
-    issue_s(i & 1);      // S(i) = Q(i)·Kᵀ
-#ifdef SYNC_S
-    wg_wait<0>();
-#endif
-    issue_o();           // O(i-1) = P(i-1)·V, behind it
-#ifdef SYNC_O
-    wg_wait<0>();
-#endif
-    // Q(i+1) into the buffer S(i-1) read (complete: waited last iteration, then the barrier)
-    if (i + 1 < n_tiles) load_q(i + 1, (i + 1) & 1);
-    wg_wait<1>();  // S(i) done; O(i-1) may still run during the softmax
+    __syncthreads();  // every warp past S(0): buffer 0 is free
+    issue_s(1);
+    if (n_tiles > 2) load_q(2, 0);
+  }
+  // -- steady state, tile i: S(i) in flight, P(i-1) in registers --
+  //    O(i-1) = P(i-1)·V behind S(i); softmax(i) while O(i-1) runs; S(i+1) issued before
+  //    O(i-1)'s stores, so the tensor cores have work through the softmax and the epilogue
+  for (int i = 1; i < n_tiles; ++i) {
+    issue_o();
+    wg_wait<1>();  // S(i) done
 #pragma unroll
     for (int j = 0; j < 64; ++j) reg_fence(s[j]);
     const Row na = row_info(i, r0), nb = row_info(i, r0 + 8);
@@ -358,10 +414,19 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
     for (int j = 0; j < 64; ++j) reg_fence(o[j]);
 #pragma unroll
     for (int j = 0; j < 32; ++j) reg_fence(p[j]);
-    store(ca, 0, ma, la);
-    store(cb, 1, mb, lb);
 #pragma unroll
     for (int j = 0; j < 32; ++j) p[j] = pack_bf16(s[2 * j], s[2 * j + 1]);
+    if (i + 1 < n_tiles) {  // Q(i+1) landed in buffer (i+1)&1: S(i+1) behind the stores
+      cp_async_wait<0>();
+      fence_proxy_async();
+      __syncthreads();  // also: every warp is past S(i), so buffer i&1 is free
+      issue_s((i + 1) & 1);
+    } else {
+      __syncthreads();  // every warp past S(i) before buffer i&1 is reused for staging
+    }
+    store(i - 1, i & 1, ca, cb, ma, la, mb, lb);
+    // Q(i+2) into buffer i&1, each warp its own rows, after its staging reads
+    if (i + 2 < n_tiles) load_q(i + 2, i & 1);
     ca = na;
     cb = nb;
     ma = nma;
@@ -369,14 +434,14 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
     la = nla;
     lb = nlb;
   }
-  // -- the last tile's P·V and partials --
+  // -- the last tile's P·V and partials (staged in the buffer S(last) read: all warps past it) --
   issue_o();
   wg_wait<0>();
 #pragma unroll
   for (int j = 0; j < 64; ++j) reg_fence(o[j]);
 #pragma unroll
   for (int j = 0; j < 32; ++j) reg_fence(p[j]);
-  store(ca, 0, ma, la);
-  store(cb, 1, mb, lb);
+  __syncthreads();
+  store(n_tiles - 1, (n_tiles - 1) & 1, ca, cb, ma, la, mb, lb);
 }
 
