@@ -1,7 +1,8 @@
 """Run the sparse-prefill main branch once at 128K context (8K-query chunk, 64 q / 4 KV heads) so
 that Nsight Compute can profile its kernels: `ncu -k regex:_block_major_kernel -c 1 ... python
-scripts/gpu/ncu_prefill.py` (scripts/gpu/session12.sh call 7). Warms up (compile + autotune)
-first, then one run() under a CUDA profiler range."""
+scripts/gpu/ncu_prefill.py [triton|cuda]` (session12.sh call 7, session14.sh call 3: the main
+kernel in Triton, the default, or CUDA). Warms up (compile + autotune) first, then one run()
+under a CUDA profiler range."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from bench_sparse_prefill import make_inputs, select, wrapper
 
 x = make_inputs(131072, 8192, 64, 4)
 ids = select(x)
-w, _ = wrapper(x)
+w, _ = wrapper(x, main_kernel=sys.argv[1] if len(sys.argv) > 1 else "triton")
 sm = 1 / math.sqrt(x["q"].shape[-1])
 out = w.run(x["q"], x["k"], x["v"], ids, sm)
 torch.cuda.synchronize()

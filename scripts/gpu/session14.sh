@@ -11,6 +11,7 @@
 #   call 2 (1 GPU):  the same after the kernel's second form (S(i+1) issued before O(i-1)'s
 #                    stores; slimmer softmax; O staged with stmatrix, 16-byte stores), both store
 #                    forms in the sweep (-DSTORE_DIRECT), ITEM_Q 64 / 128 / 256.
+#   call 3 (1 GPU):  Nsight Compute stall / traffic metrics of the CUDA and Triton main kernels.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CALL="${1:?usage: session14.sh 1..}"
@@ -26,6 +27,15 @@ case "$CALL" in
         --contexts 32768,131072 --full-contexts 32768,131072 2>&1 | grep -v Warning | tail -n 45 \
         > "$OUT/pre.txt"
     cp "$OUT"/pre/sparse_prefill.json "$OUT/pre_s14.json" 2>/dev/null
+    ;;
+3)  # Nsight Compute on both main kernels at 128K, 64/4 (one run() each after warm-up)
+    NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+    M=dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sectors_srcunit_tex_op_read.sum,lts__t_sectors_srcunit_tex_op_read_lookup_hit.sum,sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed.sum,smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio,smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio,smsp__average_warps_issue_stalled_short_scoreboard_per_issue_active.ratio,smsp__average_warps_issue_stalled_wait_per_issue_active.ratio,smsp__average_warps_issue_stalled_gmma_per_issue_active.ratio,smsp__average_warps_issue_stalled_mio_throttle_per_issue_active.ratio,smsp__average_warps_issue_stalled_lg_throttle_per_issue_active.ratio,smsp__average_warps_issue_stalled_math_pipe_throttle_per_issue_active.ratio,smsp__average_warps_issue_stalled_not_selected_per_issue_active.ratio,smsp__average_warps_issue_stalled_selected_per_issue_active.ratio,smsp__average_warps_issue_stalled_dispatch_stall_per_issue_active.ratio,smsp__average_warps_issue_stalled_membar_per_issue_active.ratio,smsp__average_warps_issue_stalled_sleeping_per_issue_active.ratio,smsp__issue_active.avg.pct_of_peak_sustained_active,gpu__time_duration.sum,launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active
+    for v in cuda:msa_prefill_main triton:_block_major_kernel; do
+        timeout 200 "$NCU" --profile-from-start off -k "regex:${v#*:}" -c 1 --metrics "$M" \
+            python3 scripts/gpu/ncu_prefill.py "${v%%:*}" 2>&1 | grep -v "^==PROF==" | tail -n 40 \
+            > "$OUT/ncu_${v%%:*}.txt"
+    done
     ;;
 esac
 echo "[call $CALL done after $(( $(date +%s) - t0 )) s]"
