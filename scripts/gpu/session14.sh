@@ -15,6 +15,9 @@
 #   call 4 (1 GPU):  as call 2, after fixing what ncu + the SASS showed: ptxas had serialised
 #                    every wgmma (C7515, a wgmma in flight across the loop's back edge); now
 #                    S(i) and O(i-1) issue together, three query-row buffers.
+#   call 5 (1 GPU):  the inverse index split by query range (query_range 2048 / 4096: the items
+#                    running together gather one range's query rows), Triton and CUDA; tree
+#                    reductions in the CUDA softmax. All the sparse-prefill GPU tests first.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CALL="${1:?usage: session14.sh 1..}"
@@ -23,8 +26,8 @@ SITE=/tmp/m3serve-site14
 source scripts/gpu/lanes.sh
 K=tests/kernels
 case "$CALL" in
-1|2|4)
-    timeout 200 $GT $K/test_sparse_prefill.py -k cuda 2>&1 | tail -n 30 > "$OUT/kt.txt"
+1|2|4|5)
+    timeout 200 $GT $K/test_sparse_prefill.py 2>&1 | tail -n 30 > "$OUT/kt.txt"
     mkdir -p "$OUT/pre"
     timeout 360 python3 benchmarks/bench_sparse_prefill.py --sweep --out "$OUT/pre" \
         --contexts 32768,131072 --full-contexts 32768,131072 2>&1 | grep -v Warning | tail -n 45 \

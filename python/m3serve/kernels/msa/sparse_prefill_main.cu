@@ -137,7 +137,8 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
     const int* __restrict__ item_ptr, const int* __restrict__ work_row,
     const int* __restrict__ work_start, const int* __restrict__ q_pos,
     const int* __restrict__ gb_page, const int* __restrict__ gb_start,
-    const int* __restrict__ gb_len, int num_blocks, int n_rows, int group, int topk,
+    const int* __restrict__ gb_len, int num_blocks, int rows_per_head, int n_rows, int group,
+    int topk,
     float sm_scale_log2, long long stride_qt, long long stride_qh, long long stride_kp,
     long long stride_kh, long long stride_kn, long long stride_vp, long long stride_vh,
     long long stride_vn, long long stride_pe, long long stride_ph, long long stride_le) {
@@ -159,8 +160,8 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
   const int row = work_row[w];
   const int e0 = work_start[w];
   const int e1 = imin(e0 + ITEM_Q, row_ptr[row + 1]);
-  const int g = row / num_blocks;
-  const int gb = row - g * num_blocks;
+  const int g = row / rows_per_head;  // rows: (KV head, query range, global block)
+  const int gb = row % num_blocks;
   const long long page = gb_page[gb];
   const int kv0 = gb_start[gb];
   const int kv_len = gb_len[gb];
@@ -208,7 +209,7 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
     for (int j = 0; j < 8; ++j) {
       const int idx = lane + 32 * j;
       const int r = warp * 16 + (idx >> 4), c16 = idx & 15;
-      const int qi = tile * QPT + r / GP, hi = r % GP;
+      const int qi = tile * QPT + (GP >= 16 ? warp * 16 / GP : r / GP), hi = r % GP;
       const bool ok = pos_s[qi] >= 0 && hi < group;
       const unsigned short* src =
           qg + (ok ? (long long)t_s[qi] * stride_qt + hi * stride_qh : 0) + c16 * 8;
@@ -219,9 +220,9 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
 
   const int r0 = warp * 16 + (lane >> 2);  // this thread's rows: r0 and r0 + 8
   const int c0 = 2 * (lane & 3);           // its columns: 8j + c0, 8j + c0 + 1
-  auto row_info = [&](int tile, int r) {
+  auto row_info = [&](int tile, int r) {  // r: a row of this warp's 16
     Row x;
-    const int qi = tile * QPT + r / GP, hi = r % GP;
+    const int qi = tile * QPT + (GP >= 16 ? warp * 16 / GP : r / GP), hi = r % GP;
     const int pos = pos_s[qi];
     x.ok = pos >= 0 && hi < group;
     x.ent = ent_s[qi];
@@ -276,13 +277,21 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
         }
       }
     }
-    ma = NEG_INF;
-    mb = NEG_INF;
+    // row max and row sum as 4-way trees (a serial chain of 32 dependent ops per row would
+    // stall the two warps a scheduler has)
+    float xa[4], xb[4];
 #pragma unroll
-    for (int j = 0; j < 16; ++j) {
-      ma = fmaxf(ma, fmaxf(s[4 * j], s[4 * j + 1]));
-      mb = fmaxf(mb, fmaxf(s[4 * j + 2], s[4 * j + 3]));
+    for (int u = 0; u < 4; ++u) {
+      xa[u] = fmaxf(s[4 * u], s[4 * u + 1]);
+      xb[u] = fmaxf(s[4 * u + 2], s[4 * u + 3]);
     }
+#pragma unroll
+    for (int j = 4; j < 16; ++j) {
+      xa[j & 3] = fmaxf(xa[j & 3], fmaxf(s[4 * j], s[4 * j + 1]));
+      xb[j & 3] = fmaxf(xb[j & 3], fmaxf(s[4 * j + 2], s[4 * j + 3]));
+    }
+    ma = fmaxf(fmaxf(xa[0], xa[1]), fmaxf(xa[2], xa[3]));
+    mb = fmaxf(fmaxf(xb[0], xb[1]), fmaxf(xb[2], xb[3]));
     ma = fmaxf(ma, __shfl_xor_sync(0xffffffff, ma, 1));
     ma = fmaxf(ma, __shfl_xor_sync(0xffffffff, ma, 2));
     mb = fmaxf(mb, __shfl_xor_sync(0xffffffff, mb, 1));
@@ -290,8 +299,11 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
     // scaled row max (log2 units); 0 for a row with nothing visible
     const float sa = ma == NEG_INF ? 0.f : ma * sm_scale_log2;
     const float sb = mb == NEG_INF ? 0.f : mb * sm_scale_log2;
-    la = 0.f;
-    lb = 0.f;
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      xa[u] = 0.f;
+      xb[u] = 0.f;
+    }
 #pragma unroll
     for (int j = 0; j < 16; ++j) {
 #pragma unroll
@@ -300,10 +312,12 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
         const float x1 = fast_exp2(fmaf(s[4 * j + 2 + e], sm_scale_log2, -sb));
         s[4 * j + e] = x0;
         s[4 * j + 2 + e] = x1;
-        la += x0;
-        lb += x1;
+        xa[(2 * j + e) & 3] += x0;
+        xb[(2 * j + e) & 3] += x1;
       }
     }
+    la = (xa[0] + xa[1]) + (xa[2] + xa[3]);
+    lb = (xb[0] + xb[1]) + (xb[2] + xb[3]);
     la += __shfl_xor_sync(0xffffffff, la, 1);
     la += __shfl_xor_sync(0xffffffff, la, 2);
     lb += __shfl_xor_sync(0xffffffff, lb, 1);
