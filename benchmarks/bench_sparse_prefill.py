@@ -244,8 +244,7 @@ def main_case(x, ids, fns, tile: dict[str, Any], with_dense: bool = True) -> dic
     r["ours_ms"] = bench(lambda: w.run(x["q"], x["k"], x["v"], ids, sm, out=out))
     r["tile"] = (
         f"BLOCK_M={w.p.block_m} ITEM_Q={w.p.item_q} hoist={w.p.hoist_kv} "
-        f"prefetch={w.p.prefetch} unroll={w.p.combine_unroll} main={w.p.main_kernel} "
-        f"query_range={w.p.query_range}"
+        f"prefetch={w.p.prefetch} unroll={w.p.combine_unroll} main={w.p.main_kernel}"
     )
     w = None
     wq, _ = wrapper(x, variant="query_major")
@@ -324,16 +323,14 @@ def full_case(x, fns, tile: dict[str, Any], with_sglang: bool) -> dict[str, Any]
     return r
 
 
-SWEEP = [  # (BLOCK_M, ITEM_Q, hoist K/V, prefetch, unrolled combine, main kernel, query range)
-    (64, 64, True, True, False, "triton", None),
-    (64, 128, True, True, False, "triton", None),
-    (64, 64, True, True, False, "triton", 2048),
-    (64, 64, True, True, False, "cuda", None),
-    (64, 64, True, True, False, "cuda", 2048),
-    (64, 64, True, True, False, "cuda", 4096),
+SWEEP = [  # (BLOCK_M, ITEM_Q, hoist K/V, prefetch, unrolled combine, main kernel)
+    (64, 64, True, True, False, "triton"),
+    (64, 128, True, True, False, "triton"),
+    (64, 64, True, True, False, "cuda"),
 ]
 # the CUDA kernel's compile-time variants: default (O staged with stmatrix, 16-byte stores); add
-# ("-DSTORE_DIRECT",) to time the accumulator-fragment stores (slower in session 14)
+# ("-DSTORE_DIRECT",) to time stores straight from the accumulator fragment (slower, session 14).
+# ITEM_Q 128 does not fit two CUDA CTAs per SM (3 query-row buffers): 3.46 ms in session 14.
 CUDA_VARIANTS = [()]
 
 
@@ -355,9 +352,9 @@ def sweep(fns) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, float]]:
     rows = []
     best, best_ms = {}, float("inf")
     tiles = []
-    for bm, iq, hoist, pf, un, mk, qr in SWEEP:
+    for bm, iq, hoist, pf, un, mk in SWEEP:
         tile = dict(block_m=bm, item_q=iq, hoist_kv=hoist, prefetch=pf, combine_unroll=un,
-                    main_kernel=mk, query_range=qr)  # fmt: skip
+                    main_kernel=mk)  # fmt: skip
         tiles += [{**tile, "cuda_options": o} for o in CUDA_VARIANTS] if mk == "cuda" else [tile]
     for tile in tiles:
         try:
@@ -382,21 +379,19 @@ def sweep(fns) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, float]]:
 
         def build():
             build_inverse_index(ids, m, p.block, p.item_q, p.counts, p.row_ptr, p.item_ptr,
-                                p.entries, p.work_row, p.work_start, p.query_range)  # fmt: skip
+                                p.entries, p.work_row, p.work_start)  # fmt: skip
 
         def main_k():
             if p.main_kernel == "cuda":
                 launch_block_major_cuda(x["q"], x["k"], x["v"], p.o_part, p.lse_part, p.entries,
                                         p.row_ptr, p.item_ptr, p.work_row, p.work_start, m.q_pos,
                                         m.gb_page, m.gb_start, m.gb_len, m.num_blocks, p.topk,
-                                        sm, p.block_m, p.item_q, w._cuda_options,
-                                        p.n_ranges)  # fmt: skip
+                                        sm, p.block_m, p.item_q, w._cuda_options)  # fmt: skip
                 return
             launch_block_major(x["q"], x["k"], x["v"], p.o_part, p.lse_part, p.entries,
                                p.row_ptr, p.item_ptr, p.work_row, p.work_start, m.q_pos,
                                m.gb_page, m.gb_start, m.gb_len, m.num_blocks, p.topk, sm,
-                               p.block_m, p.item_q, p.hoist_kv, p.prefetch,
-                               p.n_ranges)  # fmt: skip
+                               p.block_m, p.item_q, p.hoist_kv, p.prefetch)  # fmt: skip
 
         def combine():
             launch_combine(p.o_part, p.lse_part, ids, m.q_pos, out, None, p.num_kv_heads,
@@ -652,7 +647,7 @@ def main() -> None:
     ap.add_argument(
         "--tile",
         default=None,
-        help="block_m,item_q,hoist,prefetch,unroll[,triton|cuda[,query_range]] (64,64,1,1,0,cuda)",
+        help="block_m,item_q,hoist,prefetch,unroll[,triton|cuda] (64,64,1,1,0,cuda)",
     )
     ap.add_argument("--plot-only", action="store_true")
     args = ap.parse_args()
@@ -687,7 +682,6 @@ def main() -> None:
         tile = dict(
             block_m=bm, item_q=iq, hoist_kv=bool(h), prefetch=bool(pf), combine_unroll=bool(un),
             main_kernel=f[5] if len(f) > 5 else "triton",
-            query_range=int(f[6]) if len(f) > 6 and int(f[6]) > 0 else None,
         )  # fmt: skip
     if args.sweep:
         tile, doc["sweep"], doc["phases"] = sweep(fns)

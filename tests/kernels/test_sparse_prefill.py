@@ -103,28 +103,6 @@ def test_block_major_fuzz(case):
     torch.testing.assert_close(lse, expect_lse, atol=2e-2, rtol=1e-3)
 
 
-@pytest.mark.parametrize("query_range", [1, 37, 128])
-def test_query_ranges(query_range):
-    """Inverse-index rows split by query range (range-major work list): same output; the rows
-    of every range hold only that range's queries."""
-    block, d, k, hq, hkv = 32, 32, 4, 4, 2
-    tensors, gen = make_batch([300, 90], [150, 90], block, hq, hkv, d, seed=13)
-    q, kc, vc, pt, cu_q, prefix, seq = tensors
-    topk_ids = realistic_topk(gen, pt, cu_q, prefix, seq, block, hkv, k)
-    out, w = run_wrapper("block_major", tensors, topk_ids, block, k, query_range=query_range)
-    expect = ref.ref_sparse_attention(q, kc, vc, pt, cu_q, prefix, seq, topk_ids, 1 / math.sqrt(d))
-    check(out, expect)
-    p = w.p
-    nb, t = p.meta.num_blocks, q.shape[0]
-    assert p.n_ranges == -(-t // query_range) and p.row_ptr.numel() == hkv * p.n_ranges * nb + 1
-    rp, ent = p.row_ptr.cpu(), p.entries.cpu()
-    for row in range(hkv * p.n_ranges * nb):
-        queries = ent[rp[row] : rp[row + 1]] // k
-        assert bool(((queries // query_range) == (row // nb) % p.n_ranges).all()), row
-    local = (p.meta.q_pos // block)[None, :, None]
-    assert int(rp[-1]) == int(((topk_ids >= 0) & (topk_ids <= local)).sum())
-
-
 def test_plan_reused_across_layers_and_tiles():
     """One plan, several layers (different selections): the counts must come back to zero."""
     block, d, k, hq, hkv = 32, 32, 4, 8, 2
@@ -318,9 +296,8 @@ def test_gpu_cuda_main_kernel(hq, hkv, item_q):
     topk_ids = realistic_topk(gen, pt, cu_q, prefix, seq, block, hkv, k)
     lse = torch.full((q.shape[0], hq), float("nan"), device=DEV)
     out, w = run_wrapper(
-        "block_major", tensors, topk_ids, block, k, lse=lse, main_kernel="cuda", item_q=item_q,
-        query_range=None if item_q == 64 else 700,
-    )  # fmt: skip
+        "block_major", tensors, topk_ids, block, k, lse=lse, main_kernel="cuda", item_q=item_q
+    )
     assert w.p.main_kernel == "cuda"
     expect, expect_lse = ref.ref_sparse_attention(
         q, kc, vc, pt, cu_q, prefix, seq, topk_ids, 1 / math.sqrt(d), return_lse=True

@@ -35,7 +35,6 @@ from .sparse_prefill_plan import (
     build_host_metadata,
     build_inverse_index,
     max_work_items,
-    num_ranges,
 )
 from .sparse_prefill_query_major import launch_query_major
 from .sparse_prefill_triton import launch_block_major, launch_combine
@@ -57,8 +56,6 @@ class SparsePrefillPlan:
     prefetch: bool
     combine_unroll: bool
     main_kernel: str  # "triton" or "cuda" (sparse_prefill_main.cu, Hopper, bf16, d 128)
-    query_range: int | None  # inverse-index rows split by query range (None: whole chunk)
-    n_ranges: int
     counts: torch.Tensor  # [G*NB] int32, zero between runs
     row_ptr: torch.Tensor  # [G*NB+1] int32 CSR offsets
     item_ptr: torch.Tensor  # [G*NB+1] int32 work-item offsets
@@ -97,14 +94,11 @@ class SparsePrefillWrapper:
         partial_dtype: torch.dtype = torch.bfloat16,
         main_kernel: str = "triton",
         cuda_options: tuple[str, ...] = (),
-        query_range: int | None = None,
     ) -> None:
         assert variant in ("block_major", "query_major"), f"unknown variant {variant!r}"
         assert main_kernel in ("triton", "cuda"), f"unknown main_kernel {main_kernel!r}"
         self._main_kernel = main_kernel
         self._cuda_options = tuple(cuda_options)
-        assert query_range is None or query_range >= 1, f"query_range {query_range} must be ≥ 1"
-        self._query_range = query_range
         self.variant = variant
         self._block_m = block_m
         self._item_q = item_q
@@ -147,9 +141,8 @@ class SparsePrefillWrapper:
         item_q = self._item_q or max(iq, block_m // gp)
         meta = build_host_metadata(cu_q, prefix_lens, seq_lens, page_table, block, device)
         t, nb = meta.num_queries, meta.num_blocks
-        nr = num_ranges(t, self._query_range)
-        nrows = num_kv_heads * nr * nb
-        n_items = max_work_items(num_kv_heads, t, nb, topk, item_q, nr)
+        nrows = num_kv_heads * nb
+        n_items = max_work_items(num_kv_heads, t, nb, topk, item_q)
         i32 = dict(dtype=torch.int32, device=device)
         block_major = self.variant == "block_major"
         e = t * topk if block_major else 0
@@ -166,8 +159,6 @@ class SparsePrefillWrapper:
             self._prefetch,
             self._combine_unroll,
             self._main_kernel if block_major else "triton",
-            self._query_range,
-            nr,
             counts=torch.zeros(nrows, **i32),
             row_ptr=torch.zeros(nrows + 1, **i32),
             item_ptr=torch.zeros(nrows + 1, **i32),
@@ -254,14 +245,13 @@ class SparsePrefillWrapper:
             p.entries,
             p.work_row,
             p.work_start,
-            p.query_range,
         )
         # -- 2. KV-block-major main kernel → per-(query, slot) partials --
         main = launch_block_major
-        extra: tuple = (p.hoist_kv, p.prefetch, p.n_ranges)
+        extra: tuple = (p.hoist_kv, p.prefetch)
         if p.main_kernel == "cuda":
             cuda_check_supported(q, k_cache, p.num_q_heads // p.num_kv_heads, p.block_m, p.item_q)
-            main, extra = launch_block_major_cuda, (self._cuda_options, p.n_ranges)
+            main, extra = launch_block_major_cuda, (self._cuda_options,)
         main(
             q,
             k_cache,

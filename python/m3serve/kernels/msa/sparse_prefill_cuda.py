@@ -84,7 +84,6 @@ def launch_block_major_cuda(
     block_m: int,
     item_q: int,
     options: tuple[str, ...] = (),
-    n_ranges: int = 1,
 ) -> None:
     """Main kernel, CUDA form: the arguments of sparse_prefill_triton.launch_block_major."""
     hq, hkv = q.shape[1], k_cache.shape[1]
@@ -104,10 +103,9 @@ def launch_block_major_cuda(
     )
     args = [
         q, k_cache, v_cache, o_part, lse_part, entries, row_ptr, item_ptr, work_row, work_start,
-        q_pos, gb_page, gb_start, gb_len, num_blocks, n_ranges * num_blocks,
-        hkv * n_ranges * num_blocks, group, topk,
+        q_pos, gb_page, gb_start, gb_len, num_blocks, hkv * num_blocks, group, topk,
         sm_scale * 1.4426950408889634, q.stride(0), q.stride(1), k_cache.stride(0),
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), o_part.stride(0), o_part.stride(1), lse_part.stride(0),
     ]  # fmt: skip
-    k.launch(grid, THREADS, smem, args, "p" * 14 + "iiiiif" + "l" * 11)
+    k.launch(grid, THREADS, smem, args, "p" * 14 + "iiiif" + "l" * 11)

@@ -137,8 +137,7 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
     const int* __restrict__ item_ptr, const int* __restrict__ work_row,
     const int* __restrict__ work_start, const int* __restrict__ q_pos,
     const int* __restrict__ gb_page, const int* __restrict__ gb_start,
-    const int* __restrict__ gb_len, int num_blocks, int rows_per_head, int n_rows, int group,
-    int topk,
+    const int* __restrict__ gb_len, int num_blocks, int n_rows, int group, int topk,
     float sm_scale_log2, long long stride_qt, long long stride_qh, long long stride_kp,
     long long stride_kh, long long stride_kn, long long stride_vp, long long stride_vh,
     long long stride_vn, long long stride_pe, long long stride_ph, long long stride_le) {
@@ -160,8 +159,8 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
   const int row = work_row[w];
   const int e0 = work_start[w];
   const int e1 = imin(e0 + ITEM_Q, row_ptr[row + 1]);
-  const int g = row / rows_per_head;  // rows: (KV head, query range, global block)
-  const int gb = row % num_blocks;
+  const int g = row / num_blocks;
+  const int gb = row - g * num_blocks;
   const long long page = gb_page[gb];
   const int kv0 = gb_start[gb];
   const int kv_len = gb_len[gb];

@@ -106,8 +106,6 @@ def _slots(
     q_gb0_ptr,
     T,
     num_blocks,
-    n_ranges,
-    range_q,
     stride_tg,
     stride_tt,
     TOPK: tl.constexpr,
@@ -115,9 +113,7 @@ def _slots(
     BLOCK_S: tl.constexpr,
     BQ: tl.constexpr,
 ):
-    """[BQ, BLOCK_S] tile of (query, slot): validity and CSR row (0 where invalid).
-
-    Rows are (KV head, query range, global block): row = (g·n_ranges + t // range_q)·NB + block."""
+    """[BQ, BLOCK_S] tile of (query, slot): validity and CSR row (0 where invalid)."""
     g = tl.program_id(1)
     t = tl.program_id(0) * BQ + tl.arange(0, BQ)[:, None]
     s = tl.arange(0, BLOCK_S)[None, :]
@@ -125,8 +121,7 @@ def _slots(
     ids = tl.load(topk_ptr + g * stride_tg + t * stride_tt + s, mask=tmask & (s < TOPK), other=-1)
     local = tl.load(q_pos_ptr + t, mask=tmask, other=0) // BLOCK
     valid = (ids >= 0) & (ids <= local)
-    rows = (g * n_ranges + t // range_q) * num_blocks + tl.load(q_gb0_ptr + t, mask=tmask, other=0)
-    rows += ids
+    rows = g * num_blocks + tl.load(q_gb0_ptr + t, mask=tmask, other=0) + ids
     return t, s, valid, tl.where(valid, rows, 0)
 
 
@@ -138,8 +133,6 @@ def _count_kernel(
     counts_ptr,
     T,
     num_blocks,
-    n_ranges,
-    range_q,
     stride_tg,
     stride_tt,
     TOPK: tl.constexpr,
@@ -154,8 +147,6 @@ def _count_kernel(
         q_gb0_ptr,
         T,
         num_blocks,
-        n_ranges,
-        range_q,
         stride_tg,
         stride_tt,
         TOPK,
@@ -176,8 +167,6 @@ def _fill_kernel(
     entries_ptr,
     T,
     num_blocks,
-    n_ranges,
-    range_q,
     stride_tg,
     stride_tt,
     TOPK: tl.constexpr,
@@ -192,8 +181,6 @@ def _fill_kernel(
         q_gb0_ptr,
         T,
         num_blocks,
-        n_ranges,
-        range_q,
         stride_tg,
         stride_tt,
         TOPK,
@@ -228,17 +215,11 @@ def _work_list_kernel(
 
 
 def max_work_items(
-    num_kv_heads: int, num_queries: int, num_blocks: int, topk: int, item_q: int,
-    n_ranges: int = 1,
-) -> int:  # fmt: skip
+    num_kv_heads: int, num_queries: int, num_blocks: int, topk: int, item_q: int
+) -> int:
     """Worst case Σ_rows ceil(n_row / ITEM_Q): each non-empty row adds < 1 item of rounding."""
     entries = num_kv_heads * num_queries * topk
-    return entries // item_q + min(num_kv_heads * n_ranges * num_blocks, entries)
-
-
-def num_ranges(num_queries: int, range_q: int | None) -> int:
-    """Query ranges of the inverse index: 1 (off) or ceil(T / range_q)."""
-    return max(1, -(-num_queries // range_q)) if range_q else 1
+    return entries // item_q + min(num_kv_heads * num_blocks, entries)
 
 
 def build_inverse_index(
@@ -252,21 +233,16 @@ def build_inverse_index(
     entries: torch.Tensor,
     work_row: torch.Tensor,
     work_start: torch.Tensor,
-    range_q: int | None = None,
 ) -> None:
     """Device side (per layer): fills row_ptr, item_ptr, entries, work_row, work_start in place.
 
-    ``counts`` [G*NR*NB] must be zero on entry and is zero again on exit. ``range_q`` (queries)
-    splits each (KV head, block) row by query range, range-major: the items running at the same
-    time then gather the query rows of one range only (fewer distinct rows for L2 to hold).
+    ``counts`` [G*NB] must be zero on entry and is zero again on exit.
     """
     g, t, k = topk_ids.shape
     assert topk_ids.dtype == torch.int32, f"topk_ids must be int32, got {topk_ids.dtype}"
     assert topk_ids.stride(2) == 1, "topk_ids must be contiguous in its last (slot) dim"
     assert t == meta.num_queries, f"topk_ids has {t} queries, the plan {meta.num_queries}"
-    nr = num_ranges(t, range_q)
-    rq = range_q if range_q else max(t, 1)
-    nrows = g * nr * meta.num_blocks
+    nrows = g * meta.num_blocks
     assert (
         counts.numel() == nrows and row_ptr.numel() == nrows + 1 and item_ptr.numel() == nrows + 1
     )
@@ -285,8 +261,6 @@ def build_inverse_index(
         counts,
         t,
         meta.num_blocks,
-        nr,
-        rq,
         topk_ids.stride(0),
         topk_ids.stride(1),
         TOPK=k,
@@ -312,8 +286,6 @@ def build_inverse_index(
         entries,
         t,
         meta.num_blocks,
-        nr,
-        rq,
         topk_ids.stride(0),
         topk_ids.stride(1),
         TOPK=k,

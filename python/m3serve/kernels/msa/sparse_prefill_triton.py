@@ -133,7 +133,6 @@ def _block_major_kernel(
     gb_start_ptr,
     gb_len_ptr,
     num_blocks,
-    rows_per_head,
     n_rows,
     group,
     sm_scale_log2,
@@ -165,8 +164,8 @@ def _block_major_kernel(
     row = tl.load(work_row_ptr + w)
     e0 = tl.load(work_start_ptr + w)
     e1 = tl.minimum(e0 + ITEM_Q, tl.load(row_ptr_ptr + row + 1))
-    g = row // rows_per_head
-    gb = row % num_blocks
+    g = row // num_blocks
+    gb = row - g * num_blocks
     page = tl.load(gb_page_ptr + gb).to(tl.int64)
     kv0 = tl.load(gb_start_ptr + gb)
     kv_len = tl.load(gb_len_ptr + gb)
@@ -345,7 +344,6 @@ def launch_block_major(
     item_q: int,
     hoist_kv: bool,
     prefetch: bool = True,
-    n_ranges: int = 1,
 ) -> None:
     """Main kernel: one CTA per work item (grid = the plan's worst-case item count)."""
     _, hq, d = q.shape
@@ -380,8 +378,7 @@ def launch_block_major(
         gb_start,
         gb_len,
         num_blocks,
-        n_ranges * num_blocks,
-        hkv * n_ranges * num_blocks,
+        hkv * num_blocks,
         group,
         sm_scale * 1.4426950408889634,
         q.stride(0),
