@@ -20,6 +20,8 @@
 #                    reductions in the CUDA softmax. All the sparse-prefill GPU tests first.
 #                    (Query ranges were slower, 2.486 / 2.568 ms vs 2.357 / 2.429 without, and
 #                    were taken out again; the code is in the commit before that.)
+#   call 6 (1 GPU):  the record run on the final tree: GPU tests, sweep (Triton ITEM_Q 64 / 128,
+#                    CUDA), main and full prefill at 32K / 128K (sparse_prefill_s14_cuda.json).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CALL="${1:?usage: session14.sh 1..}"
@@ -28,7 +30,7 @@ SITE=/tmp/m3serve-site14
 source scripts/gpu/lanes.sh
 K=tests/kernels
 case "$CALL" in
-1|2|4|5)
+1|2|4|5|6)
     timeout 200 $GT $K/test_sparse_prefill.py 2>&1 | tail -n 30 > "$OUT/kt.txt"
     mkdir -p "$OUT/pre"
     timeout 360 python3 benchmarks/bench_sparse_prefill.py --sweep --out "$OUT/pre" \
