@@ -10,7 +10,11 @@ run() per layer: build the inverse index of this layer's topk_ids (count → sca
 list, sparse_prefill_plan.py), run the KV-block-major main kernel into per-(query, slot)
 partials, merge them by log-sum-exp (sparse_prefill_triton.py). Every buffer it touches was
 sized in plan() for the worst case, so the launches can be captured in a CUDA graph.
-``variant="query_major"`` runs the comparison kernel (sparse_prefill_query_major.py) instead.
+``variant="query_major"`` runs the comparison kernel (sparse_prefill_query_major.py) instead;
+``main_kernel="cuda"`` runs the main kernel's CUDA form (sparse_prefill_main.cu, Hopper only,
+bf16, head_dim 128, block 128; compiled with NVRTC at first use). It is opt-in: on H200 it is
+0.97x the Triton kernel's run() (2.436 vs 2.353 ms at 128K, 64/4, ITEM_Q 64; sparse_prefill.md,
+session 14).
 
 Conventions (shapes, topk_ids layout, ragged metadata) are those of reference.py. Constraints:
 bf16/fp16 q and caches, head_dim and block powers of two ≥ 16, H_q % H_kv == 0 (any group; a
@@ -66,18 +70,20 @@ class SparsePrefillPlan:
     lse_part: torch.Tensor  # [T*k, Hq] float32 partial log2-sum-exp
 
 
-def default_tile(group: int) -> tuple[int, int]:
-    """(BLOCK_M, ITEM_Q): 64-row tiles and 64 (query, slot) pairs per work item.
+def default_tile(group: int, main_kernel: str = "triton") -> tuple[int, int]:
+    """(BLOCK_M, ITEM_Q): 64-row tiles and 128 (query, slot) pairs per work item (64 for CUDA).
 
     Measured on H200 (64 q / 4 KV heads, 128K context, 8K chunk, whole run()): 64-row tiles beat
     128-row ones (2.97 vs 3.59 ms; the resident K/V block leaves little room for a 128-row S and
-    O); ITEM_Q 128/256 within 2 % of 64. With the prefetching loop (default) run() takes 2.41 ms
-    vs 2.87 without; the unrolled combine (combine_unroll=True) spills and costs +7.5 ms, hence
-    off by default. benchmarks/results/sparse_prefill.md has the sweep.
+    O); ITEM_Q 128 beat 64 in all four session-14 runs, by 1-2 % (2.303-2.330 vs 2.350-2.357
+    ms). With the prefetching loop (default) run() takes 2.41 ms vs 2.87 without; the unrolled
+    combine (combine_unroll=True) spills and costs +7.5 ms, hence off by default. The CUDA
+    kernel keeps 64: at 128 two CTAs no longer fit an SM (3.46 ms). sparse_prefill.md has the
+    sweeps.
     """
     gp = triton.next_power_of_2(group)
     block_m = max(64, gp)
-    return block_m, max(64, block_m // gp)
+    return block_m, max(64 if main_kernel == "cuda" else 128, block_m // gp)
 
 
 class SparsePrefillWrapper:
@@ -134,7 +140,7 @@ class SparsePrefillWrapper:
         )
         assert topk >= 1, "topk must be ≥ 1"
         group = num_q_heads // num_kv_heads
-        bm, iq = default_tile(group)
+        bm, iq = default_tile(group, self._main_kernel)
         block_m = self._block_m or bm
         gp = triton.next_power_of_2(group)
         assert block_m % gp == 0, f"BLOCK_M {block_m} must hold whole GQA groups of {gp} rows"
