@@ -243,10 +243,10 @@ def _nvrtc_or_skip():
     return cuda_rtc
 
 
-@pytest.mark.parametrize("gp,item_q", [(16, 64), (1, 64), (16, 32), (4, 64)])
+@pytest.mark.parametrize("gp,item_q", [(16, 64), (1, 64), (16, 128)])
 def test_cuda_main_kernel_compiles_for_hopper(gp, item_q):
-    """NVRTC builds the kernel for sm_90a without a GPU: no spills, ≤ 168 registers at launch
-    (384 threads; setmaxnreg then moves them to the consumers), and no wgmma serialisation (ptxas C7514 / C7515: a non-wgmma
+    """NVRTC builds the kernel for sm_90a without a GPU: no spills, ≤ 255 registers (two CTAs
+    of 128 threads per SM), and no wgmma serialisation (ptxas C7514 / C7515: a non-wgmma
     instruction reading or defining an in-flight accumulator, e.g. a loop-carried copy, makes
     every MMA wait for the previous one; session 14's first two forms had it)."""
     cuda_rtc = _nvrtc_or_skip()
@@ -257,10 +257,11 @@ def test_cuda_main_kernel_compiles_for_hopper(gp, item_q):
     )
     assert c.image[:4] == b"\x7fELF" and c.lowered_name.startswith("_Z16msa_prefill_main")
     regs = [int(x.split("Used ")[1].split()[0]) for x in c.log.splitlines() if "Used " in x]
-    assert regs and regs[0] <= 168, c.log
+    assert regs and regs[0] <= 255, c.log
     assert "0 bytes spill stores, 0 bytes spill loads" in c.log, c.log
     assert "C751" not in c.log, c.log  # C7514 / C7515: wgmma serialised
-    assert spc.smem_bytes() <= 227 * 1024, "the persistent CTA's shared memory must fit"
+    if item_q == 64:
+        assert 2 * (spc.smem_bytes(item_q) + 1024) <= 228 * 1024, "two CTAs per SM must fit"
 
 
 def test_cuda_main_kernel_rejects_unsupported_shapes():
@@ -276,18 +277,15 @@ def test_cuda_main_kernel_rejects_unsupported_shapes():
     with pytest.raises(ValueError, match="BLOCK_M 64"):
         spc.check_supported(q, kc, 16, 128, 64)
     with pytest.raises(ValueError, match="multiple of 4 queries"):
-        spc.check_supported(q, kc, 16, 64, 62)
-    with pytest.raises(ValueError, match="ITEM_Q ≤ 64"):
-        spc.check_supported(q, kc, 16, 64, 128)
+        spc.check_supported(q, kc, 16, 64, 66)
     with pytest.raises(AssertionError, match="main_kernel"):
         SparsePrefillWrapper(main_kernel="cutlass")
 
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize(
-    "hq,hkv,item_q", [(64, 4, 64), (16, 1, 64), (8, 8, 64), (12, 4, 64), (64, 4, 32)]
-)
+@pytest.mark.parametrize("hq,hkv", [(64, 4), (16, 1), (8, 8), (12, 4)])
+@pytest.mark.parametrize("item_q", [64, 128])
 def test_gpu_cuda_main_kernel(hq, hkv, item_q):
     """The CUDA main kernel against the float32 reference: chunk after a prefix, odd tails,
     partial last blocks, groups 16 / 1 / 3 (padded rows), poisoned partials and output."""

@@ -19,15 +19,12 @@ from . import cuda_rtc
 
 SOURCE = Path(__file__).with_name("sparse_prefill_main.cu")
 HEAD_DIM, BLOCK, BLOCK_M = 128, 128, 64
-THREADS = 384  # a producer warpgroup and two consumer warpgroups
-ITEM_MAX, NQ = 64, 3
+THREADS = 128
 
 
-def smem_bytes(item_q: int = ITEM_MAX) -> int:
-    """struct Smem: two K/V stages, NQ query-row tiles per consumer, two stages of the item's
-    entry / query / position arrays (ITEM_MAX each) and scalars, 16 mbarriers."""
-    kv, q_tiles = 2 * 2 * BLOCK * HEAD_DIM * 2, 2 * NQ * BLOCK_M * HEAD_DIM * 2
-    return kv + q_tiles + 2 * 3 * ITEM_MAX * 4 + 2 * 4 * 4 + (4 + 4 * NQ) * 8
+def smem_bytes(item_q: int) -> int:
+    """K + V tiles, three query-row tiles, the item's entry / query / position arrays."""
+    return 2 * BLOCK * HEAD_DIM * 2 + 3 * BLOCK_M * HEAD_DIM * 2 + 3 * item_q * 4
 
 
 def check_supported(q: torch.Tensor, k_cache: torch.Tensor, group: int, block_m: int,
@@ -47,10 +44,10 @@ def check_supported(q: torch.Tensor, k_cache: torch.Tensor, group: int, block_m:
             f"(got BLOCK_M {block_m}, group {group})"
         )
     qpt = BLOCK_M // gp
-    if item_q % qpt or item_q > ITEM_MAX:
+    if item_q % qpt or item_q > 256:
         raise ValueError(
-            f"CUDA sparse prefill needs ITEM_Q ≤ {ITEM_MAX}, a multiple of {qpt} queries per "
-            f"tile (got {item_q})"
+            f"CUDA sparse prefill needs ITEM_Q ≤ 256, a multiple of {qpt} queries per tile "
+            f"(got {item_q})"
         )
     if q.is_cuda and torch.cuda.get_device_capability(q.device)[0] != 9:
         raise ValueError("CUDA sparse prefill's kernel uses wgmma: Hopper (sm_90) only")
@@ -97,11 +94,10 @@ def launch_block_major_cuda(
             raise ValueError(f"{name}: rows must be 16-byte aligned and contiguous in head_dim")
     if o_part.dtype != torch.bfloat16 or o_part.stride(-1) != 1 or o_part.stride(1) % 2:
         raise ValueError("o_part must be bf16, contiguous in head_dim")
-    if work_row.numel() == 0:
+    grid = work_row.numel()
+    if grid == 0:
         return
-    # persistent: one CTA per SM walks the work list with a stride of the grid
-    grid = min(work_row.numel(), torch.cuda.get_device_properties(q.device).multi_processor_count)
-    smem = smem_bytes()
+    smem = smem_bytes(item_q)
     k = cuda_rtc.get_kernel(
         source(), kernel_name(gp, item_q), cuda_rtc.device_arch(), smem, options
     )

@@ -1,23 +1,20 @@
 // KV-block-major sparse prefill, main kernel, CUDA for Hopper (sm_90a): wgmma + cp.async.
 //
 // Same contract as _block_major_kernel in sparse_prefill_triton.py (the readable form of the
-// algorithm; reference.py has the torch reference): per work item of the inverse index (KV head
-// g, global block gb, ≤ ITEM_Q (query, slot) entries) the block's K and V are loaded once into
-// shared memory and the item's entries are walked in 64-row tiles (64 / GP queries × GP heads),
-// each a complete one-block softmax written as a bf16 partial O and an fp32 log2-sum-exp.
+// algorithm; reference.py has the torch reference): one CTA per work item of the inverse index
+// (KV head g, global block gb, ≤ ITEM_Q (query, slot) entries); the block's K and V are loaded
+// once into shared memory; the item's entries are walked in 64-row tiles (64 / GP queries × GP
+// heads), each a complete one-block softmax written as a bf16 partial O and an fp32 log2-sum-exp.
 //
-// Layout of the work (FA3's, for this problem): one persistent CTA per SM, three warpgroups.
-// Warpgroup 0 only loads: the K/V block of the next item into the second of two stages, and the
-// query rows of the coming tiles (gathered with cp.async straight into the 128-byte-swizzled
-// layout wgmma reads, three buffers per consumer), signalling mbarriers as copies land.
-// Warpgroups 1 and 2 take alternate tiles of the item against the one K/V block they share:
-//   * S(i) = Q(i)·Kᵀ and O(i-1) = P(i-1)·V are issued together, so the softmax of tile i runs
-//     while O(i-1) is on the tensor cores (no wgmma is in flight across a loop's back edge:
-//     ptxas would serialise every wgmma, C7515);
+// What it does that the Triton kernel does not (its TTGIR waits on every wgmma at once and routes
+// layouts through shared memory with CTA barriers, sparse_prefill.md, sessions 12-13):
+//   * S(i+1) = Q(i+1)·Kᵀ is issued before the softmax of tile i and O(i) = P(i)·V right after,
+//     so both wgmmas run while the warps do the softmax (FA3's intra-warpgroup overlap);
 //   * P stays in registers: the S accumulator fragment is the A fragment of the P·V wgmma;
-//   * O / l is staged per warp with stmatrix in the tile's consumed query buffer and stored
-//     16 bytes a lane; the buffer then goes back to the producer.
-// No CTA-wide barrier after set-up; registers move to the consumers (setmaxnreg).
+//   * query rows are gathered with cp.async straight into the 128-byte-swizzled layout wgmma
+//     reads; the next tile's rows are in flight during this tile's MMAs;
+//   * O and lse go from the accumulator registers to global memory, no shared-memory staging.
+// One warpgroup (128 threads) per CTA, ~100 KB shared memory: two CTAs per SM.
 //
 // Shared memory tiles are [rows × 128] bf16 in two 64-column halves, each [rows × 128 B] with
 // the 16-byte chunk c of row r stored at chunk c ^ (r % 8) (the 128-byte swizzle).
@@ -40,6 +37,7 @@ constexpr int D = 128;      // head_dim
 constexpr int BN = 128;     // keys per block (= page)
 constexpr int BM = 64;      // rows per tile (one wgmma M)
 constexpr int Q_TILE = BM * D * 2;  // 16 KB
+constexpr int NQB = 3;              // query-row buffers: tile i reads i % 3, i + 2 is in flight
 constexpr int KV_TILE = BN * D * 2; // 32 KB
 
 __device__ __forceinline__ u32 smem_u32(const void* p) {
@@ -122,36 +120,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
-__device__ __forceinline__ void mbar_init(u32 bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
-}
-__device__ __forceinline__ void mbar_arrive(u32 bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-// arrives once every cp.async this thread issued so far has landed (counted in the init count)
-__device__ __forceinline__ void mbar_arrive_cp_async(u32 bar) {
-  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(u32 bar, int parity) {
-  asm volatile(
-      "{\n.reg .pred P1;\nWAIT_%=:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
-      "@!P1 bra WAIT_%=;\n}\n" ::"r"(bar),
-      "r"(parity)
-      : "memory");
-}
-__device__ __forceinline__ void named_bar(int id, int n) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory");
-}
-template <int N>
-__device__ __forceinline__ void setmaxnreg_inc() {
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
-}
-template <int N>
-__device__ __forceinline__ void setmaxnreg_dec() {
-  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
-}
-
 struct Row {  // one accumulator row of this thread in the current tile
   int ent;    // (query, slot) entry = t * topk + slot
   int head;   // query head
@@ -159,26 +127,10 @@ struct Row {  // one accumulator row of this thread in the current tile
   bool ok;    // row holds a real (query, head)
 };
 
-constexpr int NQ = 3;  // query-row buffers per consumer warpgroup
-constexpr int ITEM_MAX = 64;
-
-// shared memory: two K/V stages (an item's block; the next item's loads behind this one's
-// tiles), NQ query-row tiles per consumer, per stage the item's entries and scalars, barriers
-struct Smem {
-  unsigned char kv[2][2 * KV_TILE];     // [stage][K | V]
-  unsigned char q[2][NQ][Q_TILE];       // [consumer][slot]
-  int ent[2][ITEM_MAX], t[2][ITEM_MAX], pos[2][ITEM_MAX];
-  int scal[2][4];                       // g, kv0, kv_len, n_tiles
-  unsigned long long kv_full[2], kv_empty[2], q_full[2][NQ], q_empty[2][NQ];
-};
-
 }  // namespace
 
-// Persistent and warp-specialised: warpgroup 0 loads (K/V of the next item, the query rows of
-// the next tiles, with cp.async signalling mbarriers), warpgroups 1 and 2 compute alternate
-// tiles of the item against the one K/V block they share. No CTA-wide barrier after set-up.
 template <int GP, int ITEM_Q>
-__global__ void __launch_bounds__(384, 1) msa_prefill_main(
+__global__ void __launch_bounds__(128, 2) msa_prefill_main(
     const unsigned short* __restrict__ q, const unsigned short* __restrict__ k_cache,
     const unsigned short* __restrict__ v_cache, unsigned short* __restrict__ o_part,
     float* __restrict__ lse_part, const int* __restrict__ entries, const int* __restrict__ row_ptr,
@@ -189,308 +141,312 @@ __global__ void __launch_bounds__(384, 1) msa_prefill_main(
     float sm_scale_log2, long long stride_qt, long long stride_qh, long long stride_kp,
     long long stride_kh, long long stride_kn, long long stride_vp, long long stride_vh,
     long long stride_vn, long long stride_pe, long long stride_ph, long long stride_le) {
-  static_assert(ITEM_Q <= ITEM_MAX, "ITEM_Q too large for the entry arrays");
   constexpr int QPT = BM / GP;  // queries per tile
-  extern __shared__ __align__(1024) unsigned char smem_raw[];
-  if (smem_u32(smem_raw) & 1023) __trap();  // the swizzle needs 1024-byte aligned tiles
-  Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
+  extern __shared__ __align__(1024) unsigned char smem[];
+  // the swizzle pattern repeats every 8 rows of 128 B: tiles must start 1024-byte aligned, and
+  // two CTAs per SM leave no room for padding (2 x 112.75 KB + 2 x 1 KB reserved <= 228 KB)
+  if (smem_u32(smem) & 1023) __trap();
+  unsigned char* ks = smem;
+  unsigned char* vs = smem + KV_TILE;
+  unsigned char* qs = smem + 2 * KV_TILE;  // NQB query-row buffers
+  int* ent_s = reinterpret_cast<int*>(smem + 2 * KV_TILE + NQB * Q_TILE);
+  int* t_s = ent_s + ITEM_Q;
+  int* pos_s = t_s + ITEM_Q;
+
+  const int w = blockIdx.x;
+  if (w >= item_ptr[n_rows]) return;
   const int tid = threadIdx.x;
-  const int n_items = item_ptr[n_rows];
-  if (tid == 0) {
-    for (int s = 0; s < 2; ++s) {
-      mbar_init(smem_u32(&sm.kv_full[s]), 256);  // 128 plain (entries) + 128 cp.async arrivals
-      mbar_init(smem_u32(&sm.kv_empty[s]), 256);  // both consumer warpgroups
-      for (int b = 0; b < NQ; ++b) {
-        mbar_init(smem_u32(&sm.q_full[s][b]), 128);
-        mbar_init(smem_u32(&sm.q_empty[s][b]), 128);
-      }
-    }
-  }
-  __syncthreads();
-  const int wg = tid >> 7, wtid = tid & 127;
+  const int row = work_row[w];
+  const int e0 = work_start[w];
+  const int e1 = imin(e0 + ITEM_Q, row_ptr[row + 1]);
+  const int g = row / num_blocks;
+  const int gb = row - g * num_blocks;
+  const long long page = gb_page[gb];
+  const int kv0 = gb_start[gb];
+  const int kv_len = gb_len[gb];
+  const int n_tiles = (e1 - e0 + QPT - 1) / QPT;
 
-  if (wg == 0) {
-    // ======================= producer =======================
-    // 384 threads launch with 168 registers each; the producer gives back (168 - 72) x 128 =
-    // 12288, exactly what the consumers take: (216 - 168) x 256
-    setmaxnreg_dec<72>();
-    int m0 = 0, m1 = 0;  // query tiles loaded per consumer
-    int it = 0;
-    for (int w = blockIdx.x; w < n_items; w += gridDim.x, ++it) {
-      const int st = it & 1;
-      mbar_wait(smem_u32(&sm.kv_empty[st]), ((it >> 1) & 1) ^ 1);
-      const int row = work_row[w];
-      const int e0 = work_start[w];
-      const int e1 = imin(e0 + ITEM_Q, row_ptr[row + 1]);
-      const int g = row / num_blocks;
-      const int gb = row - g * num_blocks;
-      const int kv_len = gb_len[gb];
-      const int n_tiles = (e1 - e0 + QPT - 1) / QPT;
-      if (wtid < ITEM_Q) {
-        const bool in = e0 + wtid < e1;
-        const int ent = in ? entries[e0 + wtid] : 0;
-        const int t = ent / topk;
-        sm.ent[st][wtid] = ent;
-        sm.t[st][wtid] = t;
-        sm.pos[st][wtid] = in ? q_pos[t] : -1;
-      }
-      if (wtid == 0) {
-        sm.scal[st][0] = g;
-        sm.scal[st][1] = gb_start[gb];
-        sm.scal[st][2] = kv_len;
-        sm.scal[st][3] = n_tiles;
-      }
-      named_bar(1, 128);  // this item's entries, for the query-row loads below
-      mbar_arrive(smem_u32(&sm.kv_full[st]));
-      {
-        const long long page = gb_page[gb];
-        const unsigned short* kb = k_cache + page * stride_kp + g * stride_kh;
-        const unsigned short* vb = v_cache + page * stride_vp + g * stride_vh;
-        const u32 ks = smem_u32(sm.kv[st]), vs = ks + KV_TILE;
-#pragma unroll 4
-        for (int j = 0; j < BN * 16 / 128; ++j) {
-          const int idx = wtid + 128 * j;
-          const int r = idx >> 4, c16 = idx & 15;
-          const int nbytes = r < kv_len ? 16 : 0;
-          const int rr = r < kv_len ? r : 0;
-          cp_async16(ks + swz(BN, r, c16), kb + rr * stride_kn + c16 * 8, nbytes);
-          cp_async16(vs + swz(BN, r, c16), vb + rr * stride_vn + c16 * 8, nbytes);
-        }
-        mbar_arrive_cp_async(smem_u32(&sm.kv_full[st]));
-      }
-      const unsigned short* qg = q + (long long)(g * group) * stride_qh;
-      for (int i = 0; i < n_tiles; ++i) {
-        const int c = i & 1, mc = c ? m1 : m0, slot = mc % NQ;
-        mbar_wait(smem_u32(&sm.q_empty[c][slot]), ((mc / NQ) & 1) ^ 1);
-        const u32 dst = smem_u32(sm.q[c][slot]);
+  // -- the item's entries, their query index and position --
+  for (int i = tid; i < ITEM_Q; i += 128) {
+    const bool in = e0 + i < e1;
+    const int ent = in ? entries[e0 + i] : 0;
+    const int t = ent / topk;
+    ent_s[i] = ent;
+    t_s[i] = t;
+    pos_s[i] = in ? q_pos[t] : -1;
+  }
+  // -- the KV block, once (keys past a partial last block read as 0) --
+  {
+    const unsigned short* kb = k_cache + page * stride_kp + g * stride_kh;
+    const unsigned short* vb = v_cache + page * stride_vp + g * stride_vh;
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          const int idx = wtid + 128 * j;
-          const int r = idx >> 4, c16 = idx & 15;
-          const int qi = i * QPT + r / GP, hi = r % GP;
-          const bool ok = sm.pos[st][qi] >= 0 && hi < group;
-          const unsigned short* src =
-              qg + (ok ? (long long)sm.t[st][qi] * stride_qt + hi * stride_qh : 0) + c16 * 8;
-          cp_async16(dst + swz(BM, r, c16), src, ok ? 16 : 0);
-        }
-        mbar_arrive_cp_async(smem_u32(&sm.q_full[c][slot]));
-        m0 += c == 0;
-        m1 += c == 1;
-      }
+    for (int j = 0; j < BN * 16 / 128; ++j) {
+      const int idx = tid + 128 * j;
+      const int r = idx >> 4, c16 = idx & 15;
+      const int nbytes = r < kv_len ? 16 : 0;
+      const int rr = r < kv_len ? r : 0;
+      cp_async16(smem_u32(ks) + swz(BN, r, c16), kb + rr * stride_kn + c16 * 8, nbytes);
+      cp_async16(smem_u32(vs) + swz(BN, r, c16), vb + rr * stride_vn + c16 * 8, nbytes);
     }
-    return;
+    cp_async_commit();
   }
+  __syncthreads();  // ent_s / t_s / pos_s
 
-  // ======================= consumers =======================
-  setmaxnreg_inc<216>();
-  const int c = wg - 1;
-  const int warp = wtid >> 5, lane = wtid & 31;
+  const unsigned short* qg = q + (long long)(g * group) * stride_qh;
+  const int warp = tid >> 5, lane = tid & 31;
+  // each warp gathers its own 16 rows (the rows of its wgmma accumulator fragment), so a warp
+  // can reuse its rows of a consumed Q buffer to stage its O stores without a CTA barrier
+  // one cp.async group per call, empty past the last tile, so "all but the newest N groups
+  // landed" always means the same tiles
+  auto load_q = [&](int tile, int buf) {
+    const u32 dst = smem_u32(qs + buf * Q_TILE);
+    if (tile >= n_tiles) {
+      cp_async_commit();
+      return;
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int idx = lane + 32 * j;
+      const int r = warp * 16 + (idx >> 4), c16 = idx & 15;
+      const int qi = tile * QPT + (GP >= 16 ? warp * 16 / GP : r / GP), hi = r % GP;
+      const bool ok = pos_s[qi] >= 0 && hi < group;
+      const unsigned short* src =
+          qg + (ok ? (long long)t_s[qi] * stride_qt + hi * stride_qh : 0) + c16 * 8;
+      cp_async16(dst + swz(BM, r, c16), src, ok ? 16 : 0);
+    }
+    cp_async_commit();
+  };
+
   const int r0 = warp * 16 + (lane >> 2);  // this thread's rows: r0 and r0 + 8
   const int c0 = 2 * (lane & 3);           // its columns: 8j + c0, 8j + c0 + 1
+  auto row_info = [&](int tile, int r) {  // r: a row of this warp's 16
+    Row x;
+    const int qi = tile * QPT + (GP >= 16 ? warp * 16 / GP : r / GP), hi = r % GP;
+    const int pos = pos_s[qi];
+    x.ok = pos >= 0 && hi < group;
+    x.ent = ent_s[qi];
+    x.head = g * group + hi;
+    x.lim = x.ok ? imin(pos - kv0, kv_len - 1) : -1;
+    return x;
+  };
+
   float s[64];  // S accumulator, then P (fp32) of the tile being softmaxed
   float o[64];  // O accumulator
   u32 p[32];    // P (bf16x2) of the tile whose P·V is in flight
-  int n = 0;    // query tiles consumed so far
-  int it = 0;
-  for (int w = blockIdx.x; w < n_items; w += gridDim.x, ++it) {
-    const int st = it & 1;
-    mbar_wait(smem_u32(&sm.kv_full[st]), (it >> 1) & 1);
-    fence_proxy_async();
-    const int g = sm.scal[st][0], kv0 = sm.scal[st][1], kv_len = sm.scal[st][2];
-    const int n_tiles = sm.scal[st][3];
-    const int mine = (n_tiles - c + 1) / 2;  // tiles c, c + 2, ...
-    const u32 ks_a = smem_u32(sm.kv[st]), vs_a = ks_a + KV_TILE;
-    auto row_info = [&](int tile, int r) {  // r: a row of this warp's 16
-      Row x;
-      const int qi = tile * QPT + (GP >= 16 ? warp * 16 / GP : r / GP), hi = r % GP;
-      const int pos = sm.pos[st][qi];
-      x.ok = pos >= 0 && hi < group;
-      x.ent = sm.ent[st][qi];
-      x.head = g * group + hi;
-      x.lim = x.ok ? imin(pos - kv0, kv_len - 1) : -1;
-      return x;
-    };
-    auto issue_s = [&](u32 qa) {
-#pragma unroll
-      for (int j = 0; j < 64; ++j) reg_fence(s[j]);
-      wg_fence();
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        const u32 off = (kk & 3) << 5;  // 16 columns = 32 B into the 128-B row
-        const u64 da = desc(qa + (kk >> 2) * (BM * 128) + off, 16, 1024);
-        const u64 db = desc(ks_a + (kk >> 2) * (BN * 128) + off, 16, 1024);
-        wgmma_ss(s, da, db, kk > 0);
-      }
-      wg_commit();
-    };
-    auto issue_o = [&]() {
-      wg_fence();
-#pragma unroll
-      for (int kk = 0; kk < BN / 16; ++kk) {
-        const u64 db = desc(vs_a + kk * 16 * 128, V_LBO, V_SBO);
-        wgmma_rs(o, p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3], db, kk > 0);
-      }
-      wg_commit();
-    };
-    auto softmax = [&](const Row& a, const Row& b, float& ma, float& mb, float& la, float& lb) {
-      // keys past a row's position (its local block) or past a partial last block: −inf; a block
-      // wholly visible to both rows (all but the local one) skips the selects
-      if (a.lim < BN - 1 || b.lim < BN - 1) {
-  #pragma unroll
-        for (int j = 0; j < 16; ++j) {
-  #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int col = 8 * j + c0 + e;
-            s[4 * j + e] = col <= a.lim ? s[4 * j + e] : NEG_INF;
-            s[4 * j + 2 + e] = col <= b.lim ? s[4 * j + 2 + e] : NEG_INF;
-          }
-        }
-      }
-      // row max and row sum as 4-way trees (a serial chain of 32 dependent ops per row would
-      // stall the two warps a scheduler has)
-      float xa[4], xb[4];
-  #pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        xa[u] = fmaxf(s[4 * u], s[4 * u + 1]);
-        xb[u] = fmaxf(s[4 * u + 2], s[4 * u + 3]);
-      }
-  #pragma unroll
-      for (int j = 4; j < 16; ++j) {
-        xa[j & 3] = fmaxf(xa[j & 3], fmaxf(s[4 * j], s[4 * j + 1]));
-        xb[j & 3] = fmaxf(xb[j & 3], fmaxf(s[4 * j + 2], s[4 * j + 3]));
-      }
-      ma = fmaxf(fmaxf(xa[0], xa[1]), fmaxf(xa[2], xa[3]));
-      mb = fmaxf(fmaxf(xb[0], xb[1]), fmaxf(xb[2], xb[3]));
-      ma = fmaxf(ma, __shfl_xor_sync(0xffffffff, ma, 1));
-      ma = fmaxf(ma, __shfl_xor_sync(0xffffffff, ma, 2));
-      mb = fmaxf(mb, __shfl_xor_sync(0xffffffff, mb, 1));
-      mb = fmaxf(mb, __shfl_xor_sync(0xffffffff, mb, 2));
-      // scaled row max (log2 units); 0 for a row with nothing visible
-      const float sa = ma == NEG_INF ? 0.f : ma * sm_scale_log2;
-      const float sb = mb == NEG_INF ? 0.f : mb * sm_scale_log2;
-  #pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        xa[u] = 0.f;
-        xb[u] = 0.f;
-      }
-  #pragma unroll
-      for (int j = 0; j < 16; ++j) {
-  #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float x0 = fast_exp2(fmaf(s[4 * j + e], sm_scale_log2, -sa));
-          const float x1 = fast_exp2(fmaf(s[4 * j + 2 + e], sm_scale_log2, -sb));
-          s[4 * j + e] = x0;
-          s[4 * j + 2 + e] = x1;
-          xa[(2 * j + e) & 3] += x0;
-          xb[(2 * j + e) & 3] += x1;
-        }
-      }
-      la = (xa[0] + xa[1]) + (xa[2] + xa[3]);
-      lb = (xb[0] + xb[1]) + (xb[2] + xb[3]);
-      la += __shfl_xor_sync(0xffffffff, la, 1);
-      la += __shfl_xor_sync(0xffffffff, la, 2);
-      lb += __shfl_xor_sync(0xffffffff, lb, 1);
-      lb += __shfl_xor_sync(0xffffffff, lb, 2);
-      ma = sa;
-      mb = sb;
-    };
-    auto store_lse = [&](const Row& x, float m, float l) {
-      if (x.ok && (lane & 3) == 0)
-        lse_part[(long long)x.ent * stride_le + x.head] = l > 0.f ? m + __log2f(l) : NEG_INF;
-    };
-    // O(tile) / l staged through this warp's 16 rows of a consumed Q buffer (stmatrix, the
-    // accumulator fragment is its input layout), then 16-byte coalesced stores of whole rows
-    auto store = [&](int tile, u32 stage, const Row& xa, const Row& xb, float ma, float la,
-                     float mb, float lb) {
-      const float ia = la > 0.f ? 1.f / la : 0.f, ib = lb > 0.f ? 1.f / lb : 0.f;
-      const int mi = lane >> 3, rr = (lane & 7) + ((mi & 1) << 3);  // matrix, row in the warp
-  #pragma unroll
-      for (int j = 0; j < 16; j += 2) {
-        const u32 addr = stage + swz(BM, warp * 16 + rr, j + (mi >> 1));
-        const u32 v0 = pack_bf16(o[4 * j] * ia, o[4 * j + 1] * ia);
-        const u32 v1 = pack_bf16(o[4 * j + 2] * ib, o[4 * j + 3] * ib);
-        const u32 v2 = pack_bf16(o[4 * j + 4] * ia, o[4 * j + 5] * ia);
-        const u32 v3 = pack_bf16(o[4 * j + 6] * ib, o[4 * j + 7] * ib);
-        asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr),
-                     "r"(v0), "r"(v1), "r"(v2), "r"(v3)
-                     : "memory");
-      }
-      __syncwarp();
-  #pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        const int r = warp * 16 + 2 * k + (lane >> 4), c16 = lane & 15;
-        const Row x = row_info(tile, r);
-        uint4 v;
-        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-                     : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                     : "r"(stage + swz(BM, r, c16)));
-        if (x.ok)
-          *reinterpret_cast<uint4*>(o_part + (long long)x.ent * stride_pe +
-                                    (long long)x.head * stride_ph + c16 * 8) = v;
-      }
-      __syncwarp();
-      store_lse(xa, ma, la);
-      store_lse(xb, mb, lb);
-    };
 
-    if (mine > 0) {
-      // -- first tile: S, softmax --
-      int slot = n % NQ;
-      mbar_wait(smem_u32(&sm.q_full[c][slot]), (n / NQ) & 1);
-      fence_proxy_async();
-      issue_s(smem_u32(sm.q[c][slot]));
-      wg_wait<0>();
+  const u32 ks_a = smem_u32(ks), vs_a = smem_u32(vs), qs_a = smem_u32(qs);
+  auto issue_s = [&](int buf) {
 #pragma unroll
-      for (int j = 0; j < 64; ++j) reg_fence(s[j]);
-      Row ca = row_info(c, r0), cb = row_info(c, r0 + 8);
-      float ma, mb, la, lb;
-      softmax(ca, cb, ma, mb, la, lb);
+    for (int j = 0; j < 64; ++j) reg_fence(s[j]);
+    wg_fence();
 #pragma unroll
-      for (int j = 0; j < 32; ++j) p[j] = pack_bf16(s[2 * j], s[2 * j + 1]);
-      int prev_slot = slot, prev_tile = c;
-      // -- tile i: S(i) and O(prev) issued together; softmax(i) while O(prev) runs; O(prev)'s
-      //    partials staged in prev's buffer, which then goes back to the producer --
-      for (int jt = 1; jt < mine; ++jt) {
-        const int i = c + 2 * jt;
-        slot = (n + jt) % NQ;
-        mbar_wait(smem_u32(&sm.q_full[c][slot]), ((n + jt) / NQ) & 1);
-        fence_proxy_async();
-        issue_s(smem_u32(sm.q[c][slot]));
-        issue_o();
-        wg_wait<1>();  // S(i) done
-#pragma unroll
-        for (int j = 0; j < 64; ++j) reg_fence(s[j]);
-        const Row na = row_info(i, r0), nb = row_info(i, r0 + 8);
-        float nma, nmb, nla, nlb;
-        softmax(na, nb, nma, nmb, nla, nlb);
-        wg_wait<0>();  // O(prev) done
-#pragma unroll
-        for (int j = 0; j < 64; ++j) reg_fence(o[j]);
-#pragma unroll
-        for (int j = 0; j < 32; ++j) reg_fence(p[j]);
-        store(prev_tile, smem_u32(sm.q[c][prev_slot]), ca, cb, ma, la, mb, lb);
-        mbar_arrive(smem_u32(&sm.q_empty[c][prev_slot]));
-#pragma unroll
-        for (int j = 0; j < 32; ++j) p[j] = pack_bf16(s[2 * j], s[2 * j + 1]);
-        ca = na;
-        cb = nb;
-        ma = nma;
-        mb = nmb;
-        la = nla;
-        lb = nlb;
-        prev_slot = slot;
-        prev_tile = i;
-      }
-      issue_o();
-      wg_wait<0>();
-#pragma unroll
-      for (int j = 0; j < 64; ++j) reg_fence(o[j]);
-#pragma unroll
-      for (int j = 0; j < 32; ++j) reg_fence(p[j]);
-      store(prev_tile, smem_u32(sm.q[c][prev_slot]), ca, cb, ma, la, mb, lb);
-      mbar_arrive(smem_u32(&sm.q_empty[c][prev_slot]));
-      n += mine;
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const u32 off = (kk & 3) << 5;  // 16 columns = 32 B into the 128-B row
+      const u64 da = desc(qs_a + buf * Q_TILE + (kk >> 2) * (BM * 128) + off, 16, 1024);
+      const u64 db = desc(ks_a + (kk >> 2) * (BN * 128) + off, 16, 1024);
+      wgmma_ss(s, da, db, kk > 0);
     }
-    mbar_arrive(smem_u32(&sm.kv_empty[st]));  // this warpgroup is done with K, V and entries
+    wg_commit();
+  };
+  auto issue_o = [&]() {
+#pragma unroll
+    for (int j = 0; j < 64; ++j) reg_fence(o[j]);
+#pragma unroll
+    for (int j = 0; j < 32; ++j) reg_fence(p[j]);
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      const u64 db = desc(vs_a + kk * 16 * 128, V_LBO, V_SBO);
+      wgmma_rs(o, p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3], db, kk > 0);
+    }
+    wg_commit();
+  };
+  // softmax of s (in place, fp32 probabilities) for rows a / b; returns row max and sum
+  auto softmax = [&](const Row& a, const Row& b, float& ma, float& mb, float& la, float& lb) {
+    // keys past a row's position (its local block) or past a partial last block: −inf; a block
+    // wholly visible to both rows (all but the local one) skips the selects
+    if (a.lim < BN - 1 || b.lim < BN - 1) {
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = 8 * j + c0 + e;
+          s[4 * j + e] = col <= a.lim ? s[4 * j + e] : NEG_INF;
+          s[4 * j + 2 + e] = col <= b.lim ? s[4 * j + 2 + e] : NEG_INF;
+        }
+      }
+    }
+    // row max and row sum as 4-way trees (a serial chain of 32 dependent ops per row would
+    // stall the two warps a scheduler has)
+    float xa[4], xb[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      xa[u] = fmaxf(s[4 * u], s[4 * u + 1]);
+      xb[u] = fmaxf(s[4 * u + 2], s[4 * u + 3]);
+    }
+#pragma unroll
+    for (int j = 4; j < 16; ++j) {
+      xa[j & 3] = fmaxf(xa[j & 3], fmaxf(s[4 * j], s[4 * j + 1]));
+      xb[j & 3] = fmaxf(xb[j & 3], fmaxf(s[4 * j + 2], s[4 * j + 3]));
+    }
+    ma = fmaxf(fmaxf(xa[0], xa[1]), fmaxf(xa[2], xa[3]));
+    mb = fmaxf(fmaxf(xb[0], xb[1]), fmaxf(xb[2], xb[3]));
+    ma = fmaxf(ma, __shfl_xor_sync(0xffffffff, ma, 1));
+    ma = fmaxf(ma, __shfl_xor_sync(0xffffffff, ma, 2));
+    mb = fmaxf(mb, __shfl_xor_sync(0xffffffff, mb, 1));
+    mb = fmaxf(mb, __shfl_xor_sync(0xffffffff, mb, 2));
+    // scaled row max (log2 units); 0 for a row with nothing visible
+    const float sa = ma == NEG_INF ? 0.f : ma * sm_scale_log2;
+    const float sb = mb == NEG_INF ? 0.f : mb * sm_scale_log2;
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      xa[u] = 0.f;
+      xb[u] = 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float x0 = fast_exp2(fmaf(s[4 * j + e], sm_scale_log2, -sa));
+        const float x1 = fast_exp2(fmaf(s[4 * j + 2 + e], sm_scale_log2, -sb));
+        s[4 * j + e] = x0;
+        s[4 * j + 2 + e] = x1;
+        xa[(2 * j + e) & 3] += x0;
+        xb[(2 * j + e) & 3] += x1;
+      }
+    }
+    la = (xa[0] + xa[1]) + (xa[2] + xa[3]);
+    lb = (xb[0] + xb[1]) + (xb[2] + xb[3]);
+    la += __shfl_xor_sync(0xffffffff, la, 1);
+    la += __shfl_xor_sync(0xffffffff, la, 2);
+    lb += __shfl_xor_sync(0xffffffff, lb, 1);
+    lb += __shfl_xor_sync(0xffffffff, lb, 2);
+    ma = sa;
+    mb = sb;
+  };
+  auto store_lse = [&](const Row& x, float m, float l) {
+    if (x.ok && (lane & 3) == 0)
+      lse_part[(long long)x.ent * stride_le + x.head] = l > 0.f ? m + __log2f(l) : NEG_INF;
+  };
+#ifdef STORE_DIRECT
+  // O(tile) / l straight from the accumulator fragment: 4-byte stores, 16 B per row and warp
+  auto store = [&](int tile, int buf, const Row& xa, const Row& xb, float ma, float la,
+                   float mb, float lb) {
+    const Row* xs[2] = {&xa, &xb};
+    const float ls[2] = {la, lb};
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const Row& x = *xs[half];
+      if (!x.ok) continue;
+      const float inv = ls[half] > 0.f ? 1.f / ls[half] : 0.f;
+      unsigned short* dst =
+          o_part + (long long)x.ent * stride_pe + (long long)x.head * stride_ph + c0;
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        const u32 v = pack_bf16(o[4 * j + 2 * half] * inv, o[4 * j + 2 * half + 1] * inv);
+        *reinterpret_cast<u32*>(dst + 8 * j) = v;
+      }
+    }
+    store_lse(xa, ma, la);
+    store_lse(xb, mb, lb);
+  };
+#else
+  // O(tile) / l staged through this warp's 16 rows of a consumed Q buffer (stmatrix, the
+  // accumulator fragment is its input layout), then 16-byte coalesced stores of whole rows
+  auto store = [&](int tile, int buf, const Row& xa, const Row& xb, float ma, float la,
+                   float mb, float lb) {
+    const float ia = la > 0.f ? 1.f / la : 0.f, ib = lb > 0.f ? 1.f / lb : 0.f;
+    const u32 stage = smem_u32(qs + buf * Q_TILE);
+    const int mi = lane >> 3, rr = (lane & 7) + ((mi & 1) << 3);  // matrix, row in the warp
+#pragma unroll
+    for (int j = 0; j < 16; j += 2) {
+      const u32 addr = stage + swz(BM, warp * 16 + rr, j + (mi >> 1));
+      const u32 v0 = pack_bf16(o[4 * j] * ia, o[4 * j + 1] * ia);
+      const u32 v1 = pack_bf16(o[4 * j + 2] * ib, o[4 * j + 3] * ib);
+      const u32 v2 = pack_bf16(o[4 * j + 4] * ia, o[4 * j + 5] * ia);
+      const u32 v3 = pack_bf16(o[4 * j + 6] * ib, o[4 * j + 7] * ib);
+      asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr),
+                   "r"(v0), "r"(v1), "r"(v2), "r"(v3)
+                   : "memory");
+    }
+    __syncwarp();
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const int r = warp * 16 + 2 * k + (lane >> 4), c16 = lane & 15;
+      const Row x = row_info(tile, r);
+      uint4 v;
+      asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                   : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                   : "r"(stage + swz(BM, r, c16)));
+      if (x.ok)
+        *reinterpret_cast<uint4*>(o_part + (long long)x.ent * stride_pe +
+                                  (long long)x.head * stride_ph + c16 * 8) = v;
+    }
+    __syncwarp();
+    store_lse(xa, ma, la);
+    store_lse(xb, mb, lb);
+  };
+#endif
+
+  // -- prologue: Q(0..2) in flight behind the KV block; S(0) and its softmax --
+  load_q(0, 0);
+  load_q(1, 1);
+  load_q(2, 2);
+  cp_async_wait<2>();  // the KV block and Q(0)
+  fence_proxy_async();
+  __syncthreads();
+  issue_s(0);
+  wg_wait<0>();
+#pragma unroll
+  for (int j = 0; j < 64; ++j) reg_fence(s[j]);
+  Row ca = row_info(0, r0), cb = row_info(0, r0 + 8);
+  float ma, mb, la, lb;
+  softmax(ca, cb, ma, mb, la, lb);
+#pragma unroll
+  for (int j = 0; j < 32; ++j) p[j] = pack_bf16(s[2 * j], s[2 * j + 1]);
+  // -- tile i: S(i) and O(i-1) = P(i-1)·V issued together; softmax(i) while O(i-1) runs; then
+  //    O(i-1)'s partials (staged in tile i-1's buffer), Q(i+2) into that buffer. No wgmma is in
+  //    flight across the loop's back edge (ptxas would serialise every wgmma: C7515) --
+  int b_prev = 0, b_cur = 1;  // buffers of tiles i-1 and i (tile i+1's is the third)
+  for (int i = 1; i < n_tiles; ++i) {
+    cp_async_wait<1>();  // Q(i) landed (Q(i+1) may be in flight)
+    fence_proxy_async();
+    __syncthreads();  // all rows landed; every warp past S(i-1), so b_prev is free
+    issue_s(b_cur);
+    issue_o();
+    wg_wait<1>();  // S(i) done
+#pragma unroll
+    for (int j = 0; j < 64; ++j) reg_fence(s[j]);
+    const Row na = row_info(i, r0), nb = row_info(i, r0 + 8);
+    float nma, nmb, nla, nlb;
+    softmax(na, nb, nma, nmb, nla, nlb);
+    wg_wait<0>();  // O(i-1) done
+#pragma unroll
+    for (int j = 0; j < 64; ++j) reg_fence(o[j]);
+#pragma unroll
+    for (int j = 0; j < 32; ++j) reg_fence(p[j]);
+    store(i - 1, b_prev, ca, cb, ma, la, mb, lb);
+    load_q(i + 2, b_prev);  // each warp its own rows, after its staging reads
+#pragma unroll
+    for (int j = 0; j < 32; ++j) p[j] = pack_bf16(s[2 * j], s[2 * j + 1]);
+    ca = na;
+    cb = nb;
+    ma = nma;
+    mb = nmb;
+    la = nla;
+    lb = nlb;
+    const int b_next = 3 - b_prev - b_cur;
+    b_prev = b_cur;
+    b_cur = b_next;
   }
+  // -- the last tile's P·V and partials (staged in its own buffer: all warps past S(last)) --
+  issue_o();
+  wg_wait<0>();
+#pragma unroll
+  for (int j = 0; j < 64; ++j) reg_fence(o[j]);
+#pragma unroll
+  for (int j = 0; j < 32; ++j) reg_fence(p[j]);
+  __syncthreads();
+  store(n_tiles - 1, n_tiles == 1 ? 0 : b_prev, ca, cb, ma, la, mb, lb);
 }
+
