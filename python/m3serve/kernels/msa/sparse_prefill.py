@@ -75,8 +75,8 @@ def default_tile(group: int, main_kernel: str = "triton") -> tuple[int, int]:
 
     Measured on H200 (64 q / 4 KV heads, 128K context, 8K chunk, whole run()): 64-row tiles beat
     128-row ones (2.97 vs 3.59 ms; the resident K/V block leaves little room for a 128-row S and
-    O); ITEM_Q 128 beat 64 in all four session-14 runs, by 1-2 % (2.303-2.330 vs 2.350-2.357
-    ms). With the prefetching loop (default) run() takes 2.41 ms vs 2.87 without; the unrolled
+    O); ITEM_Q 128 beat 64 in four of five session-14 runs, by 1-2 % (2.303-2.330 vs
+    2.350-2.357 ms; the fifth: 2.363 vs 2.349). With the prefetching loop (default) run() takes 2.41 ms vs 2.87 without; the unrolled
     combine (combine_unroll=True) spills and costs +7.5 ms, hence off by default. The CUDA
     kernel keeps 64: at 128 two CTAs no longer fit an SM (3.46 ms). sparse_prefill.md has the
     sweeps.
