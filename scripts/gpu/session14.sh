@@ -22,6 +22,7 @@
 #                    were taken out again; the code is in the commit before that.)
 #   call 6 (1 GPU):  the record run on the final tree: GPU tests, sweep (Triton ITEM_Q 64 / 128,
 #                    CUDA), main and full prefill at 32K / 128K (sparse_prefill_s14_cuda.json).
+#   call 8 (1 GPU):  the sparse-prefill GPU tests on the final tree.
 #   call 7 (1 GPU):  the CUDA kernel rewritten warp-specialised and persistent (a producer
 #                    warpgroup with mbarriers, two consumer warpgroups sharing each K/V block,
 #                    K/V double-buffered across items); same tests and benchmark. Slower than
@@ -51,6 +52,10 @@ case "$CALL" in
             python3 scripts/gpu/ncu_prefill.py "${v%%:*}" 2>&1 | grep -v "^==PROF==" | tail -n 40 \
             > "$OUT/ncu_${v%%:*}.txt"
     done
+    ;;
+8)  # the sparse-prefill GPU tests after their refactor (shared adversarial cases, graph capture
+    # parametrised by main kernel)
+    timeout -k 10 300 $GT $K/test_sparse_prefill.py 2>&1 | tail -n 12 > "$OUT/kt.txt"
     ;;
 esac
 echo "[call $CALL done after $(( $(date +%s) - t0 )) s]"

@@ -123,17 +123,8 @@ def test_plan_reused_across_layers_and_tiles():
         assert int(w.p.counts.abs().sum()) == 0, f"layer {layer}: counts not re-zeroed"
 
 
-@pytest.mark.parametrize(
-    "kind", ["all_same_block", "all_same_list", "all_different", "invalid_ids"]
-)
-def test_adversarial_selections(kind):
-    block, d, k, hq, hkv = 32, 32, 4, 4, 2
-    seq_lens, q_lens = [200, 64], [200, 33]
-    tensors, _ = make_batch(seq_lens, q_lens, block, hq, hkv, d, seed=3)
-    q, kc, vc, pt, cu_q, prefix, seq = tensors
-    t = q.shape[0]
-    pos = torch.cat([torch.arange(int(p), int(s)) for p, s in zip(prefix, seq, strict=True)])
-    local = (pos // block).to(torch.int32)
+def adversarial_ids(kind, hkv, t, k, local):
+    """[H_kv, T, k] selections every kernel must survive (local: each query's own block)."""
     ids = torch.full((hkv, t, k), -1, dtype=torch.int32)
     if kind == "all_same_block":  # one row of the inverse index holds every query
         ids[:, :, 0] = 0
@@ -146,8 +137,32 @@ def test_adversarial_selections(kind):
         ids[:, :, 0] = local
         ids[:, :, 1] = local + 1
         ids[:, :, 2] = 10_000
-    ids = ids.to(DEV)
-    out, _ = run_wrapper("block_major", tensors, ids, block, k)
+    return ids.to(DEV)
+
+
+# (main kernel, block = head_dim, k, q heads, KV heads, seq_lens, q_lens): the Triton kernel
+# under the interpreter at small sizes (compiled on a GPU), the CUDA kernel at its M3 shapes
+ADVERSARIAL = [
+    pytest.param("triton", 32, 4, 4, 2, [200, 64], [200, 33], id="triton"),
+    pytest.param(
+        "cuda", 128, 16, 64, 4, [5000, 700], [3000, 700], id="cuda", marks=[pytest.mark.gpu, gpu]
+    ),
+]
+
+
+@pytest.mark.parametrize("main_kernel,block,k,hq,hkv,seq_lens,q_lens", ADVERSARIAL)
+@pytest.mark.parametrize(
+    "kind", ["all_same_block", "all_same_list", "all_different", "invalid_ids"]
+)
+def test_adversarial_selections(kind, main_kernel, block, k, hq, hkv, seq_lens, q_lens):
+    d = block
+    tensors, _ = make_batch(seq_lens, q_lens, block, hq, hkv, d, seed=3)
+    q, kc, vc, pt, cu_q, prefix, seq = tensors
+    t = q.shape[0]
+    pos = torch.cat([torch.arange(int(p), int(s)) for p, s in zip(prefix, seq, strict=True)])
+    local = (pos // block).to(torch.int32)
+    ids = adversarial_ids(kind, hkv, t, k, local)
+    out, _ = run_wrapper("block_major", tensors, ids, block, k, main_kernel=main_kernel)
     visible = torch.where(ids <= local.to(DEV)[None, :, None], ids, -1)
     expect = ref.ref_sparse_attention(q, kc, vc, pt, cu_q, prefix, seq, visible, 1 / math.sqrt(d))
     check(out, expect)
@@ -207,16 +222,18 @@ def test_gpu_m3_shapes(variant, hq, hkv):
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_cuda_graph_capture():
+@pytest.mark.parametrize("main_kernel", ["triton", "cuda"])
+def test_gpu_cuda_graph_capture(main_kernel):
     block, d, k, hq, hkv = 128, 128, 16, 64, 4
     tensors, gen = make_batch([4000, 900], [2048, 900], block, hq, hkv, d, seed=1)
     q, kc, vc, pt, cu_q, prefix, seq = tensors
     ids = [realistic_topk(gen, pt, cu_q, prefix, seq, block, hkv, k) for _ in range(2)]
-    w = SparsePrefillWrapper()
+    w = SparsePrefillWrapper(main_kernel=main_kernel)
     w.plan(cu_q, prefix, seq, pt, hq, hkv, d, block, k)
     sel = ids[0].clone()
     out = torch.empty_like(q)
-    w.run(q, kc, vc, sel, 1 / math.sqrt(d), out=out)  # compile + autotune outside the capture
+    # compile (+ autotune, or NVRTC for the CUDA kernel) outside the capture
+    w.run(q, kc, vc, sel, 1 / math.sqrt(d), out=out)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -306,55 +323,3 @@ def test_gpu_cuda_main_kernel(hq, hkv, item_q):
     torch.testing.assert_close(lse, expect_lse, atol=2e-2, rtol=1e-3)
     triton_out, _ = run_wrapper("block_major", tensors, topk_ids, block, k)
     assert (out.float() - triton_out.float()).abs().max() < 2e-2
-
-
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("kind", ["all_same_block", "all_same_list", "only_local"])
-def test_gpu_cuda_adversarial_selections(kind):
-    block, d, k, hq, hkv = 128, 128, 16, 64, 4
-    seq_lens, q_lens = [5000, 700], [3000, 700]
-    tensors, _ = make_batch(seq_lens, q_lens, block, hq, hkv, d, seed=9)
-    q, kc, vc, pt, cu_q, prefix, seq = tensors
-    t = q.shape[0]
-    pos = torch.cat([torch.arange(int(p), int(s)) for p, s in zip(prefix, seq, strict=True)])
-    local = (pos // block).to(torch.int32)
-    ids = torch.full((hkv, t, k), -1, dtype=torch.int32)
-    if kind == "all_same_block":  # one inverse-index row holds every query (many work items)
-        ids[:, :, 0] = 0
-    elif kind == "all_same_list":
-        cand = torch.arange(k, dtype=torch.int32)[None, :].expand(t, k)
-        ids[:] = torch.where(cand <= local[:, None], cand, -1)
-    else:
-        ids[:, :, 0] = local
-    ids = ids.to(DEV)
-    out, _ = run_wrapper("block_major", tensors, ids, block, k, main_kernel="cuda")
-    expect = ref.ref_sparse_attention(q, kc, vc, pt, cu_q, prefix, seq, ids, 1 / math.sqrt(d))
-    check(out, expect)
-
-
-@pytest.mark.gpu
-@gpu
-def test_gpu_cuda_main_kernel_graph_capture():
-    block, d, k, hq, hkv = 128, 128, 16, 64, 4
-    tensors, gen = make_batch([4000, 900], [2048, 900], block, hq, hkv, d, seed=2)
-    q, kc, vc, pt, cu_q, prefix, seq = tensors
-    ids = [realistic_topk(gen, pt, cu_q, prefix, seq, block, hkv, k) for _ in range(2)]
-    w = SparsePrefillWrapper(main_kernel="cuda")
-    w.plan(cu_q, prefix, seq, pt, hq, hkv, d, block, k)
-    sel = ids[0].clone()
-    out = torch.empty_like(q)
-    w.run(q, kc, vc, sel, 1 / math.sqrt(d), out=out)  # NVRTC compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        w.run(q, kc, vc, sel, 1 / math.sqrt(d), out=out)
-    for layer_ids in ids:
-        sel.copy_(layer_ids)
-        out.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        expect = ref.ref_sparse_attention(
-            q, kc, vc, pt, cu_q, prefix, seq, layer_ids, 1 / math.sqrt(d)
-        )
-        check(out, expect)
