@@ -297,6 +297,13 @@ def test_cuda_main_kernel_rejects_unsupported_shapes():
         spc.check_supported(q, kc, 16, 64, 66)
     with pytest.raises(AssertionError, match="main_kernel"):
         SparsePrefillWrapper(main_kernel="cutlass")
+    if not torch.cuda.is_available():  # the interpreter's CPU tensors: a clear error, no crash
+        block, d, k, hq, hkv = 128, 128, 2, 16, 1
+        tensors, gen = make_batch([300], [300], block, hq, hkv, d, seed=4)
+        pt, cu_q, prefix, seq = tensors[3:]
+        ids = realistic_topk(gen, pt, cu_q, prefix, seq, block, hkv, k)
+        with pytest.raises(ValueError, match="one CUDA device"):
+            run_wrapper("block_major", tensors, ids, block, k, main_kernel="cuda")
 
 
 @pytest.mark.gpu

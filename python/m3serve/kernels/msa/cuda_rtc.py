@@ -58,10 +58,9 @@ def _cuda() -> ctypes.CDLL:
 
 def _check_nvrtc(rc: int, what: str) -> None:
     if rc != 0:
-        s = ctypes.c_char_p()
         _nvrtc().nvrtcGetErrorString.restype = ctypes.c_char_p
         msg = _nvrtc().nvrtcGetErrorString(rc)
-        raise CudaRtcError(f"{what}: NVRTC error {rc} ({msg.decode() if msg else s})")
+        raise CudaRtcError(f"{what}: NVRTC error {rc} ({msg.decode() if msg else '?'})")
 
 
 def _check_cu(rc: int, what: str) -> None:

@@ -97,10 +97,11 @@ def launch_block_major_cuda(
     grid = work_row.numel()
     if grid == 0:
         return
+    tensors = (q, k_cache, v_cache, o_part, lse_part, entries, row_ptr, item_ptr, work_row,
+               work_start, q_pos, gb_page, gb_start, gb_len)  # fmt: skip
+    if not all(t.is_cuda and t.device == q.device for t in tensors):
+        raise ValueError("CUDA sparse prefill needs every tensor on one CUDA device (q's)")
     smem = smem_bytes(item_q)
-    k = cuda_rtc.get_kernel(
-        source(), kernel_name(gp, item_q), cuda_rtc.device_arch(), smem, options
-    )
     args = [
         q, k_cache, v_cache, o_part, lse_part, entries, row_ptr, item_ptr, work_row, work_start,
         q_pos, gb_page, gb_start, gb_len, num_blocks, hkv * num_blocks, group, topk,
@@ -108,4 +109,8 @@ def launch_block_major_cuda(
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), o_part.stride(0), o_part.stride(1), lse_part.stride(0),
     ]  # fmt: skip
-    k.launch(grid, THREADS, smem, args, "p" * 14 + "iiiif" + "l" * 11)
+    with torch.cuda.device(q.device):  # module, arch and stream of q's device
+        k = cuda_rtc.get_kernel(
+            source(), kernel_name(gp, item_q), cuda_rtc.device_arch(), smem, options
+        )
+        k.launch(grid, THREADS, smem, args, "p" * 14 + "iiiif" + "l" * 11)
