@@ -328,10 +328,7 @@ SWEEP = [  # (BLOCK_M, ITEM_Q, hoist K/V, prefetch, unrolled combine, main kerne
     (64, 128, True, True, False, "triton"),
     (64, 64, True, True, False, "cuda"),
 ]
-# the CUDA kernel's compile-time variants: default (O staged with stmatrix, 16-byte stores); add
-# ("-DSTORE_DIRECT",) to time stores straight from the accumulator fragment (slower, session 14).
 # ITEM_Q 128 does not fit two CUDA CTAs per SM (3 query-row buffers): 3.46 ms in session 14.
-CUDA_VARIANTS = [()]
 
 
 def sweep(fns) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, float]]:
@@ -340,9 +337,8 @@ def sweep(fns) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, float]]:
     Each variant is also checked against the query-major output (itself checked against the
     reference by --check); the winner's phases are timed apart (index build, main, combine).
     """
-    from m3serve.kernels.msa.sparse_prefill_cuda import launch_block_major_cuda
     from m3serve.kernels.msa.sparse_prefill_plan import build_inverse_index
-    from m3serve.kernels.msa.sparse_prefill_triton import launch_block_major, launch_combine
+    from m3serve.kernels.msa.sparse_prefill_triton import launch_combine
 
     x = make_inputs(SWEEP_CTX, CHUNK, *HEADS[0])
     ids = select(x)
@@ -351,12 +347,9 @@ def sweep(fns) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, float]]:
     ref_out = wq.run(x["q"], x["k"], x["v"], ids, sm)
     rows = []
     best, best_ms = {}, float("inf")
-    tiles = []
     for bm, iq, hoist, pf, un, mk in SWEEP:
         tile = dict(block_m=bm, item_q=iq, hoist_kv=hoist, prefetch=pf, combine_unroll=un,
                     main_kernel=mk)  # fmt: skip
-        tiles += [{**tile, "cuda_options": o} for o in CUDA_VARIANTS] if mk == "cuda" else [tile]
-    for tile in tiles:
         try:
             w, _ = wrapper(x, **tile)
             out = w.run(x["q"], x["k"], x["v"], ids, sm)
@@ -382,16 +375,7 @@ def sweep(fns) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, float]]:
                                 p.entries, p.work_row, p.work_start)  # fmt: skip
 
         def main_k():
-            if p.main_kernel == "cuda":
-                launch_block_major_cuda(x["q"], x["k"], x["v"], p.o_part, p.lse_part, p.entries,
-                                        p.row_ptr, p.item_ptr, p.work_row, p.work_start, m.q_pos,
-                                        m.gb_page, m.gb_start, m.gb_len, m.num_blocks, p.topk,
-                                        sm, p.block_m, p.item_q, w._cuda_options)  # fmt: skip
-                return
-            launch_block_major(x["q"], x["k"], x["v"], p.o_part, p.lse_part, p.entries,
-                               p.row_ptr, p.item_ptr, p.work_row, p.work_start, m.q_pos,
-                               m.gb_page, m.gb_start, m.gb_len, m.num_blocks, p.topk, sm,
-                               p.block_m, p.item_q, p.hoist_kv, p.prefetch)  # fmt: skip
+            w.launch_main(x["q"], x["k"], x["v"], sm)
 
         def combine():
             launch_combine(p.o_part, p.lse_part, ids, m.q_pos, out, None, p.num_kv_heads,

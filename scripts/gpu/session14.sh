@@ -10,7 +10,7 @@
 #                    prefill at 32K / 128K vs SGLang's ops with the winner.
 #   call 2 (1 GPU):  the same after the kernel's second form (S(i+1) issued before O(i-1)'s
 #                    stores; slimmer softmax; O staged with stmatrix, 16-byte stores), both store
-#                    forms in the sweep (-DSTORE_DIRECT), ITEM_Q 64 / 128 / 256.
+#                    forms in the sweep (-DSTORE_DIRECT, removed since), ITEM_Q 64 / 128 / 256.
 #   call 3 (1 GPU):  Nsight Compute stall / traffic metrics of the CUDA and Triton main kernels.
 #   call 4 (1 GPU):  as call 2, after fixing what ncu + the SASS showed: ptxas had serialised
 #                    every wgmma (C7515, a wgmma in flight across the loop's back edge); now

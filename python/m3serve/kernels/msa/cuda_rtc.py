@@ -6,8 +6,8 @@ are compiled at first use into a cubin for the device's architecture (sm_90a on 
 "a" for wgmma), loaded with cuModuleLoadData and launched with cuLaunchKernel on torch's
 current stream (so they are captured by CUDA graphs like any other launch).
 
-    k = compile_kernel(src, "msa_prefill_main<16, 64>", arch="sm_90a")   # cached per process
-    k.launch(grid, block=128, smem=100_000, args=[tensor, 3, 1.5, ...], types="ppif...")
+    k = get_kernel(src, "msa_prefill_main<16, 64>", "sm_90a", max_smem)   # cached per process
+    k.launch(grid, 128, smem, [tensor, 3, 1.5, ...], "pif...")
 
 compile_cubin() needs no GPU: tests compile the kernel on a CPU-only machine and read ptxas's
 resource report (registers, spills) from the log.
@@ -30,12 +30,11 @@ class CudaRtcError(RuntimeError):
 
 @lru_cache(maxsize=1)
 def _nvrtc() -> ctypes.CDLL:
-    roots = [os.path.dirname(torch.__file__) + "/lib"]
     site = os.path.dirname(os.path.dirname(torch.__file__))
     pats = [
         f"{site}/nvidia/cu13/lib/libnvrtc.so*",
         f"{site}/nvidia/cuda_nvrtc/lib/libnvrtc.so*",
-        *(f"{r}/libnvrtc*.so*" for r in roots),
+        f"{os.path.dirname(torch.__file__)}/lib/libnvrtc*.so*",
     ]
     cands = [p for pat in pats for p in sorted(glob.glob(pat)) if "builtins" not in p]
     cands += ["libnvrtc.so"]
@@ -132,7 +131,6 @@ class Kernel:
         # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
         _check_cu(cu.cuFuncSetAttribute(self.func, 8, int(max_smem)), "cuFuncSetAttribute")
         self.max_smem = max_smem
-        self.log = cubin.log
 
     def launch(self, grid: int, block: int, smem: int, args: list, types: str) -> None:
         assert len(args) == len(types), f"{len(args)} args for types {types!r}"

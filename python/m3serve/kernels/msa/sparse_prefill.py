@@ -32,7 +32,6 @@ import torch
 import triton
 
 from . import reference
-from .sparse_prefill_cuda import check_supported as cuda_check_supported
 from .sparse_prefill_cuda import launch_block_major_cuda
 from .sparse_prefill_plan import (
     HostMetadata,
@@ -76,10 +75,10 @@ def default_tile(group: int, main_kernel: str = "triton") -> tuple[int, int]:
     Measured on H200 (64 q / 4 KV heads, 128K context, 8K chunk, whole run()): 64-row tiles beat
     128-row ones (2.97 vs 3.59 ms; the resident K/V block leaves little room for a 128-row S and
     O); ITEM_Q 128 beat 64 in four of five session-14 runs, by 1-2 % (2.303-2.330 vs
-    2.350-2.357 ms; the fifth: 2.363 vs 2.349). With the prefetching loop (default) run() takes 2.41 ms vs 2.87 without; the unrolled
-    combine (combine_unroll=True) spills and costs +7.5 ms, hence off by default. The CUDA
-    kernel keeps 64: at 128 two CTAs no longer fit an SM (3.46 ms). sparse_prefill.md has the
-    sweeps.
+    2.350-2.357 ms; the fifth: 2.363 vs 2.349). With the prefetching loop (default) run() takes
+    2.41 ms vs 2.87 without; the unrolled combine (combine_unroll=True) spills and costs
+    +7.5 ms, hence off by default. The CUDA kernel keeps 64: at 128 two CTAs no longer fit an
+    SM (3.46 ms). sparse_prefill.md has the sweeps.
     """
     gp = triton.next_power_of_2(group)
     block_m = max(64, gp)
@@ -99,12 +98,10 @@ class SparsePrefillWrapper:
         combine_unroll: bool = False,
         partial_dtype: torch.dtype = torch.bfloat16,
         main_kernel: str = "triton",
-        cuda_options: tuple[str, ...] = (),
     ) -> None:
         assert variant in ("block_major", "query_major"), f"unknown variant {variant!r}"
         assert main_kernel in ("triton", "cuda"), f"unknown main_kernel {main_kernel!r}"
         self._main_kernel = main_kernel
-        self._cuda_options = tuple(cuda_options)
         self.variant = variant
         self._block_m = block_m
         self._item_q = item_q
@@ -204,6 +201,18 @@ class SparsePrefillWrapper:
                 f"out {tuple(out.shape)} must match q {tuple(q.shape)}, last dim contiguous"
             )
 
+    def launch_main(self, q, k_cache, v_cache, sm_scale: float) -> None:
+        """The main kernel alone (Triton or CUDA, as planned) on the planned buffers: run()'s
+        step 2, after the inverse index of this layer's selection was built."""
+        p, m = self.p, self.p.meta
+        args = (q, k_cache, v_cache, p.o_part, p.lse_part, p.entries, p.row_ptr, p.item_ptr,
+                p.work_row, p.work_start, m.q_pos, m.gb_page, m.gb_start, m.gb_len,
+                m.num_blocks, p.topk, sm_scale, p.block_m, p.item_q)  # fmt: skip
+        if p.main_kernel == "cuda":
+            launch_block_major_cuda(*args)
+        else:
+            launch_block_major(*args, p.hoist_kv, p.prefetch)
+
     def run(
         self,
         q: torch.Tensor,
@@ -253,33 +262,7 @@ class SparsePrefillWrapper:
             p.work_start,
         )
         # -- 2. KV-block-major main kernel → per-(query, slot) partials --
-        main = launch_block_major
-        extra: tuple = (p.hoist_kv, p.prefetch)
-        if p.main_kernel == "cuda":
-            cuda_check_supported(q, k_cache, p.num_q_heads // p.num_kv_heads, p.block_m, p.item_q)
-            main, extra = launch_block_major_cuda, (self._cuda_options,)
-        main(
-            q,
-            k_cache,
-            v_cache,
-            p.o_part,
-            p.lse_part,
-            p.entries,
-            p.row_ptr,
-            p.item_ptr,
-            p.work_row,
-            p.work_start,
-            m.q_pos,
-            m.gb_page,
-            m.gb_start,
-            m.gb_len,
-            m.num_blocks,
-            p.topk,
-            sm_scale,
-            p.block_m,
-            p.item_q,
-            *extra,
-        )
+        self.launch_main(q, k_cache, v_cache, sm_scale)
         # -- 3. log-sum-exp merge of the ≤ k partials per (query, head) --
         launch_combine(
             p.o_part, p.lse_part, topk_ids, m.q_pos, out, lse, p.num_kv_heads, p.block,

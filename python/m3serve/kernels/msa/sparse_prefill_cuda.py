@@ -4,8 +4,8 @@ The kernel (sparse_prefill_main.cu) computes exactly what _block_major_kernel in
 sparse_prefill_triton.py computes, for the shapes M3 serves: bf16, head_dim 128, block = page =
 128 tokens, 64-row tiles (64 / GP queries × GP heads, GP = next power of two of the GQA group,
 ≤ 64), ITEM_Q a multiple of the queries per tile. It is compiled with NVRTC at first use
-(cuda_rtc.py) for sm_90a; other cards or shapes raise ValueError naming the constraint, and
-SparsePrefillWrapper(main_kernel="cuda") falls back to nothing silently: the caller chose it.
+(cuda_rtc.py) for sm_90a; other cards, shapes or devices raise ValueError naming the
+constraint (SparsePrefillWrapper(main_kernel="cuda") does not fall back to Triton).
 """
 
 from __future__ import annotations
@@ -83,7 +83,6 @@ def launch_block_major_cuda(
     sm_scale: float,
     block_m: int,
     item_q: int,
-    options: tuple[str, ...] = (),
 ) -> None:
     """Main kernel, CUDA form: the arguments of sparse_prefill_triton.launch_block_major."""
     hq, hkv = q.shape[1], k_cache.shape[1]
@@ -111,6 +110,6 @@ def launch_block_major_cuda(
     ]  # fmt: skip
     with torch.cuda.device(q.device):  # module, arch and stream of q's device
         k = cuda_rtc.get_kernel(
-            source(), kernel_name(gp, item_q), cuda_rtc.device_arch(), smem, options
+            source(), kernel_name(gp, item_q), cuda_rtc.device_arch(), smem
         )
         k.launch(grid, THREADS, smem, args, "p" * 14 + "iiiif" + "l" * 11)

@@ -8,13 +8,16 @@
 //
 // What it does that the Triton kernel does not (its TTGIR waits on every wgmma at once and routes
 // layouts through shared memory with CTA barriers, sparse_prefill.md, sessions 12-13):
-//   * S(i+1) = Q(i+1)·Kᵀ is issued before the softmax of tile i and O(i) = P(i)·V right after,
-//     so both wgmmas run while the warps do the softmax (FA3's intra-warpgroup overlap);
+//   * S(i) = Q(i)·Kᵀ and O(i-1) = P(i-1)·V are issued together, so the softmax of tile i runs
+//     while O(i-1) is on the tensor cores; no wgmma is in flight across the loop's back edge
+//     (ptxas would serialise every wgmma: C7515);
 //   * P stays in registers: the S accumulator fragment is the A fragment of the P·V wgmma;
 //   * query rows are gathered with cp.async straight into the 128-byte-swizzled layout wgmma
-//     reads; the next tile's rows are in flight during this tile's MMAs;
-//   * O and lse go from the accumulator registers to global memory, no shared-memory staging.
-// One warpgroup (128 threads) per CTA, ~100 KB shared memory: two CTAs per SM.
+//     reads, two tiles ahead (three buffers);
+//   * O / l is staged per warp with stmatrix in the consumed query buffer and stored 16 bytes a
+//     lane.
+// One warpgroup (128 threads) per CTA, 112.75 KB shared memory at ITEM_Q 64: two CTAs per SM.
+// On H200 it runs at 0.97x the Triton kernel (sparse_prefill.md, session 14).
 //
 // Shared memory tiles are [rows × 128] bf16 in two 64-column halves, each [rows × 128 B] with
 // the 16-byte chunk c of row r stored at chunk c ^ (r % 8) (the 128-byte swizzle).
@@ -195,7 +198,7 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
   const unsigned short* qg = q + (long long)(g * group) * stride_qh;
   const int warp = tid >> 5, lane = tid & 31;
   // each warp gathers its own 16 rows (the rows of its wgmma accumulator fragment), so a warp
-  // can reuse its rows of a consumed Q buffer to stage its O stores without a CTA barrier
+  // can reuse its rows of a consumed Q buffer to stage its O stores without a CTA barrier;
   // one cp.async group per call, empty past the last tile, so "all but the newest N groups
   // landed" always means the same tiles
   auto load_q = [&](int tile, int buf) {
@@ -328,29 +331,6 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
     if (x.ok && (lane & 3) == 0)
       lse_part[(long long)x.ent * stride_le + x.head] = l > 0.f ? m + __log2f(l) : NEG_INF;
   };
-#ifdef STORE_DIRECT
-  // O(tile) / l straight from the accumulator fragment: 4-byte stores, 16 B per row and warp
-  auto store = [&](int tile, int buf, const Row& xa, const Row& xb, float ma, float la,
-                   float mb, float lb) {
-    const Row* xs[2] = {&xa, &xb};
-    const float ls[2] = {la, lb};
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const Row& x = *xs[half];
-      if (!x.ok) continue;
-      const float inv = ls[half] > 0.f ? 1.f / ls[half] : 0.f;
-      unsigned short* dst =
-          o_part + (long long)x.ent * stride_pe + (long long)x.head * stride_ph + c0;
-#pragma unroll
-      for (int j = 0; j < 16; ++j) {
-        const u32 v = pack_bf16(o[4 * j + 2 * half] * inv, o[4 * j + 2 * half + 1] * inv);
-        *reinterpret_cast<u32*>(dst + 8 * j) = v;
-      }
-    }
-    store_lse(xa, ma, la);
-    store_lse(xb, mb, lb);
-  };
-#else
   // O(tile) / l staged through this warp's 16 rows of a consumed Q buffer (stmatrix, the
   // accumulator fragment is its input layout), then 16-byte coalesced stores of whole rows
   auto store = [&](int tile, int buf, const Row& xa, const Row& xb, float ma, float la,
@@ -386,7 +366,6 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
     store_lse(xa, ma, la);
     store_lse(xb, mb, lb);
   };
-#endif
 
   // -- prologue: Q(0..2) in flight behind the KV block; S(0) and its softmax --
   load_q(0, 0);
@@ -447,6 +426,6 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
 #pragma unroll
   for (int j = 0; j < 32; ++j) reg_fence(p[j]);
   __syncthreads();
-  store(n_tiles - 1, n_tiles == 1 ? 0 : b_prev, ca, cb, ma, la, mb, lb);
+  store(n_tiles - 1, b_prev, ca, cb, ma, la, mb, lb);  // b_prev: 0 if one tile
 }
 
