@@ -260,8 +260,10 @@ def _nvrtc_or_skip():
     return cuda_rtc
 
 
-@pytest.mark.parametrize("gp,item_q", [(16, 64), (1, 64), (16, 128)])
-def test_cuda_main_kernel_compiles_for_hopper(gp, item_q):
+@pytest.mark.parametrize(
+    "gp,item_q,fused", [(16, 64, True), (16, 64, False), (1, 64, True), (16, 128, False)]
+)
+def test_cuda_main_kernel_compiles_for_hopper(gp, item_q, fused):
     """NVRTC builds the kernel for sm_90a without a GPU: no spills, ≤ 255 registers (two CTAs
     of 128 threads per SM), and no wgmma serialisation (ptxas C7514 / C7515: a non-wgmma
     instruction reading or defining an in-flight accumulator, e.g. a loop-carried copy, makes
@@ -270,12 +272,13 @@ def test_cuda_main_kernel_compiles_for_hopper(gp, item_q):
     from m3serve.kernels.msa import sparse_prefill_cuda as spc
 
     c = cuda_rtc.compile_cubin(
-        spc.source(), spc.kernel_name(gp, item_q), "sm_90a", ("-Xptxas", "-v")
+        spc.source(), spc.kernel_name(gp, item_q, fused), "sm_90a", ("-Xptxas", "-v")
     )
     assert c.image[:4] == b"\x7fELF" and c.lowered_name.startswith("_Z16msa_prefill_main")
+    # ptxas reports both entry points of the module: this main kernel and the combine kernel
     regs = [int(x.split("Used ")[1].split()[0]) for x in c.log.splitlines() if "Used " in x]
-    assert regs and regs[0] <= 255, c.log
-    assert "0 bytes spill stores, 0 bytes spill loads" in c.log, c.log
+    assert len(regs) == 2 and max(regs) <= 255, c.log
+    assert c.log.count("0 bytes spill stores, 0 bytes spill loads") == 2, c.log
     assert "C751" not in c.log, c.log  # C7514 / C7515: wgmma serialised
     if item_q == 64:
         assert 2 * (spc.smem_bytes(item_q) + 1024) <= 228 * 1024, "two CTAs per SM must fit"
@@ -309,10 +312,11 @@ def test_cuda_main_kernel_rejects_unsupported_shapes():
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("hq,hkv", [(64, 4), (16, 1), (8, 8), (12, 4)])
-@pytest.mark.parametrize("item_q", [64, 128])
-def test_gpu_cuda_main_kernel(hq, hkv, item_q):
+@pytest.mark.parametrize("item_q,fuse", [(64, True), (64, False), (128, True)])
+def test_gpu_cuda_main_kernel(hq, hkv, item_q, fuse):
     """The CUDA main kernel against the float32 reference: chunk after a prefix, odd tails,
-    partial last blocks, groups 16 / 1 / 3 (padded rows), poisoned partials and output."""
+    partial last blocks, groups 16 / 1 / 3 (padded rows), poisoned partials and output; with
+    the combine fused into its grid or (fuse=False) the Triton combine after it."""
     block, d, k = 128, 128, 16
     seq_lens, q_lens = [6000, 1111, 3000, 77], [1024, 1111, 333, 1]
     tensors, gen = make_batch(seq_lens, q_lens, block, hq, hkv, d, seed=hq + item_q)
@@ -320,9 +324,15 @@ def test_gpu_cuda_main_kernel(hq, hkv, item_q):
     topk_ids = realistic_topk(gen, pt, cu_q, prefix, seq, block, hkv, k)
     lse = torch.full((q.shape[0], hq), float("nan"), device=DEV)
     out, w = run_wrapper(
-        "block_major", tensors, topk_ids, block, k, lse=lse, main_kernel="cuda", item_q=item_q
-    )
-    assert w.p.main_kernel == "cuda"
+        "block_major", tensors, topk_ids, block, k, lse=lse, main_kernel="cuda", item_q=item_q,
+        fuse_combine=fuse,
+    )  # fmt: skip
+    assert w.p.main_kernel == "cuda" and w.p.fuse_combine == fuse
+    if fuse:  # every item counted for its KV head, every KV head's combine tickets all taken
+        p, g = w.p, hq // hkv
+        items = p.item_ptr[:: p.meta.num_blocks].diff().cpu()
+        assert p.sync[hkv:].cpu().tolist() == items.tolist()
+        assert min(p.sync[:hkv].tolist()) >= -(-q.shape[0] // max(1, 128 // g))
     expect, expect_lse = ref.ref_sparse_attention(
         q, kc, vc, pt, cu_q, prefix, seq, topk_ids, 1 / math.sqrt(d), return_lse=True
     )

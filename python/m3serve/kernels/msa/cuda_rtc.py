@@ -113,7 +113,8 @@ _ARG_TYPES = {"p": ctypes.c_void_p, "i": ctypes.c_int32, "l": ctypes.c_int64, "f
 
 
 class Kernel:
-    """A loaded kernel; launch() takes tensors / ints / floats typed by a format string."""
+    """A loaded kernel; launch() takes tensors / ints / floats / structs typed by a format
+    string ("p" pointer or tensor, "i" int32, "l" int64, "f" float32, "s" ctypes.Structure)."""
 
     def __init__(self, cubin: Cubin, max_smem: int) -> None:
         cu = _cuda()
@@ -137,6 +138,10 @@ class Kernel:
         assert smem <= self.max_smem, f"smem {smem} > configured {self.max_smem}"
         vals = []
         for a, t in zip(args, types, strict=True):
+            if t == "s":  # a ctypes.Structure passed by value (its layout is the kernel's)
+                assert isinstance(a, ctypes.Structure), f"type 's' needs a ctypes.Structure: {a!r}"
+                vals.append(a)
+                continue
             v = a.data_ptr() if isinstance(a, torch.Tensor) else a
             vals.append(_ARG_TYPES[t](v))
         ptrs = (ctypes.c_void_p * len(vals))(*[ctypes.addressof(v) for v in vals])

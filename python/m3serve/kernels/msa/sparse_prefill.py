@@ -14,7 +14,9 @@ sized in plan() for the worst case, so the launches can be captured in a CUDA gr
 ``main_kernel="cuda"`` runs the main kernel's CUDA form (sparse_prefill_main.cu, Hopper only,
 bf16, head_dim 128, block 128; compiled with NVRTC at first use). It is opt-in: on H200 it is
 0.97x the Triton kernel's run() (2.436 vs 2.353 ms at 128K, 64/4, ITEM_Q 64; sparse_prefill.md,
-session 14).
+session 14). With it, ``fuse_combine=True`` (default) merges the partials in the main kernel's
+own grid: CTAs that finished their item merge the KV heads already complete while other CTAs
+still run main items, and a small kernel merges the rest (sparse_prefill_cuda.py).
 
 Conventions (shapes, topk_ids layout, ragged metadata) are those of reference.py. Constraints:
 bf16/fp16 q and caches, head_dim and block powers of two ≥ 16, H_q % H_kv == 0 (any group; a
@@ -32,7 +34,12 @@ import torch
 import triton
 
 from . import reference
-from .sparse_prefill_cuda import launch_block_major_cuda
+from .sparse_prefill_cuda import (
+    MAX_FUSED_TOPK,
+    FusedCombine,
+    launch_block_major_cuda,
+    launch_combine_cuda,
+)
 from .sparse_prefill_plan import (
     HostMetadata,
     build_host_metadata,
@@ -59,6 +66,8 @@ class SparsePrefillPlan:
     prefetch: bool
     combine_unroll: bool
     main_kernel: str  # "triton" or "cuda" (sparse_prefill_main.cu, Hopper, bf16, d 128)
+    fuse_combine: bool  # CUDA main kernel only: the combine runs in its grid
+    sync: torch.Tensor  # [2 * G] int32: fused combine's ticket and finished items per KV head
     counts: torch.Tensor  # [G*NB] int32, zero between runs
     row_ptr: torch.Tensor  # [G*NB+1] int32 CSR offsets
     item_ptr: torch.Tensor  # [G*NB+1] int32 work-item offsets
@@ -98,10 +107,12 @@ class SparsePrefillWrapper:
         combine_unroll: bool = False,
         partial_dtype: torch.dtype = torch.bfloat16,
         main_kernel: str = "triton",
+        fuse_combine: bool = True,
     ) -> None:
         assert variant in ("block_major", "query_major"), f"unknown variant {variant!r}"
         assert main_kernel in ("triton", "cuda"), f"unknown main_kernel {main_kernel!r}"
         self._main_kernel = main_kernel
+        self._fuse_combine = fuse_combine
         self.variant = variant
         self._block_m = block_m
         self._item_q = item_q
@@ -162,6 +173,8 @@ class SparsePrefillWrapper:
             self._prefetch,
             self._combine_unroll,
             self._main_kernel if block_major else "triton",
+            self._fuse_combine and self._main_kernel == "cuda" and topk <= MAX_FUSED_TOPK,
+            sync=torch.zeros(2 * num_kv_heads, **i32),
             counts=torch.zeros(nrows, **i32),
             row_ptr=torch.zeros(nrows + 1, **i32),
             item_ptr=torch.zeros(nrows + 1, **i32),
@@ -201,15 +214,16 @@ class SparsePrefillWrapper:
                 f"out {tuple(out.shape)} must match q {tuple(q.shape)}, last dim contiguous"
             )
 
-    def launch_main(self, q, k_cache, v_cache, sm_scale: float) -> None:
-        """The main kernel alone (Triton or CUDA, as planned) on the planned buffers: run()'s
-        step 2, after the inverse index of this layer's selection was built."""
+    def launch_main(self, q, k_cache, v_cache, sm_scale: float, fused=None) -> None:
+        """The main kernel (Triton or CUDA, as planned) on the planned buffers: run()'s step 2,
+        after the inverse index of this layer's selection was built; alone unless ``fused``
+        (a FusedCombine: the CUDA kernel merges ready partials too, p.sync zeroed first)."""
         p, m = self.p, self.p.meta
         args = (q, k_cache, v_cache, p.o_part, p.lse_part, p.entries, p.row_ptr, p.item_ptr,
                 p.work_row, p.work_start, m.q_pos, m.gb_page, m.gb_start, m.gb_len,
                 m.num_blocks, p.topk, sm_scale, p.block_m, p.item_q)  # fmt: skip
         if p.main_kernel == "cuda":
-            launch_block_major_cuda(*args)
+            launch_block_major_cuda(*args, fused=fused)
         else:
             launch_block_major(*args, p.hoist_kv, p.prefetch)
 
@@ -262,6 +276,13 @@ class SparsePrefillWrapper:
             p.work_start,
         )
         # -- 2. KV-block-major main kernel → per-(query, slot) partials --
+        if p.fuse_combine and out.dtype == torch.bfloat16 and out.data_ptr() % 16 == 0:
+            # -- 2+3. the CUDA kernel merges ready KV heads itself; one launch merges the rest --
+            fused = FusedCombine(p.sync, topk_ids, out, lse)
+            p.sync.zero_()
+            self.launch_main(q, k_cache, v_cache, sm_scale, fused)
+            launch_combine_cuda(p.o_part, p.lse_part, m.q_pos, fused)
+            return out
         self.launch_main(q, k_cache, v_cache, sm_scale)
         # -- 3. log-sum-exp merge of the ≤ k partials per (query, head) --
         launch_combine(

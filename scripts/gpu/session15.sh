@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Session 15's GPU runs (lanes.sh: wheels installed once; one card).
+#
+#   carry: [".dev-s8"]   timeout_s: 600   kind: nvidia-h200 (issue 5's earlier runs are on H200)
+#
+#   call 1 (1 GPU):  issue 5: the combine fused into the CUDA main kernel's grid (CTAs that
+#                    finished their item merge the KV heads already complete; a small kernel
+#                    merges the rest). The sparse-prefill GPU tests, then bench_sparse_prefill.py's
+#                    sweep (Triton ITEM_Q 64 / 128, CUDA unfused, CUDA fused) and main / full
+#                    prefill at 32K / 128K vs SGLang's ops with the winner.
+#   call 2 (1 GPU):  call 1's fused run took 47.7 ms (vs 2.43 unfused): fused_probe.py times
+#                    the fused main kernel, the rest kernel and profiles one run (3 runs: the
+#                    first form; batched loads + probes (-D: no unit work 4.3 ms, trailing CTAs
+#                    only 4.1 ms, acq_rel fence 36.9); per-head fetch-and-add tickets).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+CALL="${1:?usage: session15.sh 1..}"
+WHEELS=.dev-s8/wheels
+SITE=/tmp/m3serve-site15
+source scripts/gpu/lanes.sh
+K=tests/kernels
+case "$CALL" in
+1)
+    timeout -k 10 220 $GT $K/test_sparse_prefill.py 2>&1 | tail -n 30 > "$OUT/kt.txt"
+    mkdir -p "$OUT/pre"
+    timeout -k 10 340 python3 benchmarks/bench_sparse_prefill.py --sweep --out "$OUT/pre" \
+        --contexts 32768,131072 --full-contexts 32768,131072 2>&1 | grep -v Warning | tail -n 45 \
+        > "$OUT/pre.txt"
+    cp "$OUT"/pre/sparse_prefill.json "$OUT/pre_s15.json" 2>/dev/null
+    ;;
+2)  # where the fused run's time goes (fused_probe.py), after the CUDA-kernel GPU tests
+    timeout -k 10 150 $GT $K/test_sparse_prefill.py -k cuda 2>&1 | tail -n 8 > "$OUT/kt.txt"
+    timeout -k 10 300 python3 scripts/gpu/fused_probe.py 2>&1 | grep -v Warning | tail -n 40 > "$OUT/probe.txt"
+    ;;
+esac
+echo "[call $CALL done after $(( $(date +%s) - t0 )) s]"
