@@ -245,7 +245,7 @@ def main_case(x, ids, fns, tile: dict[str, Any], with_dense: bool = True) -> dic
     r["tile"] = (
         f"BLOCK_M={w.p.block_m} ITEM_Q={w.p.item_q} hoist={w.p.hoist_kv} "
         f"prefetch={w.p.prefetch} unroll={w.p.combine_unroll} main={w.p.main_kernel}"
-        + (" fused_combine" if w.p.fuse_combine else "")
+        + (f" combine={w.p.combine}" if w.p.combine != "separate" else "")
     )
     w = None
     wq, _ = wrapper(x, variant="query_major")
@@ -324,11 +324,13 @@ def full_case(x, fns, tile: dict[str, Any], with_sglang: bool) -> dict[str, Any]
     return r
 
 
-SWEEP = [  # (BLOCK_M, ITEM_Q, hoist K/V, prefetch, unrolled combine, main kernel, fused combine)
-    (64, 64, True, True, False, "triton", False),
-    (64, 128, True, True, False, "triton", False),
-    (64, 64, True, True, False, "cuda", False),
-    (64, 64, True, True, False, "cuda", True),
+SWEEP = [  # (BLOCK_M, ITEM_Q, hoist K/V, prefetch, unrolled combine, main kernel, combine)
+    (64, 64, True, True, False, "triton", "separate"),
+    (64, 128, True, True, False, "triton", "separate"),
+    (64, 64, True, True, False, "cuda", "separate"),
+    (64, 64, True, True, False, "cuda", "grid"),
+    (64, 64, True, True, False, "cuda", "stream"),
+    (64, 64, True, True, False, "cuda", "grid+stream"),
 ]
 # ITEM_Q 128 does not fit two CUDA CTAs per SM (3 query-row buffers): 3.46 ms in session 14.
 
@@ -349,9 +351,9 @@ def sweep(fns) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, float]]:
     ref_out = wq.run(x["q"], x["k"], x["v"], ids, sm)
     rows = []
     best, best_ms = {}, float("inf")
-    for bm, iq, hoist, pf, un, mk, fuse in SWEEP:
+    for bm, iq, hoist, pf, un, mk, comb in SWEEP:
         tile = dict(block_m=bm, item_q=iq, hoist_kv=hoist, prefetch=pf, combine_unroll=un,
-                    main_kernel=mk, fuse_combine=fuse)  # fmt: skip
+                    main_kernel=mk, combine=comb)  # fmt: skip
         try:
             w, _ = wrapper(x, **tile)
             out = w.run(x["q"], x["k"], x["v"], ids, sm)
@@ -386,21 +388,6 @@ def sweep(fns) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, float]]:
         phases = {"index_build_ms": bench(build), "main_kernel_ms": bench(main_k),
                   "combine_ms": bench(combine), "work_items": int(p.item_ptr[-1]),
                   "partials_GB": p.o_part.numel() * p.o_part.element_size() / 1e9}  # fmt: skip
-        if p.fuse_combine:  # the main kernel with the combine in its grid, then the rest
-            from m3serve.kernels.msa.sparse_prefill_cuda import FusedCombine, launch_combine_cuda
-
-            fc = FusedCombine(p.sync, ids, out, None)
-
-            def fused_main():
-                p.sync.zero_()
-                w.launch_main(x["q"], x["k"], x["v"], sm, fc)
-
-            def fused_both():
-                fused_main()
-                launch_combine_cuda(p.o_part, p.lse_part, m.q_pos, fc)
-
-            phases["fused_main_ms"] = bench(fused_main)
-            phases["fused_main_and_rest_ms"] = bench(fused_both)
         print("phases (128K, 64/4):", phases, flush=True)
     except Exception:
         traceback.print_exc()
@@ -648,7 +635,7 @@ def main() -> None:
     ap.add_argument(
         "--tile",
         default=None,
-        help="block_m,item_q,hoist,prefetch,unroll[,triton|cuda[,fuse]] (64,64,1,1,0,cuda,1)",
+        help="block_m,item_q,hoist,prefetch,unroll[,triton|cuda[,combine]] (64,64,1,1,0,cuda,grid)",
     )
     ap.add_argument("--plot-only", action="store_true")
     args = ap.parse_args()
@@ -683,7 +670,7 @@ def main() -> None:
         tile = dict(
             block_m=bm, item_q=iq, hoist_kv=bool(h), prefetch=bool(pf), combine_unroll=bool(un),
             main_kernel=f[5] if len(f) > 5 else "triton",
-            fuse_combine=len(f) > 6 and bool(int(f[6])),
+            combine=f[6] if len(f) > 6 else "separate",
         )  # fmt: skip
     if args.sweep:
         tile, doc["sweep"], doc["phases"] = sweep(fns)

@@ -12,6 +12,11 @@
 #                    the fused main kernel, the rest kernel and profiles one run (3 runs: the
 #                    first form; batched loads + probes (-D: no unit work 4.3 ms, trailing CTAs
 #                    only 4.1 ms, acq_rel fence 36.9); per-head fetch-and-add tickets).
+#   call 4 (1 GPU):  call 2 again: the CUDA combine modes ("grid", "stream": a small kernel on a
+#                    second stream in the room two main CTAs leave per SM, "grid+stream").
+#   call 5 (1 GPU):  "stream" ran after the main kernel, not beside it: coresidency_probe.py.
+#   call 3 (1 GPU):  fused combine measured additive (H100: CTA slots, not bandwidth, are the
+#                    limit); overlap_probe.py: main kernel + a combine on a second stream.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CALL="${1:?usage: session15.sh 1..}"
@@ -28,9 +33,15 @@ case "$CALL" in
         > "$OUT/pre.txt"
     cp "$OUT"/pre/sparse_prefill.json "$OUT/pre_s15.json" 2>/dev/null
     ;;
-2)  # where the fused run's time goes (fused_probe.py), after the CUDA-kernel GPU tests
+2|4)  # where the fused run's time goes (fused_probe.py), after the CUDA-kernel GPU tests
     timeout -k 10 150 $GT $K/test_sparse_prefill.py -k cuda 2>&1 | tail -n 8 > "$OUT/kt.txt"
     timeout -k 10 300 python3 scripts/gpu/fused_probe.py 2>&1 | grep -v Warning | tail -n 40 > "$OUT/probe.txt"
+    ;;
+3)  # can a combine run beside the main kernel on a second stream (overlap_probe.py)?
+    timeout -k 10 300 python3 scripts/gpu/overlap_probe.py 2>&1 | grep -v Warning | tail -n 40 > "$OUT/overlap.txt"
+    ;;
+5)  # do the main kernel and the side-stream combine share SMs? (coresidency_probe.py)
+    timeout -k 10 200 python3 scripts/gpu/coresidency_probe.py 2>&1 | grep -v Warning | tail -n 8 > "$OUT/cores.txt"
     ;;
 esac
 echo "[call $CALL done after $(( $(date +%s) - t0 )) s]"

@@ -131,6 +131,10 @@ class Kernel:
         )
         # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
         _check_cu(cu.cuFuncSetAttribute(self.func, 8, int(max_smem)), "cuFuncSetAttribute")
+        # CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT = 9: the largest shared-memory split,
+        # so kernels that run side by side (e.g. a combine beside the main kernel) ask the SM for
+        # the same L1 / shared configuration and can be resident together
+        _check_cu(cu.cuFuncSetAttribute(self.func, 9, 100), "cuFuncSetAttribute")
         self.max_smem = max_smem
 
     def launch(self, grid: int, block: int, smem: int, args: list, types: str) -> None:

@@ -49,6 +49,7 @@ class _CombineArgs(ctypes.Structure):
         ("uq", ctypes.c_int32),
         ("n_qunits", ctypes.c_int32),
         ("num_q_heads", ctypes.c_int32),
+        ("main_units", ctypes.c_int32),
         ("trace", ctypes.c_void_p),
     ]
 
@@ -61,6 +62,7 @@ class FusedCombine:
     topk_ids: torch.Tensor  # [H_kv, T, k] int32
     out: torch.Tensor  # [T, Hq, D] bf16, last dim contiguous
     lse_out: torch.Tensor | None  # [T, Hq] float32 natural-log LSE, or None
+    main_units: int = 1  # combine units a main-grid CTA may take after its item
     trace: torch.Tensor | None = None  # diagnostics only (kernel built with -DM3_TRACE)
 
     def units(self, group: int) -> tuple[int, int]:
@@ -85,13 +87,13 @@ class FusedCombine:
         lse = self.lse_out.data_ptr() if self.lse_out is not None else None
         return _CombineArgs(ids.data_ptr(), q_pos.data_ptr(), out.data_ptr(), lse,
                             ids.stride(0), ids.stride(1), out.stride(0), out.stride(1),
-                            t, uq, n, hq,
+                            t, uq, n, hq, self.main_units,
                             self.trace.data_ptr() if self.trace is not None else None)  # fmt: skip
 
 
 def smem_bytes(item_q: int) -> int:
-    """K + V tiles, three query-row tiles, the item's entry / query / position arrays."""
-    return 2 * BLOCK * HEAD_DIM * 2 + 3 * BLOCK_M * HEAD_DIM * 2 + 3 * item_q * 4
+    """K + V tiles, three query-row tiles, the item's entry and position arrays."""
+    return 2 * BLOCK * HEAD_DIM * 2 + 3 * BLOCK_M * HEAD_DIM * 2 + 2 * item_q * 4
 
 
 def check_supported(q: torch.Tensor, k_cache: torch.Tensor, group: int, block_m: int,
@@ -160,6 +162,8 @@ def launch_block_major_cuda(
     hq, hkv = q.shape[1], k_cache.shape[1]
     group = hq // hkv
     gp = check_supported(q, k_cache, group, block_m, item_q)
+    if topk > 32:
+        raise ValueError(f"CUDA sparse prefill keeps a slot in 5 bits: k ≤ 32, got {topk}")
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache), ("q", q)):
         if c.stride(-1) != 1 or c.data_ptr() % 16 or any(s % 8 for s in c.stride()[:-1]):
             raise ValueError(f"{name}: rows must be 16-byte aligned and contiguous in head_dim")
@@ -209,3 +213,34 @@ def launch_combine_cuda(
         args = [o_part, lse_part, fused.sync, comb, hkv, group, fused.topk_ids.shape[-1],
                 o_part.stride(0), o_part.stride(1), lse_part.stride(0)]  # fmt: skip
         k.launch(grid, THREADS, 0, args, "ppps" + "iii" + "lll")
+
+
+POLL_KERNEL = "msa_prefill_combine_poll"
+
+
+def launch_combine_poll(
+    o_part: torch.Tensor,
+    lse_part: torch.Tensor,
+    q_pos: torch.Tensor,
+    item_ptr: torch.Tensor,
+    num_blocks: int,
+    fused: FusedCombine,
+    deadline_ms: float = 50.0,
+) -> None:
+    """The combine beside the main kernel (launch it on a second stream right after the main
+    kernel, with fused.main_units 0 or more): one CTA of two warps per SM, in the room two main
+    CTAs leave; its warps merge the units of finished KV heads while the main grid runs and stop
+    when the main grid is done (or after deadline_ms). launch_combine_cuda, ordered after both,
+    merges the rest."""
+    hkv = fused.topk_ids.shape[0]
+    group = fused.out.shape[1] // hkv
+    comb = fused.args(q_pos, group)
+    if hkv * comb.n_qunits == 0:
+        return
+    with torch.cuda.device(o_part.device):
+        k = cuda_rtc.get_kernel(source(), POLL_KERNEL, cuda_rtc.device_arch(), 0)
+        grid = torch.cuda.get_device_properties(o_part.device).multi_processor_count
+        args = [o_part, lse_part, fused.sync, comb, item_ptr, num_blocks, hkv, group,
+                fused.topk_ids.shape[-1], o_part.stride(0), o_part.stride(1), lse_part.stride(0),
+                int(deadline_ms * 1e6)]  # fmt: skip
+        k.launch(grid, 64, 0, args, "ppps" + "p" + "iiii" + "llll")

@@ -172,6 +172,7 @@ struct CombineArgs {  // what the combine reads and writes besides the partials
   float* lse_out;  // null: not asked for
   long long stride_tg, stride_tt, stride_ot, stride_oh;
   int T, uq, n_qunits, num_q_heads;
+  int main_units;  // combine units a main-grid CTA may take after its item
   unsigned long long* trace;  // diagnostics (-DM3_TRACE): 6 words per main-grid CTA, else null
 };
 
@@ -181,15 +182,17 @@ __device__ __forceinline__ unsigned long long gtime() {
   return t;
 }
 
+// (the unit's rows are shared by nw warps, this is warp wi of them)
 __device__ __forceinline__ void combine_unit(int u, const unsigned short* o_part,
                                              const float* lse_part, const CombineArgs& c,
                                              int group, int topk, long long stride_pe,
-                                             long long stride_ph, long long stride_le) {
+                                             long long stride_ph, long long stride_le, int wi,
+                                             int nw) {
   const int tid = threadIdx.x, half = (tid >> 4) & 1, c16 = tid & 15;
   const int gu = u / c.n_qunits;
   const int t0 = (u - gu * c.n_qunits) * c.uq;
   const int nrow = imin(c.uq, c.T - t0) * group;
-  for (int r = (tid >> 5) * 2 + half; r < nrow; r += 8) {
+  for (int r = wi * 2 + half; r < nrow; r += 2 * nw) {
     const int t = t0 + r / group;
     const int h = gu * group + r % group;
     const int local = c.q_pos[t] / BN;
@@ -279,9 +282,9 @@ __device__ __forceinline__ void main_item(
   unsigned char* ks = smem;
   unsigned char* vs = smem + KV_TILE;
   unsigned char* qs = smem + 2 * KV_TILE;  // NQB query-row buffers
-  int* ent_s = reinterpret_cast<int*>(smem + 2 * KV_TILE + NQB * Q_TILE);
-  int* t_s = ent_s + ITEM_Q;
-  int* pos_s = t_s + ITEM_Q;
+  int* ent_s = reinterpret_cast<int*>(smem + 2 * KV_TILE + NQB * Q_TILE);  // t << 5 | slot
+  int* pos_s = ent_s + ITEM_Q;  // (no query-index array: t = ent / topk, so that two CTAs and
+                                // the combine's poll CTA fit one SM's 228 KB exactly)
 
   const int tid = threadIdx.x;
   const int row = work_row[w];
@@ -299,8 +302,7 @@ __device__ __forceinline__ void main_item(
     const bool in = e0 + i < e1;
     const int ent = in ? entries[e0 + i] : 0;
     const int t = ent / topk;
-    ent_s[i] = ent;
-    t_s[i] = t;
+    ent_s[i] = (t << 5) | (ent - t * topk);  // query and slot (topk ≤ 32): no division per tile
     pos_s[i] = in ? q_pos[t] : -1;
   }
   // -- the KV block, once (keys past a partial last block read as 0) --
@@ -318,7 +320,7 @@ __device__ __forceinline__ void main_item(
     }
     cp_async_commit();
   }
-  __syncthreads();  // ent_s / t_s / pos_s
+  __syncthreads();  // ent_s / pos_s
 
   const unsigned short* qg = q + (long long)(g * group) * stride_qh;
   const int warp = tid >> 5, lane = tid & 31;
@@ -339,7 +341,7 @@ __device__ __forceinline__ void main_item(
       const int qi = tile * QPT + (GP >= 16 ? warp * 16 / GP : r / GP), hi = r % GP;
       const bool ok = pos_s[qi] >= 0 && hi < group;
       const unsigned short* src =
-          qg + (ok ? (long long)t_s[qi] * stride_qt + hi * stride_qh : 0) + c16 * 8;
+          qg + (ok ? (long long)(ent_s[qi] >> 5) * stride_qt + hi * stride_qh : 0) + c16 * 8;
       cp_async16(dst + swz(BM, r, c16), src, ok ? 16 : 0);
     }
     cp_async_commit();
@@ -352,7 +354,7 @@ __device__ __forceinline__ void main_item(
     const int qi = tile * QPT + (GP >= 16 ? warp * 16 / GP : r / GP), hi = r % GP;
     const int pos = pos_s[qi];
     x.ok = pos >= 0 && hi < group;
-    x.ent = ent_s[qi];
+    x.ent = (ent_s[qi] >> 5) * topk + (ent_s[qi] & 31);
     x.head = g * group + hi;
     x.lim = x.ok ? imin(pos - kv0, kv_len - 1) : -1;
     return x;
@@ -556,14 +558,11 @@ __device__ __forceinline__ void main_item(
 
 // One CTA per work item (grid: the worst-case item count; CTAs past the real count do no main
 // work). FUSE: the combine runs in the same grid. A CTA that finished its item counts it for its
-// KV head, then merges up to MAIN_GRID_UNITS combine units whose KV head is complete (try_claim),
+// KV head, then merges up to comb.main_units combine units whose KV head is complete (try_claim),
 // so the merge of head g's partials overlaps the main items of heads g+1.. on other CTAs. What is
 // still open when the grid ends (the last head's units) msa_prefill_combine takes. The cap
 // matters: uncapped, the few CTAs still resident when the last head completed took all of its
 // units one after another (514 units in one CTA, an 18.6 ms grid; session 15 trace).
-#ifndef MAIN_GRID_UNITS
-#define MAIN_GRID_UNITS 1
-#endif
 template <int GP, int ITEM_Q, bool FUSE>
 __global__ void __launch_bounds__(128, 2) msa_prefill_main(
     const unsigned short* __restrict__ q, const unsigned short* __restrict__ k_cache,
@@ -613,14 +612,15 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
   if (!FUSE) return;
   const int num_kv_heads = n_rows / num_blocks;
   int* claim = reinterpret_cast<int*>(smem);  // the item's shared memory is free now
-  for (int k = 0; k < MAIN_GRID_UNITS; ++k) {
+  for (int k = 0; k < comb.main_units; ++k) {
     __syncthreads();
     if (threadIdx.x == 0)
       *claim = try_claim(sync, item_ptr, num_blocks, comb.n_qunits, num_kv_heads);
     __syncthreads();
     const int u = *claim;
     if (u < 0) break;
-    combine_unit(u, o_part, lse_part, comb, group, topk, stride_pe, stride_ph, stride_le);
+    combine_unit(u, o_part, lse_part, comb, group, topk, stride_pe, stride_ph, stride_le,
+                 threadIdx.x >> 5, 4);
 #ifdef M3_TRACE
     ++n_units;
 #endif
@@ -648,7 +648,51 @@ __global__ void __launch_bounds__(128) msa_prefill_combine(
       __syncthreads();
       if (u >= comb.n_qunits) break;
       combine_unit(gu * comb.n_qunits + u, o_part, lse_part, comb, group, topk, stride_pe,
-                   stride_ph, stride_le);
+                   stride_ph, stride_le, threadIdx.x >> 5, 4);
     }
+  }
+}
+
+// Beside the main kernel, on a second stream: one CTA of two warps per SM, in what two main CTAs
+// leave of an SM (8192 registers: 128 a thread; no shared memory, so each warp is a worker that
+// claims units alone). Each warp merges units of KV heads whose main items have all finished,
+// sleeping while none is open; it stops once the last KV head has finished (the main grid is
+// done: msa_prefill_combine, stream-ordered after both, merges what is left at full width) or
+// after deadline_ns (so a serialised launch, e.g. under a profiler, cannot hang).
+__global__ void __launch_bounds__(64, 8) msa_prefill_combine_poll(
+    const unsigned short* __restrict__ o_part, const float* __restrict__ lse_part, int* sync,
+    CombineArgs comb, const int* __restrict__ item_ptr, int num_blocks, int num_kv_heads,
+    int group, int topk, long long stride_pe, long long stride_ph, long long stride_le,
+    long long deadline_ns) {
+  const int lane = threadIdx.x & 31;
+  const unsigned long long t_end = gtime() + deadline_ns;
+  for (;;) {
+    int u = -1;
+    if (lane == 0) {
+      u = -2;  // every open head taken, or the main grid done
+      for (int gu = 0; gu < num_kv_heads; ++gu) {
+        if (ld_relaxed(sync + gu) >= comb.n_qunits) continue;
+        const int need = item_ptr[(gu + 1) * num_blocks] - item_ptr[gu * num_blocks];
+        if (ld_acquire(sync + num_kv_heads + gu) < need) {
+          u = -1;  // the main grid is still on this head
+          break;
+        }
+        if (gu == num_kv_heads - 1) break;  // the main grid is done: leave the rest
+        const int t = atomicAdd(sync + gu, 1);
+        if (t < comb.n_qunits) {
+          u = gu * comb.n_qunits + t;
+          break;
+        }
+      }
+    }
+    u = __shfl_sync(0xffffffffu, u, 0);
+    __syncwarp();  // lane 0's acquire orders the partial reads of every lane
+    if (u == -2) return;
+    if (u == -1) {
+      if (gtime() > t_end) return;
+      __nanosleep(2000);
+      continue;
+    }
+    combine_unit(u, o_part, lse_part, comb, group, topk, stride_pe, stride_ph, stride_le, 0, 1);
   }
 }
