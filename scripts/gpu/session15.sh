@@ -15,6 +15,8 @@
 #   call 4 (1 GPU):  call 2 again: the CUDA combine modes ("grid", "stream": a small kernel on a
 #                    second stream in the room two main CTAs leave per SM, "grid+stream").
 #   call 5 (1 GPU):  "stream" ran after the main kernel, not beside it: coresidency_probe.py.
+#   call 6 (1 GPU):  L2 hints in the CUDA main kernel: partial stores evict-first, query-row
+#                    gathers evict-last (l2_probe.py), 128K and 32K.
 #   call 3 (1 GPU):  fused combine measured additive (H100: CTA slots, not bandwidth, are the
 #                    limit); overlap_probe.py: main kernel + a combine on a second stream.
 set -uo pipefail
@@ -42,6 +44,9 @@ case "$CALL" in
     ;;
 5)  # do the main kernel and the side-stream combine share SMs? (coresidency_probe.py)
     timeout -k 10 200 python3 scripts/gpu/coresidency_probe.py 2>&1 | grep -v Warning | tail -n 8 > "$OUT/cores.txt"
+    ;;
+6)  # L2 residency hints in the CUDA main kernel (l2_probe.py)
+    timeout -k 10 300 python3 scripts/gpu/l2_probe.py 2>&1 | grep -v Warning | tail -n 14 > "$OUT/l2.txt"
     ;;
 esac
 echo "[call $CALL done after $(( $(date +%s) - t0 )) s]"

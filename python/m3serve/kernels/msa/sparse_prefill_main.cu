@@ -56,6 +56,28 @@ __device__ __forceinline__ void cp_async16(u32 dst, const void* src, int src_byt
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
                "r"(src_bytes));
 }
+// L2 residency hints (-DM3_L2_HINTS=1: partial stores evict-first; 2: and query-row gathers
+// evict-last), so the 2 GB of streamed partials do not push the current KV head's 32 MB of query
+// rows out of L2
+__device__ __forceinline__ u64 l2_policy_first() {
+  u64 p;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(p));
+  return p;
+}
+__device__ __forceinline__ u64 l2_policy_last() {
+  u64 p;
+  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(p));
+  return p;
+}
+__device__ __forceinline__ void cp_async16_hint(u32 dst, const void* src, int src_bytes, u64 pol) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(dst),
+               "l"(src), "r"(src_bytes), "l"(pol));
+}
+__device__ __forceinline__ void st_v4_hint(void* p, uint4 v, u64 pol) {
+  asm volatile("st.global.L2::cache_hint.v4.u32 [%0], {%1, %2, %3, %4}, %5;\n" ::"l"(p), "r"(v.x),
+               "r"(v.y), "r"(v.z), "r"(v.w), "l"(pol)
+               : "memory");
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
@@ -323,6 +345,9 @@ __device__ __forceinline__ void main_item(
   __syncthreads();  // ent_s / pos_s
 
   const unsigned short* qg = q + (long long)(g * group) * stride_qh;
+#ifdef M3_L2_HINTS
+  const u64 pol_first = l2_policy_first(), pol_last = l2_policy_last();
+#endif
   const int warp = tid >> 5, lane = tid & 31;
   // each warp gathers its own 16 rows (the rows of its wgmma accumulator fragment), so a warp
   // can reuse its rows of a consumed Q buffer to stage its O stores without a CTA barrier;
@@ -342,7 +367,11 @@ __device__ __forceinline__ void main_item(
       const bool ok = pos_s[qi] >= 0 && hi < group;
       const unsigned short* src =
           qg + (ok ? (long long)(ent_s[qi] >> 5) * stride_qt + hi * stride_qh : 0) + c16 * 8;
+#if defined(M3_L2_HINTS) && M3_L2_HINTS >= 2
+      cp_async16_hint(dst + swz(BM, r, c16), src, ok ? 16 : 0, pol_last);
+#else
       cp_async16(dst + swz(BM, r, c16), src, ok ? 16 : 0);
+#endif
     }
     cp_async_commit();
   };
@@ -485,9 +514,15 @@ __device__ __forceinline__ void main_item(
       asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
                    : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                    : "r"(stage + swz(BM, r, c16)));
+#ifdef M3_L2_HINTS
+      if (x.ok)
+        st_v4_hint(o_part + (long long)x.ent * stride_pe + (long long)x.head * stride_ph + c16 * 8,
+                   v, pol_first);
+#else
       if (x.ok)
         *reinterpret_cast<uint4*>(o_part + (long long)x.ent * stride_pe +
                                   (long long)x.head * stride_ph + c16 * 8) = v;
+#endif
     }
     __syncwarp();
     store_lse(xa, ma, la);
