@@ -245,7 +245,6 @@ def main_case(x, ids, fns, tile: dict[str, Any], with_dense: bool = True) -> dic
     r["tile"] = (
         f"BLOCK_M={w.p.block_m} ITEM_Q={w.p.item_q} hoist={w.p.hoist_kv} "
         f"prefetch={w.p.prefetch} unroll={w.p.combine_unroll} main={w.p.main_kernel}"
-        + (f" combine={w.p.combine}" if w.p.combine != "separate" else "")
     )
     w = None
     wq, _ = wrapper(x, variant="query_major")
@@ -324,13 +323,10 @@ def full_case(x, fns, tile: dict[str, Any], with_sglang: bool) -> dict[str, Any]
     return r
 
 
-SWEEP = [  # (BLOCK_M, ITEM_Q, hoist K/V, prefetch, unrolled combine, main kernel, combine)
-    (64, 64, True, True, False, "triton", "separate"),
-    (64, 128, True, True, False, "triton", "separate"),
-    (64, 64, True, True, False, "cuda", "separate"),
-    (64, 64, True, True, False, "cuda", "grid"),
-    (64, 64, True, True, False, "cuda", "stream"),
-    (64, 64, True, True, False, "cuda", "grid+stream"),
+SWEEP = [  # (BLOCK_M, ITEM_Q, hoist K/V, prefetch, unrolled combine, main kernel)
+    (64, 64, True, True, False, "triton"),
+    (64, 128, True, True, False, "triton"),
+    (64, 64, True, True, False, "cuda"),
 ]
 # ITEM_Q 128 does not fit two CUDA CTAs per SM (3 query-row buffers): 3.46 ms in session 14.
 
@@ -351,9 +347,9 @@ def sweep(fns) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, float]]:
     ref_out = wq.run(x["q"], x["k"], x["v"], ids, sm)
     rows = []
     best, best_ms = {}, float("inf")
-    for bm, iq, hoist, pf, un, mk, comb in SWEEP:
+    for bm, iq, hoist, pf, un, mk in SWEEP:
         tile = dict(block_m=bm, item_q=iq, hoist_kv=hoist, prefetch=pf, combine_unroll=un,
-                    main_kernel=mk, combine=comb)  # fmt: skip
+                    main_kernel=mk)  # fmt: skip
         try:
             w, _ = wrapper(x, **tile)
             out = w.run(x["q"], x["k"], x["v"], ids, sm)
@@ -635,7 +631,7 @@ def main() -> None:
     ap.add_argument(
         "--tile",
         default=None,
-        help="block_m,item_q,hoist,prefetch,unroll[,triton|cuda[,combine]] (64,64,1,1,0,cuda,grid)",
+        help="block_m,item_q,hoist,prefetch,unroll[,triton|cuda] (64,64,1,1,0,cuda)",
     )
     ap.add_argument("--plot-only", action="store_true")
     args = ap.parse_args()
@@ -670,7 +666,6 @@ def main() -> None:
         tile = dict(
             block_m=bm, item_q=iq, hoist_kv=bool(h), prefetch=bool(pf), combine_unroll=bool(un),
             main_kernel=f[5] if len(f) > 5 else "triton",
-            combine=f[6] if len(f) > 6 else "separate",
         )  # fmt: skip
     if args.sweep:
         tile, doc["sweep"], doc["phases"] = sweep(fns)

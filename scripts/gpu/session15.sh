@@ -3,6 +3,12 @@
 #
 #   carry: [".dev-s8"]   timeout_s: 600   kind: nvidia-h200 (issue 5's earlier runs are on H200)
 #
+# Calls 1-6 measured experiments that were all reverted (none beat the separate Triton combine
+# after the Triton main kernel; sparse_prefill.md, session 15). Their code and the probe scripts
+# the calls run (fused_probe.py, overlap_probe.py, coresidency_probe.py, l2_probe.py) are in
+# commits 27dc801 (combine in the main grid), 454af99 (combine beside it on a second stream)
+# and 68c4982 (L2 hints): check one out to rerun a call.
+#
 #   call 1 (1 GPU):  issue 5: the combine fused into the CUDA main kernel's grid (CTAs that
 #                    finished their item merge the KV heads already complete; a small kernel
 #                    merges the rest). The sparse-prefill GPU tests, then bench_sparse_prefill.py's

@@ -113,8 +113,7 @@ _ARG_TYPES = {"p": ctypes.c_void_p, "i": ctypes.c_int32, "l": ctypes.c_int64, "f
 
 
 class Kernel:
-    """A loaded kernel; launch() takes tensors / ints / floats / structs typed by a format
-    string ("p" pointer or tensor, "i" int32, "l" int64, "f" float32, "s" ctypes.Structure)."""
+    """A loaded kernel; launch() takes tensors / ints / floats typed by a format string."""
 
     def __init__(self, cubin: Cubin, max_smem: int) -> None:
         cu = _cuda()
@@ -131,10 +130,6 @@ class Kernel:
         )
         # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
         _check_cu(cu.cuFuncSetAttribute(self.func, 8, int(max_smem)), "cuFuncSetAttribute")
-        # CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT = 9: the largest shared-memory split,
-        # so kernels that run side by side (e.g. a combine beside the main kernel) ask the SM for
-        # the same L1 / shared configuration and can be resident together
-        _check_cu(cu.cuFuncSetAttribute(self.func, 9, 100), "cuFuncSetAttribute")
         self.max_smem = max_smem
 
     def launch(self, grid: int, block: int, smem: int, args: list, types: str) -> None:
@@ -142,10 +137,6 @@ class Kernel:
         assert smem <= self.max_smem, f"smem {smem} > configured {self.max_smem}"
         vals = []
         for a, t in zip(args, types, strict=True):
-            if t == "s":  # a ctypes.Structure passed by value (its layout is the kernel's)
-                assert isinstance(a, ctypes.Structure), f"type 's' needs a ctypes.Structure: {a!r}"
-                vals.append(a)
-                continue
             v = a.data_ptr() if isinstance(a, torch.Tensor) else a
             vals.append(_ARG_TYPES[t](v))
         ptrs = (ctypes.c_void_p * len(vals))(*[ctypes.addressof(v) for v in vals])

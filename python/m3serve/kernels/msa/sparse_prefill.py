@@ -14,12 +14,7 @@ sized in plan() for the worst case, so the launches can be captured in a CUDA gr
 ``main_kernel="cuda"`` runs the main kernel's CUDA form (sparse_prefill_main.cu, Hopper only,
 bf16, head_dim 128, block 128; compiled with NVRTC at first use). It is opt-in: on H200 it is
 0.97x the Triton kernel's run() (2.436 vs 2.353 ms at 128K, 64/4, ITEM_Q 64; sparse_prefill.md,
-session 14). With it, ``combine`` picks how the partials are merged: "separate" (the Triton
-combine after the main kernel), "grid" (CTAs of the main grid that finished their item merge a
-unit of a KV head already complete), "stream" (a small CUDA kernel on a second stream, in the
-room the main kernel leaves on each SM, merges finished KV heads while the main grid runs) or
-"grid+stream"; the last KV head's units then go to one ticketed CUDA combine launch
-(sparse_prefill_cuda.py).
+session 14).
 
 Conventions (shapes, topk_ids layout, ragged metadata) are those of reference.py. Constraints:
 bf16/fp16 q and caches, head_dim and block powers of two ≥ 16, H_q % H_kv == 0 (any group; a
@@ -37,13 +32,7 @@ import torch
 import triton
 
 from . import reference
-from .sparse_prefill_cuda import (
-    MAX_FUSED_TOPK,
-    FusedCombine,
-    launch_block_major_cuda,
-    launch_combine_cuda,
-    launch_combine_poll,
-)
+from .sparse_prefill_cuda import launch_block_major_cuda
 from .sparse_prefill_plan import (
     HostMetadata,
     build_host_metadata,
@@ -52,8 +41,6 @@ from .sparse_prefill_plan import (
 )
 from .sparse_prefill_query_major import launch_query_major
 from .sparse_prefill_triton import launch_block_major, launch_combine
-
-COMBINES = ("separate", "grid", "stream", "grid+stream")  # how run() merges (CUDA main kernel)
 
 
 @dataclass
@@ -72,8 +59,6 @@ class SparsePrefillPlan:
     prefetch: bool
     combine_unroll: bool
     main_kernel: str  # "triton" or "cuda" (sparse_prefill_main.cu, Hopper, bf16, d 128)
-    combine: str  # "separate", or (CUDA main kernel, k ≤ 16) "grid" / "stream" / "grid+stream"
-    sync: torch.Tensor  # [2 * G] int32: fused combine's ticket and finished items per KV head
     counts: torch.Tensor  # [G*NB] int32, zero between runs
     row_ptr: torch.Tensor  # [G*NB+1] int32 CSR offsets
     item_ptr: torch.Tensor  # [G*NB+1] int32 work-item offsets
@@ -113,14 +98,10 @@ class SparsePrefillWrapper:
         combine_unroll: bool = False,
         partial_dtype: torch.dtype = torch.bfloat16,
         main_kernel: str = "triton",
-        combine: str = "separate",
     ) -> None:
         assert variant in ("block_major", "query_major"), f"unknown variant {variant!r}"
         assert main_kernel in ("triton", "cuda"), f"unknown main_kernel {main_kernel!r}"
         self._main_kernel = main_kernel
-        assert combine in COMBINES, f"unknown combine {combine!r} (one of {COMBINES})"
-        self._combine = combine
-        self._side: torch.cuda.Stream | None = None
         self.variant = variant
         self._block_m = block_m
         self._item_q = item_q
@@ -181,10 +162,6 @@ class SparsePrefillWrapper:
             self._prefetch,
             self._combine_unroll,
             self._main_kernel if block_major else "triton",
-            self._combine
-            if self._main_kernel == "cuda" and block_major and topk <= MAX_FUSED_TOPK
-            else "separate",
-            sync=torch.zeros(2 * num_kv_heads, **i32),
             counts=torch.zeros(nrows, **i32),
             row_ptr=torch.zeros(nrows + 1, **i32),
             item_ptr=torch.zeros(nrows + 1, **i32),
@@ -224,16 +201,15 @@ class SparsePrefillWrapper:
                 f"out {tuple(out.shape)} must match q {tuple(q.shape)}, last dim contiguous"
             )
 
-    def launch_main(self, q, k_cache, v_cache, sm_scale: float, fused=None) -> None:
-        """The main kernel (Triton or CUDA, as planned) on the planned buffers: run()'s step 2,
-        after the inverse index of this layer's selection was built; alone unless ``fused``
-        (a FusedCombine: the CUDA kernel merges ready partials too, p.sync zeroed first)."""
+    def launch_main(self, q, k_cache, v_cache, sm_scale: float) -> None:
+        """The main kernel alone (Triton or CUDA, as planned) on the planned buffers: run()'s
+        step 2, after the inverse index of this layer's selection was built."""
         p, m = self.p, self.p.meta
         args = (q, k_cache, v_cache, p.o_part, p.lse_part, p.entries, p.row_ptr, p.item_ptr,
                 p.work_row, p.work_start, m.q_pos, m.gb_page, m.gb_start, m.gb_len,
                 m.num_blocks, p.topk, sm_scale, p.block_m, p.item_q)  # fmt: skip
         if p.main_kernel == "cuda":
-            launch_block_major_cuda(*args, fused=fused)
+            launch_block_major_cuda(*args)
         else:
             launch_block_major(*args, p.hoist_kv, p.prefetch)
 
@@ -286,29 +262,6 @@ class SparsePrefillWrapper:
             p.work_start,
         )
         # -- 2. KV-block-major main kernel → per-(query, slot) partials --
-        if p.combine != "separate" and out.dtype == torch.bfloat16 and out.data_ptr() % 16 == 0:
-            # -- 2+3. finished KV heads merged in the main grid and/or beside it; one launch
-            #    merges the rest --
-            fused = FusedCombine(p.sync, topk_ids, out, lse, int("grid" in p.combine))
-            p.sync.zero_()
-            if "stream" not in p.combine:
-                self.launch_main(q, k_cache, v_cache, sm_scale, fused)
-            else:
-                cur = torch.cuda.current_stream()
-                if self._side is None or self._side.device != q.device:
-                    self._side = torch.cuda.Stream(q.device)
-                self._side.wait_stream(cur)  # sync zeroed, partials of the last layer merged
-                # the side kernel first: launched after the main grid, its CTAs wait for the
-                # main grid's last wave (in-order dispatch); launched before, they take their
-                # room on each SM and the main CTAs fill the rest (session 15: 3.26 vs 5.08 ms
-                # with a side kernel that only sleeps 3 ms beside a 2.1 ms main grid)
-                with torch.cuda.stream(self._side):
-                    launch_combine_poll(p.o_part, p.lse_part, m.q_pos, p.item_ptr, m.num_blocks,
-                                        fused)  # fmt: skip
-                self.launch_main(q, k_cache, v_cache, sm_scale, fused)
-                cur.wait_stream(self._side)
-            launch_combine_cuda(p.o_part, p.lse_part, m.q_pos, fused)
-            return out
         self.launch_main(q, k_cache, v_cache, sm_scale)
         # -- 3. log-sum-exp merge of the ≤ k partials per (query, head) --
         launch_combine(

@@ -56,28 +56,6 @@ __device__ __forceinline__ void cp_async16(u32 dst, const void* src, int src_byt
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
                "r"(src_bytes));
 }
-// L2 residency hints (-DM3_L2_HINTS=1: partial stores evict-first; 2: and query-row gathers
-// evict-last), so the 2 GB of streamed partials do not push the current KV head's 32 MB of query
-// rows out of L2
-__device__ __forceinline__ u64 l2_policy_first() {
-  u64 p;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(p));
-  return p;
-}
-__device__ __forceinline__ u64 l2_policy_last() {
-  u64 p;
-  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(p));
-  return p;
-}
-__device__ __forceinline__ void cp_async16_hint(u32 dst, const void* src, int src_bytes, u64 pol) {
-  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(dst),
-               "l"(src), "r"(src_bytes), "l"(pol));
-}
-__device__ __forceinline__ void st_v4_hint(void* p, uint4 v, u64 pol) {
-  asm volatile("st.global.L2::cache_hint.v4.u32 [%0], {%1, %2, %3, %4}, %5;\n" ::"l"(p), "r"(v.x),
-               "r"(v.y), "r"(v.z), "r"(v.w), "l"(pol)
-               : "memory");
-}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
@@ -152,162 +130,34 @@ struct Row {  // one accumulator row of this thread in the current tile
   bool ok;    // row holds a real (query, head)
 };
 
-
-// combine: the partials of one unit (KV head gu, queries [t0, t0 + uq), the group's heads),
-// merged by log-sum-exp exactly as _combine_kernel in sparse_prefill_triton.py does. Half a warp
-// per (query, head) row, 16 bytes a lane; every slot's partial and LSE is loaded before any is
-// used (no dependence on the slot's validity), so 16 rows x 16 slots x 256 B are in flight per
-// CTA. The partials were written by other CTAs of this grid: L2 loads (.cg), never the L1.
-constexpr int MAX_FUSED_TOPK = 16;
-
-__device__ __forceinline__ float ld_cg_f32(const float* p) {
-  float v;
-  asm volatile("ld.global.cg.f32 %0, [%1];\n" : "=f"(v) : "l"(p));
-  return v;
-}
-__device__ __forceinline__ uint4 ld_cg_v4(const unsigned short* p) {
-  uint4 v;
-  asm volatile("ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
-__device__ __forceinline__ int ld_acquire(const int* p) {
-  int v;
-  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-__device__ __forceinline__ int ld_relaxed(const int* p) {
-  int v;
-  asm volatile("ld.relaxed.gpu.global.s32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-__device__ __forceinline__ void add_bf16x2(float* acc, u32 x, float wgt) {
-  acc[0] = fmaf(wgt, __uint_as_float(x << 16), acc[0]);
-  acc[1] = fmaf(wgt, __uint_as_float(x & 0xffff0000u), acc[1]);
-}
-
-struct CombineArgs {  // what the combine reads and writes besides the partials
-  const int* topk_ids;
-  const int* q_pos;
-  unsigned short* out;
-  float* lse_out;  // null: not asked for
-  long long stride_tg, stride_tt, stride_ot, stride_oh;
-  int T, uq, n_qunits, num_q_heads;
-  int main_units;  // combine units a main-grid CTA may take after its item
-  unsigned long long* trace;  // diagnostics (-DM3_TRACE): 6 words per main-grid CTA, else null
-};
-
-__device__ __forceinline__ unsigned long long gtime() {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %globaltimer;\n" : "=l"(t));
-  return t;
-}
-
-// (the unit's rows are shared by nw warps, this is warp wi of them)
-__device__ __forceinline__ void combine_unit(int u, const unsigned short* o_part,
-                                             const float* lse_part, const CombineArgs& c,
-                                             int group, int topk, long long stride_pe,
-                                             long long stride_ph, long long stride_le, int wi,
-                                             int nw) {
-  const int tid = threadIdx.x, half = (tid >> 4) & 1, c16 = tid & 15;
-  const int gu = u / c.n_qunits;
-  const int t0 = (u - gu * c.n_qunits) * c.uq;
-  const int nrow = imin(c.uq, c.T - t0) * group;
-  for (int r = wi * 2 + half; r < nrow; r += 2 * nw) {
-    const int t = t0 + r / group;
-    const int h = gu * group + r % group;
-    const int local = c.q_pos[t] / BN;
-    const int* ids = c.topk_ids + gu * c.stride_tg + (long long)t * c.stride_tt;
-    const long long e0 = (long long)t * topk;
-    // every load issued before any is used, none behind a branch: slots past topk re-read the
-    // last slot (its row exists) and are masked afterwards
-    int id[MAX_FUSED_TOPK];
-    float l2[MAX_FUSED_TOPK];
-    uint4 v[MAX_FUSED_TOPK];
-#pragma unroll
-    for (int s = 0; s < MAX_FUSED_TOPK; ++s) {
-      const int sc = imin(s, topk - 1);
-      id[s] = __ldg(ids + sc);
-      l2[s] = ld_cg_f32(lse_part + (e0 + sc) * stride_le + h);
-      v[s] = ld_cg_v4(o_part + (e0 + sc) * stride_pe + h * stride_ph + c16 * 8);
-    }
-    bool ok[MAX_FUSED_TOPK];
-#pragma unroll
-    for (int s = 0; s < MAX_FUSED_TOPK; ++s) ok[s] = s < topk && id[s] >= 0 && id[s] <= local;
-    float m = NEG_INF;
-#pragma unroll
-    for (int s = 0; s < MAX_FUSED_TOPK; ++s)
-      if (ok[s]) m = fmaxf(m, l2[s]);
-    float l = 0.f, acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-    for (int s = 0; s < MAX_FUSED_TOPK; ++s) {
-      if (ok[s]) {
-        const float wgt = fast_exp2(l2[s] - m);
-        l += wgt;
-        add_bf16x2(acc + 0, v[s].x, wgt);
-        add_bf16x2(acc + 2, v[s].y, wgt);
-        add_bf16x2(acc + 4, v[s].z, wgt);
-        add_bf16x2(acc + 6, v[s].w, wgt);
-      }
-    }
-    const float il = l > 0.f ? 1.f / l : 0.f;
-    uint4 o;
-    o.x = pack_bf16(acc[0] * il, acc[1] * il);
-    o.y = pack_bf16(acc[2] * il, acc[3] * il);
-    o.z = pack_bf16(acc[4] * il, acc[5] * il);
-    o.w = pack_bf16(acc[6] * il, acc[7] * il);
-    *reinterpret_cast<uint4*>(c.out + (long long)t * c.stride_ot + (long long)h * c.stride_oh +
-                              c16 * 8) = o;
-    if (c.lse_out != nullptr && c16 == 0)
-      c.lse_out[(long long)t * c.num_q_heads + h] =
-          l > 0.f ? (m + __log2f(l)) * 0.6931471805599453f : NEG_INF;
-  }
-}
-
-__device__ __forceinline__ void red_release_add(int* p, int v) {
-  asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
-}
-
-// sync = [tickets of the G KV heads | finished main items of the G KV heads]. A unit of a KV head
-// whose items have all finished, or -1 if none is open yet. Fetch-and-add tickets (one L2 atomic
-// per claim, no compare-and-swap retries: a CAS ticket over all heads serialised the grid, 15x
-// slower in session 15); a ticket past the head's units just means the head is taken.
-__device__ __forceinline__ int try_claim(int* sync, const int* item_ptr, int num_blocks,
-                                         int n_qunits, int num_kv_heads) {
-  for (int gu = 0; gu < num_kv_heads; ++gu) {
-    if (ld_relaxed(sync + gu) >= n_qunits) continue;  // this head's units are all taken
-    const int need = item_ptr[(gu + 1) * num_blocks] - item_ptr[gu * num_blocks];
-    // heads finish in order (the work list is KV-head-major): stop at the first unfinished one
-    if (ld_acquire(sync + num_kv_heads + gu) < need) return -1;
-    const int u = atomicAdd(sync + gu, 1);
-    if (u < n_qunits) return gu * n_qunits + u;
-  }
-  return -1;
-}
-
 }  // namespace
 
 template <int GP, int ITEM_Q>
-__device__ __forceinline__ void main_item(
-    int w, unsigned char* smem, const unsigned short* __restrict__ q,
-    const unsigned short* __restrict__ k_cache, const unsigned short* __restrict__ v_cache,
-    unsigned short* __restrict__ o_part, float* __restrict__ lse_part,
-    const int* __restrict__ entries, const int* __restrict__ row_ptr,
-    const int* __restrict__ work_row, const int* __restrict__ work_start,
-    const int* __restrict__ q_pos, const int* __restrict__ gb_page,
-    const int* __restrict__ gb_start, const int* __restrict__ gb_len, int num_blocks, int group,
-    int topk, float sm_scale_log2, long long stride_qt, long long stride_qh, long long stride_kp,
+__global__ void __launch_bounds__(128, 2) msa_prefill_main(
+    const unsigned short* __restrict__ q, const unsigned short* __restrict__ k_cache,
+    const unsigned short* __restrict__ v_cache, unsigned short* __restrict__ o_part,
+    float* __restrict__ lse_part, const int* __restrict__ entries, const int* __restrict__ row_ptr,
+    const int* __restrict__ item_ptr, const int* __restrict__ work_row,
+    const int* __restrict__ work_start, const int* __restrict__ q_pos,
+    const int* __restrict__ gb_page, const int* __restrict__ gb_start,
+    const int* __restrict__ gb_len, int num_blocks, int n_rows, int group, int topk,
+    float sm_scale_log2, long long stride_qt, long long stride_qh, long long stride_kp,
     long long stride_kh, long long stride_kn, long long stride_vp, long long stride_vh,
     long long stride_vn, long long stride_pe, long long stride_ph, long long stride_le) {
   constexpr int QPT = BM / GP;  // queries per tile
+  extern __shared__ __align__(1024) unsigned char smem[];
+  // the swizzle pattern repeats every 8 rows of 128 B: tiles must start 1024-byte aligned, and
+  // two CTAs per SM leave no room for padding (2 x 112.75 KB + 2 x 1 KB reserved <= 228 KB)
+  if (smem_u32(smem) & 1023) __trap();
   unsigned char* ks = smem;
   unsigned char* vs = smem + KV_TILE;
   unsigned char* qs = smem + 2 * KV_TILE;  // NQB query-row buffers
-  int* ent_s = reinterpret_cast<int*>(smem + 2 * KV_TILE + NQB * Q_TILE);  // t << 5 | slot
-  int* pos_s = ent_s + ITEM_Q;  // (no query-index array: t = ent / topk, so that two CTAs and
-                                // the combine's poll CTA fit one SM's 228 KB exactly)
+  int* ent_s = reinterpret_cast<int*>(smem + 2 * KV_TILE + NQB * Q_TILE);
+  int* t_s = ent_s + ITEM_Q;
+  int* pos_s = t_s + ITEM_Q;
 
+  const int w = blockIdx.x;
+  if (w >= item_ptr[n_rows]) return;
   const int tid = threadIdx.x;
   const int row = work_row[w];
   const int e0 = work_start[w];
@@ -324,7 +174,8 @@ __device__ __forceinline__ void main_item(
     const bool in = e0 + i < e1;
     const int ent = in ? entries[e0 + i] : 0;
     const int t = ent / topk;
-    ent_s[i] = (t << 5) | (ent - t * topk);  // query and slot (topk ≤ 32): no division per tile
+    ent_s[i] = ent;
+    t_s[i] = t;
     pos_s[i] = in ? q_pos[t] : -1;
   }
   // -- the KV block, once (keys past a partial last block read as 0) --
@@ -342,12 +193,9 @@ __device__ __forceinline__ void main_item(
     }
     cp_async_commit();
   }
-  __syncthreads();  // ent_s / pos_s
+  __syncthreads();  // ent_s / t_s / pos_s
 
   const unsigned short* qg = q + (long long)(g * group) * stride_qh;
-#ifdef M3_L2_HINTS
-  const u64 pol_first = l2_policy_first(), pol_last = l2_policy_last();
-#endif
   const int warp = tid >> 5, lane = tid & 31;
   // each warp gathers its own 16 rows (the rows of its wgmma accumulator fragment), so a warp
   // can reuse its rows of a consumed Q buffer to stage its O stores without a CTA barrier;
@@ -366,12 +214,8 @@ __device__ __forceinline__ void main_item(
       const int qi = tile * QPT + (GP >= 16 ? warp * 16 / GP : r / GP), hi = r % GP;
       const bool ok = pos_s[qi] >= 0 && hi < group;
       const unsigned short* src =
-          qg + (ok ? (long long)(ent_s[qi] >> 5) * stride_qt + hi * stride_qh : 0) + c16 * 8;
-#if defined(M3_L2_HINTS) && M3_L2_HINTS >= 2
-      cp_async16_hint(dst + swz(BM, r, c16), src, ok ? 16 : 0, pol_last);
-#else
+          qg + (ok ? (long long)t_s[qi] * stride_qt + hi * stride_qh : 0) + c16 * 8;
       cp_async16(dst + swz(BM, r, c16), src, ok ? 16 : 0);
-#endif
     }
     cp_async_commit();
   };
@@ -383,7 +227,7 @@ __device__ __forceinline__ void main_item(
     const int qi = tile * QPT + (GP >= 16 ? warp * 16 / GP : r / GP), hi = r % GP;
     const int pos = pos_s[qi];
     x.ok = pos >= 0 && hi < group;
-    x.ent = (ent_s[qi] >> 5) * topk + (ent_s[qi] & 31);
+    x.ent = ent_s[qi];
     x.head = g * group + hi;
     x.lim = x.ok ? imin(pos - kv0, kv_len - 1) : -1;
     return x;
@@ -514,15 +358,9 @@ __device__ __forceinline__ void main_item(
       asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
                    : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                    : "r"(stage + swz(BM, r, c16)));
-#ifdef M3_L2_HINTS
-      if (x.ok)
-        st_v4_hint(o_part + (long long)x.ent * stride_pe + (long long)x.head * stride_ph + c16 * 8,
-                   v, pol_first);
-#else
       if (x.ok)
         *reinterpret_cast<uint4*>(o_part + (long long)x.ent * stride_pe +
                                   (long long)x.head * stride_ph + c16 * 8) = v;
-#endif
     }
     __syncwarp();
     store_lse(xa, ma, la);
@@ -591,143 +429,3 @@ __device__ __forceinline__ void main_item(
   store(n_tiles - 1, b_prev, ca, cb, ma, la, mb, lb);  // b_prev: 0 if one tile
 }
 
-// One CTA per work item (grid: the worst-case item count; CTAs past the real count do no main
-// work). FUSE: the combine runs in the same grid. A CTA that finished its item counts it for its
-// KV head, then merges up to comb.main_units combine units whose KV head is complete (try_claim),
-// so the merge of head g's partials overlaps the main items of heads g+1.. on other CTAs. What is
-// still open when the grid ends (the last head's units) msa_prefill_combine takes. The cap
-// matters: uncapped, the few CTAs still resident when the last head completed took all of its
-// units one after another (514 units in one CTA, an 18.6 ms grid; session 15 trace).
-template <int GP, int ITEM_Q, bool FUSE>
-__global__ void __launch_bounds__(128, 2) msa_prefill_main(
-    const unsigned short* __restrict__ q, const unsigned short* __restrict__ k_cache,
-    const unsigned short* __restrict__ v_cache, unsigned short* __restrict__ o_part,
-    float* __restrict__ lse_part, const int* __restrict__ entries, const int* __restrict__ row_ptr,
-    const int* __restrict__ item_ptr, const int* __restrict__ work_row,
-    const int* __restrict__ work_start, const int* __restrict__ q_pos,
-    const int* __restrict__ gb_page, const int* __restrict__ gb_start,
-    const int* __restrict__ gb_len, int num_blocks, int n_rows, int group, int topk,
-    float sm_scale_log2, long long stride_qt, long long stride_qh, long long stride_kp,
-    long long stride_kh, long long stride_kn, long long stride_vp, long long stride_vh,
-    long long stride_vn, long long stride_pe, long long stride_ph, long long stride_le,
-    int* sync, CombineArgs comb) {
-  extern __shared__ __align__(1024) unsigned char smem[];
-  // the swizzle pattern repeats every 8 rows of 128 B: tiles must start 1024-byte aligned, and
-  // two CTAs per SM leave no room for padding (2 x 112.75 KB + 2 x 1 KB reserved <= 228 KB)
-  if (smem_u32(smem) & 1023) __trap();
-  const int w = blockIdx.x;
-#ifdef M3_TRACE
-  unsigned long long* tr = comb.trace + 6 * w;
-  int n_units = 0;
-  if (threadIdx.x == 0) {
-    tr[0] = gtime();
-    unsigned int sm;
-    asm volatile("mov.u32 %0, %smid;\n" : "=r"(sm));
-    tr[5] = sm;
-  }
-#endif
-  if (w < item_ptr[n_rows]) {
-    main_item<GP, ITEM_Q>(w, smem, q, k_cache, v_cache, o_part, lse_part, entries, row_ptr,
-                          work_row, work_start, q_pos, gb_page, gb_start, gb_len, num_blocks,
-                          group, topk, sm_scale_log2, stride_qt, stride_qh, stride_kp, stride_kh,
-                          stride_kn, stride_vp, stride_vh, stride_vn, stride_pe, stride_ph,
-                          stride_le);
-    if (FUSE) {  // this item's partials are visible GPU-wide before it is counted (the CTA
-                 // barrier, then one release by one thread: CUTLASS's semaphore pattern)
-#ifdef M3_TRACE
-      if (threadIdx.x == 0) tr[1] = gtime();
-#endif
-      __syncthreads();
-      if (threadIdx.x == 0) red_release_add(sync + n_rows / num_blocks + work_row[w] / num_blocks, 1);
-#ifdef M3_TRACE
-      if (threadIdx.x == 0) tr[2] = gtime();
-#endif
-    }
-  }
-  if (!FUSE) return;
-  const int num_kv_heads = n_rows / num_blocks;
-  int* claim = reinterpret_cast<int*>(smem);  // the item's shared memory is free now
-  for (int k = 0; k < comb.main_units; ++k) {
-    __syncthreads();
-    if (threadIdx.x == 0)
-      *claim = try_claim(sync, item_ptr, num_blocks, comb.n_qunits, num_kv_heads);
-    __syncthreads();
-    const int u = *claim;
-    if (u < 0) break;
-    combine_unit(u, o_part, lse_part, comb, group, topk, stride_pe, stride_ph, stride_le,
-                 threadIdx.x >> 5, 4);
-#ifdef M3_TRACE
-    ++n_units;
-#endif
-  }
-#ifdef M3_TRACE
-  if (threadIdx.x == 0) {
-    tr[3] = n_units;
-    tr[4] = gtime();
-  }
-#endif
-}
-
-// The rest of the fused combine (or all of it, after an unfused main kernel with sync zeroed):
-// CTAs take the remaining units of each KV head by ticket. Stream order makes all ready.
-__global__ void __launch_bounds__(128) msa_prefill_combine(
-    const unsigned short* __restrict__ o_part, const float* __restrict__ lse_part, int* sync,
-    CombineArgs comb, int num_kv_heads, int group, int topk, long long stride_pe,
-    long long stride_ph, long long stride_le) {
-  __shared__ int claim;
-  for (int gu = 0; gu < num_kv_heads; ++gu) {
-    for (;;) {
-      if (threadIdx.x == 0) claim = atomicAdd(sync + gu, 1);
-      __syncthreads();
-      const int u = claim;
-      __syncthreads();
-      if (u >= comb.n_qunits) break;
-      combine_unit(gu * comb.n_qunits + u, o_part, lse_part, comb, group, topk, stride_pe,
-                   stride_ph, stride_le, threadIdx.x >> 5, 4);
-    }
-  }
-}
-
-// Beside the main kernel, on a second stream: one CTA of two warps per SM, in what two main CTAs
-// leave of an SM (8192 registers: 128 a thread; no shared memory, so each warp is a worker that
-// claims units alone). Each warp merges units of KV heads whose main items have all finished,
-// sleeping while none is open; it stops once the last KV head has finished (the main grid is
-// done: msa_prefill_combine, stream-ordered after both, merges what is left at full width) or
-// after deadline_ns (so a serialised launch, e.g. under a profiler, cannot hang).
-__global__ void __launch_bounds__(64, 8) msa_prefill_combine_poll(
-    const unsigned short* __restrict__ o_part, const float* __restrict__ lse_part, int* sync,
-    CombineArgs comb, const int* __restrict__ item_ptr, int num_blocks, int num_kv_heads,
-    int group, int topk, long long stride_pe, long long stride_ph, long long stride_le,
-    long long deadline_ns) {
-  const int lane = threadIdx.x & 31;
-  const unsigned long long t_end = gtime() + deadline_ns;
-  for (;;) {
-    int u = -1;
-    if (lane == 0) {
-      u = -2;  // every open head taken, or the main grid done
-      for (int gu = 0; gu < num_kv_heads; ++gu) {
-        if (ld_relaxed(sync + gu) >= comb.n_qunits) continue;
-        const int need = item_ptr[(gu + 1) * num_blocks] - item_ptr[gu * num_blocks];
-        if (ld_acquire(sync + num_kv_heads + gu) < need) {
-          u = -1;  // the main grid is still on this head
-          break;
-        }
-        if (gu == num_kv_heads - 1) break;  // the main grid is done: leave the rest
-        const int t = atomicAdd(sync + gu, 1);
-        if (t < comb.n_qunits) {
-          u = gu * comb.n_qunits + t;
-          break;
-        }
-      }
-    }
-    u = __shfl_sync(0xffffffffu, u, 0);
-    __syncwarp();  // lane 0's acquire orders the partial reads of every lane
-    if (u == -2) return;
-    if (u == -1) {
-      if (gtime() > t_end) return;
-      __nanosleep(2000);
-      continue;
-    }
-    combine_unit(u, o_part, lse_part, comb, group, topk, stride_pe, stride_ph, stride_le, 0, 1);
-  }
-}
