@@ -23,6 +23,9 @@
 #   call 5 (1 GPU):  "stream" ran after the main kernel, not beside it: coresidency_probe.py.
 #   call 6 (1 GPU):  L2 hints in the CUDA main kernel: partial stores evict-first, query-row
 #                    gathers evict-last (l2_probe.py), 128K and 32K.
+#   call 7 (1 GPU):  each query's local block attended to by the combine instead of the main
+#                    kernel (1/16 fewer tiles and partials): GPU tests, sweep (local in the
+#                    combine or not, Triton and CUDA), main / full prefill at 32K / 128K.
 #   call 3 (1 GPU):  fused combine measured additive (H100: CTA slots, not bandwidth, are the
 #                    limit); overlap_probe.py: main kernel + a combine on a second stream.
 set -uo pipefail
@@ -53,6 +56,14 @@ case "$CALL" in
     ;;
 6)  # L2 residency hints in the CUDA main kernel (l2_probe.py)
     timeout -k 10 300 python3 scripts/gpu/l2_probe.py 2>&1 | grep -v Warning | tail -n 14 > "$OUT/l2.txt"
+    ;;
+7)  # the local block attended to by the combine: GPU tests, then the sweep / record run
+    timeout -k 10 240 $GT $K/test_sparse_prefill.py 2>&1 | tail -n 12 > "$OUT/kt.txt"
+    mkdir -p "$OUT/pre"
+    timeout -k 10 340 python3 benchmarks/bench_sparse_prefill.py --sweep --out "$OUT/pre" \
+        --contexts 32768,131072 --full-contexts 32768,131072 2>&1 | grep -v Warning | tail -n 45 \
+        > "$OUT/pre.txt"
+    cp "$OUT"/pre/sparse_prefill.json "$OUT/pre_s15.json" 2>/dev/null
     ;;
 esac
 echo "[call $CALL done after $(( $(date +%s) - t0 )) s]"
