@@ -244,8 +244,7 @@ def main_case(x, ids, fns, tile: dict[str, Any], with_dense: bool = True) -> dic
     r["ours_ms"] = bench(lambda: w.run(x["q"], x["k"], x["v"], ids, sm, out=out))
     r["tile"] = (
         f"BLOCK_M={w.p.block_m} ITEM_Q={w.p.item_q} hoist={w.p.hoist_kv} "
-        f"prefetch={w.p.prefetch} unroll={w.p.combine_unroll} main={w.p.main_kernel} "
-        f"local_in_combine={w.p.local_in_combine}"
+        f"prefetch={w.p.prefetch} unroll={w.p.combine_unroll} main={w.p.main_kernel}"
     )
     w = None
     wq, _ = wrapper(x, variant="query_major")
@@ -324,13 +323,10 @@ def full_case(x, fns, tile: dict[str, Any], with_sglang: bool) -> dict[str, Any]
     return r
 
 
-SWEEP = [  # (BLOCK_M, ITEM_Q, hoist K/V, prefetch, unrolled combine, main kernel, local block
-    #            in the combine)
-    (64, 128, True, True, False, "triton", False),
-    (64, 64, True, True, False, "triton", True),
-    (64, 128, True, True, False, "triton", True),
-    (64, 64, True, True, False, "cuda", False),
-    (64, 64, True, True, False, "cuda", True),
+SWEEP = [  # (BLOCK_M, ITEM_Q, hoist K/V, prefetch, unrolled combine, main kernel)
+    (64, 64, True, True, False, "triton"),
+    (64, 128, True, True, False, "triton"),
+    (64, 64, True, True, False, "cuda"),
 ]
 # ITEM_Q 128 does not fit two CUDA CTAs per SM (3 query-row buffers): 3.46 ms in session 14.
 
@@ -351,9 +347,9 @@ def sweep(fns) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, float]]:
     ref_out = wq.run(x["q"], x["k"], x["v"], ids, sm)
     rows = []
     best, best_ms = {}, float("inf")
-    for bm, iq, hoist, pf, un, mk, loc in SWEEP:
+    for bm, iq, hoist, pf, un, mk in SWEEP:
         tile = dict(block_m=bm, item_q=iq, hoist_kv=hoist, prefetch=pf, combine_unroll=un,
-                    main_kernel=mk, local_in_combine=loc)  # fmt: skip
+                    main_kernel=mk)  # fmt: skip
         try:
             w, _ = wrapper(x, **tile)
             out = w.run(x["q"], x["k"], x["v"], ids, sm)
@@ -376,16 +372,14 @@ def sweep(fns) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, float]]:
 
         def build():
             build_inverse_index(ids, m, p.block, p.item_q, p.counts, p.row_ptr, p.item_ptr,
-                                p.entries, p.work_row, p.work_start,
-                                p.local_in_combine)  # fmt: skip
+                                p.entries, p.work_row, p.work_start)  # fmt: skip
 
         def main_k():
             w.launch_main(x["q"], x["k"], x["v"], sm)
 
         def combine():
             launch_combine(p.o_part, p.lse_part, ids, m.q_pos, out, None, p.num_kv_heads,
-                           p.block, p.combine_unroll,
-                           w.local_args(x["q"], x["k"], x["v"], sm))  # fmt: skip
+                           p.block, p.combine_unroll)  # fmt: skip
 
         phases = {"index_build_ms": bench(build), "main_kernel_ms": bench(main_k),
                   "combine_ms": bench(combine), "work_items": int(p.item_ptr[-1]),
@@ -637,7 +631,7 @@ def main() -> None:
     ap.add_argument(
         "--tile",
         default=None,
-        help="block_m,item_q,hoist,prefetch,unroll[,triton|cuda[,local]] (64,64,1,1,0,cuda,1)",
+        help="block_m,item_q,hoist,prefetch,unroll[,triton|cuda] (64,64,1,1,0,cuda)",
     )
     ap.add_argument("--plot-only", action="store_true")
     args = ap.parse_args()
@@ -672,7 +666,6 @@ def main() -> None:
         tile = dict(
             block_m=bm, item_q=iq, hoist_kv=bool(h), prefetch=bool(pf), combine_unroll=bool(un),
             main_kernel=f[5] if len(f) > 5 else "triton",
-            local_in_combine=len(f) <= 6 or bool(int(f[6])),
         )  # fmt: skip
     if args.sweep:
         tile, doc["sweep"], doc["phases"] = sweep(fns)

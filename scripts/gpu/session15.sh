@@ -3,11 +3,11 @@
 #
 #   carry: [".dev-s8"]   timeout_s: 600   kind: nvidia-h200 (issue 5's earlier runs are on H200)
 #
-# Calls 1-6 measured experiments that were all reverted (none beat the separate Triton combine
+# Calls 1-7 measured experiments that were all reverted (none beat the separate Triton combine
 # after the Triton main kernel; sparse_prefill.md, session 15). Their code and the probe scripts
 # the calls run (fused_probe.py, overlap_probe.py, coresidency_probe.py, l2_probe.py) are in
-# commits 27dc801 (combine in the main grid), 454af99 (combine beside it on a second stream)
-# and 68c4982 (L2 hints): check one out to rerun a call.
+# commits 27dc801 (combine in the main grid), 454af99 (combine beside it on a second stream),
+# 68c4982 (L2 hints) and c3c9275 (local block in the combine, call 7): check one out to rerun.
 #
 #   call 1 (1 GPU):  issue 5: the combine fused into the CUDA main kernel's grid (CTAs that
 #                    finished their item merge the KV heads already complete; a small kernel

@@ -92,12 +92,10 @@ def test_block_major_fuzz(case):
     q, kc, vc, pt, cu_q, prefix, seq = tensors
     topk_ids = realistic_topk(gen, pt, cu_q, prefix, seq, block, hkv, k)
     lse = torch.full((q.shape[0], hq), float("nan"), device=DEV)
-    # odd cases also run the unrolled combine (off by default: slower on the GPU); case 2 the
-    # local block through the main kernel like every other slot (not by the combine)
+    # odd cases also run the unrolled combine (off by default: slower on the GPU)
     out, _ = run_wrapper(
-        "block_major", tensors, topk_ids, block, k, lse=lse, combine_unroll=case % 2 == 1,
-        local_in_combine=case != 2,
-    )  # fmt: skip
+        "block_major", tensors, topk_ids, block, k, lse=lse, combine_unroll=case % 2 == 1
+    )
     expect, expect_lse = ref.ref_sparse_attention(
         q, kc, vc, pt, cu_q, prefix, seq, topk_ids, 1 / math.sqrt(d), return_lse=True
     )
@@ -123,33 +121,6 @@ def test_plan_reused_across_layers_and_tiles():
         )
         check(out, expect)
         assert int(w.p.counts.abs().sum()) == 0, f"layer {layer}: counts not re-zeroed"
-
-
-def test_local_block_left_to_the_combine():
-    """skip_local drops exactly the (KV head, query) pairs whose selection holds their own
-    block from the inverse index; the combine then attends to those blocks itself."""
-    from m3serve.kernels.msa.sparse_prefill_plan import build_inverse_index
-
-    block, d, k, hq, hkv = 32, 32, 4, 4, 2
-    tensors, gen = make_batch([150, 40], [70, 40], block, hq, hkv, d, seed=9)
-    q, kc, vc, pt, cu_q, prefix, seq = tensors
-    ids = realistic_topk(gen, pt, cu_q, prefix, seq, block, hkv, k)
-    ids[0, 5] = -1  # one selection without its local block (any selection must work)
-    ids[0, 5, 0] = 0
-    pos = torch.cat([torch.arange(int(p), int(s)) for p, s in zip(prefix, seq, strict=True)])
-    has_local = (ids.cpu() == (pos // block)[None, :, None]).any(-1)
-    entries = {}
-    for skip in (False, True):
-        w = SparsePrefillWrapper(local_in_combine=skip)
-        p = w.plan(cu_q, prefix, seq, pt, hq, hkv, d, block, k)
-        build_inverse_index(ids, p.meta, block, p.item_q, p.counts, p.row_ptr, p.item_ptr,
-                            p.entries, p.work_row, p.work_start, skip)  # fmt: skip
-        entries[skip] = int(p.row_ptr[-1])
-        out = w.run(q, kc, vc, ids, 1 / math.sqrt(d))
-        expect = ref.ref_sparse_attention(q, kc, vc, pt, cu_q, prefix, seq, ids, 1 / math.sqrt(d))
-        check(out, expect)
-    assert entries[False] - entries[True] == int(has_local.sum()) > 0
-    assert not bool(has_local[0, 5])
 
 
 def adversarial_ids(kind, hkv, t, k, local):
@@ -338,11 +309,10 @@ def test_cuda_main_kernel_rejects_unsupported_shapes():
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("hq,hkv", [(64, 4), (16, 1), (8, 8), (12, 4)])
-@pytest.mark.parametrize("item_q,local", [(64, True), (64, False), (128, True)])
-def test_gpu_cuda_main_kernel(hq, hkv, item_q, local):
+@pytest.mark.parametrize("item_q", [64, 128])
+def test_gpu_cuda_main_kernel(hq, hkv, item_q):
     """The CUDA main kernel against the float32 reference: chunk after a prefix, odd tails,
-    partial last blocks, groups 16 / 1 / 3 (padded rows), poisoned partials and output; the
-    local block by the combine (default) or by the main kernel."""
+    partial last blocks, groups 16 / 1 / 3 (padded rows), poisoned partials and output."""
     block, d, k = 128, 128, 16
     seq_lens, q_lens = [6000, 1111, 3000, 77], [1024, 1111, 333, 1]
     tensors, gen = make_batch(seq_lens, q_lens, block, hq, hkv, d, seed=hq + item_q)
@@ -350,9 +320,8 @@ def test_gpu_cuda_main_kernel(hq, hkv, item_q, local):
     topk_ids = realistic_topk(gen, pt, cu_q, prefix, seq, block, hkv, k)
     lse = torch.full((q.shape[0], hq), float("nan"), device=DEV)
     out, w = run_wrapper(
-        "block_major", tensors, topk_ids, block, k, lse=lse, main_kernel="cuda", item_q=item_q,
-        local_in_combine=local,
-    )  # fmt: skip
+        "block_major", tensors, topk_ids, block, k, lse=lse, main_kernel="cuda", item_q=item_q
+    )
     assert w.p.main_kernel == "cuda"
     expect, expect_lse = ref.ref_sparse_attention(
         q, kc, vc, pt, cu_q, prefix, seq, topk_ids, 1 / math.sqrt(d), return_lse=True

@@ -8,9 +8,7 @@
 
 run() per layer: build the inverse index of this layer's topk_ids (count → scan → fill → work
 list, sparse_prefill_plan.py), run the KV-block-major main kernel into per-(query, slot)
-partials, merge them by log-sum-exp (sparse_prefill_triton.py). Each query's own (local) block,
-forced into every selection, is left out of the inverse index and attended to by the combine
-itself (``local_in_combine``, default on): 1/16 fewer main-kernel tiles and partials at k = 16. Every buffer it touches was
+partials, merge them by log-sum-exp (sparse_prefill_triton.py). Every buffer it touches was
 sized in plan() for the worst case, so the launches can be captured in a CUDA graph.
 ``variant="query_major"`` runs the comparison kernel (sparse_prefill_query_major.py) instead;
 ``main_kernel="cuda"`` runs the main kernel's CUDA form (sparse_prefill_main.cu, Hopper only,
@@ -61,7 +59,6 @@ class SparsePrefillPlan:
     prefetch: bool
     combine_unroll: bool
     main_kernel: str  # "triton" or "cuda" (sparse_prefill_main.cu, Hopper, bf16, d 128)
-    local_in_combine: bool  # the local block attended to by the combine, not the main kernel
     counts: torch.Tensor  # [G*NB] int32, zero between runs
     row_ptr: torch.Tensor  # [G*NB+1] int32 CSR offsets
     item_ptr: torch.Tensor  # [G*NB+1] int32 work-item offsets
@@ -101,12 +98,10 @@ class SparsePrefillWrapper:
         combine_unroll: bool = False,
         partial_dtype: torch.dtype = torch.bfloat16,
         main_kernel: str = "triton",
-        local_in_combine: bool = True,
     ) -> None:
         assert variant in ("block_major", "query_major"), f"unknown variant {variant!r}"
         assert main_kernel in ("triton", "cuda"), f"unknown main_kernel {main_kernel!r}"
         self._main_kernel = main_kernel
-        self._local_in_combine = local_in_combine
         self.variant = variant
         self._block_m = block_m
         self._item_q = item_q
@@ -167,7 +162,6 @@ class SparsePrefillWrapper:
             self._prefetch,
             self._combine_unroll,
             self._main_kernel if block_major else "triton",
-            self._local_in_combine,
             counts=torch.zeros(nrows, **i32),
             row_ptr=torch.zeros(nrows + 1, **i32),
             item_ptr=torch.zeros(nrows + 1, **i32),
@@ -219,14 +213,6 @@ class SparsePrefillWrapper:
         else:
             launch_block_major(*args, p.hoist_kv, p.prefetch)
 
-    def local_args(self, q, k_cache, v_cache, sm_scale: float) -> tuple | None:
-        """launch_combine's ``local`` argument (None unless the plan leaves the local block to
-        the combine)."""
-        p, m = self.p, self.p.meta
-        if not p.local_in_combine:
-            return None
-        return (q, k_cache, v_cache, m.q_gb0, m.gb_page, m.gb_len, sm_scale)
-
     def run(
         self,
         q: torch.Tensor,
@@ -274,14 +260,13 @@ class SparsePrefillWrapper:
             p.entries,
             p.work_row,
             p.work_start,
-            p.local_in_combine,
         )
         # -- 2. KV-block-major main kernel → per-(query, slot) partials --
         self.launch_main(q, k_cache, v_cache, sm_scale)
-        # -- 3. log-sum-exp merge of the ≤ k partials per (query, head) (+ the local block) --
+        # -- 3. log-sum-exp merge of the ≤ k partials per (query, head) --
         launch_combine(
             p.o_part, p.lse_part, topk_ids, m.q_pos, out, lse, p.num_kv_heads, p.block,
-            p.combine_unroll, self.local_args(q, k_cache, v_cache, sm_scale),
+            p.combine_unroll,
         )  # fmt: skip
         return out
 

@@ -112,10 +112,8 @@ def _slots(
     BLOCK: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BQ: tl.constexpr,
-    SKIP_LOCAL: tl.constexpr,
 ):
-    """[BQ, BLOCK_S] tile of (query, slot): validity and CSR row (0 where invalid). With
-    SKIP_LOCAL the query's own block is left out (the combine attends to it)."""
+    """[BQ, BLOCK_S] tile of (query, slot): validity and CSR row (0 where invalid)."""
     g = tl.program_id(1)
     t = tl.program_id(0) * BQ + tl.arange(0, BQ)[:, None]
     s = tl.arange(0, BLOCK_S)[None, :]
@@ -123,8 +121,6 @@ def _slots(
     ids = tl.load(topk_ptr + g * stride_tg + t * stride_tt + s, mask=tmask & (s < TOPK), other=-1)
     local = tl.load(q_pos_ptr + t, mask=tmask, other=0) // BLOCK
     valid = (ids >= 0) & (ids <= local)
-    if SKIP_LOCAL:
-        valid = valid & (ids != local)
     rows = g * num_blocks + tl.load(q_gb0_ptr + t, mask=tmask, other=0) + ids
     return t, s, valid, tl.where(valid, rows, 0)
 
@@ -143,7 +139,6 @@ def _count_kernel(
     BLOCK: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BQ: tl.constexpr,
-    SKIP_LOCAL: tl.constexpr,
 ):
     # -- one program per (BQ queries, KV head): bump the CSR row of every valid slot --
     _t, _s, valid, rows = _slots(
@@ -158,7 +153,6 @@ def _count_kernel(
         BLOCK,
         BLOCK_S,
         BQ,
-        SKIP_LOCAL,
     )
     tl.atomic_add(counts_ptr + rows, 1, mask=valid)
 
@@ -179,7 +173,6 @@ def _fill_kernel(
     BLOCK: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BQ: tl.constexpr,
-    SKIP_LOCAL: tl.constexpr,
 ):
     # -- same walk as _count_kernel; the decrement hands out distinct places and re-zeroes --
     t, s, valid, rows = _slots(
@@ -194,7 +187,6 @@ def _fill_kernel(
         BLOCK,
         BLOCK_S,
         BQ,
-        SKIP_LOCAL,
     )
     old = tl.atomic_add(counts_ptr + rows, -1, mask=valid)
     start = tl.load(row_ptr_ptr + rows, mask=valid, other=0)
@@ -241,12 +233,10 @@ def build_inverse_index(
     entries: torch.Tensor,
     work_row: torch.Tensor,
     work_start: torch.Tensor,
-    skip_local: bool = False,
 ) -> None:
     """Device side (per layer): fills row_ptr, item_ptr, entries, work_row, work_start in place.
 
-    ``counts`` [G*NB] must be zero on entry and is zero again on exit. ``skip_local``: leave
-    each query's own block out (the combine attends to it: launch_combine(local=...)).
+    ``counts`` [G*NB] must be zero on entry and is zero again on exit.
     """
     g, t, k = topk_ids.shape
     assert topk_ids.dtype == torch.int32, f"topk_ids must be int32, got {topk_ids.dtype}"
@@ -277,7 +267,6 @@ def build_inverse_index(
         BLOCK=block,
         BLOCK_S=block_s,
         BQ=bq,
-        SKIP_LOCAL=skip_local,
     )
     # -- 2. scan: CSR offsets and per-row work-item offsets --
     torch.cumsum(counts, 0, dtype=torch.int32, out=row_ptr[1:])
@@ -303,7 +292,6 @@ def build_inverse_index(
         BLOCK=block,
         BLOCK_S=block_s,
         BQ=bq,
-        SKIP_LOCAL=skip_local,
     )
     # -- 4. balanced work list --
     _work_list_kernel[(nrows,)](row_ptr, item_ptr, work_row, work_start, ITEM_Q=item_q, BLOCK_I=64)

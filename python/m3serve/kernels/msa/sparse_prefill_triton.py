@@ -229,11 +229,10 @@ def _block_major_kernel(
 @triton.jit
 def _slot_term(o_part_ptr, lse_part_ptr, topk_ptr, s, g, t, tmask, rmask, local, head, offs_d,
                m_safe, stride_pe, stride_ph, stride_le, stride_tg, stride_tt,
-               TOPK: tl.constexpr, LOCAL: tl.constexpr):  # fmt: skip
-    """2^(lse_s − m) · O_s for slot s of each row (0 where the slot is invalid, or is the local
-    block when the combine computes that one itself)."""
+               TOPK: tl.constexpr):  # fmt: skip
+    """2^(lse_s − m) · O_s for slot s of each row (0 where the slot is invalid)."""
     bid = tl.load(topk_ptr + g * stride_tg + t * stride_tt + s, mask=tmask, other=-1)
-    ok = rmask & (bid >= 0) & (bid <= local) & ((bid != local) | (not LOCAL))
+    ok = rmask & (bid >= 0) & (bid <= local)
     e = (t * TOPK + s).to(tl.int64)
     lse = tl.load(lse_part_ptr + e * stride_le + head, mask=ok, other=float("-inf"))
     o = tl.load(
@@ -244,65 +243,7 @@ def _slot_term(o_part_ptr, lse_part_ptr, topk_ptr, s, g, t, tmask, rmask, local,
     return o * tl.exp2(lse - m_safe)[:, None]
 
 
-@triton.jit
-def _local_block(q_ptr, k_ptr, v_ptr, q_gb0_ptr, gb_page_ptr, gb_len_ptr, q_pos_ptr, t, t0, T,
-                 rmask, pos, head, g, offs_d, sm_scale_log2, stride_qt, stride_qh, stride_kp,
-                 stride_kh, stride_kn, stride_vp, stride_vh, stride_vn, R: tl.constexpr,
-                 QB: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-    """Each row's softmax over its own (local) block, keys ≤ its position: (m, l, O) with O
-    unnormalised (Σ 2^(s − m) v), log2 units. The rows' queries are consecutive, so their local
-    blocks change only where a query starts a new block or request: one pass per such start."""
-    gb_row = tl.load(q_gb0_ptr + t, mask=t < T, other=0) + pos // BLOCK
-    qv = tl.load(
-        q_ptr + t.to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-        mask=rmask[:, None],
-        other=0.0,
-    )
-    offs_k = tl.arange(0, BLOCK)
-    m_l = tl.full([R], float("-inf"), tl.float32)
-    l_l = tl.zeros([R], tl.float32)
-    o_l = tl.zeros([R, HEAD_DIM], tl.float32)
-    gb_prev = -1
-    for i in range(QB):
-        ti = t0 + i
-        if ti < T:
-            pos_i = tl.load(q_pos_ptr + ti)
-            gb_i = tl.load(q_gb0_ptr + ti) + pos_i // BLOCK
-            if gb_i != gb_prev:  # a new local block: every row of it in one pass
-                page = tl.load(gb_page_ptr + gb_i).to(tl.int64)
-                kv_ok = offs_k < tl.load(gb_len_ptr + gb_i)  # keys past a partial block read 0
-                kt = tl.load(
-                    k_ptr + page * stride_kp + g * stride_kh + offs_k[None, :] * stride_kn
-                    + offs_d[:, None],
-                    mask=kv_ok[None, :],
-                    other=0.0,
-                )
-                vv = tl.load(
-                    v_ptr + page * stride_vp + g * stride_vh + offs_k[:, None] * stride_vn
-                    + offs_d[None, :],
-                    mask=kv_ok[:, None],
-                    other=0.0,
-                )
-                in_pass = rmask & (gb_row == gb_i)
-                key_pos = (pos_i // BLOCK) * BLOCK + offs_k
-                ok = in_pass[:, None] & (key_pos[None, :] <= pos[:, None])
-                s = tl.where(ok, mma(qv, kt) * sm_scale_log2, float("-inf"))
-                mi = tl.max(s, 1)
-                mi_safe = tl.where(mi == float("-inf"), 0.0, mi)
-                p = tl.where(ok, tl.exp2(s - mi_safe[:, None]), 0.0)
-                oi = mma(p.to(vv.dtype), vv)
-                m_l = tl.where(in_pass, mi, m_l)
-                l_l = tl.where(in_pass, tl.sum(p, 1), l_l)
-                o_l = tl.where(in_pass[:, None], oi, o_l)
-            gb_prev = gb_i
-    return m_l, l_l, o_l
-
-
-# One program per (QB queries, KV head), QB·GP rows: memory-bound, 4 warps suffice. With LOCAL,
-# each row's local block (forced into every selection, so 1/16 of all partials at k = 16) is
-# not in the inverse index: the combine attends to it itself (_local_block) and merges it with
-# the other slots' partials, so the main kernel skips those tiles (half of each is past the
-# query) and their partials never go through memory.
+# One program per (QB queries, KV head), QB·GP rows: memory-bound, 4 warps suffice.
 @triton.jit
 def _combine_kernel(
     o_part_ptr,
@@ -329,22 +270,6 @@ def _combine_kernel(
     BLOCK_S: tl.constexpr,
     UNROLL: tl.constexpr,
     HAS_LSE: tl.constexpr,
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    q_gb0_ptr,
-    gb_page_ptr,
-    gb_len_ptr,
-    sm_scale_log2,
-    stride_qt,
-    stride_qh,
-    stride_kp,
-    stride_kh,
-    stride_kn,
-    stride_vp,
-    stride_vh,
-    stride_vn,
-    LOCAL: tl.constexpr,
 ):
     g = tl.program_id(1)
     offs_r = tl.arange(0, QB * GP)
@@ -353,8 +278,7 @@ def _combine_kernel(
     tmask = t < T
     rmask = tmask & (hi < group)
     head = g * group + hi
-    pos = tl.load(q_pos_ptr + t, mask=tmask, other=0)
-    local = pos // BLOCK
+    local = tl.load(q_pos_ptr + t, mask=tmask, other=0) // BLOCK
     offs_d = tl.arange(0, HEAD_DIM)
     # -- pass 1: the max and the sum of 2^lse over the valid slots, all slots at once --
     offs_s = tl.arange(0, BLOCK_S)
@@ -364,22 +288,9 @@ def _combine_kernel(
         other=-1,
     )
     ok2 = rmask[None, :] & (bid2 >= 0) & (bid2 <= local[None, :])
-    if LOCAL:
-        # MSA always selects the local block, but any selection must work: rows whose
-        # selection lacks it get no local term
-        has_local = tl.max((ok2 & (bid2 == local[None, :])).to(tl.int32), 0) > 0
-        ok2 = ok2 & (bid2 != local[None, :])
     e2 = (t[None, :] * TOPK + offs_s[:, None]).to(tl.int64)
     lse2 = tl.load(lse_part_ptr + e2 * stride_le + head[None, :], mask=ok2, other=float("-inf"))
     m = tl.max(lse2, 0)
-    if LOCAL:
-        m_l, l_l, o_l = _local_block(
-            q_ptr, k_ptr, v_ptr, q_gb0_ptr, gb_page_ptr, gb_len_ptr, q_pos_ptr, t,
-            tl.program_id(0) * QB, T, rmask & has_local, pos, head, g, offs_d, sm_scale_log2, stride_qt,
-            stride_qh, stride_kp, stride_kh, stride_kn, stride_vp, stride_vh, stride_vn,
-            QB * GP, QB, HEAD_DIM, BLOCK,
-        )  # fmt: skip
-        m = tl.maximum(m, m_l)  # the local block's lse ≥ its row max m_l
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     l_sum = tl.sum(tl.exp2(lse2 - m_safe[None, :]), 0)
     # -- pass 2: weighted sum of the partial outputs; no rescaling chain between slots, so
@@ -389,16 +300,12 @@ def _combine_kernel(
         for s in tl.static_range(TOPK):
             acc += _slot_term(o_part_ptr, lse_part_ptr, topk_ptr, s, g, t, tmask, rmask, local,
                               head, offs_d, m_safe, stride_pe, stride_ph, stride_le, stride_tg,
-                              stride_tt, TOPK, LOCAL)  # fmt: skip
+                              stride_tt, TOPK)  # fmt: skip
     else:
         for s in range(TOPK):
             acc += _slot_term(o_part_ptr, lse_part_ptr, topk_ptr, s, g, t, tmask, rmask, local,
                               head, offs_d, m_safe, stride_pe, stride_ph, stride_le, stride_tg,
-                              stride_tt, TOPK, LOCAL)  # fmt: skip
-    if LOCAL:  # the local block's term: O_l is unnormalised relative to its row max m_l
-        w_l = tl.exp2(m_l - m_safe)
-        acc += o_l * w_l[:, None]
-        l_sum += l_l * w_l
+                              stride_tt, TOPK)  # fmt: skip
     out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
     t64 = t.to(tl.int64)
     tl.store(
@@ -506,14 +413,8 @@ def launch_combine(
     num_kv_heads: int,
     block: int,
     unroll: bool = True,
-    local: tuple | None = None,
 ) -> None:
-    """Combine kernel: grid (T, H_kv); out [T, Hq, D] in any float dtype, last dim contiguous.
-
-    ``local`` = (q, k_cache, v_cache, q_gb0, gb_page, gb_len, sm_scale): the local block of
-    every query was left out of the inverse index (build_inverse_index(skip_local=True)); the
-    combine attends to it itself.
-    """
+    """Combine kernel: grid (T, H_kv); out [T, Hq, D] in any float dtype, last dim contiguous."""
     t, hq, d = out.shape
     group = hq // num_kv_heads
     topk = topk_ids.shape[-1]
@@ -552,21 +453,5 @@ def launch_combine(
         BLOCK_S=triton.next_power_of_2(topk),
         UNROLL=unroll,
         HAS_LSE=lse_out is not None,
-        **_local_args(local, o_part),
         num_warps=4,
     )
-
-
-def _local_args(local: tuple | None, any_tensor: torch.Tensor) -> dict:
-    """The combine's local-block arguments (placeholders when the combine does not compute it)."""
-    if local is None:
-        x = any_tensor
-        return dict(q_ptr=x, k_ptr=x, v_ptr=x, q_gb0_ptr=x, gb_page_ptr=x, gb_len_ptr=x,
-                    sm_scale_log2=1.0, stride_qt=0, stride_qh=0, stride_kp=0, stride_kh=0,
-                    stride_kn=0, stride_vp=0, stride_vh=0, stride_vn=0, LOCAL=False)  # fmt: skip
-    q, k, v, q_gb0, gb_page, gb_len, sm_scale = local
-    return dict(q_ptr=q, k_ptr=k, v_ptr=v, q_gb0_ptr=q_gb0, gb_page_ptr=gb_page,
-                gb_len_ptr=gb_len, sm_scale_log2=sm_scale * 1.4426950408889634,
-                stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kp=k.stride(0),
-                stride_kh=k.stride(1), stride_kn=k.stride(2), stride_vp=v.stride(0),
-                stride_vh=v.stride(1), stride_vn=v.stride(2), LOCAL=True)  # fmt: skip
