@@ -17,7 +17,10 @@
 #   call 2 (1 GPU):  call 1's fused run took 47.7 ms (vs 2.43 unfused): fused_probe.py times
 #                    the fused main kernel, the rest kernel and profiles one run (3 runs: the
 #                    first form; batched loads + probes (-D: no unit work 4.3 ms, trailing CTAs
-#                    only 4.1 ms, acq_rel fence 36.9); per-head fetch-and-add tickets).
+#                    only 4.1 ms, acq_rel fence 36.9); per-head fetch-and-add tickets; a
+#                    per-CTA %globaltimer trace (-DM3_TRACE); one unit per CTA).
+#   call 3 (1 GPU):  fused combine measured additive (H100: CTA slots, not bandwidth, are the
+#                    limit); overlap_probe.py: main kernel + a combine on a second stream.
 #   call 4 (1 GPU):  call 2 again: the CUDA combine modes ("grid", "stream": a small kernel on a
 #                    second stream in the room two main CTAs leave per SM, "grid+stream").
 #   call 5 (1 GPU):  "stream" ran after the main kernel, not beside it: coresidency_probe.py.
@@ -26,8 +29,6 @@
 #   call 7 (1 GPU):  each query's local block attended to by the combine instead of the main
 #                    kernel (1/16 fewer tiles and partials): GPU tests, sweep (local in the
 #                    combine or not, Triton and CUDA), main / full prefill at 32K / 128K.
-#   call 3 (1 GPU):  fused combine measured additive (H100: CTA slots, not bandwidth, are the
-#                    limit); overlap_probe.py: main kernel + a combine on a second stream.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CALL="${1:?usage: session15.sh 1..}"
@@ -36,7 +37,7 @@ SITE=/tmp/m3serve-site15
 source scripts/gpu/lanes.sh
 K=tests/kernels
 case "$CALL" in
-1)
+1|7)  # GPU tests, then the sweep and main / full prefill at 32K / 128K (record run)
     timeout -k 10 220 $GT $K/test_sparse_prefill.py 2>&1 | tail -n 30 > "$OUT/kt.txt"
     mkdir -p "$OUT/pre"
     timeout -k 10 340 python3 benchmarks/bench_sparse_prefill.py --sweep --out "$OUT/pre" \
@@ -56,14 +57,6 @@ case "$CALL" in
     ;;
 6)  # L2 residency hints in the CUDA main kernel (l2_probe.py)
     timeout -k 10 300 python3 scripts/gpu/l2_probe.py 2>&1 | grep -v Warning | tail -n 14 > "$OUT/l2.txt"
-    ;;
-7)  # the local block attended to by the combine: GPU tests, then the sweep / record run
-    timeout -k 10 240 $GT $K/test_sparse_prefill.py 2>&1 | tail -n 12 > "$OUT/kt.txt"
-    mkdir -p "$OUT/pre"
-    timeout -k 10 340 python3 benchmarks/bench_sparse_prefill.py --sweep --out "$OUT/pre" \
-        --contexts 32768,131072 --full-contexts 32768,131072 2>&1 | grep -v Warning | tail -n 45 \
-        > "$OUT/pre.txt"
-    cp "$OUT"/pre/sparse_prefill.json "$OUT/pre_s15.json" 2>/dev/null
     ;;
 esac
 echo "[call $CALL done after $(( $(date +%s) - t0 )) s]"
