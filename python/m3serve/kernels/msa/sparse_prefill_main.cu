@@ -197,6 +197,12 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
 
   const unsigned short* qg = q + (long long)(g * group) * stride_qh;
   const int warp = tid >> 5, lane = tid & 31;
+  // the item query of tile row r (rows are query-major, GP heads each; at GP >= 16 a warp's 16
+  // rows are one query's heads, so the index is per warp); the gathers and the partial stores
+  // both map rows through it
+  auto row_query = [&](int tile, int r) {
+    return tile * QPT + (GP >= 16 ? warp * 16 / GP : r / GP);
+  };
   // each warp gathers its own 16 rows (the rows of its wgmma accumulator fragment), so a warp
   // can reuse its rows of a consumed Q buffer to stage its O stores without a CTA barrier;
   // one cp.async group per call, empty past the last tile, so "all but the newest N groups
@@ -211,7 +217,7 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
     for (int j = 0; j < 8; ++j) {
       const int idx = lane + 32 * j;
       const int r = warp * 16 + (idx >> 4), c16 = idx & 15;
-      const int qi = tile * QPT + (GP >= 16 ? warp * 16 / GP : r / GP), hi = r % GP;
+      const int qi = row_query(tile, r), hi = r % GP;
       const bool ok = pos_s[qi] >= 0 && hi < group;
       const unsigned short* src =
           qg + (ok ? (long long)t_s[qi] * stride_qt + hi * stride_qh : 0) + c16 * 8;
@@ -224,7 +230,7 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
   const int c0 = 2 * (lane & 3);           // its columns: 8j + c0, 8j + c0 + 1
   auto row_info = [&](int tile, int r) {  // r: a row of this warp's 16
     Row x;
-    const int qi = tile * QPT + (GP >= 16 ? warp * 16 / GP : r / GP), hi = r % GP;
+    const int qi = row_query(tile, r), hi = r % GP;
     const int pos = pos_s[qi];
     x.ok = pos >= 0 && hi < group;
     x.ent = ent_s[qi];
