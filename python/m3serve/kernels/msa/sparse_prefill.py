@@ -66,7 +66,7 @@ class SparsePrefillPlan:
     work_row: torch.Tensor  # [max_items] int32
     work_start: torch.Tensor  # [max_items] int32
     o_part: torch.Tensor  # [T*k, Hq, D] partial outputs
-    lse_part: torch.Tensor  # [T*k, Hq] float32 partial log2-sum-exp
+    lse_part: torch.Tensor  # [T*k, Hq, 2] float32: (log2-sum-exp, row max) of the unnormalised O
 
 
 def default_tile(group: int, main_kernel: str = "triton") -> tuple[int, int]:
@@ -169,7 +169,7 @@ class SparsePrefillWrapper:
             work_row=torch.empty(n_items if block_major else 0, **i32),
             work_start=torch.empty(n_items if block_major else 0, **i32),
             o_part=torch.empty(e, num_q_heads, head_dim, dtype=self._partial_dtype, device=device),
-            lse_part=torch.empty(e, num_q_heads, dtype=torch.float32, device=device),
+            lse_part=torch.empty(e, num_q_heads, 2, dtype=torch.float32, device=device),
         )
         return self.p
 

@@ -93,6 +93,10 @@ def launch_block_major_cuda(
             raise ValueError(f"{name}: rows must be 16-byte aligned and contiguous in head_dim")
     if o_part.dtype != torch.bfloat16 or o_part.stride(-1) != 1 or o_part.stride(1) % 2:
         raise ValueError("o_part must be bf16, contiguous in head_dim")
+    if lse_part.dim() != 3 or lse_part.shape[-1] != 2 or lse_part.stride(-1) != 1 or (
+        lse_part.data_ptr() % 8 or lse_part.stride(0) % 2 or lse_part.stride(1) % 2
+    ):
+        raise ValueError("lse_part must be float32 [T*k, Hq, 2] with 8-byte aligned (lse, m) pairs")
     grid = work_row.numel()
     if grid == 0:
         return
@@ -107,9 +111,10 @@ def launch_block_major_cuda(
         sm_scale * 1.4426950408889634, q.stride(0), q.stride(1), k_cache.stride(0),
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), o_part.stride(0), o_part.stride(1), lse_part.stride(0),
+        lse_part.stride(1),
     ]  # fmt: skip
     with torch.cuda.device(q.device):  # module, arch and stream of q's device
         k = cuda_rtc.get_kernel(
             source(), kernel_name(gp, item_q), cuda_rtc.device_arch(), smem
         )
-        k.launch(grid, THREADS, smem, args, "p" * 14 + "iiiif" + "l" * 11)
+        k.launch(grid, THREADS, smem, args, "p" * 14 + "iiiif" + "l" * 12)

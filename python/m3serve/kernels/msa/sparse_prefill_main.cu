@@ -143,7 +143,8 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
     const int* __restrict__ gb_len, int num_blocks, int n_rows, int group, int topk,
     float sm_scale_log2, long long stride_qt, long long stride_qh, long long stride_kp,
     long long stride_kh, long long stride_kn, long long stride_vp, long long stride_vh,
-    long long stride_vn, long long stride_pe, long long stride_ph, long long stride_le) {
+    long long stride_vn, long long stride_pe, long long stride_ph, long long stride_le,
+    long long stride_lh) {
   constexpr int QPT = BM / GP;  // queries per tile
   extern __shared__ __align__(1024) unsigned char smem[];
   // the swizzle pattern repeats every 8 rows of 128 B: tiles must start 1024-byte aligned, and
@@ -333,24 +334,26 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
     ma = sa;
     mb = sb;
   };
+  // (lse = m + log2(l), m) side by side: the combine weights the unnormalised O by 2^m
   auto store_lse = [&](const Row& x, float m, float l) {
     if (x.ok && (lane & 3) == 0)
-      lse_part[(long long)x.ent * stride_le + x.head] = l > 0.f ? m + __log2f(l) : NEG_INF;
+      *reinterpret_cast<float2*>(lse_part + (long long)x.ent * stride_le + x.head * stride_lh) =
+          l > 0.f ? make_float2(m + __log2f(l), m) : make_float2(NEG_INF, NEG_INF);
   };
-  // O(tile) / l staged through this warp's 16 rows of a consumed Q buffer (stmatrix, the
-  // accumulator fragment is its input layout), then 16-byte coalesced stores of whole rows
+  // O(tile), unnormalised (the combine divides), staged through this warp's 16 rows of a
+  // consumed Q buffer (stmatrix, the accumulator fragment is its input layout), then 16-byte
+  // coalesced stores of whole rows
   auto store = [&](int tile, int buf, const Row& xa, const Row& xb, float ma, float la,
                    float mb, float lb) {
-    const float ia = la > 0.f ? 1.f / la : 0.f, ib = lb > 0.f ? 1.f / lb : 0.f;
     const u32 stage = smem_u32(qs + buf * Q_TILE);
     const int mi = lane >> 3, rr = (lane & 7) + ((mi & 1) << 3);  // matrix, row in the warp
 #pragma unroll
     for (int j = 0; j < 16; j += 2) {
       const u32 addr = stage + swz(BM, warp * 16 + rr, j + (mi >> 1));
-      const u32 v0 = pack_bf16(o[4 * j] * ia, o[4 * j + 1] * ia);
-      const u32 v1 = pack_bf16(o[4 * j + 2] * ib, o[4 * j + 3] * ib);
-      const u32 v2 = pack_bf16(o[4 * j + 4] * ia, o[4 * j + 5] * ia);
-      const u32 v3 = pack_bf16(o[4 * j + 6] * ib, o[4 * j + 7] * ib);
+      const u32 v0 = pack_bf16(o[4 * j], o[4 * j + 1]);
+      const u32 v1 = pack_bf16(o[4 * j + 2], o[4 * j + 3]);
+      const u32 v2 = pack_bf16(o[4 * j + 4], o[4 * j + 5]);
+      const u32 v3 = pack_bf16(o[4 * j + 6], o[4 * j + 7]);
       asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr),
                    "r"(v0), "r"(v1), "r"(v2), "r"(v3)
                    : "memory");

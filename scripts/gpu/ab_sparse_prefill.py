@@ -1,0 +1,101 @@
+"""A/B of two versions of the sparse-prefill kernels in one process on one card.
+
+    python3 scripts/gpu/ab_sparse_prefill.py --old DIR [--contexts 32768,131072]
+
+DIR holds an older copy of python/m3serve/kernels/msa as the package ``msa_old`` (its imports
+are relative, so it loads beside the tree's own). For each context (one 8K-query chunk at the
+end of the prompt, 64 q / 4 KV heads, the benchmark's random inputs and our bf16 selection),
+both versions' run() are timed interleaved (old, new, old, new, ...; do_bench medians), with
+the Triton main kernel and the CUDA one, plus the full prefill (select + run) and SGLang
+0.5.23's full prefill (bench_sparse_prefill.sglang_full) as the fixed yardstick. The outputs
+of the two versions are compared with each other (max abs difference). Prints one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_sparse_prefill as bsp  # noqa: E402
+
+
+def ab_context(ctx: int, old, new, fns, rounds: int):
+    """Median ms per contender at one context, and each output's max abs difference from old's."""
+    sm = 1 / math.sqrt(bsp.D)
+    x = bsp.make_inputs(ctx, bsp.CHUNK, 64, 4)
+    ids = bsp.select(x)
+    lay = bsp.sglang_layout(x) if fns is not None else None
+    fns_t = {}
+    outs = {}
+    for ver, mod in (("old", old), ("new", new)):
+        for mk in ("triton", "cuda"):
+            w = mod.SparsePrefillWrapper(main_kernel=mk)
+            w.plan(x["cu_q"], x["prefix"], x["seq"], x["page_table"], 64, 4, bsp.D, bsp.BLOCK,
+                   bsp.TOPK)  # fmt: skip
+            o = outs[ver, mk] = w.run(x["q"], x["k"], x["v"], ids, sm)
+            fns_t[f"{ver} {mk} run"] = lambda w=w, o=o: w.run(x["q"], x["k"], x["v"], ids, sm, out=o)
+            if mk == "triton":
+
+                def full(w=w, o=o):
+                    bsp.select(x, out=ids)
+                    w.run(x["q"], x["k"], x["v"], ids, sm, out=o)
+
+                fns_t[f"{ver} triton full"] = full
+    # the new kernels at the other work-item size (ITEM_Q 64; the Triton default is 128)
+    w64 = new.SparsePrefillWrapper(item_q=64)
+    w64.plan(x["cu_q"], x["prefix"], x["seq"], x["page_table"], 64, 4, bsp.D, bsp.BLOCK, bsp.TOPK)
+    o64 = outs["new", "triton iq64"] = w64.run(x["q"], x["k"], x["v"], ids, sm)
+    fns_t["new triton iq64 run"] = lambda: w64.run(x["q"], x["k"], x["v"], ids, sm, out=o64)
+    if fns is not None:
+        fns_t["sglang full"] = lambda: bsp.sglang_full(fns, x, lay)
+    ref = outs["old", "triton"].float()
+    diffs = {f"{v} {k}": float((o.float() - ref).abs().max()) for (v, k), o in outs.items()}
+    times: dict[str, list[float]] = {}
+    for _ in range(rounds):  # interleaved: old, new, ... every round
+        for label, fn in fns_t.items():
+            times.setdefault(label, []).append(bsp.bench(fn))
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}, diffs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--old", type=Path, required=True)
+    ap.add_argument("--contexts", default="32768,131072")
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    sys.path.insert(0, str(args.old))
+    old = importlib.import_module("msa_old.sparse_prefill")
+    new = importlib.import_module("m3serve.kernels.msa.sparse_prefill")
+    fns = bsp.load_sglang()
+    card = torch.cuda.get_device_name()
+    print(f"card {card}", flush=True)
+    rows = []
+    for ctx in (int(c) for c in args.contexts.split(",")):
+        med, diffs = ab_context(ctx, old, new, fns, args.rounds)
+        rows.append((ctx, med))
+        print(ctx, {k: round(v, 4) for k, v in med.items()}, "diffs", diffs, flush=True)
+        torch.cuda.empty_cache()
+    print(f"\nA/B sparse prefill, {card}, 8K chunk, 64/4 (ms, median of {args.rounds} do_bench medians)")
+    print("| context | run old / new (Triton) | run old / new (CUDA) | full old / new | SGLang full "
+          "| full vs SGLang old / new |")
+    print("|---|---|---|---|---|---|")
+    for ctx, m in rows:
+        sg = m.get("sglang full", float("nan"))
+        print(
+            f"| {ctx // 1024}K | {m['old triton run']:.3f} / {m['new triton run']:.3f} "
+            f"({m['old triton run'] / m['new triton run']:.3f}x) | {m['old cuda run']:.3f} / "
+            f"{m['new cuda run']:.3f} ({m['old cuda run'] / m['new cuda run']:.3f}x) | "
+            f"{m['old triton full']:.3f} / {m['new triton full']:.3f} | {sg:.3f} | "
+            f"{sg / m['old triton full']:.2f}x / {sg / m['new triton full']:.2f}x |"
+        )
+
+
+if __name__ == "__main__":
+    main()

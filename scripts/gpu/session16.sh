@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Session 16's GPU runs (lanes.sh: wheels installed once; one card).
+#
+#   carry: [".dev-s8", ".dev-s16"]   timeout_s: 600   kind: nvidia-h200
+#
+# .dev-s16/old/msa_old is the kernels package of the commit before the change under test
+# (git archive <commit> python/m3serve/kernels/msa), loaded beside the tree's own.
+#
+#   call 1 (1 GPU):  issue 5: the main kernels' per-tile instruction diet (scale folded into the
+#                    exp2's FFMA, the GQA group a compile-time constant, O stored unnormalised
+#                    with its row max beside the lse so the combine divides once per query).
+#                    The sparse-prefill GPU tests, then ab_sparse_prefill.py: old vs new run()
+#                    (Triton and CUDA main kernels) and full prefill, SGLang's full prefill as
+#                    the yardstick, interleaved in one process, 32K and 128K.
+#   call 2 (1 GPU):  ablate_prefill_main.py: the Triton main kernel with its partial stores
+#                    predicated off, its query-row gathers kept in L1/L2, or both: what the
+#                    traffic costs against the compute.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+CALL="${1:?usage: session16.sh 1..}"
+WHEELS=.dev-s8/wheels
+SITE=/tmp/m3serve-site16
+source scripts/gpu/lanes.sh
+K=tests/kernels
+case "$CALL" in
+1)
+    timeout -k 10 200 $GT $K/test_sparse_prefill.py 2>&1 | tail -n 30 > "$OUT/kt.txt"
+    timeout -k 10 300 python3 scripts/gpu/ab_sparse_prefill.py --old .dev-s16/old 2>&1 \
+        | grep -v Warning | tail -n 20 > "$OUT/ab.txt"
+    ;;
+2)
+    timeout -k 10 400 python3 scripts/gpu/ablate_prefill_main.py 2>&1 | grep -v Warning \
+        | tail -n 12 > "$OUT/ablate.txt"
+    ;;
+esac
+echo "[call $CALL done after $(( $(date +%s) - t0 )) s]"
