@@ -7,7 +7,9 @@ are relative, so it loads beside the tree's own). For each context (one 8K-query
 end of the prompt, 64 q / 4 KV heads, the benchmark's random inputs and our bf16 selection),
 both versions' run() are timed interleaved (old, new, old, new, ...; do_bench medians), with
 the Triton main kernel and the CUDA one, plus the full prefill (select + run) and SGLang
-0.5.23's full prefill (bench_sparse_prefill.sglang_full) as the fixed yardstick. The outputs
+0.5.23's full prefill (bench_sparse_prefill.sglang_full) as the fixed yardstick; each run() also
+replayed from a CUDA graph (GPU time without the host's launch cost) and its host cost per call
+(50 calls, no sync between). The outputs
 of the two versions are compared with each other (max abs difference). Prints one table.
 """
 
@@ -17,6 +19,7 @@ import argparse
 import importlib
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -57,11 +60,38 @@ def ab_context(ctx: int, old, new, fns, rounds: int):
         fns_t["sglang full"] = lambda: bsp.sglang_full(fns, x, lay)
     ref = outs["old", "triton"].float()
     diffs = {f"{v} {k}": float((o.float() - ref).abs().max()) for (v, k), o in outs.items()}
+    # GPU time alone: each run() replayed from a CUDA graph; host time: run() calls per second
+    graphs, cpu_us = {}, {}
+    for label, fn in list(fns_t.items()):
+        if not label.endswith(" run"):
+            continue
+        graphs[label.replace(" run", " graph")] = _graph(fn)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(50):
+            fn()
+        cpu_us[label] = (time.perf_counter() - t0) / 50 * 1e6
+        torch.cuda.synchronize()
+    fns_t.update({k: g.replay for k, g in graphs.items()})
     times: dict[str, list[float]] = {}
     for _ in range(rounds):  # interleaved: old, new, ... every round
         for label, fn in fns_t.items():
             times.setdefault(label, []).append(bsp.bench(fn))
+    print(ctx, "rounds", {k: [round(x, 3) for x in v] for k, v in times.items()}, flush=True)
+    print(ctx, "host us per run() call", {k: round(v, 1) for k, v in cpu_us.items()}, flush=True)
     return {k: sorted(v)[len(v) // 2] for k, v in times.items()}, diffs
+
+
+def _graph(fn) -> torch.cuda.CUDAGraph:
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g
 
 
 def main() -> None:
@@ -83,15 +113,17 @@ def main() -> None:
         print(ctx, {k: round(v, 4) for k, v in med.items()}, "diffs", diffs, flush=True)
         torch.cuda.empty_cache()
     print(f"\nA/B sparse prefill, {card}, 8K chunk, 64/4 (ms, median of {args.rounds} do_bench medians)")
-    print("| context | run old / new (Triton) | run old / new (CUDA) | full old / new | SGLang full "
-          "| full vs SGLang old / new |")
-    print("|---|---|---|---|---|---|")
+    print("| context | run old / new (Triton) | run old / new (CUDA) | graph old / new (Triton) "
+          "| graph old / new (CUDA) | full old / new | SGLang full | full vs SGLang old / new |")
+    print("|---|---|---|---|---|---|---|---|")
     for ctx, m in rows:
         sg = m.get("sglang full", float("nan"))
         print(
             f"| {ctx // 1024}K | {m['old triton run']:.3f} / {m['new triton run']:.3f} "
             f"({m['old triton run'] / m['new triton run']:.3f}x) | {m['old cuda run']:.3f} / "
             f"{m['new cuda run']:.3f} ({m['old cuda run'] / m['new cuda run']:.3f}x) | "
+            f"{m['old triton graph']:.3f} / {m['new triton graph']:.3f} | "
+            f"{m['old cuda graph']:.3f} / {m['new cuda graph']:.3f} | "
             f"{m['old triton full']:.3f} / {m['new triton full']:.3f} | {sg:.3f} | "
             f"{sg / m['old triton full']:.2f}x / {sg / m['new triton full']:.2f}x |"
         )

@@ -15,6 +15,12 @@
 #   call 2 (1 GPU):  ablate_prefill_main.py: the Triton main kernel with its partial stores
 #                    predicated off, its query-row gathers kept in L1/L2, or both: what the
 #                    traffic costs against the compute.
+#   call 3 (1 GPU):  the CUDA main kernel's instruction diet at GP 16 (one query per warp: per-warp
+#                    row bookkeeping, per-lane gather / store offsets computed once, 16-byte
+#                    stores, descriptors as base + offset): GPU tests, A/B against call 2's tree
+#                    (.dev-s16/old), the ablation.
+#   call 4 (1 GPU):  call 3 plus a cheaper CUDA launch on the host (cached arch, no device
+#                    switch): GPU tests, A/B with CUDA-graph replays and host cost per run().
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CALL="${1:?usage: session16.sh 1..}"
@@ -23,10 +29,12 @@ SITE=/tmp/m3serve-site16
 source scripts/gpu/lanes.sh
 K=tests/kernels
 case "$CALL" in
-1)
+1|3|4)
     timeout -k 10 200 $GT $K/test_sparse_prefill.py 2>&1 | tail -n 30 > "$OUT/kt.txt"
     timeout -k 10 300 python3 scripts/gpu/ab_sparse_prefill.py --old .dev-s16/old 2>&1 \
         | grep -v Warning | tail -n 20 > "$OUT/ab.txt"
+    [ "$CALL" = 3 ] && timeout -k 10 200 python3 scripts/gpu/ablate_prefill_main.py 2>&1 \
+        | grep -v Warning | tail -n 12 > "$OUT/ablate.txt"
     ;;
 2)
     timeout -k 10 400 python3 scripts/gpu/ablate_prefill_main.py 2>&1 | grep -v Warning \

@@ -19,7 +19,7 @@ import ctypes
 import glob
 import os
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import torch
 
@@ -160,7 +160,13 @@ def get_kernel(src: str, name: str, arch: str, max_smem: int,
     return k
 
 
-def device_arch() -> str:
-    """ "sm_90a" on Hopper (wgmma needs the arch-specific target), else "sm_XY"."""
-    major, minor = torch.cuda.get_device_capability()
+def device_arch(device: int | None = None) -> str:
+    """ "sm_90a" on Hopper (wgmma needs the arch-specific target), else "sm_XY" (of ``device``,
+    default the current one)."""
+    return _arch(torch.cuda.current_device() if device is None else device)
+
+
+@cache
+def _arch(device: int) -> str:  # one driver query per device: launches call this every time
+    major, minor = torch.cuda.get_device_capability(device)
     return f"sm_{major}{minor}" + ("a" if major == 9 else "")

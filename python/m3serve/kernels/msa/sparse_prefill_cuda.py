@@ -49,7 +49,7 @@ def check_supported(q: torch.Tensor, k_cache: torch.Tensor, group: int, block_m:
             f"CUDA sparse prefill needs ITEM_Q ≤ 256, a multiple of {qpt} queries per tile "
             f"(got {item_q})"
         )
-    if q.is_cuda and torch.cuda.get_device_capability(q.device)[0] != 9:
+    if q.is_cuda and not cuda_rtc.device_arch(q.device.index).startswith("sm_9"):
         raise ValueError("CUDA sparse prefill's kernel uses wgmma: Hopper (sm_90) only")
     return gp
 
@@ -113,8 +113,14 @@ def launch_block_major_cuda(
         v_cache.stride(2), o_part.stride(0), o_part.stride(1), lse_part.stride(0),
         lse_part.stride(1),
     ]  # fmt: skip
+    dev = q.device.index
+    if dev == torch.cuda.current_device():  # the usual case: no device switch per launch
+        k = cuda_rtc.get_kernel(source(), kernel_name(gp, item_q), cuda_rtc.device_arch(dev), smem)
+        k.launch(grid, THREADS, smem, args, _TYPES)
+        return
     with torch.cuda.device(q.device):  # module, arch and stream of q's device
-        k = cuda_rtc.get_kernel(
-            source(), kernel_name(gp, item_q), cuda_rtc.device_arch(), smem
-        )
-        k.launch(grid, THREADS, smem, args, "p" * 14 + "iiiif" + "l" * 12)
+        k = cuda_rtc.get_kernel(source(), kernel_name(gp, item_q), cuda_rtc.device_arch(dev), smem)
+        k.launch(grid, THREADS, smem, args, _TYPES)
+
+
+_TYPES = "p" * 14 + "iiiif" + "l" * 12

@@ -65,6 +65,13 @@ __device__ __forceinline__ void fence_proxy_async() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
+// one 16-byte store (the compiler splits a uint4 store through a cast into four 4-byte ones)
+__device__ __forceinline__ void st_global_16(void* p, const uint4& v) {
+  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "r"(v.x), "r"(v.y),
+               "r"(v.z), "r"(v.w)
+               : "memory");
+}
+
 __device__ __forceinline__ u64 desc(u32 saddr, u32 lbo, u32 sbo) {
   return (u64)((saddr & 0x3FFFF) >> 4) | ((u64)(lbo >> 4) << 16) | ((u64)(sbo >> 4) << 32) |
          (1ull << 62);  // 128-byte swizzle
@@ -198,6 +205,19 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
 
   const unsigned short* qg = q + (long long)(g * group) * stride_qh;
   const int warp = tid >> 5, lane = tid & 31;
+  // GP == 16 (M3's group, also at TP 4): a warp's 16 rows are one query's 16 heads, so a tile's
+  // per-row bookkeeping is one lookup per warp, and the 8 rows x 16-byte chunks a lane moves in
+  // the gathers and in the partial stores sit at the same per-lane offsets in every tile:
+  // row warp * 16 + hl + 2j, chunk cl (precomputed once, no 64-bit multiply per row); rows
+  // j and j + 4 are 8 apart, the same swizzle phase: 1024 bytes apart
+  constexpr bool ONE_Q = GP == 16;
+  const int hl = lane >> 4, cl = lane & 15;
+  u32 rowsw[4];  // swizzled byte offset of (row warp * 16 + hl + 2j, chunk cl) in a Q tile
+#pragma unroll
+  for (int j = 0; j < 4; ++j) rowsw[j] = swz(BM, warp * 16 + hl + 2 * j, cl);
+  const long long q_lane = hl * stride_qh + cl * 8;  // + t * stride_qt + 2j * stride_qh
+  const long long o_lane = (long long)(g * group + hl) * stride_ph + cl * 8;  // + ent * stride_pe
+  const long long q_step = 2 * stride_qh, o_step = 2 * stride_ph;  // row j -> j + 1
   // the item query of tile row r (rows are query-major, GP heads each; at GP >= 16 a warp's 16
   // rows are one query's heads, so the index is per warp); the gathers and the partial stores
   // both map rows through it
@@ -211,6 +231,18 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
   auto load_q = [&](int tile, int buf) {
     const u32 dst = smem_u32(qs + buf * Q_TILE);
     if (tile >= n_tiles) {
+      cp_async_commit();
+      return;
+    }
+    if constexpr (ONE_Q) {
+      const int qi = row_query(tile, 0);
+      const bool in = pos_s[qi] >= 0;
+      const unsigned short* src = qg + (in ? (long long)t_s[qi] * stride_qt + q_lane : 0);
+#pragma unroll
+      for (int j = 0; j < 8; ++j, src += q_step) {
+        const bool ok = in && hl + 2 * j < group;
+        cp_async16(dst + rowsw[j & 3] + (j >> 2) * 1024, ok ? src : qg, ok ? 16 : 0);
+      }
       cp_async_commit();
       return;
     }
@@ -244,16 +276,20 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
   float o[64];  // O accumulator
   u32 p[32];    // P (bf16x2) of the tile whose P·V is in flight
 
-  const u32 ks_a = smem_u32(ks), vs_a = smem_u32(vs), qs_a = smem_u32(qs);
+  // descriptors of the tiles' first bytes; a k-step or buffer moves the 16-byte-unit start
+  // address field, the low bits of the descriptor (shared offsets < 256 KB: no carry out of it)
+  const u64 q_desc = desc(smem_u32(qs), 16, 1024), k_desc = desc(smem_u32(ks), 16, 1024);
+  const u64 v_desc = desc(smem_u32(vs), V_LBO, V_SBO);
   auto issue_s = [&](int buf) {
 #pragma unroll
     for (int j = 0; j < 64; ++j) reg_fence(s[j]);
     wg_fence();
+    const u64 qb = q_desc + (u32)(buf * (Q_TILE >> 4));
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       const u32 off = (kk & 3) << 5;  // 16 columns = 32 B into the 128-B row
-      const u64 da = desc(qs_a + buf * Q_TILE + (kk >> 2) * (BM * 128) + off, 16, 1024);
-      const u64 db = desc(ks_a + (kk >> 2) * (BN * 128) + off, 16, 1024);
+      const u64 da = qb + (((kk >> 2) * (BM * 128) + off) >> 4);
+      const u64 db = k_desc + (((kk >> 2) * (BN * 128) + off) >> 4);
       wgmma_ss(s, da, db, kk > 0);
     }
     wg_commit();
@@ -266,7 +302,7 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
     wg_fence();
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
-      const u64 db = desc(vs_a + kk * 16 * 128, V_LBO, V_SBO);
+      const u64 db = v_desc + ((kk * 16 * 128) >> 4);
       wgmma_rs(o, p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3], db, kk > 0);
     }
     wg_commit();
@@ -359,6 +395,24 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
                    : "memory");
     }
     __syncwarp();
+    if constexpr (ONE_Q) {
+      const int qi = row_query(tile, 0);
+      if (pos_s[qi] >= 0) {
+        unsigned short* dst = o_part + (long long)ent_s[qi] * stride_pe + o_lane;
+#pragma unroll
+        for (int k = 0; k < 8; ++k, dst += o_step) {
+          uint4 v;
+          asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                       : "r"(stage + rowsw[k & 3] + (k >> 2) * 1024));
+          if (hl + 2 * k < group) st_global_16(dst, v);
+        }
+      }
+      __syncwarp();
+      store_lse(xa, ma, la);
+      store_lse(xb, mb, lb);
+      return;
+    }
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
       const int r = warp * 16 + 2 * k + (lane >> 4), c16 = lane & 15;
@@ -368,8 +422,8 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
                    : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                    : "r"(stage + swz(BM, r, c16)));
       if (x.ok)
-        *reinterpret_cast<uint4*>(o_part + (long long)x.ent * stride_pe +
-                                  (long long)x.head * stride_ph + c16 * 8) = v;
+        st_global_16(o_part + (long long)x.ent * stride_pe + (long long)x.head * stride_ph +
+                         c16 * 8, v);
     }
     __syncwarp();
     store_lse(xa, ma, la);
