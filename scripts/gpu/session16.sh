@@ -21,6 +21,7 @@
 #                    (.dev-s16/old), the ablation.
 #   call 4 (1 GPU):  call 3 plus a cheaper CUDA launch on the host (cached arch, no device
 #                    switch): GPU tests, A/B with CUDA-graph replays and host cost per run().
+#   call 5 (1 GPU):  TMA stores of O (GP 16, whole groups): GPU tests, A/B against call 4's tree.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CALL="${1:?usage: session16.sh 1..}"
@@ -29,7 +30,7 @@ SITE=/tmp/m3serve-site16
 source scripts/gpu/lanes.sh
 K=tests/kernels
 case "$CALL" in
-1|3|4)
+1|3|4|5)
     timeout -k 10 200 $GT $K/test_sparse_prefill.py 2>&1 | tail -n 30 > "$OUT/kt.txt"
     timeout -k 10 300 python3 scripts/gpu/ab_sparse_prefill.py --old .dev-s16/old 2>&1 \
         | grep -v Warning | tail -n 20 > "$OUT/ab.txt"

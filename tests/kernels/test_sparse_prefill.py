@@ -308,11 +308,12 @@ def test_cuda_main_kernel_rejects_unsupported_shapes():
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("hq,hkv", [(64, 4), (16, 1), (8, 8), (12, 4)])
+@pytest.mark.parametrize("hq,hkv", [(64, 4), (16, 1), (8, 8), (12, 4), (48, 4)])
 @pytest.mark.parametrize("item_q", [64, 128])
 def test_gpu_cuda_main_kernel(hq, hkv, item_q):
     """The CUDA main kernel against the float32 reference: chunk after a prefix, odd tails,
-    partial last blocks, groups 16 / 1 / 3 (padded rows), poisoned partials and output."""
+    partial last blocks, groups 16 (TMA stores of O) / 1 / 3 / 12 (padded rows: per-lane
+    stores), poisoned partials and output."""
     block, d, k = 128, 128, 16
     seq_lens, q_lens = [6000, 1111, 3000, 77], [1024, 1111, 333, 1]
     tensors, gen = make_batch(seq_lens, q_lens, block, hq, hkv, d, seed=hq + item_q)
