@@ -110,41 +110,10 @@ def compile_cubin(src: str, name: str, arch: str, options: tuple[str, ...] = ())
 
 
 _ARG_TYPES = {"p": ctypes.c_void_p, "i": ctypes.c_int32, "l": ctypes.c_int64, "f": ctypes.c_float}
-_TMAP_BYTES = 128  # sizeof(CUtensorMap)
-
-
-@lru_cache(maxsize=64)
-def tensor_map_2d_bf16(ptr: int, rows: int, cols: int, row_bytes: int, box_rows: int,
-                       box_cols: int) -> bytes:  # fmt: skip
-    """A CUtensorMap (cuTensorMapEncodeTiled) of a row-major [rows, cols] bf16 matrix at device
-    address ``ptr``, boxes of [box_rows, box_cols] with the 128-byte swizzle (box_cols * 2 must
-    be 128): the kernel's ``const __grid_constant__`` parameter (launch type "t")."""
-    assert ptr % 16 == 0 and row_bytes % 16 == 0, "TMA needs 16-byte aligned rows"
-    assert box_cols * 2 == 128 and 1 <= box_rows <= 256, "a 128-byte-swizzled box is 64 bf16 wide"
-    raw = ctypes.create_string_buffer(_TMAP_BYTES + 64)  # the map itself must be 64-byte aligned
-    at = (ctypes.addressof(raw) + 63) // 64 * 64
-    u64, u32 = ctypes.c_uint64, ctypes.c_uint32
-    rc = _cuda().cuTensorMapEncodeTiled(
-        ctypes.c_void_p(at),
-        9,  # CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
-        2,  # rank
-        ctypes.c_void_p(ptr),
-        (u64 * 2)(cols, rows),  # innermost first
-        (u64 * 1)(row_bytes),
-        (u32 * 2)(box_cols, box_rows),
-        (u32 * 2)(1, 1),
-        0,  # CU_TENSOR_MAP_INTERLEAVE_NONE
-        3,  # CU_TENSOR_MAP_SWIZZLE_128B
-        2,  # CU_TENSOR_MAP_L2_PROMOTION_L2_128B
-        0,  # CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE
-    )
-    _check_cu(rc, "cuTensorMapEncodeTiled")
-    return ctypes.string_at(at, _TMAP_BYTES)
 
 
 class Kernel:
-    """A loaded kernel; launch() takes tensors / ints / floats / tensor maps (128 bytes, type "t")
-    typed by a format string."""
+    """A loaded kernel; launch() takes tensors / ints / floats typed by a format string."""
 
     def __init__(self, cubin: Cubin, max_smem: int) -> None:
         cu = _cuda()
@@ -168,10 +137,6 @@ class Kernel:
         assert smem <= self.max_smem, f"smem {smem} > configured {self.max_smem}"
         vals = []
         for a, t in zip(args, types, strict=True):
-            if t == "t":
-                assert isinstance(a, bytes) and len(a) == _TMAP_BYTES, "a tensor map is 128 bytes"
-                vals.append((ctypes.c_uint8 * _TMAP_BYTES).from_buffer_copy(a))
-                continue
             v = a.data_ptr() if isinstance(a, torch.Tensor) else a
             vals.append(_ARG_TYPES[t](v))
         ptrs = (ctypes.c_void_p * len(vals))(*[ctypes.addressof(v) for v in vals])

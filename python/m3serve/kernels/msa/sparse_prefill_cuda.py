@@ -105,22 +105,13 @@ def launch_block_major_cuda(
     if not all(t.is_cuda and t.device == q.device for t in tensors):
         raise ValueError("CUDA sparse prefill needs every tensor on one CUDA device (q's)")
     smem = smem_bytes(item_q)
-    # whole groups of 16 heads: the kernel stores O with TMA through a map of o_part viewed as
-    # [T*k*Hq, 128] (a contiguous o_part, as plan() allocates it); other groups store per lane
-    if gp == 16 and group == 16:
-        if not o_part.is_contiguous() or o_part.data_ptr() % 16:
-            raise ValueError("o_part must be a contiguous, 16-byte aligned [T*k, Hq, 128]")
-        rows = o_part.numel() // HEAD_DIM
-        o_map = cuda_rtc.tensor_map_2d_bf16(o_part.data_ptr(), rows, HEAD_DIM, HEAD_DIM * 2, 16, 64)
-    else:
-        o_map = bytes(128)
     args = [
         q, k_cache, v_cache, o_part, lse_part, entries, row_ptr, item_ptr, work_row, work_start,
         q_pos, gb_page, gb_start, gb_len, num_blocks, hkv * num_blocks, group, topk,
         sm_scale * 1.4426950408889634, q.stride(0), q.stride(1), k_cache.stride(0),
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), o_part.stride(0), o_part.stride(1), lse_part.stride(0),
-        lse_part.stride(1), o_map,
+        lse_part.stride(1),
     ]  # fmt: skip
     dev = q.device.index
     if dev == torch.cuda.current_device():  # the usual case: no device switch per launch
@@ -132,4 +123,4 @@ def launch_block_major_cuda(
         k.launch(grid, THREADS, smem, args, _TYPES)
 
 
-_TYPES = "p" * 14 + "iiiif" + "l" * 12 + "t"
+_TYPES = "p" * 14 + "iiiif" + "l" * 12

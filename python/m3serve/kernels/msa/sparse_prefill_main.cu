@@ -130,24 +130,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
-// A CUtensorMap (cuda.h): 128 opaque bytes, encoded on the host (sparse_prefill_cuda.py)
-struct alignas(64) TmaMap {
-  unsigned long long opaque[16];
-};
-// TMA store of a [16 rows x 64 bf16] box from 128-byte-swizzled shared memory to the 2-D
-// tensor map's (column c0, row c1); one bulk group per commit
-__device__ __forceinline__ void tma_store_2d(const TmaMap* map, u32 src, int c0, int c1) {
-  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];\n" ::"l"(
-                   map), "r"(c0), "r"(c1), "r"(src)
-               : "memory");
-}
-__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
-// this thread's bulk stores have finished reading shared memory (the buffer may be rewritten)
-__device__ __forceinline__ void bulk_wait_read() {
-  asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
-}
-__device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
-
 struct Row {  // one accumulator row of this thread in the current tile
   int ent;    // (query, slot) entry = t * topk + slot
   int head;   // query head
@@ -169,7 +151,7 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
     float sm_scale_log2, long long stride_qt, long long stride_qh, long long stride_kp,
     long long stride_kh, long long stride_kn, long long stride_vp, long long stride_vh,
     long long stride_vn, long long stride_pe, long long stride_ph, long long stride_le,
-    long long stride_lh, const __grid_constant__ TmaMap o_map) {
+    long long stride_lh) {
   constexpr int QPT = BM / GP;  // queries per tile
   extern __shared__ __align__(1024) unsigned char smem[];
   // the swizzle pattern repeats every 8 rows of 128 B: tiles must start 1024-byte aligned, and
@@ -236,10 +218,6 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
   const long long q_lane = hl * stride_qh + cl * 8;  // + t * stride_qt + 2j * stride_qh
   const long long o_lane = (long long)(g * group + hl) * stride_ph + cl * 8;  // + ent * stride_pe
   const long long q_step = 2 * stride_qh, o_step = 2 * stride_ph;  // row j -> j + 1
-  // whole groups of 16 heads: a warp's O rows are one 16 x 128 box of o_part viewed as
-  // [T * k * Hq rows, 128] (o_map), stored by TMA from the staging buffer (two 64-column boxes);
-  // lane 0 issues them and waits for their shared-memory reads before the buffer is rewritten
-  const bool tma_o = ONE_Q && group == GP;
   // the item query of tile row r (rows are query-major, GP heads each; at GP >= 16 a warp's 16
   // rows are one query's heads, so the index is per warp); the gathers and the partial stores
   // both map rows through it
@@ -257,10 +235,6 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
       return;
     }
     if constexpr (ONE_Q) {
-      if (tma_o) {  // the buffer staged an O a tile ago: its TMA store must have read it
-        if (lane == 0) bulk_wait_read();
-        __syncwarp();
-      }
       const int qi = row_query(tile, 0);
       const bool in = pos_s[qi] >= 0;
       const unsigned short* src = qg + (in ? (long long)t_s[qi] * stride_qt + q_lane : 0);
@@ -269,17 +243,18 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
         const bool ok = in && hl + 2 * j < group;
         cp_async16(dst + rowsw[j & 3] + (j >> 2) * 1024, ok ? src : qg, ok ? 16 : 0);
       }
-    } else {
+      cp_async_commit();
+      return;
+    }
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const int idx = lane + 32 * j;
-        const int r = warp * 16 + (idx >> 4), c16 = idx & 15;
-        const int qi = row_query(tile, r), hi = r % GP;
-        const bool ok = pos_s[qi] >= 0 && hi < group;
-        const unsigned short* src =
-            qg + (ok ? (long long)t_s[qi] * stride_qt + hi * stride_qh : 0) + c16 * 8;
-        cp_async16(dst + swz(BM, r, c16), src, ok ? 16 : 0);
-      }
+    for (int j = 0; j < 8; ++j) {
+      const int idx = lane + 32 * j;
+      const int r = warp * 16 + (idx >> 4), c16 = idx & 15;
+      const int qi = row_query(tile, r), hi = r % GP;
+      const bool ok = pos_s[qi] >= 0 && hi < group;
+      const unsigned short* src =
+          qg + (ok ? (long long)t_s[qi] * stride_qt + hi * stride_qh : 0) + c16 * 8;
+      cp_async16(dst + swz(BM, r, c16), src, ok ? 16 : 0);
     }
     cp_async_commit();
   };
@@ -408,10 +383,6 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
                    float mb, float lb) {
     const u32 stage = smem_u32(qs + buf * Q_TILE);
     const int mi = lane >> 3, rr = (lane & 7) + ((mi & 1) << 3);  // matrix, row in the warp
-    if (tma_o) {  // an earlier TMA store may still be reading this warp's rows of the buffer
-      if (lane == 0) bulk_wait_read();
-      __syncwarp();
-    }
 #pragma unroll
     for (int j = 0; j < 16; j += 2) {
       const u32 addr = stage + swz(BM, warp * 16 + rr, j + (mi >> 1));
@@ -426,17 +397,7 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
     __syncwarp();
     if constexpr (ONE_Q) {
       const int qi = row_query(tile, 0);
-      if (tma_o) {
-        fence_proxy_async();  // this lane's stmatrix writes, visible to the TMA unit
-        __syncwarp();
-        if (lane == 0 && pos_s[qi] >= 0) {
-          const int row =
-              (int)(((long long)ent_s[qi] * stride_pe + (long long)(g * group) * stride_ph) >> 7);
-          tma_store_2d(&o_map, stage + warp * 16 * 128, 0, row);
-          tma_store_2d(&o_map, stage + BM * 128 + warp * 16 * 128, 64, row);
-          bulk_commit();
-        }
-      } else if (pos_s[qi] >= 0) {
+      if (pos_s[qi] >= 0) {
         unsigned short* dst = o_part + (long long)ent_s[qi] * stride_pe + o_lane;
 #pragma unroll
         for (int k = 0; k < 8; ++k, dst += o_step) {
@@ -447,19 +408,22 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
           if (hl + 2 * k < group) st_global_16(dst, v);
         }
       }
-    } else {
+      __syncwarp();
+      store_lse(xa, ma, la);
+      store_lse(xb, mb, lb);
+      return;
+    }
 #pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        const int r = warp * 16 + 2 * k + (lane >> 4), c16 = lane & 15;
-        const Row x = row_info(tile, r);
-        uint4 v;
-        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-                     : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                     : "r"(stage + swz(BM, r, c16)));
-        if (x.ok)
-          st_global_16(o_part + (long long)x.ent * stride_pe + (long long)x.head * stride_ph +
-                           c16 * 8, v);
-      }
+    for (int k = 0; k < 8; ++k) {
+      const int r = warp * 16 + 2 * k + (lane >> 4), c16 = lane & 15;
+      const Row x = row_info(tile, r);
+      uint4 v;
+      asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                   : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                   : "r"(stage + swz(BM, r, c16)));
+      if (x.ok)
+        st_global_16(o_part + (long long)x.ent * stride_pe + (long long)x.head * stride_ph +
+                         c16 * 8, v);
     }
     __syncwarp();
     store_lse(xa, ma, la);
@@ -483,10 +447,8 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
 #pragma unroll
   for (int j = 0; j < 32; ++j) p[j] = pack_bf16(s[2 * j], s[2 * j + 1]);
   // -- tile i: S(i) and O(i-1) = P(i-1)·V issued together; softmax(i) while O(i-1) runs; then
-  //    Q(i+2) into tile i-1's buffer and O(i-1)'s partials staged in tile i's (S(i) has read
-  //    it), so a TMA store of O can still be reading its buffer while the next tile runs. No
-  //    wgmma is in flight across the loop's back edge (ptxas would serialise every wgmma:
-  //    C7515) --
+  //    O(i-1)'s partials (staged in tile i-1's buffer), Q(i+2) into that buffer. No wgmma is in
+  //    flight across the loop's back edge (ptxas would serialise every wgmma: C7515) --
   int b_prev = 0, b_cur = 1;  // buffers of tiles i-1 and i (tile i+1's is the third)
   for (int i = 1; i < n_tiles; ++i) {
     cp_async_wait<1>();  // Q(i) landed (Q(i+1) may be in flight)
@@ -505,8 +467,8 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
     for (int j = 0; j < 64; ++j) reg_fence(o[j]);
 #pragma unroll
     for (int j = 0; j < 32; ++j) reg_fence(p[j]);
-    load_q(i + 2, b_prev);  // each warp its own rows (every warp is past S(i-1))
-    store(i - 1, b_cur, ca, cb, ma, la, mb, lb);
+    store(i - 1, b_prev, ca, cb, ma, la, mb, lb);
+    load_q(i + 2, b_prev);  // each warp its own rows, after its staging reads
 #pragma unroll
     for (int j = 0; j < 32; ++j) p[j] = pack_bf16(s[2 * j], s[2 * j + 1]);
     ca = na;
@@ -519,15 +481,14 @@ __global__ void __launch_bounds__(128, 2) msa_prefill_main(
     b_prev = b_cur;
     b_cur = b_next;
   }
-  // -- the last tile's P·V and partials, staged in b_cur: its load (tile n_tiles or later)
-  //    was an empty group, and no wgmma reads it --
+  // -- the last tile's P·V and partials (staged in its own buffer: all warps past S(last)) --
   issue_o();
   wg_wait<0>();
 #pragma unroll
   for (int j = 0; j < 64; ++j) reg_fence(o[j]);
 #pragma unroll
   for (int j = 0; j < 32; ++j) reg_fence(p[j]);
-  store(n_tiles - 1, b_cur, ca, cb, ma, la, mb, lb);
-  if (tma_o && lane == 0) bulk_wait_all();  // shared memory must outlive the TMA stores
+  __syncthreads();
+  store(n_tiles - 1, b_prev, ca, cb, ma, la, mb, lb);  // b_prev: 0 if one tile
 }
 
