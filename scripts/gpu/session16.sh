@@ -22,6 +22,9 @@
 #   call 4 (1 GPU):  call 3 plus a cheaper CUDA launch on the host (cached arch, no device
 #                    switch): GPU tests, A/B with CUDA-graph replays and host cost per run().
 #   call 5 (1 GPU):  TMA stores of O (GP 16, whole groups): GPU tests, A/B against call 4's tree.
+#   call 6 (1 GPU):  record run: the CUDA main kernel is the default where it applies
+#                    (main_kernel="auto"): the sparse-prefill and MSA backend GPU tests, then
+#                    bench_sparse_prefill.py (main branch and full prefill, 32K / 128K).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CALL="${1:?usage: session16.sh 1..}"
@@ -36,6 +39,15 @@ case "$CALL" in
         | grep -v Warning | tail -n 20 > "$OUT/ab.txt"
     [ "$CALL" = 3 ] && timeout -k 10 200 python3 scripts/gpu/ablate_prefill_main.py 2>&1 \
         | grep -v Warning | tail -n 12 > "$OUT/ablate.txt"
+    ;;
+6)
+    timeout -k 10 100 $GT $K/test_sparse_prefill.py 2>&1 | tail -n 30 > "$OUT/kt.txt"
+    mkdir -p "$OUT/pre"
+    timeout -k 10 240 python3 benchmarks/bench_sparse_prefill.py --out "$OUT/pre" \
+        --contexts 32768,131072 --full-contexts 32768,131072 2>&1 | grep -v Warning | tail -n 40 \
+        > "$OUT/pre.txt"
+    PYTHONPATH="$PWD/tests/sgl_kernel_standin:$PYTHONPATH" timeout -k 10 90 $GT \
+        tests/backend/test_msa_backend_paths.py 2>&1 | tail -n 12 > "$OUT/bt.txt"
     ;;
 2)
     timeout -k 10 400 python3 scripts/gpu/ablate_prefill_main.py 2>&1 | grep -v Warning \

@@ -331,3 +331,40 @@ def test_gpu_cuda_main_kernel(hq, hkv, item_q):
     torch.testing.assert_close(lse, expect_lse, atol=2e-2, rtol=1e-3)
     triton_out, _ = run_wrapper("block_major", tensors, topk_ids, block, k)
     assert (out.float() - triton_out.float()).abs().max() < 2e-2
+
+
+def test_auto_main_kernel_resolves_per_device_and_shape():
+    """main_kernel="auto" (the default) plans the CUDA kernel only for its shapes on a Hopper
+    card; anywhere else (this CPU run, head_dim 64, a tile it runs badly) Triton."""
+    block, k = 64, 4
+    tensors, _ = make_batch([300], [200], block, 16, 1, 64, seed=11)
+    pt, cu_q, prefix, seq = tensors[3:]
+    w = SparsePrefillWrapper()
+    p = w.plan(cu_q, prefix, seq, pt, 16, 1, 64, block, k)
+    assert p.auto and p.main_kernel == "triton"  # head_dim 64 / block 64: not the CUDA shapes
+    w = SparsePrefillWrapper(main_kernel="triton")
+    assert not w.plan(cu_q, prefix, seq, pt, 16, 1, 64, block, k).auto
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_auto_main_kernel():
+    """On Hopper the default runs the CUDA kernel for bf16 (ITEM_Q 64), falls back to Triton for
+    an fp16 run of the same plan, and keeps Triton for a tile the CUDA kernel runs badly; every
+    output matches the float32 reference."""
+    block, d, k, hq, hkv = 128, 128, 16, 64, 4
+    tensors, gen = make_batch([3000, 700], [1024, 700], block, hq, hkv, d, seed=5)
+    q, kc, vc, pt, cu_q, prefix, seq = tensors
+    ids = realistic_topk(gen, pt, cu_q, prefix, seq, block, hkv, k)
+    expect = ref.ref_sparse_attention(q, kc, vc, pt, cu_q, prefix, seq, ids, 1 / math.sqrt(d))
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    out, w = run_wrapper("block_major", tensors, ids, block, k)
+    assert w.p.auto and w.p.main_kernel == ("cuda" if hopper else "triton")
+    assert w.p.item_q == (64 if hopper else 128)
+    check(out, expect)
+    half = (q.half(), kc.half(), vc.half(), pt, cu_q, prefix, seq)
+    out16 = torch.full_like(half[0], float("nan"))
+    w.run(half[0], half[1], half[2], ids, 1 / math.sqrt(d), out=out16)
+    check(out16, expect)
+    _, w128 = run_wrapper("block_major", tensors, ids, block, k, item_q=128)
+    assert w128.p.main_kernel == "triton"

@@ -11,10 +11,12 @@ list, sparse_prefill_plan.py), run the KV-block-major main kernel into per-(quer
 partials, merge them by log-sum-exp (sparse_prefill_triton.py). Every buffer it touches was
 sized in plan() for the worst case, so the launches can be captured in a CUDA graph.
 ``variant="query_major"`` runs the comparison kernel (sparse_prefill_query_major.py) instead;
-``main_kernel="cuda"`` runs the main kernel's CUDA form (sparse_prefill_main.cu, Hopper only,
-bf16, head_dim 128, block 128; compiled with NVRTC at first use). It is opt-in: on H200 it is
-0.97x the Triton kernel's run() (2.436 vs 2.353 ms at 128K, 64/4, ITEM_Q 64; sparse_prefill.md,
-session 14).
+The main kernel has two forms: CUDA (sparse_prefill_main.cu: Hopper, bf16, head_dim 128,
+block 128, GQA groups ≤ 64; compiled with NVRTC at first use) and Triton (any card, dtype and
+shape the plan accepts). ``main_kernel="auto"`` (default) runs the CUDA one where it applies and
+Triton elsewhere: on H200 run() takes 2.10 vs 2.36 ms at 32K and 2.19 vs 2.37 at 128K (64/4,
+8K chunk; sparse_prefill.md, session 16). ``"cuda"`` / ``"triton"`` force one (``"cuda"`` raises
+ValueError where it does not apply).
 
 Conventions (shapes, topk_ids layout, ragged metadata) are those of reference.py. Constraints:
 bf16/fp16 q and caches, head_dim and block powers of two ≥ 16, H_q % H_kv == 0 (any group; a
@@ -32,7 +34,7 @@ import torch
 import triton
 
 from . import reference
-from .sparse_prefill_cuda import launch_block_major_cuda
+from .sparse_prefill_cuda import cuda_tile_ok, launch_block_major_cuda
 from .sparse_prefill_plan import (
     HostMetadata,
     build_host_metadata,
@@ -58,7 +60,8 @@ class SparsePrefillPlan:
     hoist_kv: bool
     prefetch: bool
     combine_unroll: bool
-    main_kernel: str  # "triton" or "cuda" (sparse_prefill_main.cu, Hopper, bf16, d 128)
+    main_kernel: str  # "triton" or "cuda" (sparse_prefill_main.cu)
+    auto: bool  # main kernel chosen by "auto": a run() with other than bf16 q goes to Triton
     counts: torch.Tensor  # [G*NB] int32, zero between runs
     row_ptr: torch.Tensor  # [G*NB+1] int32 CSR offsets
     item_ptr: torch.Tensor  # [G*NB+1] int32 work-item offsets
@@ -97,10 +100,10 @@ class SparsePrefillWrapper:
         prefetch: bool = True,
         combine_unroll: bool = False,
         partial_dtype: torch.dtype = torch.bfloat16,
-        main_kernel: str = "triton",
+        main_kernel: str = "auto",
     ) -> None:
         assert variant in ("block_major", "query_major"), f"unknown variant {variant!r}"
-        assert main_kernel in ("triton", "cuda"), f"unknown main_kernel {main_kernel!r}"
+        assert main_kernel in ("auto", "triton", "cuda"), f"unknown main_kernel {main_kernel!r}"
         self._main_kernel = main_kernel
         self.variant = variant
         self._block_m = block_m
@@ -137,11 +140,18 @@ class SparsePrefillWrapper:
         )
         assert topk >= 1, "topk must be ≥ 1"
         group = num_q_heads // num_kv_heads
-        bm, iq = default_tile(group, self._main_kernel)
+        auto = self._main_kernel == "auto"
+        cuda_ok = device.type == "cuda" and head_dim == 128 and block == 128 and group <= 64
+        main_kernel = ("cuda" if cuda_ok and _hopper(device) else "triton") if auto else (
+            self._main_kernel
+        )
+        bm, iq = default_tile(group, main_kernel)
         block_m = self._block_m or bm
         gp = triton.next_power_of_2(group)
         assert block_m % gp == 0, f"BLOCK_M {block_m} must hold whole GQA groups of {gp} rows"
         item_q = self._item_q or max(iq, block_m // gp)
+        if auto and main_kernel == "cuda" and not cuda_tile_ok(block_m, gp, item_q):
+            main_kernel = "triton"  # a tile asked for that the CUDA kernel runs badly or not at all
         meta = build_host_metadata(cu_q, prefix_lens, seq_lens, page_table, block, device)
         t, nb = meta.num_queries, meta.num_blocks
         nrows = num_kv_heads * nb
@@ -161,7 +171,8 @@ class SparsePrefillWrapper:
             self._hoist_kv,
             self._prefetch,
             self._combine_unroll,
-            self._main_kernel if block_major else "triton",
+            main_kernel if block_major else "triton",
+            auto,
             counts=torch.zeros(nrows, **i32),
             row_ptr=torch.zeros(nrows + 1, **i32),
             item_ptr=torch.zeros(nrows + 1, **i32),
@@ -208,10 +219,16 @@ class SparsePrefillWrapper:
         args = (q, k_cache, v_cache, p.o_part, p.lse_part, p.entries, p.row_ptr, p.item_ptr,
                 p.work_row, p.work_start, m.q_pos, m.gb_page, m.gb_start, m.gb_len,
                 m.num_blocks, p.topk, sm_scale, p.block_m, p.item_q)  # fmt: skip
-        if p.main_kernel == "cuda":
+        if p.main_kernel == "cuda" and not p.auto:
             launch_block_major_cuda(*args)
-        else:
-            launch_block_major(*args, p.hoist_kv, p.prefetch)
+            return
+        if p.main_kernel == "cuda" and q.dtype == torch.bfloat16:
+            try:  # "auto": the launcher's checks (alignment, strides) decide, Triton otherwise
+                launch_block_major_cuda(*args)
+                return
+            except ValueError:
+                pass
+        launch_block_major(*args, p.hoist_kv, p.prefetch)
 
     def run(
         self,
@@ -269,6 +286,10 @@ class SparsePrefillWrapper:
             p.combine_unroll,
         )  # fmt: skip
         return out
+
+
+def _hopper(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] == 9
 
 
 def _triton_can_run(x: torch.Tensor) -> bool:

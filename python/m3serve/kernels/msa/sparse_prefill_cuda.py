@@ -27,6 +27,16 @@ def smem_bytes(item_q: int) -> int:
     return 2 * BLOCK * HEAD_DIM * 2 + 3 * BLOCK_M * HEAD_DIM * 2 + 3 * item_q * 4
 
 
+def cuda_tile_ok(block_m: int, gp: int, item_q: int) -> bool:
+    """The tile the CUDA kernel runs well: 64-row tiles, ITEM_Q a multiple of the queries per
+    tile and small enough that two CTAs share an SM (ITEM_Q ≤ 64; at 128 one CTA: 3.46 ms vs
+    2.44, session 14)."""
+    return (
+        block_m == BLOCK_M and gp <= BLOCK_M and item_q % (BLOCK_M // gp) == 0
+        and 2 * (smem_bytes(item_q) + 1024) <= 228 * 1024
+    )  # fmt: skip
+
+
 def check_supported(q: torch.Tensor, k_cache: torch.Tensor, group: int, block_m: int,
                     item_q: int) -> int:  # fmt: skip
     """GP for this call, or ValueError saying which constraint fails."""
