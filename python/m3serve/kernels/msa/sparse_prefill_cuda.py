@@ -5,7 +5,8 @@ sparse_prefill_triton.py computes, for the shapes M3 serves: bf16, head_dim 128,
 128 tokens, 64-row tiles (64 / GP queries × GP heads, GP = next power of two of the GQA group,
 ≤ 64), ITEM_Q a multiple of the queries per tile. It is compiled with NVRTC at first use
 (cuda_rtc.py) for sm_90a; other cards, shapes or devices raise ValueError naming the
-constraint (SparsePrefillWrapper(main_kernel="cuda") does not fall back to Triton).
+constraint (SparsePrefillWrapper(main_kernel="cuda") does not fall back to Triton; the default
+"auto" does).
 """
 
 from __future__ import annotations

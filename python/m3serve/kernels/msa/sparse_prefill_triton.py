@@ -9,14 +9,15 @@ work item:
     load the block's K and V once (page = block, HND cache: one contiguous [block, D] tile each)
     for every BLOCK_M-row tile of (query, head) rows of the item (BLOCK_M / GP queries × GP heads):
         S = Q·Kᵀ · scale, masked to key position <= query position and to the block's length
-        P = exp2(S − rowmax);  O = P·V / rowsum;  lse = rowmax + log2(rowsum)
-        write O (bf16) and lse (fp32) to the (query, slot, head) partial
+        P = exp2(S − rowmax);  O = P·V (unnormalised);  lse = rowmax + log2(rowsum)
+        write O (bf16) and (lse, rowmax) (fp32) to the (query, slot, head) partial
 
 A single block is a complete softmax for a (query, slot): no online rescaling in the main kernel.
 The combine kernel then merges, per (query, head), the ≤ k partials of its valid slots by
-log-sum-exp in slot order (deterministic whatever order the inverse index had):
+log-sum-exp in slot order (deterministic whatever order the inverse index had); O_s / rowsum_s
+weighted by 2^(lse_s − M) is O_s weighted by 2^(rowmax_s − M), so no partial is divided:
 
-    m = max_s lse_s;  out = Σ_s 2^(lse_s − m) O_s / Σ_s 2^(lse_s − m)
+    M = max_s lse_s;  out = Σ_s 2^(rowmax_s − M) O_s / Σ_s 2^(lse_s − M)
 
 Rows of a tile are query-major-then-head (row = q·GP + h, GP = next power of two ≥ group), so
 the GQA group shares each K/V tile: a 64-row tile is 4 queries × 16 heads at M3's group 16, 64
