@@ -8,6 +8,7 @@ GPU (marked): the fast kernels against the same references.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -25,13 +26,32 @@ pytestmark = [
 BLOCK, TOPK, HQ, HKV, D, DI = 16, 4, 4, 2, 32, 32
 
 
+@dataclass(frozen=True)
+class Shape:
+    block: int = BLOCK
+    topk: int = TOPK
+    hq: int = HQ
+    hkv: int = HKV
+    d: int = D
+    di: int = DI
+
+
+SMALL = Shape()
+# M3's page (128 tokens) and GQA group (16), head_dim 128: on Hopper the fast path's sparse
+# prefill runs the CUDA main kernel here (the small shape runs Triton); top-k 2 so that the
+# requests' 2-3 blocks are not all selected
+M3_PAGES = Shape(block=128, topk=2, hq=16, hkv=1, d=128, di=128)
+
+
 class _Pool:
     """HND [pages, H, block, D] K/V per layer with SGLang's set_kv_buffer signature."""
 
     def __init__(
-        self, pages: int, device: str, dtype: torch.dtype, heads: int = HKV, d: int = D
-    ) -> None:
-        shape = (pages, heads, BLOCK, d)
+        self, pages: int, device: str, dtype: torch.dtype, heads: int = HKV, d: int = D,
+        block: int = BLOCK,
+    ) -> None:  # fmt: skip
+        self.block = block
+        shape = (pages, heads, block, d)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(2)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(2)]
 
@@ -43,22 +63,25 @@ class _Pool:
 
     def set_kv_buffer(self, layer: Any, loc: Any, k: torch.Tensor, v: torch.Tensor) -> None:
         slots = loc.loc.long()
-        p, o = slots // BLOCK, slots % BLOCK
+        p, o = slots // self.block, slots % self.block
         self.k[layer.layer_id][p, :, o] = k.to(self.k[0].dtype)
         self.v[layer.layer_id][p, :, o] = v.to(self.v[0].dtype)
 
 
 def _backend(
     device: str, dtype: torch.dtype, fast: bool, index_dtype: str = "bf16", *,
-    pool_heads: int = HKV, d: int = D, dense_impl: str = "torch", tp_invariant: bool = False,
+    pool_heads: int | None = None, d: int | None = None, dense_impl: str = "torch",
+    tp_invariant: bool = False, s: Shape = SMALL,
 ) -> Any:  # fmt: skip
     from m3serve.backend.msa_backend import MSAAttnBackend
 
+    pool_heads = s.hkv if pool_heads is None else pool_heads
+    d = s.d if d is None else d
     b = object.__new__(MSAAttnBackend)
     b.setup(
-        device=device, kv_pool=_Pool(64, device, dtype, pool_heads, d), req_to_token_pool=None,
-        block=BLOCK, topk=TOPK, index_dim=DI, sparse_layers={1}, num_q_heads=HQ,
-        num_kv_heads=HKV, q_dtype=dtype, context_len=64 * BLOCK,
+        device=device, kv_pool=_Pool(64, device, dtype, pool_heads, d, s.block),
+        req_to_token_pool=None, block=s.block, topk=s.topk, index_dim=s.di, sparse_layers={1},
+        num_q_heads=s.hq, num_kv_heads=s.hkv, q_dtype=dtype, context_len=64 * s.block,
         impl="auto" if fast else "reference", index_dtype=index_dtype, dense_impl=dense_impl,
         tp_invariant=tp_invariant,
     )  # fmt: skip
@@ -66,7 +89,8 @@ def _backend(
     return b
 
 
-def _batch(b: Any, q_lens: list[int], prefixes: list[int], decode: bool, table: torch.Tensor):
+def _batch(b: Any, q_lens: list[int], prefixes: list[int], decode: bool, table: torch.Tensor,
+           block: int = BLOCK):  # fmt: skip
     from m3serve.backend.msa_backend import MSAMetadata
 
     dev = table.device
@@ -74,7 +98,7 @@ def _batch(b: Any, q_lens: list[int], prefixes: list[int], decode: bool, table: 
     cu = torch.zeros(len(seq) + 1, dtype=torch.int32, device=dev)
     cu[1:] = torch.cumsum(torch.tensor(q_lens, device=dev), 0)
     locs = torch.cat([
-        table[r].long().repeat_interleave(BLOCK) * BLOCK + torch.arange(BLOCK, device=dev).repeat(table.shape[1])
+        table[r].long().repeat_interleave(block) * block + torch.arange(block, device=dev).repeat(table.shape[1])
         for r in range(len(seq))
     ]).view(len(seq), -1)  # fmt: skip
     out_loc = torch.cat(
@@ -90,37 +114,43 @@ def _batch(b: Any, q_lens: list[int], prefixes: list[int], decode: bool, table: 
 
 
 def _serve(
-    device: str, fast: bool, dtype: torch.dtype = torch.bfloat16, index_dtype: str = "bf16"
-) -> list[torch.Tensor]:
+    device: str, fast: bool, dtype: torch.dtype = torch.bfloat16, index_dtype: str = "bf16",
+    s: Shape = SMALL, backends: list | None = None,
+) -> list[torch.Tensor]:  # fmt: skip
+    """Two prefill chunks and a decode step through one dense and one MSA layer; the backend is
+    appended to ``backends`` if given."""
     g = torch.Generator().manual_seed(0)
-    b = _backend(device, dtype, fast, index_dtype)
+    b = _backend(device, dtype, fast, index_dtype, s=s)
+    if backends is not None:
+        backends.append(b)
+    hq, hkv, d, di = s.hq, s.hkv, s.d, s.di
     table = torch.randperm(60, generator=g)[:40].view(2, 20).to(torch.int32).to(device)
     outs = []
     # prefill in two chunks, then one decode step; request lengths cross many blocks
     steps = (([150, 37], [0, 0], False), ([90, 64], [150, 37], False), ([1, 1], [240, 101], True))
     for q_lens, prefixes, decode in steps:
-        _md, fb = _batch(b, q_lens, prefixes, decode, table)
+        _md, fb = _batch(b, q_lens, prefixes, decode, table, s.block)
         t = sum(q_lens)
         for layer_id in (0, 1):
             layer = SimpleNamespace(
-                layer_id=layer_id, tp_q_head_num=HQ, tp_k_head_num=HKV, head_dim=D, scaling=D**-0.5
+                layer_id=layer_id, tp_q_head_num=hq, tp_k_head_num=hkv, head_dim=d, scaling=d**-0.5
             )
-            q = torch.randn(t, HQ * D, generator=g).to(device, dtype)
-            k = torch.randn(t, HKV, D, generator=g).to(device, dtype)
-            v = torch.randn(t, HKV, D, generator=g).to(device, dtype)
-            iq = torch.randn(t, HKV, DI, generator=g).to(device, dtype)
-            ik = torch.randn(t, 1, DI, generator=g).to(device, dtype)
+            q = torch.randn(t, hq * d, generator=g).to(device, dtype)
+            k = torch.randn(t, hkv, d, generator=g).to(device, dtype)
+            v = torch.randn(t, hkv, d, generator=g).to(device, dtype)
+            iq = torch.randn(t, hkv, di, generator=g).to(device, dtype)
+            ik = torch.randn(t, 1, di, generator=g).to(device, dtype)
             if layer_id == 0:
                 outs.append(b._run(q, k, v, layer, fb, True, None, None).float().cpu())
             else:
                 outs.append(
-                    b._run(q.view(t, HQ, D), k, v, layer, fb, True, iq, ik)[1].float().cpu()
+                    b._run(q.view(t, hq, d), k, v, layer, fb, True, iq, ik)[1].float().cpu()
                 )
     return outs
 
 
 def _reference_serve(
-    dtype: torch.dtype = torch.bfloat16, index_dtype: str = "bf16"
+    dtype: torch.dtype = torch.bfloat16, index_dtype: str = "bf16", s: Shape = SMALL
 ) -> list[torch.Tensor]:
     """Same inputs, composed from the reference functions only."""
     import m3serve.backend.msa_backend as mb
@@ -132,7 +162,7 @@ def _reference_serve(
         else ref.ref_sparse_attention(q, kc, vc, pt, cu, pre, sl, topk_ids, scale)
     ).to(q.dtype)
     try:
-        return _serve("cpu", fast=False, dtype=dtype, index_dtype=index_dtype)
+        return _serve("cpu", fast=False, dtype=dtype, index_dtype=index_dtype, s=s)
     finally:
         mb.paged_attention = saved
 
@@ -174,6 +204,28 @@ def test_fast_path_matches_reference_composition(index_dtype: str) -> None:
     ours_all = _serve("cuda", fast=True, index_dtype=index_dtype)
     for ours, want in zip(ours_all, _reference_serve(index_dtype=index_dtype), strict=True):
         torch.testing.assert_close(ours, want, atol=3e-2, rtol=3e-2)
+
+
+def test_m3_pages_torch_path_matches_reference_composition() -> None:
+    """The 128-token-page, group-16 shape of the GPU test below, on the CPU torch path: checks
+    the harness at that shape (the top-k of 2 leaves blocks out)."""
+    ours_all = _serve("cpu", fast=False, s=M3_PAGES)
+    for ours, want in zip(ours_all, _reference_serve(s=M3_PAGES), strict=True):
+        torch.testing.assert_close(ours, want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_fast_path_m3_pages_matches_reference_composition() -> None:
+    """M3's 128-token pages and GQA group 16: the fast path's sparse prefill runs the CUDA main
+    kernel on Hopper (the default "auto"; Triton elsewhere), through the backend's own plan and
+    buffers, and matches the reference composition."""
+    backends: list = []
+    ours_all = _serve("cuda", fast=True, s=M3_PAGES, backends=backends)
+    for ours, want in zip(ours_all, _reference_serve(s=M3_PAGES), strict=True):
+        torch.testing.assert_close(ours, want, atol=3e-2, rtol=3e-2)
+    wrapper = backends[0]._prefill_wrapper
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    assert wrapper.p.main_kernel == ("cuda" if hopper else "triton")
 
 
 def test_rank_heads_must_match_the_plan() -> None:
