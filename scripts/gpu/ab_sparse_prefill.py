@@ -27,6 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_sparse_prefill as bsp  # noqa: E402
+from bench_sparse_decode import capture  # noqa: E402
 
 
 def ab_context(ctx: int, old, new, fns, rounds: int):
@@ -65,7 +66,7 @@ def ab_context(ctx: int, old, new, fns, rounds: int):
     for label, fn in list(fns_t.items()):
         if not label.endswith(" run"):
             continue
-        graphs[label.replace(" run", " graph")] = _graph(fn)
+        graphs[label.replace(" run", " graph")] = capture(fn)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(50):
@@ -80,18 +81,6 @@ def ab_context(ctx: int, old, new, fns, rounds: int):
     print(ctx, "rounds", {k: [round(x, 3) for x in v] for k, v in times.items()}, flush=True)
     print(ctx, "host us per run() call", {k: round(v, 1) for k, v in cpu_us.items()}, flush=True)
     return {k: sorted(v)[len(v) // 2] for k, v in times.items()}, diffs
-
-
-def _graph(fn) -> torch.cuda.CUDAGraph:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g
 
 
 def main() -> None:
