@@ -246,6 +246,7 @@ def main_case(x, ids, fns, tile: dict[str, Any], with_dense: bool = True) -> dic
         f"BLOCK_M={w.p.block_m} ITEM_Q={w.p.item_q} hoist={w.p.hoist_kv} "
         f"prefetch={w.p.prefetch} unroll={w.p.combine_unroll} main={w.p.main_kernel}"
     )
+    r["phases"] = phase_times(w, x, ids, out, sm)  # the main kernel's own TFLOP/s from these
     w = None
     wq, _ = wrapper(x, variant="query_major")
     out_q = wq.run(x["q"], x["k"], x["v"], ids, sm)
@@ -337,8 +338,6 @@ def sweep(fns) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, float]]:
     Each variant is also checked against the query-major output (itself checked against the
     reference by --check); the winner's phases are timed apart (index build, main, combine).
     """
-    from m3serve.kernels.msa.sparse_prefill_plan import build_inverse_index
-    from m3serve.kernels.msa.sparse_prefill_triton import launch_combine
 
     x = make_inputs(SWEEP_CTX, CHUNK, *HEADS[0])
     ids = select(x)
@@ -367,27 +366,35 @@ def sweep(fns) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, float]]:
     phases: dict[str, float] = {}
     try:
         w, _ = wrapper(x, **best)
-        p, m = w.p, w.p.meta
-        out = w.run(x["q"], x["k"], x["v"], ids, sm)
-
-        def build():
-            build_inverse_index(ids, m, p.block, p.item_q, p.counts, p.row_ptr, p.item_ptr,
-                                p.entries, p.work_row, p.work_start)  # fmt: skip
-
-        def main_k():
-            w.launch_main(x["q"], x["k"], x["v"], sm)
-
-        def combine():
-            launch_combine(p.o_part, p.lse_part, ids, m.q_pos, out, None, p.num_kv_heads,
-                           p.block, p.combine_unroll)  # fmt: skip
-
-        phases = {"index_build_ms": bench(build), "main_kernel_ms": bench(main_k),
-                  "combine_ms": bench(combine), "work_items": int(p.item_ptr[-1]),
-                  "partials_GB": p.o_part.numel() * p.o_part.element_size() / 1e9}  # fmt: skip
+        phases = phase_times(w, x, ids, w.run(x["q"], x["k"], x["v"], ids, sm), sm)
         print("phases (128K, 64/4):", phases, flush=True)
     except Exception:
         traceback.print_exc()
     return best, rows, phases
+
+
+def phase_times(w, x, ids, out, sm: float) -> dict[str, float]:
+    """run()'s three steps timed apart on ``w``'s plan (after one run() with ``ids``): the
+    inverse-index build, the main kernel alone, the combine."""
+    from m3serve.kernels.msa.sparse_prefill_plan import build_inverse_index
+    from m3serve.kernels.msa.sparse_prefill_triton import launch_combine
+
+    p, m = w.p, w.p.meta
+
+    def build():
+        build_inverse_index(ids, m, p.block, p.item_q, p.counts, p.row_ptr, p.item_ptr,
+                            p.entries, p.work_row, p.work_start)  # fmt: skip
+
+    def main_k():
+        w.launch_main(x["q"], x["k"], x["v"], sm)
+
+    def combine():
+        launch_combine(p.o_part, p.lse_part, ids, m.q_pos, out, None, p.num_kv_heads,
+                       p.block, p.combine_unroll)  # fmt: skip
+
+    return {"index_build_ms": bench(build), "main_kernel_ms": bench(main_k),
+            "combine_ms": bench(combine), "work_items": int(p.item_ptr[-1]),
+            "partials_GB": p.o_part.numel() * p.o_part.element_size() / 1e9}  # fmt: skip
 
 
 def check_small(fns) -> dict[str, float]:
@@ -496,8 +503,8 @@ def write_markdown(doc: dict[str, Any], path: Path) -> None:
         "",
         "Main branch only (8K-query chunk at the end of one prompt; ms, median):",
         "",
-        "| context | heads q/kv | ours block-major | query-major | SGLang main | dense | ours TFLOP/s | dense TFLOP/s | vs SGLang | vs QM | vs dense | plan ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| context | heads q/kv | ours block-major | query-major | SGLang main | dense | ours TFLOP/s | dense TFLOP/s | vs SGLang | vs QM | vs dense | plan ms | main kernel ms | kernel TFLOP/s | kernel / dense |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in doc["raw_main"]:
         sg, dn, ours = r.get("sglang_main_ms"), r.get("dense_ms"), r["ours_ms"]
@@ -510,6 +517,11 @@ def write_markdown(doc: dict[str, Any], path: Path) -> None:
             f"{r['query_major_ms'] / ours:.2f}×", _f(None if dn is None else dn / ours, ".1f", "×"),
             f"{r['plan_ms']:.1f}",
         ]  # fmt: skip
+        km = r.get("phases", {}).get("main_kernel_ms")
+        ktf = None if km is None else tflops(r["flops_sparse"], km)
+        dtf = None if dn is None else tflops(r["flops_dense"], dn)
+        cells += [_f(km, ".3f"), _f(ktf, ".0f"),
+                  _f(None if ktf is None or dtf is None else 100 * ktf / dtf, ".0f", " %")]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",

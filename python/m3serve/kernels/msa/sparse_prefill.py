@@ -127,7 +127,11 @@ class SparsePrefillWrapper:
         topk: int,
         device: torch.device | str | None = None,
     ) -> SparsePrefillPlan:
-        """Host metadata (one small device→host copy) and worst-case buffers for run()."""
+        """Host metadata (one small device→host copy) and worst-case buffers for run().
+
+        The previous plan's buffers are let go first: an 8K chunk's partials are 2.1 GB, and
+        holding the old ones while the new ones are allocated would double that at every step."""
+        self.p = None
         device = torch.device(device) if device is not None else page_table.device
         assert num_q_heads % num_kv_heads == 0, (
             f"num_q_heads {num_q_heads} not a multiple of num_kv_heads {num_kv_heads}"
