@@ -7,6 +7,7 @@ block 16, head_dim 32. With a GPU the same tests run compiled on it, plus M3-siz
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import weakref
@@ -391,3 +392,51 @@ def test_plan_releases_the_previous_plans_buffers_first(monkeypatch):
     monkeypatch.setattr(torch, "empty", spy)
     w.plan(cu_q, prefix, seq, pt, 16, 1, 64, block, k)
     assert alive_at_alloc == [False]
+
+
+@pytest.mark.parametrize("item_q", [4, 64])
+def test_fused_index_build_matches_the_default(item_q):
+    """build_inverse_index(fused_offsets=True) (the two prefix sums and the work list in one
+    program) gives the default's offsets and work list and the same entries per row, also past
+    one 2048-row chunk of the scan (a long prefix: 4 KV heads × 563 blocks)."""
+    from m3serve.kernels.msa.sparse_prefill_plan import build_inverse_index
+
+    block, k, hkv = 16, 8, 4
+    tensors, gen = make_batch([9000, 300], [50, 300], block, 8, hkv, 32, seed=13)
+    pt, cu_q, prefix, seq = tensors[3:]
+    ids = realistic_topk(gen, pt, cu_q, prefix, seq, block, hkv, k)
+    got = []
+    for fused in (False, True):
+        w = SparsePrefillWrapper(item_q=item_q, block_m=16)
+        p = w.plan(cu_q, prefix, seq, pt, 8, hkv, 32, block, k)
+        assert p.counts.numel() > 2048
+        p.work_row.fill_(-7)
+        p.work_start.fill_(-7)
+        build_inverse_index(ids, p.meta, block, item_q, p.counts, p.row_ptr, p.item_ptr,
+                            p.entries, p.work_row, p.work_start, fused)  # fmt: skip
+        assert int(p.counts.abs().sum()) == 0, "counts must be zero again for the next layer"
+        n = int(p.item_ptr[-1])
+        bounds = p.row_ptr.tolist()
+        rows = [sorted(p.entries[a:b].tolist()) for a, b in itertools.pairwise(bounds)]
+        got.append((p.row_ptr.clone(), p.item_ptr.clone(), p.work_row[:n].clone(),
+                    p.work_start[:n].clone(), rows))  # fmt: skip
+    (rp0, ip0, wr0, ws0, rows0), (rp1, ip1, wr1, ws1, rows1) = got
+    assert torch.equal(rp0, rp1) and torch.equal(ip0, ip1)
+    assert torch.equal(wr0, wr1) and torch.equal(ws0, ws1)
+    assert rows0 == rows1
+    assert int(ip0[-1]) > int((rp0[1:] - rp0[:-1] > 0).sum())  # some rows hold several items
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("main_kernel", ["triton", "cuda"])
+def test_gpu_fused_index_build(main_kernel):
+    """The fused inverse-index build (fused_build=True) through run(), at M3's shapes, against
+    the float32 reference."""
+    block, d, k, hq, hkv = 128, 128, 16, 64, 4
+    tensors, gen = make_batch([6000, 700], [1024, 700], block, hq, hkv, d, seed=14)
+    q, kc, vc, pt, cu_q, prefix, seq = tensors
+    ids = realistic_topk(gen, pt, cu_q, prefix, seq, block, hkv, k)
+    out, _ = run_wrapper("block_major", tensors, ids, block, k, main_kernel=main_kernel,
+                         fused_build=True)  # fmt: skip
+    check(out, ref.ref_sparse_attention(q, kc, vc, pt, cu_q, prefix, seq, ids, 1 / math.sqrt(d)))

@@ -62,6 +62,7 @@ class SparsePrefillPlan:
     combine_unroll: bool
     main_kernel: str  # "triton" or "cuda" (sparse_prefill_main.cu)
     auto: bool  # main kernel chosen by "auto": a run() with other than bf16 q goes to Triton
+    fused_build: bool  # inverse index in 3 launches (sparse_prefill_plan._offsets_kernel)
     counts: torch.Tensor  # [G*NB] int32, zero between runs
     row_ptr: torch.Tensor  # [G*NB+1] int32 CSR offsets
     item_ptr: torch.Tensor  # [G*NB+1] int32 work-item offsets
@@ -101,10 +102,12 @@ class SparsePrefillWrapper:
         combine_unroll: bool = False,
         partial_dtype: torch.dtype = torch.bfloat16,
         main_kernel: str = "auto",
+        fused_build: bool = False,
     ) -> None:
         assert variant in ("block_major", "query_major"), f"unknown variant {variant!r}"
         assert main_kernel in ("auto", "triton", "cuda"), f"unknown main_kernel {main_kernel!r}"
         self._main_kernel = main_kernel
+        self._fused_build = fused_build
         self.variant = variant
         self._block_m = block_m
         self._item_q = item_q
@@ -177,6 +180,7 @@ class SparsePrefillWrapper:
             self._combine_unroll,
             main_kernel if block_major else "triton",
             auto,
+            self._fused_build,
             counts=torch.zeros(nrows, **i32),
             row_ptr=torch.zeros(nrows + 1, **i32),
             item_ptr=torch.zeros(nrows + 1, **i32),
@@ -281,6 +285,7 @@ class SparsePrefillWrapper:
             p.entries,
             p.work_row,
             p.work_start,
+            p.fused_build,
         )
         # -- 2. KV-block-major main kernel → per-(query, slot) partials --
         self.launch_main(q, k_cache, v_cache, sm_scale)
